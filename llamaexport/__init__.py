@@ -1,0 +1,14 @@
+"""llamaexport: compile LLaMA-family models into fast ONNX Runtime and TensorRT artifacts.
+
+Importing this package is cheap: torch, onnx and tensorrt are imported only inside the
+functions that need them, so the CPU runtime depends on numpy, onnxruntime and a tokenizer.
+"""
+
+__version__ = "0.1.0"
+
+
+class LlamaExportError(Exception):
+    """An error the user can fix; the CLI prints its message as one line and exits non-zero."""
+
+
+__all__ = ["LlamaExportError", "__version__"]
