@@ -1,0 +1,82 @@
+"""Our custom ONNX ops, RoPE and SwiGLU, each with a standard-ONNX function body.
+
+TensorRT maps a node of domain `llamaexport` to the plugin of the same name (the node carries
+`plugin_version` / `plugin_namespace`, so the plugin wins over the function body in
+TensorRT >= 10.15); ONNX Runtime and every other runtime inline the function body instead, so
+the same file runs without a plugin library.
+
+  RoPE(x [B, H, S, hd], cos [B, S, rd/2], sin [B, S, rd/2]) -> [B, H, S, hd]
+      attributes: interleaved (int: 1 = Meta pairs (2j, 2j+1), 0 = halves), rotary_dim (int)
+  SwiGLU(x [..., 2F]) -> [..., F] = silu(x[..., :F]) * x[..., F:]
+"""
+
+from __future__ import annotations
+
+DOMAIN = "llamaexport"
+PLUGIN_NAMESPACE = "llamaexport"
+PLUGIN_VERSION = "1"
+_PLUGIN_ATTRS = ["plugin_version", "plugin_namespace"]
+
+
+def rope_function(*, head_dim: int, rotary_dim: int, interleaved: bool):
+    """The RoPE FunctionProto, specialised to this model's head_dim / rotary_dim / layout."""
+    from onnx import helper
+
+    n = []
+
+    def node(op, ins, outs, **kw):
+        n.append(helper.make_node(op, ins, outs, **kw))
+
+    def const_ints(name, vals):
+        node("Constant", [], [name], value_ints=list(vals))
+
+    half = rotary_dim // 2
+    if rotary_dim < head_dim:
+        const_ints("zero", [0]); const_ints("rd", [rotary_dim]); const_ints("hd", [head_dim]); const_ints("last", [-1])
+        node("Slice", ["x", "zero", "rd", "last"], ["xr"])
+        node("Slice", ["x", "rd", "hd", "last"], ["xp"])
+        xr = "xr"
+    else:
+        xr = "x"
+    if interleaved:
+        # [B, H, S, rd] -> [B, H, S, rd/2, 2]; cos -> [B, 1, S, rd/2, 1]
+        const_ints("pairs", [0, 0, 0, half, 2]); const_ints("ax", [1, 4]); const_ints("flat", [0, 0, 0, rotary_dim])
+        node("Reshape", [xr, "pairs"], ["xq"])
+        node("Split", ["xq"], ["x1", "x2"], axis=-1, num_outputs=2)
+    else:
+        const_ints("ax", [1])
+        node("Split", [xr], ["x1", "x2"], axis=-1, num_outputs=2)
+    node("Unsqueeze", ["cos", "ax"], ["c"])
+    node("Unsqueeze", ["sin", "ax"], ["s"])
+    node("Mul", ["x1", "c"], ["x1c"]); node("Mul", ["x2", "s"], ["x2s"]); node("Sub", ["x1c", "x2s"], ["o1"])
+    node("Mul", ["x1", "s"], ["x1s"]); node("Mul", ["x2", "c"], ["x2c"]); node("Add", ["x1s", "x2c"], ["o2"])
+    rot = "rot" if rotary_dim < head_dim else "y"
+    if interleaved:
+        node("Concat", ["o1", "o2"], ["rq"], axis=-1)
+        node("Reshape", ["rq", "flat"], [rot])
+    else:
+        node("Concat", ["o1", "o2"], [rot], axis=-1)
+    if rotary_dim < head_dim:
+        node("Concat", [rot, "xp"], ["y"], axis=-1)
+    return helper.make_function(
+        DOMAIN, "RoPE", ["x", "cos", "sin"], ["y"], n,
+        opset_imports=[helper.make_opsetid("", 21)],
+        attributes=["interleaved", "rotary_dim"] + _PLUGIN_ATTRS)
+
+
+def swiglu_function():
+    """The SwiGLU FunctionProto: silu(gate) * up on the two halves of the last axis."""
+    from onnx import helper
+
+    nodes = [
+        helper.make_node("Split", ["x"], ["gate", "up"], axis=-1, num_outputs=2),
+        helper.make_node("Sigmoid", ["gate"], ["sg"]),
+        helper.make_node("Mul", ["gate", "sg"], ["silu"]),
+        helper.make_node("Mul", ["silu", "up"], ["y"]),
+    ]
+    return helper.make_function(DOMAIN, "SwiGLU", ["x"], ["y"], nodes,
+                                opset_imports=[helper.make_opsetid("", 21)], attributes=_PLUGIN_ATTRS)
+
+
+def plugin_attrs() -> dict:
+    return {"plugin_version": PLUGIN_VERSION, "plugin_namespace": PLUGIN_NAMESPACE}
