@@ -131,11 +131,12 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids, *, skip_special: bool = True) -> str:
         """Text of `ids`; with `skip_special=False` control tokens are written as their pieces."""
         ids = [int(i) for i in ids]
-        if skip_special:
-            return self._sp.decode([i for i in ids if not self._sp.is_control(i)])
+        special = lambda i: self._sp.is_control(i) or self._sp.is_unknown(i)  # noqa: E731
+        if skip_special:  # as HF does; sentencepiece itself would write <unk> as " ⁇ "
+            return self._sp.decode([i for i in ids if not special(i)])
         out, run = [], []
         for i in ids + [None]:
-            if i is None or self._sp.is_control(i):
+            if i is None or special(i):
                 out.append(self._sp.decode(run))
                 run = []
                 if i is not None:

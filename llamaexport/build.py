@@ -1,0 +1,111 @@
+"""`llamaexport build`: compose the stages into an artifact directory.
+
+checkpoint -> export (model.onnx) -> [quantize] -> per-profile build -> manifest.json
+Everything is written to a temporary sibling directory and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+from . import LlamaExportError, __version__
+from .manifest import SCHEMA_VERSION, staging_dir, write_manifest
+from .profiles import load_profile
+
+
+def log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def tool_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"llamaexport": __version__, "python": platform.python_version()}
+    for pkg in ("onnx", "onnxruntime", "torch", "tensorrt", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def resolve_precision(precision: str, profile) -> str:
+    if precision == "auto":
+        return profile.default_precision or profile.precisions[0]
+    if precision not in profile.precisions:
+        raise LlamaExportError(f"precision {precision} is not supported by profile {profile.name}; "
+                               f"choose one of {', '.join(profile.precisions)}")
+    return precision
+
+
+def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", tokenizer=None,
+          max_seq_len=None, seed=0, force=False, export_only=False, progress=True) -> Path:
+    """Build an artifact directory; returns its path. See the module docstring for the stages."""
+    from .checkpoint import load_checkpoint
+    from .export import export_onnx
+
+    t0 = time.time()
+    prof = load_profile(profile)
+    precision = resolve_precision(precision, prof)
+    if precision != "fp32":
+        raise LlamaExportError(f"precision {precision} is not implemented yet; use --precision fp32")
+    ckpt = load_checkpoint(checkpoint, size=size, seed=seed, max_seq_len=max_seq_len)
+    cfg = ckpt.config
+    if not max_seq_len:  # the profile's default context, capped by what the model was trained for
+        cfg.max_seq_len = min(cfg.max_seq_len, prof.default_context)
+    tok = _load_tokenizer(tokenizer or ckpt.tokenizer_path, required=checkpoint is not None, vocab=cfg.vocab_size)
+    if prof.backend == "tensorrt" and not export_only:
+        from .trt_build import require_tensorrt
+        require_tensorrt()
+    out = Path(out)
+    with staging_dir(out, force=force) as tmp:
+        log(f"export: {cfg.n_layers} layers, {cfg.n_params() / 1e9:.2f}B parameters -> {out}/model.onnx")
+        io = export_onnx(ckpt, tmp, progress=progress)
+        tok_files = tok.save(tmp) if tok else []
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "model": cfg.to_dict(),
+            "source": ckpt.source,
+            "profile": prof.name,
+            "backend": prof.backend,
+            "precision": precision,
+            "kv_cache": {"form": "past_present", "dtype": "float32"},
+            "files": {"onnx": "model.onnx", "onnx_data": "model.onnx.data"},
+            "tokenizer": tok_files or None,
+            "io": io,
+            "tool_versions": tool_versions(),
+            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": None,
+            "parity": None,
+        }
+        if prof.backend == "tensorrt":
+            manifest["engine"] = None if export_only else _build_engine(tmp, manifest, prof, progress)
+        manifest["build_seconds"] = round(time.time() - t0, 1)
+        write_manifest(tmp, manifest)
+    log(f"built {out} in {time.time() - t0:.1f}s")
+    return out
+
+
+def _build_engine(tmp, manifest, prof, progress):
+    from .trt_build import build_engine
+
+    return build_engine(tmp, manifest, prof, progress=progress)
+
+
+def _load_tokenizer(path, *, required: bool, vocab: int):
+    if path is None:
+        if required:
+            raise LlamaExportError("no tokenizer found next to the checkpoint; pass --tokenizer PATH "
+                                   "(tokenizer.model, tokenizer.json or a directory holding one)")
+        return None
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path)
+    if tok.vocab_size > vocab:
+        raise LlamaExportError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocabulary is {vocab}; "
+                               "pass the tokenizer that belongs to this checkpoint")
+    return tok

@@ -1,0 +1,196 @@
+"""Chat prompts: a list of messages rendered as the text a chat model was trained on.
+
+    prompt = format_chat([{"role": "user", "content": "Hi"}], tokenizer=tok)  # its chat template
+    ids = tok.encode(prompt)                                                   # BOS added here
+
+BOS is the tokenizer's job: `format_chat` never starts its text with the BOS token when the
+tokenizer adds one itself, so encoding the prompt the usual way gives exactly one BOS. Special
+tokens written in the text ("<|im_end|>", "</s>") become their ids in `Tokenizer.encode`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from llamaexport import LlamaExportError
+
+FORMATS = ("auto", "template", "chatml", "llama2", "llama3", "alpaca", "vicuna", "raw")
+
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.")
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+# Text a model may write when it runs on past its turn. Markers that are special tokens are
+# listed too, so a caller can turn them into stop ids with `Tokenizer.token_to_id`.
+_STOP_STRINGS = {
+    "chatml": ["<|im_end|>"],
+    "llama2": ["[INST]"],
+    "llama3": ["<|eot_id|>"],
+    "alpaca": ["### Instruction:"],
+    "vicuna": ["USER:"],
+}
+
+
+def format_chat(messages: list[dict], *, tokenizer=None, fmt: str = "auto", system: str | None = None,
+                add_generation_prompt: bool = True) -> str:
+    """Render `messages` ({"role", "content"} dicts) as one prompt string in format `fmt`.
+
+    fmt: "auto" uses the tokenizer's chat template, or failing that ChatML / LLaMA-3 when the
+    vocabulary has their marker tokens; "template" uses the chat template only; the others are
+    fixed formats (see FORMATS). `system` replaces a leading system message, or is put first.
+    `add_generation_prompt` ends the text with the opening of the assistant's turn.
+    """
+    _check_format(fmt)
+    messages = _normalized(messages, system)
+    if fmt == "auto":
+        fmt = _auto_format(tokenizer)
+    if fmt == "template":
+        template = getattr(tokenizer, "chat_template", None)
+        if not template:
+            raise LlamaExportError("the tokenizer has no chat template; pick one with --chat-format "
+                                   f"({', '.join(f for f in FORMATS if f not in ('auto', 'template'))})")
+        text = render_template(template, messages, tokenizer=tokenizer,
+                               add_generation_prompt=add_generation_prompt)
+    else:
+        text = _BUILTIN[fmt](messages, tokenizer, add_generation_prompt)
+    bos = getattr(tokenizer, "bos_token", "")
+    if bos and getattr(tokenizer, "add_bos", False) and text.startswith(bos):
+        text = text[len(bos):]  # the tokenizer adds it when encoding
+    return text
+
+
+def default_stop_strings(fmt: str) -> list[str]:
+    """Strings that end the assistant's reply in format `fmt` (empty for "auto"/"template"/"raw")."""
+    _check_format(fmt)
+    return list(_STOP_STRINGS.get(fmt, []))
+
+
+def render_template(template: str, messages: list[dict], *, tokenizer=None,
+                    add_generation_prompt: bool = True) -> str:
+    """Render an HF chat template the way transformers' `apply_chat_template` does.
+
+    Templates come from model repos, so they run in jinja2's immutable sandbox with the same
+    options, filters and globals as HF (trim_blocks, lstrip_blocks, loop controls, tojson,
+    raise_exception, strftime_now).
+    """
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes HTML characters, which would change the prompt
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    special = {}
+    if tokenizer is not None:
+        special = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
+        if tokenizer.pad_id is not None:
+            special["pad_token"] = tokenizer.id_to_piece(tokenizer.pad_id)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **special)
+    except jinja2.TemplateError as e:
+        raise LlamaExportError(f"chat template failed: {e}; fix the messages or pick another "
+                               "--chat-format") from None
+
+
+def _check_format(fmt):
+    if fmt not in FORMATS:
+        raise LlamaExportError(f"unknown chat format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+
+
+def _normalized(messages, system):
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise LlamaExportError(f"bad chat message {m!r}; each must be "
+                                   "{'role': 'user'|'assistant'|'system', 'content': str}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if system is not None:
+        if out and out[0]["role"] == "system":
+            out = out[1:]
+        out.insert(0, {"role": "system", "content": system})
+    return out
+
+
+def _auto_format(tokenizer):
+    if getattr(tokenizer, "chat_template", None):
+        return "template"
+    if tokenizer is not None:  # no template, but the vocabulary tells which format it was made for
+        for marker, fmt in (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3")):
+            if tokenizer.token_to_id(marker) is not None:
+                return fmt
+    raise LlamaExportError("the tokenizer has no chat template; pick a format with --chat-format ("
+                           f"{', '.join(f for f in FORMATS if f not in ('auto', 'template'))})")
+
+
+def _split_system(messages, default=None):
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], messages[1:]
+    return default, messages
+
+
+def _chatml(messages, tokenizer, gen):
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if gen else "")
+
+
+def _llama3(messages, tokenizer, gen):
+    # Meta's ChatFormat: a header per message, content stripped, <|eot_id|> after each.
+    header = "<|start_header_id|>{}<|end_header_id|>\n\n".format
+    text = "".join(header(m["role"]) + m["content"].strip() + "<|eot_id|>" for m in messages)
+    return text + (header("assistant") if gen else "")
+
+
+def _llama2(messages, tokenizer, gen):
+    # Meta's chat_completion: the system prompt goes inside the first [INST]; each finished
+    # exchange is "[INST] user [/INST] answer " + EOS, and the next one starts with BOS.
+    bos = getattr(tokenizer, "bos_token", "") or "<s>"
+    eos = getattr(tokenizer, "eos_token", "") or "</s>"
+    system, turns = _split_system(messages)
+    if system is not None and turns:
+        turns = [{**turns[0], "content": f"<<SYS>>\n{system}\n<</SYS>>\n\n{turns[0]['content']}"}] + turns[1:]
+    roles = [m["role"] for m in turns]
+    if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2):
+        raise LlamaExportError(f"llama2 chat needs user/assistant turns in order after an optional "
+                               f"system message, got roles {roles}")
+    parts = []
+    for i in range(0, len(turns), 2):
+        part = f"[INST] {turns[i]['content'].strip()} [/INST]"
+        if i + 1 < len(turns):
+            part += f" {turns[i + 1]['content'].strip()} {eos}"
+        parts.append(part)
+    return bos.join(parts)  # the first BOS is added by the tokenizer
+
+
+def _alpaca(messages, tokenizer, gen):
+    system, turns = _split_system(messages, ALPACA_SYSTEM)
+    head = {"user": "### Instruction:\n", "assistant": "### Response:\n"}
+    text = system + "\n\n" + "".join(head.get(m["role"], "") + m["content"] + "\n\n" for m in turns)
+    return text + ("### Response:\n" if gen else "")
+
+
+def _vicuna(messages, tokenizer, gen):
+    # FastChat's vicuna_v1.1: system, then "USER: x " and "ASSISTANT: y</s>" in turn.
+    eos = getattr(tokenizer, "eos_token", "") or "</s>"
+    system, turns = _split_system(messages, VICUNA_SYSTEM)
+    text = system + " " + "".join(f"USER: {m['content']} " if m["role"] == "user"
+                                  else f"ASSISTANT: {m['content']}{eos}" for m in turns)
+    return text + ("ASSISTANT:" if gen else "")
+
+
+def _raw(messages, tokenizer, gen):
+    return "\n".join(m["content"] for m in messages)
+
+
+_BUILTIN = {"chatml": _chatml, "llama2": _llama2, "llama3": _llama3, "alpaca": _alpaca,
+            "vicuna": _vicuna, "raw": _raw}

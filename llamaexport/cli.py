@@ -1,0 +1,156 @@
+"""The `llamaexport` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import LlamaExportError, __version__
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LlamaExportError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except MemoryError:
+            click.echo("error: out of memory; use a smaller model, precision or --max-seq-len", err=True)
+            sys.exit(1)
+        except OSError as e:
+            click.echo(f"error: {e.strerror or e} ({e.filename or ''}); check the path and free disk space", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llamaexport")
+def main():
+    """Compile LLaMA-family models into fast ONNX Runtime and TensorRT artifacts."""
+
+
+@main.command()
+@click.option("--size", help="A named size with seeded random weights (7B, 13B, llama3-8B, tiny, ...).")
+@click.option("--checkpoint", type=click.Path(), help="A Meta or HF checkpoint directory, or a .gguf file.")
+@click.option("--profile", default="cpu", show_default=True, help="Hardware profile name or .toml path.")
+@click.option("--precision", default="auto", show_default=True,
+              type=click.Choice(["auto", "fp32", "fp16", "int8", "int4"]))
+@click.option("--tokenizer", type=click.Path(), help="tokenizer.model / tokenizer.json (default: next to the weights).")
+@click.option("--max-seq-len", type=int, help="Context length (default: the profile's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --size random weights.")
+@click.option("--out", required=True, type=click.Path(), help="Artifact directory to write.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--export-only", is_flag=True, help="TensorRT profiles: stop before the engine (compile on the target).")
+@click.option("--check", "run_check", is_flag=True, help="Run the parity check after building.")
+def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, out, force, export_only, run_check):
+    """Build an artifact directory from a checkpoint or a size."""
+    from .build import build as do_build
+
+    if (size is None) == (checkpoint is None):
+        raise LlamaExportError("give exactly one of --checkpoint PATH or --size S")
+    path = do_build(out=out, checkpoint=checkpoint, size=size, profile=profile, precision=precision,
+                    tokenizer=tokenizer, max_seq_len=max_seq_len, seed=seed, force=force,
+                    export_only=export_only)
+    if run_check:
+        _check(path, None, False)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--prompt", required=True, help="The prompt text.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--chat", is_flag=True, help="Format the prompt as a chat turn.")
+@click.option("--chat-format", default="auto", show_default=True,
+              help="auto (the model's own template), chatml, llama2, llama3, alpaca, vicuna.")
+@click.option("--system", help="System prompt for --chat.")
+@click.option("--threads", type=int, help="CPU threads (default: all available).")
+def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, chat,
+        chat_format, system, threads):
+    """Generate text, streaming it to stdout."""
+    from .runtime import LlamaModel
+    from .sampling import SamplingConfig
+
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+    model = LlamaModel.load(artifact, threads=threads)
+    for piece in model.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop),
+                              chat=(chat_format if chat else False), system=system):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+def _check(artifact, reference, as_json):
+    from .parity import check, format_report
+
+    report = check(artifact, reference=reference, progress=not as_json)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if not report["passed"]:
+        sys.exit(2)
+
+
+@main.command("check")
+@click.argument("artifact", type=click.Path())
+@click.option("--reference", type=click.Path(), help="Reference checkpoint (default: the one in the manifest).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check_cmd(artifact, reference, as_json):
+    """Compare an artifact with the eager PyTorch reference; exit 2 on a miss."""
+    _check(artifact, reference, as_json)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--prompt-len", type=int, default=64, show_default=True)
+@click.option("--new-tokens", type=int, default=128, show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--threads", type=int, help="CPU threads (default: all available).")
+@click.option("--repeat", type=int, default=3, show_default=True, help="Runs; the median is reported.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(artifact, prompt_len, new_tokens, batch, threads, repeat, as_json):
+    """Prefill and decode tokens/s and peak memory."""
+    from .bench import format_bench, run_bench
+
+    r = run_bench(artifact, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, threads=threads,
+                  repeat=repeat)
+    click.echo(json.dumps(r) if as_json else format_bench(r))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+def inspect(artifact):
+    """Show what an artifact's manifest says."""
+    from .inspect import format_manifest
+    from .manifest import read_manifest
+
+    click.echo(format_manifest(read_manifest(artifact)))
+
+
+@main.command()
+def profiles():
+    """List the bundled hardware profiles."""
+    from .profiles import load_profile, profile_names
+
+    rows = [("name", "backend", "memory", "bandwidth", "precisions", "context")]
+    for n in profile_names():
+        p = load_profile(n)
+        mem = f"{p.memory_gb:g} GB" + (" shared" if p.shared_memory else "")
+        rows.append((n, p.backend, mem, f"{p.memory_bandwidth_gbs:g} GB/s", ",".join(p.precisions), str(p.default_context)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""`llamaexport inspect`: the manifest as a readable table."""
+
+from __future__ import annotations
+
+
+def format_manifest(m: dict) -> str:
+    cfg = m["model"]
+    src = m.get("source", {})
+    source = f"random weights, seed {src.get('seed')}" if src.get("kind") == "random" else \
+        f"{src.get('kind')} {src.get('path')} ({src.get('fingerprint', '')})"
+    n_in, n_out = len(m["io"]["inputs"]), len(m["io"]["outputs"])
+    parity = m.get("parity")
+    rows = [
+        ("profile", f"{m['profile']} ({m['backend']})"),
+        ("precision", m["precision"]),
+        ("model", f"{cfg['n_layers']} layers, dim {cfg['dim']}, {cfg['n_heads']} heads / {cfg['n_kv_heads']} KV heads, "
+                  f"head_dim {cfg['head_dim']}, FFN {cfg['ffn_dim']}, vocab {cfg['vocab_size']}"),
+        ("rope", f"theta {cfg['rope_theta']:g}, dim {cfg['rope_dim']}"
+                 + (f", scaling {cfg['rope_scaling']['rope_type']} x{cfg['rope_scaling']['factor']:g}" if cfg.get("rope_scaling") else "")),
+        ("context", str(cfg["max_seq_len"])),
+        ("tied embeddings", "yes" if cfg["tie_embeddings"] else "no"),
+        ("source", source),
+        ("tokenizer", ", ".join(m["tokenizer"]) if m.get("tokenizer") else "none"),
+        ("files", ", ".join(f"{k}: {v}" for k, v in m["files"].items())),
+        ("kv cache", f"{m['kv_cache']['form']} ({m['kv_cache']['dtype']})"),
+        ("onnx i/o", f"{n_in} inputs, {n_out} outputs (input_ids, attention_mask, position_ids, past_key_values.N.key/value -> logits, present.N.key/value)"),
+        ("parity", "not checked" if not parity else ("PASS" if parity.get("passed") else "FAIL")
+                   + "".join(f", {k} {v:.3g}" for k, v in parity.items() if isinstance(v, float))),
+        ("built", f"{m.get('built_at')} in {m.get('build_seconds')}s"),
+        ("tools", ", ".join(f"{k} {v}" for k, v in m.get("tool_versions", {}).items())),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)

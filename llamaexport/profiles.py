@@ -1,0 +1,83 @@
+"""Hardware profiles: data files (TOML) describing a target device."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+from . import LlamaExportError
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+BACKENDS = ("onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+@dataclasses.dataclass
+class Profile:
+    name: str
+    backend: str
+    memory_gb: float
+    memory_bandwidth_gbs: float
+    precisions: list[str]
+    default_context: int
+    description: str = ""
+    reserved_gb: float = 0.0
+    shared_memory: bool = False
+    compute_capability: str | None = None
+    default_precision: str | None = None
+    default_batch: int = 1
+    builder: dict = dataclasses.field(default_factory=dict)
+    runtime: dict = dataclasses.field(default_factory=dict)
+    path: str = ""
+
+    def __post_init__(self):
+        where = self.path or self.name
+        if self.backend not in BACKENDS:
+            raise LlamaExportError(f"profile {where}: backend {self.backend!r} must be one of {', '.join(BACKENDS)}")
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad or not self.precisions:
+            raise LlamaExportError(f"profile {where}: precisions {self.precisions} must be a non-empty subset of "
+                                   f"{', '.join(PRECISIONS)}")
+        for f in ("memory_gb", "memory_bandwidth_gbs", "default_context", "default_batch"):
+            if not isinstance(getattr(self, f), (int, float)) or getattr(self, f) <= 0:
+                raise LlamaExportError(f"profile {where}: {f} must be a positive number, got {getattr(self, f)!r}")
+        if self.default_precision and self.default_precision not in self.precisions:
+            raise LlamaExportError(f"profile {where}: default_precision {self.default_precision!r} is not in precisions")
+
+    @property
+    def budget_bytes(self) -> float:
+        return (self.memory_gb - self.reserved_gb) * 2**30
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A bundled profile by name (`rtx4090`), or a path to the user's own TOML file."""
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".toml" or p.is_file():
+        if not p.is_file():
+            raise LlamaExportError(f"profile file {p} does not exist")
+    else:
+        p = PROFILE_DIR / f"{name_or_path}.toml"
+        if not p.is_file():
+            raise LlamaExportError(f"unknown profile {name_or_path!r}; valid profiles: {', '.join(profile_names())} "
+                                   "(or a path to a .toml profile)")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise LlamaExportError(f"profile {p} is not valid TOML: {e}") from None
+    fields = {f.name for f in dataclasses.fields(Profile)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise LlamaExportError(f"profile {p}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+    missing = [f.name for f in dataclasses.fields(Profile)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
+    if missing:
+        raise LlamaExportError(f"profile {p}: missing field(s) {', '.join(missing)}")
+    try:
+        return Profile(**{**data, "path": str(p)})
+    except TypeError as e:
+        raise LlamaExportError(f"profile {p}: {e}") from None

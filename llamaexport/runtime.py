@@ -1,0 +1,239 @@
+"""The torch-free runtime: load an artifact, prefill, decode with the KV cache, sample, stream.
+
+Backends share one small interface (Polygraphy-style runners):
+    backend.empty_cache(batch) -> cache
+    backend.forward(input_ids, attention_mask, position_ids, cache) -> (logits [B, S, V], cache)
+The ONNX Runtime backend keeps the cache as OrtValues bound through I/O binding: the present
+tensors of one step are bound as the past of the next without a copy through numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from . import LlamaExportError
+from .config import LlamaConfig
+from .manifest import read_manifest
+from .sampling import Sampler, SamplingConfig
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class OnnxRuntimeBackend:
+    """Runs `model.onnx` with ONNX Runtime on the CPU."""
+
+    def __init__(self, model_path: Path, cfg: LlamaConfig, io: dict, *, threads: int | None = None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads or default_threads()
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            self.sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            raise LlamaExportError(f"ONNX Runtime cannot load {model_path}: {str(e).splitlines()[0][:200]}; "
+                                   "rebuild the artifact") from None
+        self.cfg = cfg
+        self.threads = so.intra_op_num_threads
+        self.past_names = [n for n in io["inputs"] if n.startswith("past_key_values.")]
+        self.present_names = [n for n in io["outputs"] if n.startswith("present.")]
+        self.kv_dtype = np.dtype(io["inputs"][self.past_names[0]]["dtype"]) if self.past_names else np.float32
+        self._ort = ort
+
+    def empty_cache(self, batch: int):
+        c = self.cfg
+        z = np.zeros((batch, c.n_kv_heads, 0, c.head_dim), self.kv_dtype)
+        return [self._ort.OrtValue.ortvalue_from_numpy(z) for _ in self.past_names]
+
+    def forward(self, input_ids, attention_mask, position_ids, cache):
+        io = self.sess.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        for name, v in zip(self.past_names, cache):
+            io.bind_ortvalue_input(name, v)
+        io.bind_output("logits")
+        for name in self.present_names:
+            io.bind_output(name)
+        self.sess.run_with_iobinding(io)
+        outs = io.get_outputs()
+        return outs[0].numpy(), outs[1:]
+
+
+@dataclasses.dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "eos" | "stop" | "length"
+
+
+class LlamaModel:
+    """A built artifact, ready to generate. `LlamaModel.load(dir)`; torch is never imported."""
+
+    def __init__(self, artifact_dir, manifest: dict, backend, tokenizer):
+        self.dir = Path(artifact_dir)
+        self.manifest = manifest
+        self.config = LlamaConfig.from_dict(manifest["model"])
+        self.backend = backend
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, artifact_dir, *, threads: int | None = None) -> "LlamaModel":
+        d = Path(artifact_dir)
+        m = read_manifest(d)
+        cfg = LlamaConfig.from_dict(m["model"])
+        backend_name = m.get("backend", "onnxruntime")
+        if backend_name == "onnxruntime":
+            backend = OnnxRuntimeBackend(d / m["files"]["onnx"], cfg, m["io"], threads=threads)
+        elif backend_name == "tensorrt":
+            from .trt_runtime import TensorRTBackend  # lazy: tensorrt is optional
+            backend = TensorRTBackend(d, m, cfg)
+        else:
+            raise LlamaExportError(f"{d}: unknown backend {backend_name!r} in manifest; rebuild the artifact")
+        tok = None
+        if m.get("tokenizer"):
+            from .tokenizer import load_tokenizer
+            tok = load_tokenizer(d)
+        return cls(d, m, backend, tok)
+
+    # ------------------------------------------------------------------ prompts
+    def require_tokenizer(self):
+        if self.tokenizer is None:
+            raise LlamaExportError(
+                f"{self.dir} has no tokenizer (built from random weights?); rebuild with --tokenizer PATH")
+        return self.tokenizer
+
+    def format_prompt(self, prompt: str, *, chat: bool | str = False, system: str | None = None) -> str:
+        if not chat:
+            return prompt
+        from .chat import format_chat
+
+        fmt = chat if isinstance(chat, str) else "auto"
+        return format_chat([{"role": "user", "content": prompt}], tokenizer=self.require_tokenizer(),
+                           fmt=fmt, system=system)
+
+    def encode(self, text: str) -> list[int]:
+        tok = self.require_tokenizer()
+        # a chat template that already starts with the BOS text must not get a second BOS
+        bos_text = tok.decode([tok.bos_id], skip_special=False) if tok.bos_id is not None else None
+        add_bos = tok.add_bos and not (bos_text and text.startswith(bos_text))
+        return tok.encode(text, add_bos=add_bos)
+
+    # ------------------------------------------------------------------ core loop
+    def steps(self, prompts: list[list[int]], *, max_new_tokens: int = 128,
+              sampling: SamplingConfig | None = None, eos_ids=None) -> Iterator[np.ndarray]:
+        """Generate for a batch of token-id prompts (left-padded together), yielding the new
+        token of every row [B] after each step. Rows that reached EOS keep yielding EOS."""
+        sampling = sampling or SamplingConfig()
+        if eos_ids is None:
+            eos_ids = self.tokenizer.eos_ids if self.tokenizer else []
+        eos = np.array(sorted(set(eos_ids)) or [-1])
+        B = len(prompts)
+        lens = [len(p) for p in prompts]
+        if B == 0 or min(lens) == 0:
+            raise LlamaExportError("empty prompt: give at least one token")
+        S = max(lens)
+        ctx = self.config.max_seq_len
+        if S >= ctx:
+            raise LlamaExportError(
+                f"prompt is {S} tokens but the artifact's context is {ctx}; shorten the prompt "
+                "or rebuild with a larger --max-seq-len")
+        max_new_tokens = min(max_new_tokens, ctx - S)
+        pad = self.tokenizer.pad_id if self.tokenizer and self.tokenizer.pad_id is not None else 0
+        ids = np.full((B, S), pad, np.int64)
+        mask = np.zeros((B, S), np.int64)
+        for b, p in enumerate(prompts):
+            ids[b, S - len(p):] = p
+            mask[b, S - len(p):] = 1
+        pos = np.maximum(mask.cumsum(1) - 1, 0)
+        sampler = Sampler(sampling)
+        penalize = sampling.repetition_penalty != 1.0
+        seen = [np.asarray(p, np.int64) for p in prompts]
+        done = np.zeros(B, bool)
+        logits, cache = self.backend.forward(ids, mask, pos, self.backend.empty_cache(B))
+        next_pos = pos[:, -1:] + 1
+        for step in range(max_new_tokens):
+            tok = sampler(logits[:, -1], seen if penalize else None)
+            tok = np.where(done, eos[0], tok)
+            if penalize:
+                seen = [np.append(s, t) for s, t in zip(seen, tok)]
+            done |= np.isin(tok, eos)
+            yield tok
+            if done.all() or step == max_new_tokens - 1:
+                return
+            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+            logits, cache = self.backend.forward(tok[:, None].astype(np.int64), mask, next_pos, cache)
+            next_pos = next_pos + 1
+
+    def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int = 128,
+                     sampling: SamplingConfig | None = None, eos_ids=None) -> list[list[int]]:
+        """New token ids per row, each cut after its first EOS (EOS included)."""
+        if eos_ids is None:
+            eos_ids = self.tokenizer.eos_ids if self.tokenizer else []
+        out = [[] for _ in prompts]
+        finished = [False] * len(prompts)
+        for tok in self.steps(prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids):
+            for b, t in enumerate(tok.tolist()):
+                if not finished[b]:
+                    out[b].append(t)
+                    finished[b] = t in eos_ids
+        return out
+
+    # ------------------------------------------------------------------ text API
+    def stream(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
+               stop: list[str] | tuple = (), chat: bool | str = False, system: str | None = None,
+               result: list | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated; stops at EOS, a stop string or the length.
+        If `result` is a list, the final `Generation` is appended to it."""
+        from .tokenizer import StreamDecoder
+
+        tok = self.require_tokenizer()
+        if chat and not stop:
+            from .chat import default_stop_strings
+            stop = default_stop_strings(chat if isinstance(chat, str) else "auto")
+        ids = self.encode(self.format_prompt(prompt, chat=chat, system=system))
+        dec = StreamDecoder(tok)
+        hold = max((len(s) for s in stop), default=1) - 1  # a tail that could still become a stop string
+        text, emitted, reason, new_ids = "", 0, "length", []
+        for t in self.steps([ids], max_new_tokens=max_new_tokens, sampling=sampling):
+            tid = int(t[0])
+            new_ids.append(tid)
+            if tid in tok.eos_ids:
+                reason = "eos"
+                break
+            text += dec.add(tid)
+            hits = [j for j in (text.find(s) for s in stop) if j >= 0]
+            if hits:
+                text, reason = text[:min(hits)], "stop"
+                break
+            if len(text) - hold > emitted:
+                yield text[emitted:len(text) - hold]
+                emitted = len(text) - hold
+        if len(text) > emitted:
+            yield text[emitted:]
+        if result is not None:
+            result.append(Generation(text=text, token_ids=new_ids, prompt_tokens=len(ids), finish_reason=reason))
+
+    def generate(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
+                 stop: list[str] | tuple = (), chat: bool | str = False, system: str | None = None,
+                 on_text: Callable[[str], None] | None = None) -> Generation:
+        """Generate a completion for one prompt; `on_text` receives the streamed pieces."""
+        result: list[Generation] = []
+        for piece in self.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
+                                 chat=chat, system=system, result=result):
+            if on_text:
+                on_text(piece)
+        return result[0]

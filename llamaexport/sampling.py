@@ -1,0 +1,69 @@
+"""Next-token selection in numpy: greedy, temperature, top-k, top-p, repetition penalty.
+
+Semantics follow Hugging Face `generate` so settings carry over: the repetition penalty divides
+positive logits and multiplies negative ones of every token already seen (prompt included);
+top-k keeps the k largest; top-p keeps the smallest set whose probability reaches p.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from . import LlamaExportError
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    temperature: float = 0.0       # 0 = greedy
+    top_k: int = 0                 # 0 = off
+    top_p: float = 1.0             # 1 = off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise LlamaExportError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise LlamaExportError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise LlamaExportError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise LlamaExportError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+
+class Sampler:
+    def __init__(self, cfg: SamplingConfig):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def __call__(self, logits: np.ndarray, seen: list[np.ndarray] | None = None) -> np.ndarray:
+        """logits [B, V] float32 -> token ids [B]; seen[b]: ids already in row b."""
+        c = self.cfg
+        x = logits.astype(np.float32, copy=True)
+        if c.repetition_penalty != 1.0 and seen is not None:
+            for b, ids in enumerate(seen):
+                ids = np.unique(ids)
+                v = x[b, ids]
+                x[b, ids] = np.where(v > 0, v / c.repetition_penalty, v * c.repetition_penalty)
+        if c.temperature == 0:
+            return x.argmax(-1)
+        x /= c.temperature
+        if c.top_k and c.top_k < x.shape[-1]:
+            kth = np.partition(x, -c.top_k, axis=-1)[:, -c.top_k][:, None]
+            x = np.where(x < kth, -np.inf, x)
+        x = x - x.max(-1, keepdims=True)
+        p = np.exp(x)
+        p /= p.sum(-1, keepdims=True)
+        if c.top_p < 1.0:
+            order = np.argsort(-p, axis=-1)
+            sp = np.take_along_axis(p, order, -1)
+            # drop a token when the mass before it already reaches top_p (the first always stays)
+            drop = (np.cumsum(sp, -1) - sp) >= c.top_p
+            sp[drop] = 0
+            p = np.zeros_like(p)
+            np.put_along_axis(p, order, sp, -1)
+            p /= p.sum(-1, keepdims=True)
+        u = self.rng.random((p.shape[0], 1))
+        return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
