@@ -16,6 +16,8 @@ from datetime import datetime
 from llamaexport import LlamaExportError
 
 FORMATS = ("auto", "template", "chatml", "llama2", "llama3", "alpaca", "vicuna", "raw")
+_NO_TEMPLATE = ("the tokenizer has no chat template; pick a format with --chat-format "
+                "(chatml, llama2, llama3, alpaca, vicuna, raw)")
 
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
@@ -49,8 +51,7 @@ def format_chat(messages: list[dict], *, tokenizer=None, fmt: str = "auto", syst
     if fmt == "template":
         template = getattr(tokenizer, "chat_template", None)
         if not template:
-            raise LlamaExportError("the tokenizer has no chat template; pick one with --chat-format "
-                                   f"({', '.join(f for f in FORMATS if f not in ('auto', 'template'))})")
+            raise LlamaExportError(_NO_TEMPLATE)
         text = render_template(template, messages, tokenizer=tokenizer,
                                add_generation_prompt=add_generation_prompt)
     else:
@@ -129,8 +130,7 @@ def _auto_format(tokenizer):
         for marker, fmt in (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3")):
             if tokenizer.token_to_id(marker) is not None:
                 return fmt
-    raise LlamaExportError("the tokenizer has no chat template; pick a format with --chat-format ("
-                           f"{', '.join(f for f in FORMATS if f not in ('auto', 'template'))})")
+    raise LlamaExportError(_NO_TEMPLATE)
 
 
 def _split_system(messages, default=None):

@@ -161,7 +161,7 @@ def build_reference(cfg: LlamaConfig, weights, *, dtype=torch.float32) -> Transf
     state = {}
     for name, shape in expected.items():
         w = weights[name]
-        t = w if isinstance(w, torch.Tensor) else torch.from_numpy(w)
+        t = w if isinstance(w, torch.Tensor) else torch.from_numpy(w if w.flags.writeable else w.copy())
         if tuple(t.shape) != shape:
             raise LlamaExportError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape {shape}")
         state[name] = t.to(dtype)

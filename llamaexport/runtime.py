@@ -205,7 +205,7 @@ class LlamaModel:
             from .chat import default_stop_strings
             stop = default_stop_strings(chat if isinstance(chat, str) else "auto")
         ids = self.encode(self.format_prompt(prompt, chat=chat, system=system))
-        dec = StreamDecoder(tok)
+        dec = StreamDecoder(tok, context=ids)
         hold = max((len(s) for s in stop), default=1) - 1  # a tail that could still become a stop string
         text, emitted, reason, new_ids = "", 0, "length", []
         for t in self.steps([ids], max_new_tokens=max_new_tokens, sampling=sampling):
@@ -214,7 +214,7 @@ class LlamaModel:
             if tid in tok.eos_ids:
                 reason = "eos"
                 break
-            text += dec.add(tid)
+            text += dec.push(tid)
             hits = [j for j in (text.find(s) for s in stop) if j >= 0]
             if hits:
                 text, reason = text[:min(hits)], "stop"
@@ -222,6 +222,8 @@ class LlamaModel:
             if len(text) - hold > emitted:
                 yield text[emitted:len(text) - hold]
                 emitted = len(text) - hold
+        if reason != "stop":
+            text += dec.flush()
         if len(text) > emitted:
             yield text[emitted:]
         if result is not None:

@@ -80,10 +80,10 @@ class Tokenizer:
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        vocab_file, tokenizer_class = self._save_vocab(out)
+        vocab_file, hf_keys = self._save_vocab(out)
         piece = lambda i: None if i is None else self.id_to_piece(i)  # noqa: E731
         config = {
-            "tokenizer_class": tokenizer_class,
+            **hf_keys,
             "bos_token": piece(self.bos_id),
             "eos_token": piece(self.eos_ids[0]) if self.eos_ids else None,
             "pad_token": piece(self.pad_id),
@@ -158,17 +158,23 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _save_vocab(self, out):
         (out / "tokenizer.model").write_bytes(self._sp.serialized_model_proto())
-        return "tokenizer.model", "LlamaTokenizer"
+        return "tokenizer.model", {"tokenizer_class": "LlamaTokenizer", "legacy": True}  # see __init__
 
 
 class HFTokenizer(Tokenizer):
     """An HF `tokenizers.Tokenizer` (a `tokenizer.json`, or byte-level BPE rebuilt from a GGUF)."""
 
     def __init__(self, backend, **special):
-        """Wrap a `tokenizers.Tokenizer`; `special` gives bos/eos/pad ids (default: none)."""
+        """Wrap a `tokenizers.Tokenizer`; `special` gives bos/eos/pad ids.
+
+        By default BOS is the token the tokenizer.json post-processor puts first, if any (LLaMA-3).
+        """
         self._hf = backend
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        super().__init__(**{"bos_id": None, "eos_ids": [], "pad_id": None, "add_bos": False, **special})
+        plain, full = backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids
+        self._post_bos = full[0] if full[1:len(plain) + 1] == plain else None
+        super().__init__(**{"bos_id": self._post_bos, "eos_ids": [], "pad_id": None,
+                            "add_bos": self._post_bos is not None, **special})
 
     def _encode(self, text):
         # BOS/EOS come from Tokenizer.encode, not from the tokenizer.json post-processor
@@ -185,12 +191,11 @@ class HFTokenizer(Tokenizer):
         return self._hf.token_to_id(token)
 
     def _adds_bos(self):
-        # a tokenizer.json that wants BOS says so through its post-processor (LLaMA-3)
-        return self._hf.encode("a").ids[:1] == [self.bos_id]
+        return self._post_bos is not None and self._post_bos == self.bos_id
 
     def _save_vocab(self, out):
         self._hf.save(str(out / "tokenizer.json"))
-        return "tokenizer.json", "PreTrainedTokenizerFast"
+        return "tokenizer.json", {"tokenizer_class": "PreTrainedTokenizerFast"}
 
 
 def load_tokenizer(path) -> Tokenizer:
@@ -313,8 +318,8 @@ def tokenizer_from_gguf(path) -> Tokenizer:
         "bos_id": get("bos_token_id"),
         "eos_ids": [i for i in eos if i is not None],
         "pad_id": get("padding_token_id"),
-        # llama.cpp's defaults when the key is absent: BOS for sentencepiece, none for BPE
-        "add_bos": get("add_bos_token") if get("add_bos_token") is not None else kind == "llama",
+        # llama.cpp's default when the key is absent: BOS for sentencepiece, none for BPE
+        "add_bos": kind == "llama" if get("add_bos_token") is None else get("add_bos_token"),
         "chat_template": template,
     }
     if kind == "gpt2":

@@ -236,6 +236,11 @@ def test_hf_directory_config(smol, tmp_path):
     assert (tok.bos_id, tok.eos_ids, tok.pad_id, tok.add_bos) == (1, [0, 5, 2], None, True)
     assert tok.chat_template.startswith("{% for m")
     assert tok.encode("hi there") == backend.encode("hi there").ids
+    bare = tmp_path / "bare"  # a lone tokenizer.json: BOS is what its post-processor prepends
+    bare.mkdir()
+    backend.save(str(bare / "tokenizer.json"))
+    tok = load_tokenizer(bare / "tokenizer.json")
+    assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.chat_template) == (1, [], True, None)
 
 
 def test_load_errors(tmp_path):
