@@ -51,6 +51,9 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     t0 = time.time()
     prof = load_profile(profile)
     precision = resolve_precision(precision, prof)
+    if prof.backend == "tensorrt" and not export_only:
+        from .trt_build import require_tensorrt
+        require_tensorrt()
     if precision != "fp32":
         raise LlamaExportError(f"precision {precision} is not implemented yet; use --precision fp32")
     ckpt = load_checkpoint(checkpoint, size=size, seed=seed, max_seq_len=max_seq_len)
@@ -58,9 +61,6 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     if not max_seq_len:  # the profile's default context, capped by what the model was trained for
         cfg.max_seq_len = min(cfg.max_seq_len, prof.default_context)
     tok = _load_tokenizer(tokenizer or ckpt.tokenizer_path, required=checkpoint is not None, vocab=cfg.vocab_size)
-    if prof.backend == "tensorrt" and not export_only:
-        from .trt_build import require_tensorrt
-        require_tensorrt()
     out = Path(out)
     with staging_dir(out, force=force) as tmp:
         log(f"export: {cfg.n_layers} layers, {cfg.n_params() / 1e9:.2f}B parameters -> {out}/model.onnx")

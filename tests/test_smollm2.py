@@ -1,0 +1,51 @@
+"""The real model: SmolLM2-135M-Instruct (GGUF, GQA, tied embeddings) end to end on the CPU."""
+
+import numpy as np
+import pytest
+
+from llamaexport.build import build
+from llamaexport.parity import check
+from llamaexport.runtime import LlamaModel
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol_artifact(smollm2_gguf, tmp_path_factory):
+    return build(out=tmp_path_factory.mktemp("smol") / "art", checkpoint=smollm2_gguf, progress=False)
+
+
+def test_parity_fp32_meets_the_budget(smol_artifact):
+    r = check(smol_artifact, n_tokens=64, progress=False)
+    assert r["passed"], r["failures"]
+    assert r["max_abs_logit"] <= 1e-3
+    assert r["greedy_identical"] and all(len(p["artifact_tokens"]) == 64 or p["artifact_tokens"][-1] in (2,)
+                                         for p in r["per_prompt"])
+    assert abs(r["ppl_delta_rel"]) < 1e-4 and 5 < r["ppl_reference"] < 100
+
+
+def test_matches_transformers_loading_the_same_gguf(smol_artifact, smollm2_gguf):
+    """A third-party reference: transformers dequantizes the GGUF itself."""
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                              dtype=torch.float32).eval()
+    m = LlamaModel.load(smol_artifact)
+    ids = m.encode("The quick brown fox jumps over the lazy dog. In 1969, the first humans")
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].numpy()
+    be = m.backend
+    got, _ = be.forward(np.array([ids]), np.ones((1, len(ids)), np.int64), np.arange(len(ids))[None], be.empty_cache(1))
+    assert np.abs(got[0] - want).max() < 1e-3
+    with torch.no_grad():
+        hf_tokens = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+    assert m.generate_ids([ids], max_new_tokens=32, eos_ids=[])[0] == hf_tokens
+
+
+def test_chat_answer_is_right(smol_artifact):
+    m = LlamaModel.load(smol_artifact)
+    g = m.generate("What is the capital of France?", chat=True, max_new_tokens=40)
+    assert "Paris" in g.text and g.finish_reason == "eos"
+    assert m.tokenizer.decode(g.token_ids[-1:], skip_special=False) == "<|im_end|>"
