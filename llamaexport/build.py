@@ -43,7 +43,7 @@ def resolve_precision(precision: str, profile) -> str:
 
 
 def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", tokenizer=None,
-          max_seq_len=None, seed=0, force=False, export_only=False, progress=True) -> Path:
+          max_seq_len=None, seed=0, force=False, export_only=False, block_size=32, progress=True) -> Path:
     """Build an artifact directory; returns its path. See the module docstring for the stages."""
     from .checkpoint import load_checkpoint
     from .export import export_onnx
@@ -54,8 +54,6 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     if prof.backend == "tensorrt" and not export_only:
         from .trt_build import require_tensorrt
         require_tensorrt()
-    if precision != "fp32":
-        raise LlamaExportError(f"precision {precision} is not implemented yet; use --precision fp32")
     ckpt = load_checkpoint(checkpoint, size=size, seed=seed, max_seq_len=max_seq_len)
     cfg = ckpt.config
     if not max_seq_len:  # the profile's default context, capped by what the model was trained for
@@ -64,7 +62,8 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     out = Path(out)
     with staging_dir(out, force=force) as tmp:
         log(f"export: {cfg.n_layers} layers, {cfg.n_params() / 1e9:.2f}B parameters -> {out}/model.onnx")
-        io = export_onnx(ckpt, tmp, progress=progress)
+        target = "ort-cpu" if prof.backend == "onnxruntime" else "portable"
+        io = export_onnx(ckpt, tmp, precision=precision, target=target, block_size=block_size, progress=progress)
         tok_files = tok.save(tmp) if tok else []
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -73,7 +72,9 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             "profile": prof.name,
             "backend": prof.backend,
             "precision": precision,
-            "kv_cache": {"form": "past_present", "dtype": "float32"},
+            "export_target": target,
+            "block_size": block_size if precision in ("int8", "int4") else None,
+            "kv_cache": {"form": "past_present", "dtype": io["inputs"]["past_key_values.0.key"]["dtype"]},
             "files": {"onnx": "model.onnx", "onnx_data": "model.onnx.data"},
             "tokenizer": tok_files or None,
             "io": io,

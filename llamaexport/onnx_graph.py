@@ -31,19 +31,24 @@ class GraphBuilder:
     # ---------------------------------------------------------------- tensors
     def weight(self, name: str, array: np.ndarray) -> str:
         """A large initializer, written to the external data file right away."""
-        from onnx import TensorProto, helper
+        from onnx import helper
 
         a = np.ascontiguousarray(array)
+        return self.weight_raw(name, a.tobytes(), helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+
+    def weight_raw(self, name: str, raw: bytes, data_type: int, shape) -> str:
+        """An initializer from raw bytes (for types numpy lacks, e.g. packed INT4)."""
+        from onnx import TensorProto
+
         pad = (-self._offset) % ALIGN
         if pad:
             self._fh.write(b"\0" * pad)
             self._offset += pad
-        raw = a.tobytes()
         self._fh.write(raw)
         t = TensorProto()
         t.name = name
-        t.data_type = helper.np_dtype_to_tensor_dtype(a.dtype)
-        t.dims.extend(a.shape)
+        t.data_type = data_type
+        t.dims.extend(shape)
         t.data_location = TensorProto.EXTERNAL
         for k, v in (("location", self.data_path.name), ("offset", str(self._offset)), ("length", str(len(raw)))):
             e = t.external_data.add()
