@@ -21,10 +21,10 @@ def peak_rss_mb() -> float:
 
 
 def run_bench(artifact, *, prompt_len: int = 64, new_tokens: int = 128, batch: int = 1,
-              threads: int | None = None, repeat: int = 3) -> dict:
+              threads: int | None = None, repeat: int = 3, backend: str | None = None) -> dict:
     from .runtime import LlamaModel
 
-    model = LlamaModel.load(artifact, threads=threads)
+    model = LlamaModel.load(artifact, threads=threads, backend=backend)
     cfg, be = model.config, model.backend
     if prompt_len < 1 or new_tokens < 1 or batch < 1 or repeat < 1:
         raise LlamaExportError("--prompt-len, --new-tokens, --batch and --repeat must be at least 1")
@@ -49,7 +49,7 @@ def run_bench(artifact, *, prompt_len: int = 64, new_tokens: int = 128, batch: i
     runs = [once() for _ in range(repeat)]
     return {
         "artifact": str(artifact),
-        "backend": model.manifest.get("backend"),
+        "backend": backend or model.manifest.get("backend"),
         "precision": model.manifest.get("precision"),
         "prefill_tok_s": round(statistics.median(r[0] for r in runs), 2),
         "decode_tok_s": round(statistics.median(r[1] for r in runs), 2),

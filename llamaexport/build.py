@@ -33,24 +33,19 @@ def tool_versions() -> dict:
     return out
 
 
-def resolve_precision(precision: str, profile) -> str:
-    if precision == "auto":
-        return profile.default_precision or profile.precisions[0]
-    if precision not in profile.precisions:
-        raise LlamaExportError(f"precision {precision} is not supported by profile {profile.name}; "
-                               f"choose one of {', '.join(profile.precisions)}")
-    return precision
-
-
 def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", tokenizer=None,
-          max_seq_len=None, seed=0, force=False, export_only=False, block_size=32, progress=True) -> Path:
+          max_seq_len=None, seed=0, force=False, export_only=False, block_size=32, memory_gb=None,
+          progress=True) -> Path:
     """Build an artifact directory; returns its path. See the module docstring for the stages."""
     from .checkpoint import load_checkpoint
     from .export import export_onnx
+    from .planner import choose
 
     t0 = time.time()
-    prof = load_profile(profile)
-    precision = resolve_precision(precision, prof)
+    prof = load_profile(profile, memory_gb=memory_gb)
+    if precision != "auto" and precision not in prof.precisions:
+        raise LlamaExportError(f"precision {precision} is not supported by profile {prof.name}; "
+                               f"choose one of {', '.join(prof.precisions)}")
     if prof.backend == "tensorrt" and not export_only:
         from .trt_build import require_tensorrt
         require_tensorrt()
@@ -58,6 +53,11 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     cfg = ckpt.config
     if not max_seq_len:  # the profile's default context, capped by what the model was trained for
         cfg.max_seq_len = min(cfg.max_seq_len, prof.default_context)
+    # refuse what cannot fit before any work is done
+    chosen = choose(cfg, prof, precision, context=cfg.max_seq_len, block=block_size)
+    precision = chosen.precision
+    log(f"plan: {precision} on {prof.name}: {chosen.total / 2**30:.2f} GiB of {chosen.budget / 2**30:.1f} GiB, "
+        f"decode ceiling {chosen.decode_ceiling:.1f} tok/s")
     tok = _load_tokenizer(tokenizer or ckpt.tokenizer_path, required=checkpoint is not None, vocab=cfg.vocab_size)
     out = Path(out)
     with staging_dir(out, force=force) as tmp:
@@ -70,6 +70,8 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             "model": cfg.to_dict(),
             "source": ckpt.source,
             "profile": prof.name,
+            "plan": {"total_gib": round(chosen.total / 2**30, 3), "budget_gib": round(chosen.budget / 2**30, 3),
+                     "decode_ceiling_tok_s": round(chosen.decode_ceiling, 1)},
             "backend": prof.backend,
             "precision": precision,
             "export_target": target,

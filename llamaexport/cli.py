@@ -30,6 +30,10 @@ class _Group(click.Group):
             sys.exit(130)
 
 
+BACKEND = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]),
+                       help="Run with this backend instead of the manifest's (onnxruntime runs any artifact's ONNX).")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llamaexport")
 def main():
@@ -48,8 +52,11 @@ def main():
 @click.option("--out", required=True, type=click.Path(), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--export-only", is_flag=True, help="TensorRT profiles: stop before the engine (compile on the target).")
+@click.option("--block-size", type=int, default=32, show_default=True, help="int4/int8 quantization block along K.")
+@click.option("--memory-gb", type=float, help="Override the profile's device memory (GiB).")
 @click.option("--check", "run_check", is_flag=True, help="Run the parity check after building.")
-def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, out, force, export_only, run_check):
+def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, out, force, export_only, block_size,
+          memory_gb, run_check):
     """Build an artifact directory from a checkpoint or a size."""
     from .build import build as do_build
 
@@ -57,7 +64,7 @@ def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, ou
         raise LlamaExportError("give exactly one of --checkpoint PATH or --size S")
     path = do_build(out=out, checkpoint=checkpoint, size=size, profile=profile, precision=precision,
                     tokenizer=tokenizer, max_seq_len=max_seq_len, seed=seed, force=force,
-                    export_only=export_only)
+                    export_only=export_only, block_size=block_size, memory_gb=memory_gb)
     if run_check:
         _check(path, None, False)
 
@@ -77,25 +84,26 @@ def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, ou
               help="auto (the model's own template), chatml, llama2, llama3, alpaca, vicuna.")
 @click.option("--system", help="System prompt for --chat.")
 @click.option("--threads", type=int, help="CPU threads (default: all available).")
+@BACKEND
 def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, chat,
-        chat_format, system, threads):
+        chat_format, system, threads, backend):
     """Generate text, streaming it to stdout."""
     from .runtime import LlamaModel
     from .sampling import SamplingConfig
 
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed)
-    model = LlamaModel.load(artifact, threads=threads)
+    model = LlamaModel.load(artifact, threads=threads, backend=backend)
     for piece in model.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop),
                               chat=(chat_format if chat else False), system=system):
         click.echo(piece, nl=False)
     click.echo()
 
 
-def _check(artifact, reference, as_json):
+def _check(artifact, reference, as_json, backend=None):
     from .parity import check, format_report
 
-    report = check(artifact, reference=reference, progress=not as_json)
+    report = check(artifact, reference=reference, progress=not as_json, backend=backend)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:
         sys.exit(2)
@@ -105,9 +113,10 @@ def _check(artifact, reference, as_json):
 @click.argument("artifact", type=click.Path())
 @click.option("--reference", type=click.Path(), help="Reference checkpoint (default: the one in the manifest).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def check_cmd(artifact, reference, as_json):
+@BACKEND
+def check_cmd(artifact, reference, as_json, backend):
     """Compare an artifact with the eager PyTorch reference; exit 2 on a miss."""
-    _check(artifact, reference, as_json)
+    _check(artifact, reference, as_json, backend)
 
 
 @main.command()
@@ -118,13 +127,42 @@ def check_cmd(artifact, reference, as_json):
 @click.option("--threads", type=int, help="CPU threads (default: all available).")
 @click.option("--repeat", type=int, default=3, show_default=True, help="Runs; the median is reported.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(artifact, prompt_len, new_tokens, batch, threads, repeat, as_json):
+@BACKEND
+def bench(artifact, prompt_len, new_tokens, batch, threads, repeat, as_json, backend):
     """Prefill and decode tokens/s and peak memory."""
     from .bench import format_bench, run_bench
 
     r = run_bench(artifact, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, threads=threads,
-                  repeat=repeat)
+                  repeat=repeat, backend=backend)
     click.echo(json.dumps(r) if as_json else format_bench(r))
+
+
+@main.command()
+@click.option("--size", help="A named size (7B, 13B, llama3-8B, ...).")
+@click.option("--checkpoint", type=click.Path(), help="A checkpoint (only its config is read).")
+@click.option("--profile", default="cpu", show_default=True)
+@click.option("--max-seq-len", type=int, help="Context length (default: the profile's, capped by the model's).")
+@click.option("--batch", type=int, help="Batch size (default: the profile's).")
+@click.option("--precision", default="auto", show_default=True,
+              type=click.Choice(["auto", "fp32", "fp16", "int8", "int4"]))
+@click.option("--memory-gb", type=float, help="Override the profile's device memory (GiB).")
+def plan(size, checkpoint, profile, max_seq_len, batch, precision, memory_gb):
+    """Memory plan per precision on a profile, the choice, and the decode ceiling."""
+    from .checkpoint import load_checkpoint
+    from .planner import choose, format_plans, plan_all
+    from .profiles import load_profile
+
+    if (size is None) == (checkpoint is None):
+        raise LlamaExportError("give exactly one of --checkpoint PATH or --size S")
+    prof = load_profile(profile, memory_gb=memory_gb)
+    cfg = load_checkpoint(checkpoint, size=size).config
+    ctx = max_seq_len or min(cfg.max_seq_len, prof.default_context)
+    b = batch or prof.default_batch
+    plans = plan_all(cfg, prof, context=ctx, batch=b)
+    click.echo(format_plans(cfg, prof, plans, None, context=ctx, batch=b).rsplit("\n", 1)[0])
+    chosen = choose(cfg, prof, precision, context=ctx, batch=b)  # raises with the numbers if nothing fits
+    click.echo(f"choice: {chosen.precision} ({chosen.total / 2**30:.2f} GiB of {chosen.budget / 2**30:.1f} GiB, "
+               f"decode ceiling {chosen.decode_ceiling:.1f} tok/s)")
 
 
 @main.command()

@@ -1,9 +1,14 @@
 """Our custom ONNX ops, RoPE and SwiGLU, each with a standard-ONNX function body.
 
-TensorRT maps a node of domain `llamaexport` to the plugin of the same name (the node carries
-`plugin_version` / `plugin_namespace`, so the plugin wins over the function body in
-TensorRT >= 10.15); ONNX Runtime and every other runtime inline the function body instead, so
-the same file runs without a plugin library.
+TensorRT maps a node to the plugin creator of the same op name, version `plugin_version` and
+namespace `plugin_namespace` (both carried by every node). Which wins over the function body
+(matched by name) depends on the TensorRT version, per its ONNX parser:
+  10.0-10.6   the local function, always (JetPack 6 / TensorRT 10.3 runs the function bodies);
+  10.7-10.14  the plugin, when its library is loaded; else the function;
+  >= 10.15    the plugin, when the node carries `plugin_namespace` (ours do) or the parser flag
+              kENABLE_PLUGIN_OVERRIDE is set, and the library is loaded; else the function.
+ONNX Runtime and every other runtime inline the function body, so the same file runs without
+a plugin library.
 
   RoPE(x [B, H, S, hd], cos [B, S, rd/2], sin [B, S, rd/2]) -> [B, H, S, hd]
       attributes: interleaved (int: 1 = Meta pairs (2j, 2j+1), 0 = halves), rotary_dim (int)

@@ -88,7 +88,7 @@ def _reference_checkpoint(manifest: dict, reference):
 
 
 def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progress: bool = True,
-          write: bool = True) -> dict:
+          write: bool = True, backend: str | None = None) -> dict:
     """Run the parity check; writes DIR/parity.json and the manifest's parity summary."""
     import torch
 
@@ -97,7 +97,7 @@ def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progres
 
     d = Path(artifact)
     manifest = read_manifest(d)
-    model = LlamaModel.load(d)
+    model = LlamaModel.load(d, backend=backend)
     cfg = model.config
     need = cfg.n_params() * 4
     if need > 0.8 * _available_bytes():
@@ -151,6 +151,7 @@ def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progres
     kl = np.concatenate(kls)
     report = {
         "artifact": str(d), "precision": manifest["precision"], "reference": ref_desc,
+        "backend": backend or manifest.get("backend"),
         "prompts": len(prompt_ids), "greedy_tokens": n_tokens,
         "max_abs_logit": abs_max, "mean_abs_logit": abs_sum / abs_n,
         "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),

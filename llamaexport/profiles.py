@@ -54,8 +54,9 @@ def profile_names() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
-def load_profile(name_or_path: str) -> Profile:
-    """A bundled profile by name (`rtx4090`), or a path to the user's own TOML file."""
+def load_profile(name_or_path: str, *, memory_gb: float | None = None) -> Profile:
+    """A bundled profile by name (`rtx4090`), or a path to the user's own TOML file.
+    `memory_gb` overrides the profile's memory (e.g. a CPU machine with more RAM)."""
     p = Path(name_or_path).expanduser()
     if p.suffix == ".toml" or p.is_file():
         if not p.is_file():
@@ -77,6 +78,8 @@ def load_profile(name_or_path: str) -> Profile:
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
     if missing:
         raise LlamaExportError(f"profile {p}: missing field(s) {', '.join(missing)}")
+    if memory_gb is not None:
+        data["memory_gb"] = float(memory_gb)
     try:
         return Profile(**{**data, "path": str(p)})
     except TypeError as e:

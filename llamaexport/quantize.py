@@ -17,12 +17,29 @@ from __future__ import annotations
 import numpy as np
 
 
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def _symmetric(wg: np.ndarray, qmin: int, qmax: int, axis: int):
+    """Symmetric quantization of groups along `axis`, with the scale chosen per group among
+    clipped ranges (amax * r) to minimise the squared error (outliers otherwise waste the grid)."""
+    amax = np.abs(wg).max(axis=axis, keepdims=True)
+    best_err, best_scale = None, None
+    for r in CLIP_RATIOS:
+        scale = np.where(amax > 0, amax * r / qmax, 1.0).astype(np.float32)
+        err = ((np.clip(np.rint(wg / scale), qmin, qmax) * scale - wg) ** 2).sum(axis=axis, keepdims=True)
+        if best_err is None:
+            best_err, best_scale = err, scale
+        else:
+            better = err < best_err
+            best_err, best_scale = np.where(better, err, best_err), np.where(better, scale, best_scale)
+    q = np.clip(np.rint(wg / best_scale), qmin, qmax).astype(np.int8)
+    return q, np.squeeze(best_scale, axis=axis)
+
+
 def int8_per_channel(w_t: np.ndarray):
     """w_t [K, N] float32 -> (q int8 [K, N], scale float32 [N]); w ~ q * scale."""
-    amax = np.abs(w_t).max(axis=0)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w_t / scale), -127, 127).astype(np.int8)
-    return q, scale
+    return _symmetric(w_t, -127, 127, axis=0)
 
 
 def int4_blockwise(w_t: np.ndarray, block: int):
@@ -30,10 +47,7 @@ def int4_blockwise(w_t: np.ndarray, block: int):
     K, N = w_t.shape
     if K % block:
         raise ValueError(f"K={K} is not a multiple of the block size {block}")
-    wb = w_t.reshape(K // block, block, N)
-    amax = np.abs(wb).max(axis=1)  # [K/block, N]
-    scale = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(wb / scale[:, None, :]), -8, 7).astype(np.int8)
+    q, scale = _symmetric(w_t.reshape(K // block, block, N), -8, 7, axis=1)
     return q.reshape(K, N), scale
 
 
@@ -55,11 +69,21 @@ def matmul_nbits(w_t: np.ndarray, *, bits: int, block: int):
     w[:K] = w_t
     wb = w.T.reshape(N, nb, block)                     # [N, blocks, block]
     qmax = (1 << bits) - 1
-    lo = np.minimum(wb.min(axis=2), 0.0)               # the range always holds 0 exactly
-    hi = np.maximum(wb.max(axis=2), 0.0)
-    scale = (hi - lo) / qmax
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    zp = np.clip(np.rint(-lo / scale), 0, qmax).astype(np.uint8)    # [N, blocks]
+    lo0 = np.minimum(wb.min(axis=2), 0.0)              # the range always holds 0 exactly
+    hi0 = np.maximum(wb.max(axis=2), 0.0)
+    best = None
+    for r in CLIP_RATIOS:  # per block, the clipped range with the least squared error
+        scale = np.where(hi0 > lo0, (hi0 - lo0) * r / qmax, 1.0).astype(np.float32)
+        zp = np.clip(np.rint(-lo0 * r / scale), 0, qmax)
+        q = np.clip(np.rint(wb / scale[..., None]) + zp[..., None], 0, qmax)
+        err = (((q - zp[..., None]) * scale[..., None] - wb) ** 2).sum(axis=2)
+        if best is None:
+            best = [err, scale, zp]
+        else:
+            m = err < best[0]
+            best = [np.where(m, err, best[0]), np.where(m, scale, best[1]), np.where(m, zp, best[2])]
+    _, scale, zp = best
+    zp = zp.astype(np.uint8)
     q = np.clip(np.rint(wb / scale[..., None]) + zp[..., None], 0, qmax).astype(np.uint8)
     if bits == 8:
         blob, zpk = q, zp.reshape(-1)

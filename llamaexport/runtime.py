@@ -91,11 +91,13 @@ class LlamaModel:
         self.tokenizer = tokenizer
 
     @classmethod
-    def load(cls, artifact_dir, *, threads: int | None = None) -> "LlamaModel":
+    def load(cls, artifact_dir, *, threads: int | None = None, backend: str | None = None) -> "LlamaModel":
+        """backend: None = the manifest's; "onnxruntime" also runs the ONNX graph of a TensorRT
+        artifact (e.g. to check an --export-only build before compiling it on the target)."""
         d = Path(artifact_dir)
         m = read_manifest(d)
         cfg = LlamaConfig.from_dict(m["model"])
-        backend_name = m.get("backend", "onnxruntime")
+        backend_name = backend or m.get("backend", "onnxruntime")
         if backend_name == "onnxruntime":
             backend = OnnxRuntimeBackend(d / m["files"]["onnx"], cfg, m["io"], threads=threads)
         elif backend_name == "tensorrt":

@@ -1,0 +1,151 @@
+"""The memory planner: what a model needs on a profile, per precision, and what to build.
+
+Adds up, for a batch and context length:
+  weights      quantized matrices + their scales, embeddings, norms, rotary tables
+  KV cache     2 x layers x KV heads x head_dim x context x batch x bytes
+  activations  the prefill peak: logits [B, S, V] fp32, one layer's attention scores
+               [B, H, S, T] fp32 and a few hidden-state buffers (S = T = the context)
+  workspace    the TensorRT builder/runtime workspace from the profile
+  overhead     runtime itself: CUDA context, cuBLAS and TensorRT (GPU), ONNX Runtime (CPU)
+and compares the total with the profile's budget (memory - reserved for the OS/display).
+The decode ceiling is bandwidth / bytes read per generated token (all weights once, plus the
+KV cache at the full context): a memory-bound decode cannot beat it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from . import LlamaExportError
+from .config import LlamaConfig
+from .profiles import Profile
+
+GiB = 2**30
+# ordered from the most to the least accurate: `auto` takes the first that fits
+PREFERENCE = ("fp32", "fp16", "int8", "int4")
+OVERHEAD = {"tensorrt": 0.75 * GiB, "onnxruntime": 0.25 * GiB}
+
+
+@dataclasses.dataclass
+class Plan:
+    precision: str
+    weights: float
+    kv_cache: float
+    activations: float
+    workspace: float
+    overhead: float
+    budget: float
+    bytes_per_token: float
+    bandwidth_gbs: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv_cache + self.activations + self.workspace + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget
+
+    @property
+    def decode_ceiling(self) -> float:
+        return self.bandwidth_gbs * 1e9 / self.bytes_per_token
+
+
+def _matrix_bytes_per_param(precision: str, target: str, block: int) -> float:
+    if precision == "fp32":
+        return 4.0
+    if precision == "fp16":
+        return 2.0
+    if target == "ort-cpu":  # MatMulNBits: fp32 scale + uint8/uint4 zero point per block
+        bits = 8 if precision == "int8" else 4
+        return bits / 8 + (4 + bits / 8) / block
+    if precision == "int8":  # per-channel fp16 scales: negligible
+        return 1.0
+    return 0.5 + 2.0 / block  # int4: fp16 scale per block
+
+
+def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int = 32) -> tuple[float, float]:
+    """(bytes stored, bytes read per decoded token)."""
+    act = 4 if precision == "fp32" or target == "ort-cpu" else 2
+    d, hd = cfg.dim, cfg.head_dim
+    per_layer = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.ffn_dim
+    body = cfg.n_layers * per_layer * _matrix_bytes_per_param(precision, target, block)
+    emb = cfg.vocab_size * d * act
+    if target == "ort-cpu" and precision == "int4":   # 8-bit lm_head copy
+        head = cfg.vocab_size * d * _matrix_bytes_per_param("int8", target, block)
+    else:
+        head = 0 if cfg.tie_embeddings else cfg.vocab_size * d * act
+    small = (2 * cfg.n_layers + 1) * d * 4 + 2 * cfg.max_seq_len * cfg.rope_dim // 2 * act
+    stored = body + emb + head + small
+    read = body + (head if head else emb) + small  # the embedding lookup reads one row
+    return stored, read
+
+
+def plan(cfg: LlamaConfig, profile: Profile, precision: str, *, context: int | None = None,
+         batch: int | None = None, block: int = 32) -> Plan:
+    ctx = context or cfg.max_seq_len
+    b = batch or profile.default_batch
+    target = "ort-cpu" if profile.backend == "onnxruntime" else "portable"
+    act = 4 if precision == "fp32" or target == "ort-cpu" else 2
+    stored, read = weight_bytes(cfg, precision, target=target, block=block)
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * ctx * b * act
+    acts = (b * ctx * cfg.vocab_size * 4 + b * cfg.n_heads * ctx * ctx * 4
+            + 4 * b * ctx * max(cfg.dim, 2 * cfg.ffn_dim) * act)
+    workspace = float(profile.builder.get("workspace_gb", 0.0)) * GiB if profile.backend == "tensorrt" else 0.0
+    return Plan(precision, stored, kv, acts, workspace, OVERHEAD[profile.backend], profile.budget_bytes,
+                read + kv, profile.memory_bandwidth_gbs)
+
+
+def plan_all(cfg: LlamaConfig, profile: Profile, **kw) -> list[Plan]:
+    return [plan(cfg, profile, p, **kw) for p in PREFERENCE if p in profile.precisions]
+
+
+def choose(cfg: LlamaConfig, profile: Profile, precision: str = "auto", **kw) -> Plan:
+    """The plan to build: `precision` if it fits, or the most accurate that fits for `auto`.
+    Refuses, with the numbers and what would fit, before any work is done."""
+    plans = plan_all(cfg, profile, **kw)
+    if precision != "auto":
+        if precision not in profile.precisions:
+            raise LlamaExportError(f"precision {precision} is not supported by profile {profile.name}; "
+                                   f"choose one of {', '.join(profile.precisions)}")
+        p = next(p for p in plans if p.precision == precision)
+        if p.fits:
+            return p
+        fitting = [q.precision for q in plans if q.fits]
+        hint = f"{', '.join(fitting)} fit{'s' if len(fitting) == 1 else ''}" if fitting else _nothing_fits(cfg, profile, plans, **kw)
+        raise LlamaExportError(f"{precision} needs {p.total / GiB:.1f} GiB on {profile.name} (weights "
+                               f"{p.weights / GiB:.1f}, KV cache {p.kv_cache / GiB:.1f}, activations "
+                               f"{p.activations / GiB:.1f}, workspace+runtime {(p.workspace + p.overhead) / GiB:.1f}) "
+                               f"but the budget is {p.budget / GiB:.1f} GiB; {hint}")
+    for p in plans:
+        if p.fits:
+            return p
+    raise LlamaExportError(f"the model does not fit {profile.name} at any supported precision: smallest is "
+                           f"{plans[-1].precision} at {plans[-1].total / GiB:.1f} GiB > budget "
+                           f"{plans[-1].budget / GiB:.1f} GiB; {_nothing_fits(cfg, profile, plans, **kw)}")
+
+
+def _nothing_fits(cfg, profile, plans, **kw) -> str:
+    smallest = plans[-1]
+    ctx = kw.get("context") or cfg.max_seq_len
+    for c in (ctx // 2, ctx // 4, ctx // 8, 512):
+        if c >= 256 and plan(cfg, profile, smallest.precision, **{**kw, "context": c}).fits:
+            return f"{smallest.precision} fits with --max-seq-len {c}"
+    return "use a smaller model or a profile with more memory"
+
+
+def format_plans(cfg: LlamaConfig, profile: Profile, plans: list[Plan], chosen: Plan | None, *, context: int,
+                 batch: int) -> str:
+    head = (f"{profile.name}: {profile.backend}, budget {profile.budget_bytes / GiB:.1f} GiB "
+            f"({profile.memory_gb:g} GiB - {profile.reserved_gb:g} reserved), {profile.memory_bandwidth_gbs:g} GB/s; "
+            f"model {cfg.n_params() / 1e9:.2f}B params, context {context}, batch {batch}")
+    cols = ("precision", "weights", "KV cache", "activations", "workspace", "runtime", "total", "fits", "decode ceiling")
+    rows = [cols]
+    for p in plans:
+        rows.append((p.precision, *(f"{v / GiB:.2f} GiB" for v in (p.weights, p.kv_cache, p.activations,
+                                                                   p.workspace, p.overhead, p.total)),
+                     "yes" if p.fits else "no", f"{p.decode_ceiling:.1f} tok/s"))
+    w = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    lines = [head] + ["  " + "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+    lines.append(f"choice: {chosen.precision}" if chosen else "choice: none fits")
+    return "\n".join(lines)
