@@ -35,7 +35,7 @@ def tool_versions() -> dict:
 
 def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", tokenizer=None,
           max_seq_len=None, seed=0, force=False, export_only=False, block_size=32, memory_gb=None,
-          progress=True) -> Path:
+          quant_method="auto", calibration_files=None, progress=True) -> Path:
     """Build an artifact directory; returns its path. See the module docstring for the stages."""
     from .checkpoint import load_checkpoint
     from .export import export_onnx
@@ -63,7 +63,14 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     with staging_dir(out, force=force) as tmp:
         log(f"export: {cfg.n_layers} layers, {cfg.n_params() / 1e9:.2f}B parameters -> {out}/model.onnx")
         target = "ort-cpu" if prof.backend == "onnxruntime" else "portable"
-        io = export_onnx(ckpt, tmp, precision=precision, target=target, block_size=block_size, progress=progress)
+        method = _quant_method(quant_method, precision, tok)
+        calib = None
+        if method == "awq":
+            from .awq import calibration_ids
+            calib = calibration_ids(tok, cfg.vocab_size, files=calibration_files)
+            log(f"quantize: AWQ, calibrating on {calib.size} tokens")
+        io = export_onnx(ckpt, tmp, precision=precision, target=target, block_size=block_size,
+                         calibration=calib, progress=progress)
         tok_files = tok.save(tmp) if tok else []
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -76,6 +83,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             "precision": precision,
             "export_target": target,
             "block_size": block_size if precision in ("int8", "int4") else None,
+            "quantization": method,
             "kv_cache": {"form": "past_present", "dtype": io["inputs"]["past_key_values.0.key"]["dtype"]},
             "files": {"onnx": "model.onnx", "onnx_data": "model.onnx.data"},
             "tokenizer": tok_files or None,
@@ -97,6 +105,17 @@ def _build_engine(tmp, manifest, prof, progress):
     from .trt_build import build_engine
 
     return build_engine(tmp, manifest, prof, progress=progress)
+
+
+def _quant_method(method: str, precision: str, tok) -> str | None:
+    """None for float precisions; `auto` = AWQ when there is text to calibrate on, else RTN."""
+    if precision not in ("int8", "int4"):
+        return None
+    if method == "auto":
+        return "awq" if tok is not None else "rtn"
+    if method not in ("rtn", "awq"):
+        raise LlamaExportError(f"unknown quantization method {method!r}; choose auto, rtn or awq")
+    return method
 
 
 def _load_tokenizer(path, *, required: bool, vocab: int):

@@ -54,9 +54,13 @@ def main():
 @click.option("--export-only", is_flag=True, help="TensorRT profiles: stop before the engine (compile on the target).")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4/int8 quantization block along K.")
 @click.option("--memory-gb", type=float, help="Override the profile's device memory (GiB).")
+@click.option("--quant-method", default="auto", show_default=True, type=click.Choice(["auto", "rtn", "awq"]),
+              help="int8/int4: round-to-nearest or AWQ (auto: AWQ when a tokenizer gives calibration text).")
+@click.option("--calibration", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Text file(s) to calibrate AWQ on (default: the text shipped with llamaexport).")
 @click.option("--check", "run_check", is_flag=True, help="Run the parity check after building.")
 def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, out, force, export_only, block_size,
-          memory_gb, run_check):
+          memory_gb, quant_method, calibration, run_check):
     """Build an artifact directory from a checkpoint or a size."""
     from .build import build as do_build
 
@@ -64,7 +68,8 @@ def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, ou
         raise LlamaExportError("give exactly one of --checkpoint PATH or --size S")
     path = do_build(out=out, checkpoint=checkpoint, size=size, profile=profile, precision=precision,
                     tokenizer=tokenizer, max_seq_len=max_seq_len, seed=seed, force=force,
-                    export_only=export_only, block_size=block_size, memory_gb=memory_gb)
+                    export_only=export_only, block_size=block_size, memory_gb=memory_gb,
+                    quant_method=quant_method, calibration_files=list(calibration) or None)
     if run_check:
         _check(path, None, False)
 
@@ -188,6 +193,36 @@ def profiles():
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@main.command("compile")
+@click.argument("artifact", type=click.Path())
+@click.option("--profile", help="TensorRT hardware profile name or .toml path (default: the artifact's).")
+@click.option("--force", is_flag=True, help="Rebuild the engine if the artifact already has one.")
+def compile_cmd(artifact, profile, force):
+    """Build the TensorRT engine of an --export-only artifact, in place."""
+    from .trt_build import compile_artifact
+
+    eng = compile_artifact(artifact, profile=profile, force=force)
+    click.echo(f"compiled {artifact}/{eng['file']} (TensorRT {eng['tensorrt']}, {eng['build_seconds']}s)")
+
+
+@main.group()
+def plugins():
+    """The TensorRT plugin library (RoPE, SwiGLU)."""
+
+
+@plugins.command("build")
+@click.option("--tensorrt-root", type=click.Path(exists=True, file_okay=False),
+              help="TensorRT install prefix holding include/NvInfer.h (default: $TensorRT_ROOT or /usr/include).")
+@click.option("--cuda-arch", help="CUDA architectures, e.g. 89 or 80,86,89 (default: this machine's GPUs).")
+@click.option("--kernels-only", is_flag=True, help="Build only the CUDA kernels and their tests (no TensorRT).")
+def plugins_build(tensorrt_root, cuda_arch, kernels_only):
+    """cmake-build plugins/ into build/plugins (libllamaexport_plugins.so)."""
+    from .trt_build import build_plugins
+
+    out = build_plugins(tensorrt_root=tensorrt_root, cuda_arch=cuda_arch, kernels_only=kernels_only)
+    click.echo(f"built {out}")
 
 
 if __name__ == "__main__":

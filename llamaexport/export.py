@@ -99,7 +99,7 @@ class _Emitter:
             return g.op("MatMulNBits", [x, *ins], name=f"{name}/MatMulNBits", domain="com.microsoft",
                         K=K, N=N, bits=nbits, block_size=self.block, accuracy_level=4)
         if prec == "int4":
-            block = next((b for b in (self.block, 128, 64, 32) if K % b == 0), None)
+            block = quantize.portable_int4_block(K, self.block)
             if block is not None:
                 q, scale = quantize.int4_blockwise(w_t, block)
                 g.weight_raw(wname + ".qweight", quantize.pack_int4(q), self.TP.INT4, [K, N])
@@ -130,8 +130,10 @@ class _Emitter:
 
 
 def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: str = "portable",
-                block_size: int = 32, progress: bool = True) -> dict:
-    """Write `out_dir/model.onnx` and `out_dir/model.onnx.data`; return the I/O spec."""
+                block_size: int = 32, calibration: np.ndarray | None = None, progress: bool = True) -> dict:
+    """Write `out_dir/model.onnx` and `out_dir/model.onnx.data`; return the I/O spec.
+
+    calibration: token ids [n_seq, seq_len]; with int8/int4 this turns on AWQ (see awq.py)."""
     from onnx import TensorProto
 
     if precision not in PRECISIONS:
@@ -166,13 +168,25 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
     bias = _attention_bias(g)
     rope_attrs = dict(domain=custom_ops.DOMAIN, interleaved=1, rotary_dim=cfg.rope_dim, **custom_ops.plugin_attrs())
 
-    bar = _progress(cfg.n_layers, "export", progress)
+    awq = calibration is not None and precision in ("int8", "int4")
+    if awq:
+        from .awq import LayerwiseCalibrator, apply_awq
+
+        calib = LayerwiseCalibrator(cfg, calibration, emb)
+
+        def fq(w_t):
+            return quantize.fake_quant(w_t, precision=precision, target=target, block=block_size)
+    del emb
+    bar = _progress(cfg.n_layers, "export+awq" if awq else "export", progress)
     for i in range(cfg.n_layers):
         p, pre, wp = f"layers.{i}.", f"/model/layers.{i}", f"model.layers.{i}"
-        x = e.rmsnorm(h, W[p + "attention_norm.weight"], cfg.norm_eps, f"{pre}/input_layernorm")
+        lw = {k[len(p):]: W[k] for k in W.shapes if k.startswith(p)}  # this layer, loaded once
+        if awq:
+            lw = apply_awq(cfg, lw, calib.layer(lw), fq)
+        x = e.rmsnorm(h, lw["attention_norm.weight"], cfg.norm_eps, f"{pre}/input_layernorm")
         # fused QKV; the 1/sqrt(hd) softmax scale is folded into the q rows (exact for hd = 64)
-        wq = W[p + "attention.wq.weight"] * np.float32(hd ** -0.5)
-        wqkv = np.concatenate([wq, W[p + "attention.wk.weight"], W[p + "attention.wv.weight"]]).T
+        wq = lw["attention.wq.weight"] * np.float32(hd ** -0.5)
+        wqkv = np.concatenate([wq, lw["attention.wk.weight"], lw["attention.wv.weight"]]).T
         del wq
         qkv = e.linear(x, wqkv, f"{wp}.attn.qkv_proj.weight", f"{pre}/attn/qkv_proj")
         del wqkv
@@ -201,15 +215,15 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
         o = g.op("Reshape", [o, g.const([0, H, -1, hd])], name=f"{pre}/attn/o/Reshape")
         o = g.op("Transpose", [o], name=f"{pre}/attn/o/Transpose", perm=[0, 2, 1, 3])
         o = g.op("Reshape", [o, g.const([0, 0, H * hd])], name=f"{pre}/attn/o/Merge")
-        o = e.linear(o, W[p + "attention.wo.weight"].T, f"{wp}.attn.o_proj.weight", f"{pre}/attn/o_proj")
+        o = e.linear(o, lw["attention.wo.weight"].T, f"{wp}.attn.o_proj.weight", f"{pre}/attn/o_proj")
         h = g.op("Add", [h, o], name=f"{pre}/attn/residual/Add")
 
-        x = e.rmsnorm(h, W[p + "ffn_norm.weight"], cfg.norm_eps, f"{pre}/post_attention_layernorm")
-        w13 = np.concatenate([W[p + "feed_forward.w1.weight"], W[p + "feed_forward.w3.weight"]]).T
+        x = e.rmsnorm(h, lw["ffn_norm.weight"], cfg.norm_eps, f"{pre}/post_attention_layernorm")
+        w13 = np.concatenate([lw["feed_forward.w1.weight"], lw["feed_forward.w3.weight"]]).T
         gu = e.linear(x, w13, f"{wp}.mlp.gate_up_proj.weight", f"{pre}/mlp/gate_up_proj")
         del w13
         a = g.op("SwiGLU", [gu], name=f"{pre}/mlp/act/SwiGLU", domain=custom_ops.DOMAIN, **custom_ops.plugin_attrs())
-        d = e.linear(a, W[p + "feed_forward.w2.weight"].T, f"{wp}.mlp.down_proj.weight", f"{pre}/mlp/down_proj")
+        d = e.linear(a, lw["feed_forward.w2.weight"].T, f"{wp}.mlp.down_proj.weight", f"{pre}/mlp/down_proj")
         h = g.op("Add", [h, d], name=f"{pre}/mlp/residual/Add")
         if bar:
             bar.update(1)

@@ -112,3 +112,26 @@ def dequant_matmul_nbits(blob, scale, zp, *, K: int, N: int, bits: int, block: i
         z = zz[:, :nb]
     w = (q - z[..., None]) * scale.reshape(N, nb)[..., None]
     return w.reshape(N, nb * block)[:, :K].T
+
+
+def portable_int4_block(K: int, block: int) -> int | None:
+    """The block for portable INT4 along K: the requested one if it divides K, else the largest
+    of 128/64/32 that does; None means this tensor falls back to per-channel int8."""
+    return next((b for b in (block, 128, 64, 32) if K % b == 0), None)
+
+
+def fake_quant(w_t: np.ndarray, *, precision: str, target: str, block: int) -> np.ndarray:
+    """Quantize and dequantize w_t [K, N] exactly as the export would (for AWQ's search)."""
+    K, N = w_t.shape
+    if precision in ("fp32", "fp16"):
+        return w_t
+    if target == "ort-cpu":
+        bits = 8 if precision == "int8" else 4
+        blob, scale, zp = matmul_nbits(w_t, bits=bits, block=block)
+        return dequant_matmul_nbits(blob, scale, zp, K=K, N=N, bits=bits, block=block)
+    b = portable_int4_block(K, block) if precision == "int4" else None
+    if b is not None:
+        q, scale = int4_blockwise(w_t, b)
+        return (q.reshape(K // b, b, N) * scale[:, None, :]).reshape(K, N)
+    q, scale = int8_per_channel(w_t)
+    return q * scale
