@@ -1,0 +1,68 @@
+"""The memory planner: the paper sizes on our profiles, refusals with numbers, build integration."""
+
+import json
+
+import pytest
+
+from llamaexport import LlamaExportError
+from llamaexport.build import build
+from llamaexport.config import config_for_size
+from llamaexport.planner import GiB, choose, plan, plan_all
+from llamaexport.profiles import load_profile, profile_names
+
+
+def test_bundled_profiles_load():
+    names = profile_names()
+    for n in ("rtx4090", "rtx3090", "jetson-orin-agx-64gb", "jetson-orin-nx-16gb", "jetson-orin-nano-8gb",
+              "jetson-thor", "cpu"):
+        assert n in names
+        p = load_profile(n)
+        assert p.budget_bytes > 0 and p.memory_bandwidth_gbs > 0
+    orin = load_profile("jetson-orin-agx-64gb")
+    assert orin.shared_memory and orin.compute_capability == "8.7" and "fp8" not in orin.precisions
+
+
+def test_7b_fp16_weights_are_13_5_gb_and_fit_a_4090():
+    cfg = config_for_size("7B")
+    p = plan(cfg, load_profile("rtx4090"), "fp16", context=2048)
+    assert abs(p.weights / 1e9 - 13.5) < 0.1 and p.fits
+    # the decode ceiling is bandwidth / bytes per token
+    assert abs(p.decode_ceiling - 1008e9 / p.bytes_per_token) < 1e-6
+    assert 60 < p.decode_ceiling < 80
+
+
+def test_13b_fp16_refused_on_a_4090_with_what_fits():
+    cfg = config_for_size("13B")
+    with pytest.raises(LlamaExportError) as e:
+        choose(cfg, load_profile("rtx4090"), "fp16", context=2048)
+    msg = str(e.value)
+    assert "fp16 needs" in msg and "GiB" in msg and "budget is 22.5 GiB" in msg and "int8, int4 fit" in msg
+    assert choose(cfg, load_profile("rtx4090"), "auto", context=2048).precision == "int8"
+
+
+def test_65b_fits_nowhere_on_a_4090_but_on_thor_in_int8():
+    with pytest.raises(LlamaExportError, match="does not fit rtx4090 at any supported precision"):
+        choose(config_for_size("65B"), load_profile("rtx4090"), "auto", context=2048)
+    assert choose(config_for_size("65B"), load_profile("jetson-thor"), "auto", context=2048).precision == "int8"
+
+
+def test_kv_cache_scales_with_context_and_batch():
+    cfg = config_for_size("llama2-70B")
+    a = plan(cfg, load_profile("jetson-thor"), "int4", context=1024, batch=1)
+    b = plan(cfg, load_profile("jetson-thor"), "int4", context=4096, batch=2)
+    assert b.kv_cache == pytest.approx(8 * a.kv_cache)
+    assert a.kv_cache == 2 * 80 * 8 * 128 * 1024 * 2  # GQA: 8 KV heads, fp16
+    assert [q.precision for q in plan_all(cfg, load_profile("cpu"))] == ["fp32", "int8", "int4"]
+
+
+def test_build_refuses_before_any_work(tmp_path):
+    with pytest.raises(LlamaExportError, match="fp16 needs"):
+        build(out=tmp_path / "o", size="13B", profile="rtx4090", precision="fp16", export_only=True)
+    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_memory_override_and_manifest_plan(tmp_path):
+    out = build(out=tmp_path / "o", size="tiny", profile="cpu", memory_gb=4, progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["precision"] == "fp32" and m["plan"]["budget_gib"] == pytest.approx(2.0)
+    assert m["plan"]["total_gib"] * GiB < 2 * GiB
