@@ -1,0 +1,157 @@
+"""The TensorRT backend: runs engine.plan with the same interface as OnnxRuntimeBackend.
+
+Device memory is torch CUDA tensors (torch is on every TensorRT machine; tensorrt and torch are
+imported when the backend is created). The KV cache stays on the GPU between steps: the cache is
+the list of present tensors of the previous step, bound as the next step's past without a copy.
+Only the logits cross to the host.
+
+One execution context per optimization profile, created once (trt_build.py builds them):
+  prefill  empty cache (past_seq = 0), 1..L tokens
+  decode   one token on a cache of 1..L-1 tokens
+A multi-token step on a non-empty cache (chunked prefill) runs as single-token decode steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import LlamaExportError
+from .config import LlamaConfig
+
+
+def _torch_dtypes(trt, torch) -> dict:
+    pairs = [("FLOAT", torch.float32), ("HALF", torch.float16), ("BF16", torch.bfloat16), ("INT64", torch.int64),
+             ("INT32", torch.int32), ("INT8", torch.int8), ("UINT8", torch.uint8), ("BOOL", torch.bool)]
+    return {getattr(trt.DataType, n): t for n, t in pairs if hasattr(trt.DataType, n)}
+
+
+class TensorRTBackend:
+    """Runs `engine.plan` on the GPU; `forward` returns host logits and a GPU cache."""
+
+    threads = None
+
+    def __init__(self, artifact_dir, manifest: dict, cfg: LlamaConfig):
+        from .trt_build import find_plugin_library, load_plugins, make_logger, require_tensorrt
+
+        d = Path(artifact_dir)
+        eng = manifest.get("engine")
+        if not eng:
+            raise LlamaExportError(f"{d} has no TensorRT engine (built with --export-only); run `llamaexport compile "
+                                   f"{d}` on the GPU machine, or use --backend onnxruntime")
+        trt = require_tensorrt("run the artifact's ONNX on the CPU with --backend onnxruntime",
+                               what="the tensorrt backend")
+        try:
+            import torch
+        except ImportError:
+            raise LlamaExportError("the TensorRT backend keeps tensors on the GPU with PyTorch, which is not "
+                                   "installed (pip install torch, a CUDA build)") from None
+        if torch.version.cuda is None:
+            raise LlamaExportError(f"the TensorRT backend keeps tensors on the GPU with PyTorch, and this PyTorch "
+                                   f"({torch.__version__}) is a CPU-only build; install a CUDA build (see "
+                                   "pytorch.org), or use --backend onnxruntime")
+        if not torch.cuda.is_available():
+            raise LlamaExportError("the TensorRT backend needs a CUDA GPU and none is visible; "
+                                   "run the artifact's ONNX on the CPU with --backend onnxruntime")
+        if eng.get("tensorrt") not in (None, trt.__version__):
+            raise LlamaExportError(f"{d}/{eng['file']} was built with TensorRT {eng['tensorrt']}, this is "
+                                   f"{trt.__version__}; rebuild it with `llamaexport compile {d} --force`")
+        plan = d / eng["file"]
+        if not plan.is_file():
+            raise LlamaExportError(f"{plan} is missing; rebuild it with `llamaexport compile {d} --force`")
+        recorded = eng.get("plugin_library")
+        lib = find_plugin_library() or (Path(recorded) if recorded and Path(recorded).is_file() else None)
+        load_plugins(trt, lib, required=bool(eng.get("plugin_layers")))  # before deserializing
+
+        self.cfg, self._torch, self._trt = cfg, torch, trt
+        self.logger = make_logger(trt)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise LlamaExportError(f"TensorRT cannot load {plan} ({self.logger.last_error}); an engine only runs on "
+                                   f"the GPU model it was built on: `llamaexport compile {d} --force` here")
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        io = manifest["io"]
+        missing = sorted((set(io["inputs"]) | set(io["outputs"])) - names)
+        if missing:
+            raise LlamaExportError(f"{plan} lacks the tensors {', '.join(missing[:4])} of the manifest; "
+                                   f"rebuild it with `llamaexport compile {d} --force`")
+        to_torch = _torch_dtypes(trt, torch)
+        self.dtypes = {n: to_torch[self.engine.get_tensor_dtype(n)] for n in names}
+        self.past_names = [n for n in io["inputs"] if n.startswith("past_key_values.")]
+        self.present_names = ["present." + n[len("past_key_values."):] for n in self.past_names]
+        self.kv_dtype = self.dtypes[self.past_names[0]] if self.past_names else torch.float32
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(self.device)
+        self._dummy = torch.empty(256, dtype=torch.uint8, device=self.device)  # address for empty tensors
+        self.profiles, self.contexts = {}, {}
+        for p in eng["profiles"]:  # {name, index, batch, seq, past}: see trt_build.profile_shapes
+            ctx = self.engine.create_execution_context()
+            if ctx is None:
+                raise LlamaExportError(f"not enough GPU memory for the {p['name']} execution context "
+                                       f"({self.logger.last_error}); close other GPU programs")
+            ctx.set_optimization_profile_async(p["index"], self.stream.cuda_stream)
+            self.profiles[p["name"]], self.contexts[p["name"]] = p, ctx
+        self.stream.synchronize()
+        self.dir, self.last_profile = d, None
+
+    def empty_cache(self, batch: int):
+        c = self.cfg
+        return [self._torch.zeros((batch, c.n_kv_heads, 0, c.head_dim), dtype=self.kv_dtype, device=self.device)
+                for _ in self.past_names]
+
+    def _profile_for(self, B: int, S: int, P: int) -> str:
+        name = "prefill" if P == 0 else "decode"
+        p = self.profiles.get(name)
+        if p is None:
+            raise LlamaExportError(f"this engine has no {name} profile; rebuild it with "
+                                   f"`llamaexport compile {self.dir} --force`")
+        if B > p["batch"][1]:
+            raise LlamaExportError(f"batch {B} exceeds the engine's maximum {p['batch'][1]}; rebuild with a profile "
+                                   f"whose default_batch is at least {B}")
+        if P + S > self.cfg.max_seq_len or not p["seq"][0] <= S <= p["seq"][1] or not p["past"][0] <= P <= p["past"][1]:
+            raise LlamaExportError(f"{P} cached + {S} new tokens do not fit the engine's context "
+                                   f"{self.cfg.max_seq_len}; rebuild with a larger --max-seq-len")
+        return name
+
+    def forward(self, input_ids, attention_mask, position_ids, cache):
+        torch = self._torch
+        if any(not isinstance(t, torch.Tensor) or t.device.type != "cuda" for t in cache):
+            raise LlamaExportError("the cache does not come from this backend; start from backend.empty_cache(batch)")
+        ids, mask, pos = (np.array(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids))  # copies
+        B, S = ids.shape
+        P = int(cache[0].shape[2]) if cache else mask.shape[1] - S
+        if mask.shape != (B, P + S):
+            raise LlamaExportError(f"attention_mask is {mask.shape}, expected {(B, P + S)} (cached + new tokens)")
+        if S > 1 and P > 0:  # chunked prefill: no profile has both; one token at a time through decode
+            rows = []
+            for j in range(S):
+                logits, cache = self.forward(ids[:, j:j + 1], mask[:, :P + j + 1], pos[:, j:j + 1], cache)
+                rows.append(logits)
+            return np.concatenate(rows, axis=1), cache
+        name = self._profile_for(B, S, P)
+        ctx = self.contexts[name]
+        with torch.cuda.stream(self.stream):  # allocations, copies and the engine on one stream
+            feeds = {n: torch.from_numpy(a).to(self.device, self.dtypes[n])
+                     for n, a in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos))}
+            feeds.update(zip(self.past_names, cache))
+            for n, t in feeds.items():
+                if t.dtype != self.dtypes[n]:
+                    raise LlamaExportError(f"{n} is {t.dtype}, the engine takes {self.dtypes[n]}")
+                if not ctx.set_input_shape(n, tuple(t.shape)):
+                    raise LlamaExportError(f"the engine's {name} profile does not accept {n} of shape "
+                                           f"{tuple(t.shape)} ({self.logger.last_error})")
+                ctx.set_tensor_address(n, (t if t.numel() else self._dummy).data_ptr())  # inputs need non-null
+            outs = {}
+            for n in ["logits", *self.present_names]:
+                shape = tuple(ctx.get_tensor_shape(n))  # logits [B, S, V], present [B, K, P + S, hd]
+                if any(s < 0 for s in shape):
+                    raise LlamaExportError(f"TensorRT could not infer the shape of {n} ({self.logger.last_error})")
+                outs[n] = torch.empty(shape, dtype=self.dtypes[n], device=self.device)
+                ctx.set_tensor_address(n, outs[n].data_ptr())
+            if not ctx.execute_async_v3(self.stream.cuda_stream):
+                raise LlamaExportError(f"TensorRT failed to run the engine ({self.logger.last_error})")
+            logits = outs["logits"].float().cpu().numpy()  # waits for the stream
+        self.last_profile = name
+        return logits, [outs[n] for n in self.present_names]

@@ -1,0 +1,209 @@
+"""TensorRT tier: engine build, the TensorRT runtime backend, profile switching, `llamaexport compile`.
+
+Without TensorRT or a CUDA GPU only the CLI tests of `compile` run; the rest skip with the reason.
+The GPU tests build the `tiny` model in fp16 for a profile describing this machine's GPU (batch 2, so
+left-padded batches are covered) and compare with the eager reference (`llamaexport.parity`) and with
+ONNX Runtime on the same model.onnx.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llamaexport import LlamaExportError
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "llamaexport.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=1200, env={**os.environ, **(env or {})})
+
+
+def one_error_line(r) -> str:
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------------------ CLI, no GPU needed
+@pytest.fixture(scope="module")
+def export_only_artifact(tmp_path_factory):
+    from llamaexport.build import build
+
+    d = tmp_path_factory.mktemp("export-only")
+    return build(out=d / "art", size="tiny", seed=7, profile="rtx4090", export_only=True, progress=False)
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed: the GPU tests below compile for real")
+def test_compile_without_tensorrt_is_one_clear_line(export_only_artifact):
+    before = (export_only_artifact / "manifest.json").read_text()
+    assert json.loads(before)["engine"] is None
+    line = one_error_line(cli("compile", export_only_artifact))
+    assert "needs TensorRT" in line and "pip install tensorrt" in line, line
+    assert (export_only_artifact / "manifest.json").read_text() == before
+    assert not (export_only_artifact / "engine.plan").exists()
+    assert not list(export_only_artifact.glob(".engine.plan.tmp-*"))
+
+
+def test_compile_refuses_what_it_cannot_compile(tiny_artifact, tmp_path):
+    assert "is an onnxruntime artifact" in one_error_line(cli("compile", tiny_artifact))
+    assert "not a llamaexport artifact" in one_error_line(cli("compile", tmp_path / "none"))
+
+
+# ------------------------------------------------------------------------------------------ GPU + TensorRT
+@pytest.fixture(scope="module")
+def gpu():
+    trt = pytest.importorskip("tensorrt", reason="TensorRT not installed")
+    torch = pytest.importorskip("torch", reason="PyTorch not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    return trt, torch
+
+
+def _gpu_profile(d: Path, torch, *, batch: int) -> Path:
+    """A profile for this machine's GPU (its memory, a small workspace and a quick build)."""
+    props = torch.cuda.get_device_properties(0)
+    p = d / "this-gpu.toml"
+    p.write_text(f'''name = "this-gpu"
+description = "{props.name} (test)"
+backend = "tensorrt"
+memory_gb = {props.total_memory / 2**30:.1f}
+reserved_gb = 1.0
+memory_bandwidth_gbs = 1000.0
+compute_capability = "{props.major}.{props.minor}"
+precisions = ["fp32", "fp16", "int8", "int4"]
+default_precision = "fp16"
+default_context = 256
+default_batch = {batch}
+
+[builder]
+workspace_gb = 1.0
+builder_optimization_level = 2
+''')
+    return p
+
+
+@pytest.fixture(scope="module")
+def trt_setup(gpu, tmp_path_factory):
+    """(artifact dir, profile path, timing cache path): tiny, fp16, batch <= 2, context 256."""
+    from llamaexport.build import build
+
+    d = tmp_path_factory.mktemp("trt")
+    prof = _gpu_profile(d, gpu[1], batch=2)
+    cache = d / "timing.cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLAMAEXPORT_TIMING_CACHE", str(cache))
+        art = build(out=d / "art", size="tiny", seed=7, profile=str(prof), precision="fp16", progress=False)
+    return art, prof, cache
+
+
+def test_engine_and_manifest(gpu, trt_setup):
+    trt = gpu[0]
+    art, _, cache = trt_setup
+    m = json.loads((art / "manifest.json").read_text())
+    eng = m["engine"]
+    assert (art / eng["file"]).is_file() and eng["tensorrt"] == trt.__version__
+    assert [(p["name"], p["index"]) for p in eng["profiles"]] == [("prefill", 0), ("decode", 1)]
+    assert eng["profiles"][1]["past"] == [1, 255] and eng["profiles"][0]["batch"] == [1, 2]
+    assert cache.is_file() and eng["timing_cache"] == str(cache)
+    major, minor = (int(x) for x in trt.__version__.split(".")[:2])
+    if eng["plugin_library"] and (major, minor) >= (10, 7):
+        assert eng["plugin_layers"] == 3 * m["model"]["n_layers"]  # RoPE q, RoPE k, SwiGLU per layer
+    else:
+        assert eng["plugin_layers"] == 0
+
+
+def test_parity_against_the_eager_reference(trt_setup):
+    from llamaexport.parity import check
+
+    report = check(trt_setup[0], progress=False)
+    assert report["backend"] == "tensorrt"
+    assert report["passed"], report["failures"]
+
+
+def _first_divergence_is_a_near_tie(ort_model, prompt, a, b, tol=1e-2) -> bool:
+    """Greedy sequences a (TensorRT) and b (ONNX Runtime) differ: is it an fp16 near-tie, i.e. do
+    ONNX Runtime's logits at the first differing step rank the two tokens within `tol`?"""
+    k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    ids = np.array([prompt + b[:k]])
+    be = ort_model.backend
+    logits, _ = be.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], be.empty_cache(1))
+    return abs(float(logits[0, -1, a[k]] - logits[0, -1, b[k]])) < tol
+
+
+def test_greedy_tokens_match_onnxruntime_through_both_profiles(trt_setup):
+    from llamaexport.runtime import LlamaModel
+
+    art = trt_setup[0]
+    trt_model = LlamaModel.load(art)
+    ort_model = LlamaModel.load(art, backend="onnxruntime")
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 512, n).tolist() for n in (5, 11)]  # batch 2, left-padded
+    got = trt_model.generate_ids(prompts, max_new_tokens=24, eos_ids=[])
+    assert trt_model.backend.last_profile == "decode"
+    want = ort_model.generate_ids(prompts, max_new_tokens=24, eos_ids=[])
+    for p, a, b in zip(prompts, got, want):
+        assert a == b or _first_divergence_is_a_near_tie(ort_model, p, a, b), (a, b)
+    # prefill logits of a fresh prompt after decoding: the prefill context again
+    ids = np.array([prompts[1]])
+    args = (ids, np.ones_like(ids), np.arange(ids.shape[1])[None])
+    lt, _ = trt_model.backend.forward(*args, trt_model.backend.empty_cache(1))
+    assert trt_model.backend.last_profile == "prefill"
+    lo, _ = ort_model.backend.forward(*args, ort_model.backend.empty_cache(1))
+    assert lt.shape == lo.shape and lt.dtype == np.float32
+    assert np.abs(lt - lo).max() < 1e-2  # fp16 both; each is ~1e-3 from the fp32 reference
+
+
+def test_chunked_prefill_equals_one_prefill(trt_setup):
+    from llamaexport.runtime import LlamaModel
+
+    be = LlamaModel.load(trt_setup[0]).backend
+    ids = np.random.default_rng(4).integers(3, 512, (1, 12))
+    pos = np.arange(12)[None]
+    full, _ = be.forward(ids, np.ones((1, 12), np.int64), pos, be.empty_cache(1))
+    a, cache = be.forward(ids[:, :5], np.ones((1, 5), np.int64), pos[:, :5], be.empty_cache(1))
+    b, cache = be.forward(ids[:, 5:], np.ones((1, 12), np.int64), pos[:, 5:], cache)  # 7 tokens on a cache of 5
+    assert cache[0].shape[2] == 12 and cache[0].is_cuda
+    np.testing.assert_allclose(np.concatenate([a, b], axis=1), full, atol=1e-2, rtol=0)
+
+
+def test_limits_are_clear_errors(trt_setup):
+    from llamaexport.runtime import LlamaModel
+
+    be = LlamaModel.load(trt_setup[0]).backend
+    ids = np.ones((3, 4), np.int64)
+    with pytest.raises(LlamaExportError, match="batch 3 exceeds the engine's maximum 2"):
+        be.forward(ids, np.ones_like(ids), np.arange(4)[None].repeat(3, 0), be.empty_cache(3))
+    ids = np.ones((1, 257), np.int64)
+    with pytest.raises(LlamaExportError, match="do not fit the engine's context 256"):
+        be.forward(ids, np.ones_like(ids), np.arange(257)[None], be.empty_cache(1))
+
+
+def test_compile_an_export_only_artifact(gpu, trt_setup, tmp_path):
+    from llamaexport.build import build
+    from llamaexport.runtime import LlamaModel
+
+    built, prof, cache = trt_setup
+    art = build(out=tmp_path / "art", size="tiny", seed=7, profile=str(prof), precision="fp16",
+                export_only=True, progress=False)
+    env = {"LLAMAEXPORT_TIMING_CACHE": str(cache)}
+    r = cli("compile", art, "--profile", prof, env=env)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["engine"]["file"] == "engine.plan" and (art / "engine.plan").is_file()
+    assert "already has an engine" in one_error_line(cli("compile", art, "--profile", prof, env=env))
+    ids = np.random.default_rng(5).integers(3, 512, (1, 9))
+    args = (ids, np.ones_like(ids), np.arange(9)[None])
+    a = LlamaModel.load(art).backend
+    b = LlamaModel.load(built).backend
+    np.testing.assert_allclose(a.forward(*args, a.empty_cache(1))[0], b.forward(*args, b.empty_cache(1))[0],
+                               atol=1e-2, rtol=0)
