@@ -49,3 +49,28 @@ def test_chat_answer_is_right(smol_artifact):
     g = m.generate("What is the capital of France?", chat=True, max_new_tokens=40)
     assert "Paris" in g.text and g.finish_reason == "eos"
     assert m.tokenizer.decode(g.token_ids[-1:], skip_special=False) == "<|im_end|>"
+
+
+@pytest.mark.parametrize("profile,precision,backend", [
+    ("rtx4090", "fp16", "onnxruntime"),   # the TensorRT graph, checked with ONNX Runtime
+    ("rtx4090", "int8", "onnxruntime"),   # per-channel int8 DequantizeLinear -> MatMul
+    ("cpu", "int8", None),                # MatMulNBits 8-bit, int8 compute
+])
+def test_precisions_meet_their_budgets(smollm2_gguf, tmp_path, profile, precision, backend):
+    out = build(out=tmp_path / "a", checkpoint=smollm2_gguf, profile=profile, precision=precision,
+                export_only=True, progress=False)
+    r = check(out, n_tokens=32, progress=False, backend=backend)
+    assert r["passed"], r["failures"]
+    assert r["mean_kl"] <= r["thresholds"]["max_mean_kl"]
+
+
+def test_int4_awq_beats_round_to_nearest(smollm2_gguf, tmp_path):
+    """INT4 on a 135M model is hard (the budget, 0.05 mean KL, is not met yet): AWQ must at least
+    halve round-to-nearest's KL and raise top-1 agreement."""
+    r = {}
+    for method in ("rtn", "awq"):
+        out = build(out=tmp_path / method, checkpoint=smollm2_gguf, precision="int4", quant_method=method,
+                    progress=False)
+        r[method] = check(out, n_tokens=32, progress=False, write=False)
+    assert r["awq"]["mean_kl"] < r["rtn"]["mean_kl"] / 2, {k: v["mean_kl"] for k, v in r.items()}
+    assert r["awq"]["top1_agreement"] > r["rtn"]["top1_agreement"]
