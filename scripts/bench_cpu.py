@@ -47,31 +47,23 @@ def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def sh(cmd, logfile: Path, what: str) -> str:
-    """Run cmd, stderr (and stdout of build steps) into logfile; return stdout. Raise Unavailable on failure."""
-    logfile.parent.mkdir(parents=True, exist_ok=True)
-    with open(logfile, "w") as err:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-    if p.returncode != 0:
-        tail = logfile.read_text(errors="replace").strip().splitlines()[-5:]
-        log(f"{what} failed (exit {p.returncode}), log {logfile}:\n    " + "\n    ".join(tail))
-        last = next((l for l in reversed(tail) if l.strip()), "")
-        raise Unavailable(f"{what} failed: {last[-80:]}")
-    return p.stdout
-
-
-def worker(mode: str, args: dict, logfile: Path, python=sys.executable, threads=None) -> dict:
-    """Run one of the worker_* functions below in a fresh interpreter; it prints a JSON line last."""
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    cmd = [python, str(HERE), "--worker", mode, json.dumps(args)]
+def sh(cmd, logfile: Path, what: str, env=None) -> str:
+    """Run cmd with stderr into logfile and return its stdout; raise Unavailable (log tail shown) on failure."""
     logfile.parent.mkdir(parents=True, exist_ok=True)
     with open(logfile, "w") as err:
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     if p.returncode != 0:
-        tail = logfile.read_text(errors="replace").strip().splitlines()[-5:]
-        log(f"{mode} failed (exit {p.returncode}), log {logfile}:\n    " + "\n    ".join(tail))
-        raise Unavailable(f"{mode} failed: {(tail or [''])[-1][-80:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+        tail = [l for l in logfile.read_text(errors="replace").splitlines() if l.strip()][-5:]
+        log(f"{what} failed (exit {p.returncode}), log {logfile}:\n    " + "\n    ".join(tail))
+        raise Unavailable(f"{what} failed: {(tail or [''])[-1][-80:]}")
+    return p.stdout
+
+
+def worker(mode: str, args: dict, logfile: Path, python=sys.executable, threads=None) -> dict:
+    """Run worker_<mode>(args) below in a fresh interpreter (isolated threads and RSS); it prints JSON last."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    out = sh([python, str(HERE), "--worker", mode, json.dumps(args)], logfile, mode, env)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def knobs(a) -> dict:
@@ -185,8 +177,7 @@ def worker_hf_bench(a):
         return P / prefill, (T - 1) / (t_end - clock.t[1])
 
     once()
-    runs = [once() for _ in range(a["repeat"])]
-    return summary(runs)
+    return dict(summary([once() for _ in range(a["repeat"])]), torch=torch.__version__)
 
 
 def summary(runs):
@@ -205,12 +196,15 @@ def ort_version(python) -> str:
 def ensure_genai_venv(wd: Path) -> str:
     venv = wd / "genai-venv"
     py = str(venv / "bin" / "python")
-    if Path(py).exists() and subprocess.run([py, "-c", "import onnxruntime_genai, onnx_ir"], capture_output=True).returncode == 0:
+    if Path(py).exists() and subprocess.run([py, "-c", "import onnxruntime_genai, onnx_ir"],
+                                            capture_output=True).returncode == 0:
         return py
     before = ort_version(sys.executable)
     log(f"genai: creating {venv} (--system-site-packages) and installing {' '.join(GENAI_PIP)}")
     sh([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], wd / "logs" / "genai-venv.log", "venv")
-    sh([py, "-m", "pip", "install", *GENAI_PIP], wd / "logs" / "genai-pip.log", "pip install onnxruntime-genai")
+    # Pinning the system onnxruntime makes pip reuse it (genai 0.18 wants >= 1.31) instead of installing its own.
+    sh([py, "-m", "pip", "install", *GENAI_PIP, f"onnxruntime=={before}"], wd / "logs" / "genai-pip.log",
+       "pip install onnxruntime-genai")
     after, inside = ort_version(sys.executable), ort_version(py)
     if after != before:
         log(f"WARNING: system onnxruntime changed {before} -> {after}")
@@ -273,10 +267,9 @@ def table(rows) -> str:
     head = ["model", "system", "precision", "prefill tok/s", "decode tok/s", "prefill vs ours", "decode vs ours",
             "peak RSS MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(head))) + "|"]
-    for r in rows:
-        ours = next((o for o in rows if o["model"] == r["model"] and o["system"] == "ours" and "error" not in o
-                     and o["precision"] == r["precision"]), None) or \
-               next((o for o in rows if o["model"] == r["model"] and o["system"] == "ours" and "error" not in o), None)
+    for r in rows:  # the ratio's base: our row of the same model and precision, else our first row of the model
+        base = [o for o in rows if o["model"] == r["model"] and o["system"] == "ours" and "error" not in o]
+        ours = next((o for o in base if o["precision"] == r["precision"]), base[0] if base else None)
         if "error" in r:
             cells = [f"n/a ({r['error']})", "", "", "", ""]
         else:
@@ -307,6 +300,10 @@ def main():
     a.workdir = a.workdir.expanduser().resolve()
     a.workdir.mkdir(parents=True, exist_ok=True)
     wd, settings = a.workdir, dict(knobs(a), models=models, systems=systems)
+    load0 = os.getloadavg()[0]
+    if load0 > 0.5:
+        log(f"WARNING: 1-min load average is {load0:.2f} before starting: other processes share the CPU, "
+            "so the numbers (especially PyTorch's OpenMP threads) will be noisy")
     rows = []
     for model in models:
         for system, precision in [j for j in JOBS if j[0] in systems]:
@@ -323,12 +320,12 @@ def main():
                 log(f"   {row['error']}")
             rows.append(row)
     when = datetime.datetime.now().isoformat(timespec="seconds")
-    print(f"CPU benchmark {when} on {platform.node()} ({os.cpu_count()} CPUs, load avg "
-          f"{os.getloadavg()[0]:.2f}): batch 1, greedy, {a.threads} threads, {a.prompt_len}-token prompt, "
+    print(f"CPU benchmark {when} on {platform.node()} ({os.cpu_count()} CPUs, 1-min load avg {load0:.2f} before "
+          f"starting): batch 1, greedy, {a.threads} threads, {a.prompt_len}-token prompt, "
           f"{a.new_tokens} new tokens, median of {a.repeat} after a warm-up\n")
     print(table(rows))
     if a.json:
-        a.json.write_text(json.dumps(dict(date=when, settings=settings, rows=rows), indent=2))
+        a.json.write_text(json.dumps(dict(date=when, settings=settings, load_avg_start=load0, rows=rows), indent=2))
         log(f"wrote {a.json}")
 
 
