@@ -202,18 +202,23 @@ _HF_LAYER = {
 }
 
 
+def _rename(name: str, fixed: dict, layer_pattern: str, layer_table: dict) -> str:
+    """Map a foreign tensor name to the canonical one; unknown names pass through unchanged
+    (the strict key check then reports them as unexpected)."""
+    if name in fixed:
+        return fixed[name]
+    m = re.fullmatch(layer_pattern, name)
+    if m and m.group(2) in layer_table:
+        return f"layers.{m.group(1)}.{layer_table[m.group(2)]}.weight"
+    return name
+
+
 def hf_to_canonical(name: str) -> str | None:
     """HF LlamaForCausalLM parameter name -> canonical name (None for non-parameters)."""
     if name.endswith("rotary_emb.inv_freq"):
         return None
-    fixed = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-             "lm_head.weight": "output.weight"}
-    if name in fixed:
-        return fixed[name]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
-    if m and m.group(2) in _HF_LAYER:
-        return f"layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}.weight"
-    return name  # unknown: reported as unexpected by the strict key check
+    return _rename(name, {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+                          "lm_head.weight": "output.weight"}, r"model\.layers\.(\d+)\.(.+)\.weight", _HF_LAYER)
 
 
 def unpermute_hf(w: np.ndarray, n_heads: int, head_dim: int, rope_dim: int) -> np.ndarray:
@@ -314,14 +319,8 @@ GGUF_SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", 
 
 
 def gguf_to_canonical(name: str) -> str:
-    fixed = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
-             "output.weight": "output.weight"}
-    if name in fixed:
-        return fixed[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
-    if m and m.group(2) in _GGUF_LAYER:
-        return f"layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.weight"
-    return name
+    return _rename(name, {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+                          "output.weight": "output.weight"}, r"blk\.(\d+)\.(\w+)\.weight", _GGUF_LAYER)
 
 
 def load_gguf(path: Path) -> Checkpoint:
