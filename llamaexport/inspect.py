@@ -23,11 +23,25 @@ def format_manifest(m: dict) -> str:
         ("tokenizer", ", ".join(m["tokenizer"]) if m.get("tokenizer") else "none"),
         ("files", ", ".join(f"{k}: {v}" for k, v in m["files"].items())),
         ("kv cache", f"{m['kv_cache']['form']} ({m['kv_cache']['dtype']})"),
+        ("quantization", f"{m.get('quantization') or 'none'}" + (f", block {m['block_size']}" if m.get("block_size") else "")),
+        ("plan", f"{m['plan']['total_gib']} GiB of {m['plan']['budget_gib']} GiB, decode ceiling "
+                 f"{m['plan']['decode_ceiling_tok_s']} tok/s" if m.get("plan") else "n/a"),
+        ("engine", _engine(m)),
         ("onnx i/o", f"{n_in} inputs, {n_out} outputs (input_ids, attention_mask, position_ids, past_key_values.N.key/value -> logits, present.N.key/value)"),
         ("parity", "not checked" if not parity else ("PASS" if parity.get("passed") else "FAIL")
+                   + (f" (run with {parity['backend']})" if parity.get("backend") else "")
                    + "".join(f", {k} {v:.3g}" for k, v in parity.items() if isinstance(v, float))),
         ("built", f"{m.get('built_at')} in {m.get('build_seconds')}s"),
         ("tools", ", ".join(f"{k} {v}" for k, v in m.get("tool_versions", {}).items())),
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+
+
+def _engine(m: dict) -> str:
+    if m.get("backend") != "tensorrt":
+        return "n/a (ONNX Runtime)"
+    e = m.get("engine")
+    if not e:
+        return "not built (--export-only): run `llamaexport compile DIR` on the target"
+    return f"{e.get('file')} (TensorRT {e.get('tensorrt')}, {len(e.get('profiles', []))} profiles)"

@@ -179,8 +179,8 @@ def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progres
         tmp = d / "parity.json.tmp"
         tmp.write_text(json.dumps(report, indent=2) + "\n")
         os.replace(tmp, d / "parity.json")
-        manifest["parity"] = {k: report[k] for k in ("passed", "max_abs_logit", "mean_kl", "top1_agreement",
-                                                     "greedy_agreement", "ppl_delta_rel")}
+        manifest["parity"] = {k: report[k] for k in ("passed", "backend", "max_abs_logit", "mean_kl",
+                                                     "top1_agreement", "greedy_agreement", "ppl_delta_rel")}
         write_manifest(d, manifest)
     return report
 
