@@ -39,7 +39,9 @@ def _symmetric(wg: np.ndarray, qmin: int, qmax: int, axis: int):
 
 def int8_per_channel(w_t: np.ndarray):
     """w_t [K, N] float32 -> (q int8 [K, N], scale float32 [N]); w ~ q * scale."""
-    return _symmetric(w_t, -127, 127, axis=0)
+    step = max(1, CHUNK_ELEMENTS // w_t.shape[0])
+    parts = [_symmetric(w_t[:, i:i + step], -127, 127, axis=0) for i in range(0, w_t.shape[1], step)]
+    return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts])
 
 
 def int4_blockwise(w_t: np.ndarray, block: int):
@@ -47,8 +49,10 @@ def int4_blockwise(w_t: np.ndarray, block: int):
     K, N = w_t.shape
     if K % block:
         raise ValueError(f"K={K} is not a multiple of the block size {block}")
-    q, scale = _symmetric(w_t.reshape(K // block, block, N), -8, 7, axis=1)
-    return q.reshape(K, N), scale
+    step = max(1, CHUNK_ELEMENTS // K)
+    parts = [_symmetric(w_t[:, i:i + step].reshape(K // block, block, -1), -8, 7, axis=1) for i in range(0, N, step)]
+    q = np.concatenate([p[0] for p in parts], axis=2)
+    return q.reshape(K, N), np.concatenate([p[1] for p in parts], axis=1)
 
 
 def pack_int4(q: np.ndarray) -> bytes:
@@ -59,10 +63,25 @@ def pack_int4(q: np.ndarray) -> bytes:
     return (flat[0::2] | (flat[1::2] << 4)).tobytes()
 
 
+CHUNK_ELEMENTS = 1 << 24  # quantize in column chunks so temporaries stay ~64 MB whatever the matrix
+
+
 def matmul_nbits(w_t: np.ndarray, *, bits: int, block: int):
     """w_t [K, N] -> MatMulNBits tensors (B uint8 [N, n_blocks, block*bits/8], scales float32
     [N * n_blocks], zero_points uint8) using asymmetric min/max quantization per block of K.
     K is zero-padded to a multiple of `block`."""
+    K, N = w_t.shape
+    step = max(1, CHUNK_ELEMENTS // K)
+    if N > step:  # output columns are independent: do them a chunk at a time
+        parts = [_matmul_nbits(w_t[:, i:i + step], bits=bits, block=block) for i in range(0, N, step)]
+        blob = np.concatenate([p[0] for p in parts])
+        scale = np.concatenate([p[1] for p in parts])
+        # zero points are packed per column (padded to whole bytes), so chunks concatenate
+        return blob, scale, np.concatenate([p[2] for p in parts])
+    return _matmul_nbits(w_t, bits=bits, block=block)
+
+
+def _matmul_nbits(w_t: np.ndarray, *, bits: int, block: int):
     K, N = w_t.shape
     nb = -(-K // block)
     w = np.zeros((nb * block, N), np.float32)

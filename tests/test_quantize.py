@@ -93,3 +93,16 @@ def test_awq_folding_preserves_the_float_function(size):
             return b(h0, cal.cos, cal.sin, cal.bias, cal.empty, cal.empty)[0]
 
     torch.testing.assert_close(run(folded), run(w), atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_quantization_equals_whole_matrix(monkeypatch):
+    """Big matrices are quantized a column chunk at a time (bounded memory); same result."""
+    w = np.random.default_rng(3).standard_normal((96, 200)).astype(np.float32)
+    whole = [Q.matmul_nbits(w, bits=4, block=32), Q.matmul_nbits(w, bits=8, block=32),
+             Q.int8_per_channel(w), Q.int4_blockwise(w, 32)]
+    monkeypatch.setattr(Q, "CHUNK_ELEMENTS", 96 * 7)
+    chunked = [Q.matmul_nbits(w, bits=4, block=32), Q.matmul_nbits(w, bits=8, block=32),
+               Q.int8_per_channel(w), Q.int4_blockwise(w, 32)]
+    for a, b in zip(whole, chunked):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
