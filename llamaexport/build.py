@@ -82,6 +82,8 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             "backend": prof.backend,
             "precision": precision,
             "export_target": target,
+            # GroupQueryAttention (the fused CPU attention) does not take left-padded rows
+            "left_padding": not any(n.op_type == "GroupQueryAttention" for n in _graph_nodes(tmp)),
             "block_size": block_size if precision in ("int8", "int4") else None,
             "quantization": method,
             "kv_cache": {"form": "past_present", "dtype": io["inputs"]["past_key_values.0.key"]["dtype"]},
@@ -105,6 +107,12 @@ def _build_engine(tmp, manifest, prof, progress):
     from .trt_build import build_engine
 
     return build_engine(tmp, manifest, prof, progress=progress)
+
+
+def _graph_nodes(artifact_dir):
+    import onnx
+
+    return onnx.load(str(Path(artifact_dir) / "model.onnx"), load_external_data=False).graph.node
 
 
 def _quant_method(method: str, precision: str, tok) -> str | None:

@@ -130,7 +130,8 @@ class _Emitter:
 
 
 def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: str = "portable",
-                block_size: int = 32, calibration: np.ndarray | None = None, progress: bool = True) -> dict:
+                block_size: int = 32, calibration: np.ndarray | None = None, fused_attention: bool = True,
+                progress: bool = True) -> dict:
     """Write `out_dir/model.onnx` and `out_dir/model.onnx.data`; return the I/O spec.
 
     calibration: token ids [n_seq, seq_len]; with int8/int4 this turns on AWQ (see awq.py)."""
@@ -146,7 +147,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
     out_dir = Path(out_dir)
     g = GraphBuilder(out_dir / "model.onnx.data", opset=OPSET)
     e = _Emitter(g, precision, target, block_size)
-    H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    hd = cfg.head_dim
 
     g.use_domain(custom_ops.DOMAIN)
     g.add_function(custom_ops.rope_function(head_dim=hd, rotary_dim=cfg.rope_dim, interleaved=True))
@@ -163,9 +164,15 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
     cos, sin = rope_tables(cfg)
     g.weight("model.rotary.cos_cache", cos.astype(e.np_act))
     g.weight("model.rotary.sin_cache", sin.astype(e.np_act))
-    cos = g.op("Gather", ["model.rotary.cos_cache", "position_ids"], name="/model/rotary/cos/Gather")  # [B, S, rd/2]
-    sin = g.op("Gather", ["model.rotary.sin_cache", "position_ids"], name="/model/rotary/sin/Gather")
-    bias = _attention_bias(g)
+    # ONNX Runtime CPU: fused GroupQueryAttention (full rotary only; partial rotary stays portable)
+    gqa = _gqa_inputs(g) if target == "ort-cpu" and fused_attention and cfg.rope_dim == hd else None
+    if gqa is not None:
+        g.use_domain("com.microsoft")
+        cos = sin = bias = None
+    else:
+        cos = g.op("Gather", ["model.rotary.cos_cache", "position_ids"], name="/model/rotary/cos/Gather")  # [B, S, rd/2]
+        sin = g.op("Gather", ["model.rotary.sin_cache", "position_ids"], name="/model/rotary/sin/Gather")
+        bias = _attention_bias(g)
     rope_attrs = dict(domain=custom_ops.DOMAIN, interleaved=1, rotary_dim=cfg.rope_dim, **custom_ops.plugin_attrs())
 
     awq = calibration is not None and precision in ("int8", "int4")
@@ -190,31 +197,10 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
         del wq
         qkv = e.linear(x, wqkv, f"{wp}.attn.qkv_proj.weight", f"{pre}/attn/qkv_proj")
         del wqkv
-        q, k, v = g.op("Split", [qkv, g.const([H * hd, K * hd, K * hd])], name=f"{pre}/attn/qkv/Split", n_out=3, axis=-1)
-        heads = {}
-        for nm, t, n in (("q", q, H), ("k", k, K), ("v", v, K)):
-            t = g.op("Reshape", [t, g.const([0, 0, n, hd])], name=f"{pre}/attn/{nm}/Reshape")
-            heads[nm] = g.op("Transpose", [t], name=f"{pre}/attn/{nm}/Transpose", perm=[0, 2, 1, 3])  # [B, n, S, hd]
-        q = g.op("RoPE", [heads["q"], cos, sin], name=f"{pre}/attn/q_rope/RoPE", **rope_attrs)
-        k = g.op("RoPE", [heads["k"], cos, sin], name=f"{pre}/attn/k_rope/RoPE", **rope_attrs)
-        pk = g.op("Concat", [f"past_key_values.{i}.key", k], name=f"{pre}/attn/k_cache/Concat",
-                  outputs=[f"present.{i}.key"], axis=2)  # [B, K, T, hd]
-        pv = g.op("Concat", [f"past_key_values.{i}.value", heads["v"]], name=f"{pre}/attn/v_cache/Concat",
-                  outputs=[f"present.{i}.value"], axis=2)
-        # grouped-query attention without copying K/V: view q as [B, K, rep*S, hd]
-        qg = g.op("Reshape", [q, g.const([0, K, -1, hd])], name=f"{pre}/attn/q_group/Reshape")
-        kt = g.op("Transpose", [pk], name=f"{pre}/attn/k/TransposeT", perm=[0, 1, 3, 2])
-        s = g.op("MatMul", [qg, kt], name=f"{pre}/attn/qk/MatMul")  # [B, K, rep*S, T]
-        s = g.op("Reshape", [s, g.const([0, H, -1, 0])], name=f"{pre}/attn/scores/Reshape")  # [B, H, S, T]
-        s = e.cast(s, True, f"{pre}/attn/scores/Cast")
-        s = g.op("Add", [s, bias], name=f"{pre}/attn/mask/Add")
-        s = g.op("Softmax", [s], name=f"{pre}/attn/Softmax", axis=-1)
-        s = e.cast(s, False, f"{pre}/attn/probs/Cast")
-        s = g.op("Reshape", [s, g.const([0, K, -1, 0])], name=f"{pre}/attn/probs/Reshape")
-        o = g.op("MatMul", [s, pv], name=f"{pre}/attn/pv/MatMul")  # [B, K, rep*S, hd]
-        o = g.op("Reshape", [o, g.const([0, H, -1, hd])], name=f"{pre}/attn/o/Reshape")
-        o = g.op("Transpose", [o], name=f"{pre}/attn/o/Transpose", perm=[0, 2, 1, 3])
-        o = g.op("Reshape", [o, g.const([0, 0, H * hd])], name=f"{pre}/attn/o/Merge")
+        if gqa is not None:
+            o = _attention_gqa(g, qkv, i, cfg, gqa, pre)
+        else:
+            o = _attention_standard(g, e, qkv, i, cfg, cos, sin, bias, rope_attrs, pre)
         o = e.linear(o, lw["attention.wo.weight"].T, f"{wp}.attn.o_proj.weight", f"{pre}/attn/o_proj")
         h = g.op("Add", [h, o], name=f"{pre}/attn/residual/Add")
 
@@ -237,6 +223,66 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
     g.save(out_dir / "model.onnx", producer="llamaexport",
            doc=f"LLaMA {cfg.n_layers} layers, dim {cfg.dim}, {precision} ({target})")
     return spec
+
+
+def _attention_standard(g: GraphBuilder, e: _Emitter, qkv: str, i: int, cfg: LlamaConfig, cos: str, sin: str,
+                        bias: str, rope_attrs: dict, pre: str) -> str:
+    """Portable attention: our RoPE op, past ++ new K/V (the present outputs), softmax with the
+    shared mask bias. Returns the attention output [B, S, H*hd] before o_proj."""
+    H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q, k, v = g.op("Split", [qkv, g.const([H * hd, K * hd, K * hd])], name=f"{pre}/attn/qkv/Split", n_out=3, axis=-1)
+    heads = {}
+    for nm, t, n in (("q", q, H), ("k", k, K), ("v", v, K)):
+        t = g.op("Reshape", [t, g.const([0, 0, n, hd])], name=f"{pre}/attn/{nm}/Reshape")
+        heads[nm] = g.op("Transpose", [t], name=f"{pre}/attn/{nm}/Transpose", perm=[0, 2, 1, 3])  # [B, n, S, hd]
+    q = g.op("RoPE", [heads["q"], cos, sin], name=f"{pre}/attn/q_rope/RoPE", **rope_attrs)
+    k = g.op("RoPE", [heads["k"], cos, sin], name=f"{pre}/attn/k_rope/RoPE", **rope_attrs)
+    pk = g.op("Concat", [f"past_key_values.{i}.key", k], name=f"{pre}/attn/k_cache/Concat",
+              outputs=[f"present.{i}.key"], axis=2)  # [B, K, T, hd]
+    pv = g.op("Concat", [f"past_key_values.{i}.value", heads["v"]], name=f"{pre}/attn/v_cache/Concat",
+              outputs=[f"present.{i}.value"], axis=2)
+    # grouped-query attention without copying K/V: view q as [B, K, rep*S, hd]
+    qg = g.op("Reshape", [q, g.const([0, K, -1, hd])], name=f"{pre}/attn/q_group/Reshape")
+    kt = g.op("Transpose", [pk], name=f"{pre}/attn/k/TransposeT", perm=[0, 1, 3, 2])
+    s = g.op("MatMul", [qg, kt], name=f"{pre}/attn/qk/MatMul")  # [B, K, rep*S, T]
+    s = g.op("Reshape", [s, g.const([0, H, -1, 0])], name=f"{pre}/attn/scores/Reshape")  # [B, H, S, T]
+    s = e.cast(s, True, f"{pre}/attn/scores/Cast")
+    s = g.op("Add", [s, bias], name=f"{pre}/attn/mask/Add")
+    s = g.op("Softmax", [s], name=f"{pre}/attn/Softmax", axis=-1)
+    s = e.cast(s, False, f"{pre}/attn/probs/Cast")
+    s = g.op("Reshape", [s, g.const([0, K, -1, 0])], name=f"{pre}/attn/probs/Reshape")
+    o = g.op("MatMul", [s, pv], name=f"{pre}/attn/pv/MatMul")  # [B, K, rep*S, hd]
+    o = g.op("Reshape", [o, g.const([0, H, -1, hd])], name=f"{pre}/attn/o/Reshape")
+    o = g.op("Transpose", [o], name=f"{pre}/attn/o/Transpose", perm=[0, 2, 1, 3])
+    o = g.op("Reshape", [o, g.const([0, 0, H * hd])], name=f"{pre}/attn/o/Merge")
+    return o
+
+
+def _gqa_inputs(g: GraphBuilder) -> tuple[str, str]:
+    """seqlens_k [B] = real tokens - 1 and total_sequence_length (scalar), both int32, as
+    GroupQueryAttention wants them; computed once from attention_mask."""
+    n = "/model/gqa"
+    real = g.op("ReduceSum", ["attention_mask", g.const([1])], name=f"{n}/ReduceSum", keepdims=0)
+    seqlens = g.op("Sub", [real, g.const(1)], name=f"{n}/Sub")
+    seqlens = g.op("Cast", [seqlens], name=f"{n}/seqlens/Cast", to=6)
+    total = g.op("Gather", [g.op("Shape", ["attention_mask"], name=f"{n}/Shape"), g.const(1)], name=f"{n}/Gather", axis=0)
+    total = g.op("Cast", [total], name=f"{n}/total/Cast", to=6)
+    return seqlens, total
+
+
+def _attention_gqa(g: GraphBuilder, qkv: str, i: int, cfg: LlamaConfig, gqa: tuple, pre: str) -> str:
+    """ONNX Runtime CPU: one com.microsoft.GroupQueryAttention node on the packed QKV, with the
+    rotary embedding (interleaved, from the cos/sin caches) applied inside. The 1/sqrt(hd) scale
+    is already folded into the q rows, hence scale=1."""
+    seqlens, total = gqa
+    o, _, _ = g.op("GroupQueryAttention",
+                   [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total,
+                    "model.rotary.cos_cache", "model.rotary.sin_cache"],
+                   name=f"{pre}/attn/GroupQueryAttention", domain="com.microsoft",
+                   outputs=[f"{pre}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
+                   num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, do_rotary=1, rotary_interleaved=1,
+                   scale=1.0)
+    return o
 
 
 def _lm_head(g: GraphBuilder, e: _Emitter, x: str, W, cfg: LlamaConfig):

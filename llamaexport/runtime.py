@@ -147,6 +147,12 @@ class LlamaModel:
         lens = [len(p) for p in prompts]
         if B == 0 or min(lens) == 0:
             raise LlamaExportError("empty prompt: give at least one token")
+        if len(set(lens)) > 1 and not self.manifest.get("left_padding", True):
+            # this graph's fused attention (GroupQueryAttention) assumes unpadded rows: run each
+            # row alone, in lockstep, so the batch API keeps its meaning
+            yield from self._lockstep(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                                      eos_ids=eos_ids, fill=int(eos[0]))
+            return
         S = max(lens)
         ctx = self.config.max_seq_len
         if S >= ctx:
@@ -179,6 +185,25 @@ class LlamaModel:
             mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
             logits, cache = self.backend.forward(tok[:, None].astype(np.int64), mask, next_pos, cache)
             next_pos = next_pos + 1
+
+    def _lockstep(self, prompts, *, max_new_tokens, sampling, eos_ids, fill) -> Iterator[np.ndarray]:
+        """Rows generated one by one but yielded together; a finished row yields `fill` (EOS).
+        Each row samples from its own seeded stream."""
+        gens = [self.steps([p], max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids)
+                for p in prompts]
+        live = [True] * len(gens)
+        while True:
+            out = np.full(len(gens), fill, np.int64)
+            for b, it in enumerate(gens):
+                if live[b]:
+                    t = next(it, None)
+                    if t is None:
+                        live[b] = False
+                    else:
+                        out[b] = t[0]
+            if not any(live):
+                return
+            yield out
 
     def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int = 128,
                      sampling: SamplingConfig | None = None, eos_ids=None) -> list[list[int]]:
