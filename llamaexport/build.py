@@ -72,6 +72,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
         io = export_onnx(ckpt, tmp, precision=precision, target=target, block_size=block_size,
                          calibration=calib, progress=progress)
         tok_files = tok.save(tmp) if tok else []
+        left_padding = not any(n.op_type == "GroupQueryAttention" for n in _graph_nodes(tmp))
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "model": cfg.to_dict(),
@@ -83,10 +84,13 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             "precision": precision,
             "export_target": target,
             # GroupQueryAttention (the fused CPU attention) does not take left-padded rows
-            "left_padding": not any(n.op_type == "GroupQueryAttention" for n in _graph_nodes(tmp)),
+            "left_padding": left_padding,
             "block_size": block_size if precision in ("int8", "int4") else None,
             "quantization": method,
-            "kv_cache": {"form": "past_present", "dtype": io["inputs"]["past_key_values.0.key"]["dtype"]},
+            # past_present_shared: the same max-length buffer may be bound as past and present
+            # (GroupQueryAttention writes the new entries in place); plain past/present works too
+            "kv_cache": {"form": "past_present" if left_padding else "past_present_shared",
+                         "dtype": io["inputs"]["past_key_values.0.key"]["dtype"]},
             "files": {"onnx": "model.onnx", "onnx_data": "model.onnx.data"},
             "tokenizer": tok_files or None,
             "io": io,

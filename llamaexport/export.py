@@ -114,6 +114,22 @@ class _Emitter:
         w = g.op("DequantizeLinear", [wname + ".qweight", wname + ".scales"], name=f"{name}/DequantizeLinear", axis=1)
         return g.op("MatMul", [x, w], name=f"{name}/MatMul")
 
+    def add_norm(self, h: str, delta: str | None, weight: np.ndarray, eps: float, name: str) -> tuple[str, str]:
+        """h' = h + delta; return (RMSNorm(h'), h'). ONNX Runtime CPU gets one fused
+        SkipSimplifiedLayerNormalization node (its optimizer does not fuse the Add itself)."""
+        if delta is None:
+            return self.rmsnorm(h, weight, eps, name), h
+        g = self.g
+        if self.target == "ort-cpu" and self.act == "float32":
+            g.use_domain("com.microsoft")
+            wname = g.weight(name.strip("/").replace("/", ".") + ".weight", weight.astype(np.float32))
+            y, _, _, s = g.op("SkipSimplifiedLayerNormalization", [delta, h, wname], name=f"{name}/SkipSimplifiedLayerNorm",
+                              domain="com.microsoft", outputs=[f"{name}/output_0", "", "", f"{name}/residual"],
+                              epsilon=float(eps))
+            return y, s
+        h = g.op("Add", [h, delta], name=f"{name}/residual/Add")
+        return self.rmsnorm(h, weight, eps, name), h
+
     def rmsnorm(self, x: str, weight: np.ndarray, eps: float, name: str) -> str:
         """x / sqrt(mean(x^2) + eps) * w in float32, in the exact pattern ORT fuses to
         SimplifiedLayerNormalization; cast in and out for fp16 activations."""
@@ -185,12 +201,13 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
             return quantize.fake_quant(w_t, precision=precision, target=target, block=block_size)
     del emb
     bar = _progress(cfg.n_layers, "export+awq" if awq else "export", progress)
+    delta = None  # a layer output not yet added to the residual stream h
     for i in range(cfg.n_layers):
         p, pre, wp = f"layers.{i}.", f"/model/layers.{i}", f"model.layers.{i}"
         lw = {k[len(p):]: W[k] for k in W.shapes if k.startswith(p)}  # this layer, loaded once
         if awq:
             lw = apply_awq(cfg, lw, calib.layer(lw), fq)
-        x = e.rmsnorm(h, lw["attention_norm.weight"], cfg.norm_eps, f"{pre}/input_layernorm")
+        x, h = e.add_norm(h, delta, lw["attention_norm.weight"], cfg.norm_eps, f"{pre}/input_layernorm")
         # fused QKV; the 1/sqrt(hd) softmax scale is folded into the q rows (exact for hd = 64)
         wq = lw["attention.wq.weight"] * np.float32(hd ** -0.5)
         wqkv = np.concatenate([wq, lw["attention.wk.weight"], lw["attention.wv.weight"]]).T
@@ -202,21 +219,19 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
         else:
             o = _attention_standard(g, e, qkv, i, cfg, cos, sin, bias, rope_attrs, pre)
         o = e.linear(o, lw["attention.wo.weight"].T, f"{wp}.attn.o_proj.weight", f"{pre}/attn/o_proj")
-        h = g.op("Add", [h, o], name=f"{pre}/attn/residual/Add")
-
-        x = e.rmsnorm(h, lw["ffn_norm.weight"], cfg.norm_eps, f"{pre}/post_attention_layernorm")
+        x, h = e.add_norm(h, o, lw["ffn_norm.weight"], cfg.norm_eps, f"{pre}/post_attention_layernorm")
         w13 = np.concatenate([lw["feed_forward.w1.weight"], lw["feed_forward.w3.weight"]]).T
         gu = e.linear(x, w13, f"{wp}.mlp.gate_up_proj.weight", f"{pre}/mlp/gate_up_proj")
         del w13
         a = g.op("SwiGLU", [gu], name=f"{pre}/mlp/act/SwiGLU", domain=custom_ops.DOMAIN, **custom_ops.plugin_attrs())
         d = e.linear(a, lw["feed_forward.w2.weight"].T, f"{wp}.mlp.down_proj.weight", f"{pre}/mlp/down_proj")
-        h = g.op("Add", [h, d], name=f"{pre}/mlp/residual/Add")
+        delta = d  # added to the residual stream by the next norm
         if bar:
             bar.update(1)
     if bar:
         bar.close()
 
-    x = e.rmsnorm(h, W["norm.weight"], cfg.norm_eps, "/model/norm")
+    x, _ = e.add_norm(h, delta, W["norm.weight"], cfg.norm_eps, "/model/norm")
     _lm_head(g, e, x, W, cfg)
     for name, s in spec["outputs"].items():
         g.output(name, TensorProto.FLOAT if s["dtype"] == "float32" else e.onnx_act, s["shape"])
@@ -289,10 +304,10 @@ def _lm_head(g: GraphBuilder, e: _Emitter, x: str, W, cfg: LlamaConfig):
     """logits [B, S, V] float32.
 
     Default: Gemm(transB) on the [V, D] table in the activation dtype, so a tied embedding is
-    stored once. ort-cpu int4: an 8-bit MatMulNBits copy (a quarter of the fp32 bytes read per
-    token; the output layer is too sensitive for 4 bits). ort-cpu int8 keeps it unquantized:
-    8-bit weights with int8 activations there cost SmolLM2 ~0.001 of its 0.005 KL budget."""
-    if e.target == "ort-cpu" and e.precision == "int4":
+    stored once. ort-cpu int8/int4: an 8-bit MatMulNBits copy: a quarter of the fp32 bytes read
+    per token (for SmolLM2 the fp32 head alone is half of an int8 model's bytes per token); the
+    output layer is too sensitive for 4 bits."""
+    if e.target == "ort-cpu" and e.precision in ("int8", "int4"):
         w = W["tok_embeddings.weight"] if cfg.tie_embeddings else W["output.weight"]
         y = e.linear(x, w.T, "lm_head.weight", "/lm_head", bits=8)
         g.op("Identity", [y], name="/lm_head/Identity", outputs=["logits"])

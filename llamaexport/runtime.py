@@ -32,7 +32,10 @@ def default_threads() -> int:
 class OnnxRuntimeBackend:
     """Runs `model.onnx` with ONNX Runtime on the CPU."""
 
-    def __init__(self, model_path: Path, cfg: LlamaConfig, io: dict, *, threads: int | None = None):
+    def __init__(self, model_path: Path, cfg: LlamaConfig, io: dict, *, threads: int | None = None,
+                 shared_kv: bool = False):
+        """shared_kv: the graph's attention (GroupQueryAttention) updates a max-length KV buffer in
+        place when the same buffer is bound as past and present: no cache copy per token."""
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -50,10 +53,14 @@ class OnnxRuntimeBackend:
         self.past_names = [n for n in io["inputs"] if n.startswith("past_key_values.")]
         self.present_names = [n for n in io["outputs"] if n.startswith("present.")]
         self.kv_dtype = np.dtype(io["inputs"][self.past_names[0]]["dtype"]) if self.past_names else np.float32
+        self.shared_kv = shared_kv
         self._ort = ort
 
     def empty_cache(self, batch: int):
         c = self.cfg
+        if self.shared_kv:  # one max-length buffer per tensor, written in place
+            shape = (batch, c.n_kv_heads, c.max_seq_len, c.head_dim)
+            return [self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype)) for _ in self.past_names]
         z = np.zeros((batch, c.n_kv_heads, 0, c.head_dim), self.kv_dtype)
         return [self._ort.OrtValue.ortvalue_from_numpy(z) for _ in self.past_names]
 
@@ -65,11 +72,15 @@ class OnnxRuntimeBackend:
         for name, v in zip(self.past_names, cache):
             io.bind_ortvalue_input(name, v)
         io.bind_output("logits")
-        for name in self.present_names:
-            io.bind_output(name)
+        if self.shared_kv:
+            for name, v in zip(self.present_names, cache):
+                io.bind_ortvalue_output(name, v)
+        else:
+            for name in self.present_names:
+                io.bind_output(name)
         self.sess.run_with_iobinding(io)
         outs = io.get_outputs()
-        return outs[0].numpy(), outs[1:]
+        return outs[0].numpy(), (cache if self.shared_kv else outs[1:])
 
 
 @dataclasses.dataclass
@@ -99,7 +110,8 @@ class LlamaModel:
         cfg = LlamaConfig.from_dict(m["model"])
         backend_name = backend or m.get("backend", "onnxruntime")
         if backend_name == "onnxruntime":
-            backend = OnnxRuntimeBackend(d / m["files"]["onnx"], cfg, m["io"], threads=threads)
+            backend = OnnxRuntimeBackend(d / m["files"]["onnx"], cfg, m["io"], threads=threads,
+                                         shared_kv=m["kv_cache"].get("form") == "past_present_shared")
         elif backend_name == "tensorrt":
             from .trt_runtime import TensorRTBackend  # lazy: tensorrt is optional
             backend = TensorRTBackend(d, m, cfg)
