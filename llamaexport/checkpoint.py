@@ -344,15 +344,16 @@ def load_gguf(path: Path) -> Checkpoint:
     if arch != "llama":
         raise LlamaExportError(f"{path.name}: GGUF architecture {arch!r} is not supported; only llama")
     tensors = {gguf_to_canonical(t.name): t for t in reader.tensors}
-    if "rope_freqs.weight" in tensors:
-        raise LlamaExportError(f"{path.name}: GGUF rope_freqs (llama3.1 scaling) is not supported yet; "
-                               "convert from the HF checkpoint instead")
+    freqs = tensors.pop("rope_freqs.weight", None)  # llama3-style scaling stored as divisors
     n_heads = int(meta("llama.attention.head_count"))
     dim = int(meta("llama.embedding_length"))
     tokens = meta("tokenizer.ggml.tokens")
     head_dim = meta("llama.attention.key_length")
     scaling = None
-    if meta("llama.rope.scaling.type") == "linear":
+    if freqs is not None:
+        scaling = {"rope_type": "freq_factors",
+                   "factors": [float(v) for v in dequantize(freqs.data, freqs.tensor_type).reshape(-1)]}
+    elif meta("llama.rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": float(meta("llama.rope.scaling.factor"))}
     cfg = LlamaConfig(
         dim=dim, n_layers=int(meta("llama.block_count")), n_heads=n_heads,

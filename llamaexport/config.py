@@ -111,7 +111,7 @@ class LlamaConfig:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind in (None, "default"):
                 self.rope_scaling = None
-            elif kind not in ("llama3", "linear"):
+            elif kind not in ("llama3", "linear", "freq_factors"):
                 raise LlamaExportError(
                     f"rope scaling type {kind!r} is not supported; supported: llama3, linear")
             else:
@@ -219,6 +219,8 @@ def rope_inv_freq(cfg: LlamaConfig):
     s = cfg.rope_scaling
     if s is None:
         return inv
+    if s["rope_type"] == "freq_factors":  # GGUF rope_freqs: per-frequency divisors (llama.cpp)
+        return inv / np.asarray(s["factors"], dtype=np.float64)
     factor = float(s["factor"])
     if s["rope_type"] == "linear":
         return inv / factor

@@ -16,7 +16,8 @@ def format_manifest(m: dict) -> str:
         ("model", f"{cfg['n_layers']} layers, dim {cfg['dim']}, {cfg['n_heads']} heads / {cfg['n_kv_heads']} KV heads, "
                   f"head_dim {cfg['head_dim']}, FFN {cfg['ffn_dim']}, vocab {cfg['vocab_size']}"),
         ("rope", f"theta {cfg['rope_theta']:g}, dim {cfg['rope_dim']}"
-                 + (f", scaling {cfg['rope_scaling']['rope_type']} x{cfg['rope_scaling']['factor']:g}" if cfg.get("rope_scaling") else "")),
+                 + (f", scaling {cfg['rope_scaling']['rope_type']}" if cfg.get("rope_scaling") else "")
+                 + (f" x{cfg['rope_scaling']['factor']:g}" if (cfg.get("rope_scaling") or {}).get("factor") else "")),
         ("context", str(cfg["max_seq_len"])),
         ("tied embeddings", "yes" if cfg["tie_embeddings"] else "no"),
         ("source", source),

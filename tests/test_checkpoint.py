@@ -229,3 +229,38 @@ def test_hf_missing_tensor_and_wrong_shape(tmp_path):
     ck = load_checkpoint(tmp_path)
     with pytest.raises(LlamaExportError, match=r"feed_forward.w1.weight has shape \(96, 64\).*expects \(80, 64\)"):
         ck.weights["layers.0.feed_forward.w1.weight"]
+
+
+def test_gguf_rope_freqs_give_llama3_scaling(tmp_path):
+    """Llama-3.1/3.2 GGUFs carry the llama3 rope scaling as a rope_freqs tensor of divisors."""
+    import gguf
+
+    from llamaexport.config import LlamaConfig, rope_inv_freq
+
+    rs = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=16)
+    hf = make_hf_model(tmp_path / "hf", rope_theta=500000.0, rope_scaling=rs)
+    # the tensors as _write_gguf lays them out, then a file that also carries rope_freqs
+    expected = _write_gguf(tmp_path / "plain.gguf", hf, gguf.GGMLQuantizationType.F32)
+    want_cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=96,
+                           rope_theta=500000.0, rope_scaling=rs)
+    base = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=96, rope_theta=500000.0)
+    factors = (rope_inv_freq(base) / rope_inv_freq(want_cfg)).astype(np.float32)
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((w.add_block_count, 2), (w.add_context_length, 256), (w.add_embedding_length, 64),
+                   (w.add_feed_forward_length, 96), (w.add_head_count, 4), (w.add_head_count_kv, 2),
+                   (w.add_rope_freq_base, 500000.0), (w.add_layer_norm_rms_eps, 1e-6), (w.add_vocab_size, 300)):
+        add(v)
+    for name, a in expected.items():
+        w.add_tensor(name, a)
+    w.add_tensor("rope_freqs.weight", factors)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ck = load_checkpoint(path)
+    np.testing.assert_allclose(rope_inv_freq(ck.config), rope_inv_freq(want_cfg), rtol=1e-6)
+    with torch.no_grad():
+        want = hf(IDS).logits
+    assert (_logits(ck, IDS) - want).abs().max() < 1e-4
