@@ -264,3 +264,13 @@ def test_gguf_rope_freqs_give_llama3_scaling(tmp_path):
     with torch.no_grad():
         want = hf(IDS).logits
     assert (_logits(ck, IDS) - want).abs().max() < 1e-4
+
+
+def test_hf_bf16_safetensors(tmp_path):
+    """Real HF checkpoints are mostly bf16: loaded exactly (widened to fp32)."""
+    hf = make_hf_model(tmp_path).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    ck = load_checkpoint(tmp_path)
+    with torch.no_grad():
+        want = hf.float()(IDS).logits
+    assert (_logits(ck, IDS) - want).abs().max() < 1e-4
