@@ -61,12 +61,14 @@ def _meta_state(hf, n_heads, n_kv):
     return out
 
 
-@pytest.mark.parametrize("n_shards", [1, 2])
-def test_meta_model_parallel_shards(tmp_path, n_shards):
+@pytest.mark.parametrize("n_shards,emb_axis", [(1, 1), (2, 1), (2, 0)])
+def test_meta_model_parallel_shards(tmp_path, n_shards, emb_axis):
+    """LLaMA-1/2 split the embedding on dim 1 (ParallelEmbedding), LLaMA-3 on dim 0 (vocab-parallel)."""
     hf = make_hf_model(tmp_path / "hf", num_key_value_heads=2)
     full = _meta_state(hf, 4, 2)
     col = ("wq", "wk", "wv", "w1", "w3", "output")  # column-parallel: split dim 0
-    row = ("wo", "w2", "tok_embeddings")              # row-parallel and the embedding: split dim 1
+    row = ("wo", "w2")                                # row-parallel: split dim 1
+    col, row = (col + ("tok_embeddings",), row) if emb_axis == 0 else (col, row + ("tok_embeddings",))
     d = tmp_path / "meta"
     d.mkdir()
     for s in range(n_shards):
@@ -80,7 +82,7 @@ def test_meta_model_parallel_shards(tmp_path, n_shards):
             shard[name] = t.clone()
         torch.save(shard, d / f"consolidated.{s:02d}.pth")
     (d / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-                                               "vocab_size": 300, "multiple_of": 32, "norm_eps": 1e-6,
+                                               "vocab_size": -1, "multiple_of": 32, "norm_eps": 1e-6,
                                                "ffn_dim_multiplier": 0.565}))
     ck = load_checkpoint(d)
     assert ck.config.ffn_dim == 96 and ck.source["kind"] == "meta"
