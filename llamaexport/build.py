@@ -101,6 +101,9 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
         }
         if prof.backend == "tensorrt":
             manifest["engine"] = None if export_only else _build_engine(tmp, manifest, prof, progress)
+        if prof.backend == "onnxruntime" and tok is not None:
+            _write_genai_config(tmp, cfg, tok, shared_kv=not left_padding)
+            manifest["files"]["genai_config"] = "genai_config.json"
         manifest["build_seconds"] = round(time.time() - t0, 1)
         write_manifest(tmp, manifest)
     log(f"built {out} in {time.time() - t0:.1f}s")
@@ -111,6 +114,33 @@ def _build_engine(tmp, manifest, prof, progress):
     from .trt_build import build_engine
 
     return build_engine(tmp, manifest, prof, progress=progress)
+
+
+def _write_genai_config(artifact_dir, cfg, tok, *, shared_kv: bool):
+    """genai_config.json, so onnxruntime-genai users can load the CPU artifact as it is
+    (our I/O names are its names; the KV buffer is shared when the graph uses GroupQueryAttention)."""
+    import json
+
+    eos = tok.eos_ids[0] if len(tok.eos_ids) == 1 else list(tok.eos_ids)
+    config = {
+        "model": {
+            "type": "llama", "context_length": cfg.max_seq_len, "vocab_size": cfg.vocab_size,
+            "bos_token_id": tok.bos_id if tok.bos_id is not None else eos,
+            "eos_token_id": eos, "pad_token_id": tok.pad_id if tok.pad_id is not None else tok.eos_ids[0],
+            "decoder": {
+                "filename": "model.onnx", "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": cfg.head_dim, "hidden_size": cfg.dim, "num_attention_heads": cfg.n_heads,
+                "num_hidden_layers": cfg.n_layers, "num_key_value_heads": cfg.n_kv_heads,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"max_length": cfg.max_seq_len, "past_present_share_buffer": shared_kv, "do_sample": False,
+                   "num_beams": 1, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0},
+    }
+    (Path(artifact_dir) / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _graph_nodes(artifact_dir):

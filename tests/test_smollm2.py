@@ -74,3 +74,21 @@ def test_int4_awq_beats_round_to_nearest(smollm2_gguf, tmp_path):
         r[method] = check(out, n_tokens=32, progress=False, write=False)
     assert r["awq"]["mean_kl"] < r["rtn"]["mean_kl"] / 2, {k: v["mean_kl"] for k, v in r.items()}
     assert r["awq"]["top1_agreement"] > r["rtn"]["top1_agreement"]
+
+
+def test_onnxruntime_genai_runs_the_cpu_artifact(smol_artifact):
+    """genai_config.json: onnxruntime-genai loads our CPU artifact and decodes the same tokens."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed")
+    m = LlamaModel.load(smol_artifact)
+    ids = m.encode("The three primary colors are")
+    model = og.Model(str(smol_artifact))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 24, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    theirs = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+    ours = m.generate_ids([ids], max_new_tokens=24, eos_ids=[])[0]
+    assert theirs[:len(ours)] == ours[:len(theirs)] and len(theirs) >= 20
