@@ -38,7 +38,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
           quant_method="auto", calibration_files=None, progress=True) -> Path:
     """Build an artifact directory; returns its path. See the module docstring for the stages."""
     from .checkpoint import load_checkpoint
-    from .export import export_onnx
+    from .export import export_onnx, fused_attention
     from .planner import choose
 
     t0 = time.time()
@@ -62,7 +62,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     out = Path(out)
     with staging_dir(out, force=force) as tmp:
         log(f"export: {cfg.n_layers} layers, {cfg.n_params() / 1e9:.2f}B parameters -> {out}/model.onnx")
-        target = "ort-cpu" if prof.backend == "onnxruntime" else "portable"
+        target = prof.export_target
         method = _quant_method(quant_method, precision, tok)
         calib = None
         if method == "awq":
@@ -72,7 +72,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
         io = export_onnx(ckpt, tmp, precision=precision, target=target, block_size=block_size,
                          calibration=calib, progress=progress)
         tok_files = tok.save(tmp) if tok else []
-        left_padding = not any(n.op_type == "GroupQueryAttention" for n in _graph_nodes(tmp))
+        left_padding = not fused_attention(cfg, target)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "model": cfg.to_dict(),
@@ -141,12 +141,6 @@ def _write_genai_config(artifact_dir, cfg, tok, *, shared_kv: bool):
                    "num_beams": 1, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0},
     }
     (Path(artifact_dir) / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _graph_nodes(artifact_dir):
-    import onnx
-
-    return onnx.load(str(Path(artifact_dir) / "model.onnx"), load_external_data=False).graph.node
 
 
 def _quant_method(method: str, precision: str, tok) -> str | None:

@@ -39,6 +39,17 @@ def activation_dtype(precision: str, target: str) -> str:
     return "float32" if precision == "fp32" or target == "ort-cpu" else "float16"
 
 
+def fused_attention(cfg: LlamaConfig, target: str) -> bool:
+    """ONNX Runtime CPU graphs use GroupQueryAttention (full rotary only; partial rotary keeps the
+    portable attention). Such a graph takes no left padding and may share its KV buffers."""
+    return target == "ort-cpu" and cfg.rope_dim == cfg.head_dim
+
+
+def quantized_lm_head(precision: str, target: str) -> bool:
+    """ONNX Runtime CPU int8/int4 read an 8-bit copy of the output layer (see _lm_head)."""
+    return target == "ort-cpu" and precision in ("int8", "int4")
+
+
 def io_spec(cfg: LlamaConfig, kv_dtype: str = "float32") -> dict:
     """The ONNX I/O contract (DESIGN.md) as data: name -> {dtype, shape}."""
     kv = ["batch", cfg.n_kv_heads, "past_seq", cfg.head_dim]
@@ -146,8 +157,7 @@ class _Emitter:
 
 
 def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: str = "portable",
-                block_size: int = 32, calibration: np.ndarray | None = None, fused_attention: bool = True,
-                progress: bool = True) -> dict:
+                block_size: int = 32, calibration: np.ndarray | None = None, progress: bool = True) -> dict:
     """Write `out_dir/model.onnx` and `out_dir/model.onnx.data`; return the I/O spec.
 
     calibration: token ids [n_seq, seq_len]; with int8/int4 this turns on AWQ (see awq.py)."""
@@ -180,8 +190,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
     cos, sin = rope_tables(cfg)
     g.weight("model.rotary.cos_cache", cos.astype(e.np_act))
     g.weight("model.rotary.sin_cache", sin.astype(e.np_act))
-    # ONNX Runtime CPU: fused GroupQueryAttention (full rotary only; partial rotary stays portable)
-    gqa = _gqa_inputs(g) if target == "ort-cpu" and fused_attention and cfg.rope_dim == hd else None
+    gqa = _gqa_inputs(g) if fused_attention(cfg, target) else None
     if gqa is not None:
         g.use_domain("com.microsoft")
         cos = sin = bias = None
@@ -307,7 +316,7 @@ def _lm_head(g: GraphBuilder, e: _Emitter, x: str, W, cfg: LlamaConfig):
     stored once. ort-cpu int8/int4: an 8-bit MatMulNBits copy: a quarter of the fp32 bytes read
     per token (for SmolLM2 the fp32 head alone is half of an int8 model's bytes per token); the
     output layer is too sensitive for 4 bits."""
-    if e.target == "ort-cpu" and e.precision in ("int8", "int4"):
+    if quantized_lm_head(e.precision, e.target):
         w = W["tok_embeddings.weight"] if cfg.tie_embeddings else W["output.weight"]
         y = e.linear(x, w.T, "lm_head.weight", "/lm_head", bits=8)
         g.op("Identity", [y], name="/lm_head/Identity", outputs=["logits"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progres
         prompt_ids = [rng.integers(0, cfg.vocab_size, 8 + 4 * i).tolist() for i in range(len(prompts or DEFAULT_PROMPTS))]
     n_tokens = max(1, min(n_tokens, cfg.max_seq_len - max(len(p) for p in prompt_ids) - 1))
     be = model.backend
-    say = (lambda s: print(s, flush=True, file=__import__("sys").stderr)) if progress else (lambda s: None)
+    say = (lambda s: print(s, flush=True, file=sys.stderr)) if progress else (lambda s: None)
 
     abs_max, abs_sum, abs_n, kls, top1s, greedy_frac, per_prompt = 0.0, 0.0, 0, [], [], [], []
     for i, ids in enumerate(prompt_ids):

@@ -18,6 +18,7 @@ import dataclasses
 
 from . import LlamaExportError
 from .config import LlamaConfig
+from .export import activation_dtype, quantized_lm_head
 from .profiles import Profile
 
 GiB = 2**30
@@ -64,14 +65,18 @@ def _matrix_bytes_per_param(precision: str, target: str, block: int) -> float:
     return 0.5 + 2.0 / block  # int4: fp16 scale per block
 
 
+def _act_bytes(precision: str, target: str) -> int:
+    return 4 if activation_dtype(precision, target) == "float32" else 2
+
+
 def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int = 32) -> tuple[float, float]:
     """(bytes stored, bytes read per decoded token)."""
-    act = 4 if precision == "fp32" or target == "ort-cpu" else 2
+    act = _act_bytes(precision, target)
     d, hd = cfg.dim, cfg.head_dim
     per_layer = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.ffn_dim
     body = cfg.n_layers * per_layer * _matrix_bytes_per_param(precision, target, block)
     emb = cfg.vocab_size * d * act
-    if target == "ort-cpu" and precision == "int4":   # 8-bit lm_head copy
+    if quantized_lm_head(precision, target):   # 8-bit lm_head copy
         head = cfg.vocab_size * d * _matrix_bytes_per_param("int8", target, block)
     else:
         head = 0 if cfg.tie_embeddings else cfg.vocab_size * d * act
@@ -85,8 +90,8 @@ def plan(cfg: LlamaConfig, profile: Profile, precision: str, *, context: int | N
          batch: int | None = None, block: int = 32) -> Plan:
     ctx = context or cfg.max_seq_len
     b = batch or profile.default_batch
-    target = "ort-cpu" if profile.backend == "onnxruntime" else "portable"
-    act = 4 if precision == "fp32" or target == "ort-cpu" else 2
+    target = profile.export_target
+    act = _act_bytes(precision, target)
     stored, read = weight_bytes(cfg, precision, target=target, block=block)
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * ctx * b * act
     acts = (b * ctx * cfg.vocab_size * 4 + b * cfg.n_heads * ctx * ctx * 4

@@ -46,6 +46,11 @@ class Profile:
             raise LlamaExportError(f"profile {where}: default_precision {self.default_precision!r} is not in precisions")
 
     @property
+    def export_target(self) -> str:
+        """The graph form this profile runs: ONNX Runtime's CPU graph, or the portable one."""
+        return "ort-cpu" if self.backend == "onnxruntime" else "portable"
+
+    @property
     def budget_bytes(self) -> float:
         return (self.memory_gb - self.reserved_gb) * 2**30
 
