@@ -3,6 +3,14 @@
 Prefill is one forward over a `prompt_len`-token prompt; decode is `new_tokens` single-token
 forwards through the KV cache with greedy selection, timed separately. The median of `repeat`
 runs is reported (after one warm-up), as tokens per second over the whole batch.
+
+Memory: peak RSS is checked against a budget of weights + KV cache + 300 MB (the interpreter,
+numpy, ONNX Runtime and its arenas). weights_mb is the weight data on disk (model.onnx +
+model.onnx.data). kv_cache_mb is the cache this run makes the runtime allocate:
+2 (K and V) x layers x kv_heads x head_dim x length x batch x dtype bytes, where length is
+max_seq_len when the manifest's kv_cache form is "past_present_shared" (the runtime binds one
+max-length buffer per tensor, written in place) and prompt_len + new_tokens otherwise (the cache
+grows by one position per token).
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +27,37 @@ from . import LlamaExportError
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+RSS_OVERHEAD_MB = 300  # interpreter + numpy + onnxruntime + arenas, on top of weights and KV cache
+MB = 2**20  # as peak_rss_mb: ru_maxrss is in KiB
+
+
+def weights_bytes(artifact, manifest: dict) -> int:
+    """Bytes of the artifact's weight data on disk: model.onnx + model.onnx.data (whichever exist)."""
+    files = manifest.get("files") or {}
+    paths = [Path(artifact) / files[k] for k in ("onnx", "onnx_data") if files.get(k)]
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def kv_cache_bytes(manifest: dict, *, batch: int, prompt_len: int, new_tokens: int) -> int:
+    """The KV cache the runtime allocates for a bench run (see the module docstring)."""
+    from .config import LlamaConfig
+
+    cfg = LlamaConfig.from_dict(manifest["model"])
+    kv = manifest.get("kv_cache") or {}
+    length = cfg.max_seq_len if kv.get("form") == "past_present_shared" else prompt_len + new_tokens
+    itemsize = np.dtype(kv.get("dtype", "float32")).itemsize
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * length * batch * itemsize
+
+
+def memory_budget(artifact, manifest: dict, *, batch: int, prompt_len: int, new_tokens: int,
+                  peak_mb: float) -> dict:
+    w = weights_bytes(artifact, manifest) / MB
+    kv = kv_cache_bytes(manifest, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens) / MB
+    budget = w + kv + RSS_OVERHEAD_MB
+    return {"weights_mb": round(w, 3), "kv_cache_mb": round(kv, 3), "rss_budget_mb": round(budget, 3),
+            "rss_within_budget": bool(peak_mb <= budget)}
 
 
 def run_bench(artifact, *, prompt_len: int = 64, new_tokens: int = 128, batch: int = 1,
@@ -47,18 +87,21 @@ def run_bench(artifact, *, prompt_len: int = 64, new_tokens: int = 128, batch: i
 
     once()  # warm-up: first-run allocations and kernel selection
     runs = [once() for _ in range(repeat)]
+    peak = peak_rss_mb()
     return {
         "artifact": str(artifact),
         "backend": backend or model.manifest.get("backend"),
         "precision": model.manifest.get("precision"),
         "prefill_tok_s": round(statistics.median(r[0] for r in runs), 2),
         "decode_tok_s": round(statistics.median(r[1] for r in runs), 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak, 1),
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "batch": batch,
         "threads": getattr(be, "threads", None),
         "repeat": repeat,
+        **memory_budget(artifact, model.manifest, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+                        peak_mb=peak),
     }
 
 
@@ -66,4 +109,6 @@ def format_bench(r: dict) -> str:
     return (f"{r['artifact']} ({r['backend']}, {r['precision']}, batch {r['batch']}, {r['threads']} threads)\n"
             f"  prefill  {r['prefill_tok_s']:10.1f} tok/s   ({r['prompt_len']}-token prompt)\n"
             f"  decode   {r['decode_tok_s']:10.1f} tok/s   ({r['new_tokens']} new tokens)\n"
-            f"  peak RSS {r['peak_rss_mb']:10.1f} MB")
+            f"  peak RSS {r['peak_rss_mb']:10.1f} MB   (budget {r['rss_budget_mb']:.1f} MB = weights "
+            f"{r['weights_mb']:.1f} + KV cache {r['kv_cache_mb']:.1f} + {RSS_OVERHEAD_MB}: "
+            f"{'within' if r['rss_within_budget'] else 'OVER'})")

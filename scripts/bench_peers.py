@@ -2,9 +2,9 @@
 """Side-by-side CPU benchmark: llamaexport ("ours") vs PyTorch eager (HF transformers) vs onnxruntime-genai vs
 llama.cpp (llama-cpp-python), at fp32, int8, int4 and int4 with 128-wide blocks.
 
-    python scripts/bench_cpu.py [--models smollm2,1.1b] [--threads 2] [--prompt-len 64] [--new-tokens 128]
-                                [--repeat 3] [--workdir DIR] [--json OUT] [--systems ours,hf,genai,llamacpp]
-                                [--precisions fp32,int8,int4,int4-b128]
+    python scripts/bench_peers.py [--models smollm2,1.1b] [--threads 2] [--prompt-len 64] [--new-tokens 128]
+                                  [--repeat 3] [--workdir DIR] [--json OUT] [--systems ours,hf,genai,llamacpp]
+                                  [--precisions fp32,int8,int4,int4-b128] [--bandwidth-gib 1]
 
 Batch 1, greedy, the same random prompt ids (numpy seed 0, ids in [3, vocab)) for every system, one warm-up
 run, then the median of --repeat runs. Each system runs in its own subprocess (own thread settings, own peak RSS).
@@ -24,6 +24,30 @@ Precisions (weight-only: activations are fp32 between ops, quantized on the fly 
             RTN, every MatMul including lm_head.
   llamacpp  GGUF F32 / Q8_0 / Q4_0 from llama.cpp's own quantizer (`llama_model_quantize`, llama-quantize's
             defaults) as fp32 / int8 / int4; Q4_0 has a fixed block of 32, so there is no int4-b128 row.
+Memory bandwidth and "% of bandwidth" (how close decode is to the memory-bound ceiling):
+  bandwidth  measured in the same run, at the start and at the end of each model's block of rows (it drifts
+        +-15% minute to minute on these VMs), each time in a fresh subprocess: --threads Python threads (the
+        benchmark's thread count) each `np.add.reduce` over its own contiguous slice of one --bandwidth-gib GiB
+        float32 array (numpy releases the GIL inside the reduction; the array is written first, so no page
+        faults are timed), one warm-up pass, then the median of 5 passes; GB/s = array bytes / pass time / 1e9.
+  bytes/token  the weight bytes one decode step reads, from the artifact files actually benchmarked:
+        ONNX (ours, genai): the sum of all initializer sizes (external data `length`, or the inline size),
+        except tensors only read one row per token: an embedding table whose only consumers are Gather /
+        GatherBlockQuantized (its data, scales and zero points) counts one row (size / rows); a table that
+        also feeds a MatMul/Gemm (a tied lm_head) or anything else counts fully. GroupQueryAttention's
+        cos/sin caches (one row per position) also count one row. Unused initializers count 0.
+        GGUF (llamacpp): `gguf.GGUFReader` tensor `n_bytes`; `token_embd.weight` counts one row (of its own
+        quantized type) unless there is no `output.weight` (tied: it is the lm_head and counts fully).
+        safetensors (hf): tensor sizes from the header; `model.embed_tokens.weight` counts one row unless
+        there is no `lm_head.weight` (tied).
+  % of bandwidth = 100 x bytes/token x decode tok/s / (bandwidth GB/s x 1e9), with bandwidth = the mean of
+        the model's start and end measurements. The KV cache and activations are not counted (the fp32 KV cache
+        read per step averages ~6 MB over a 64-prompt + 128-token decode for both models: ~1% of the 1.1b int4
+        weights, ~7% of SmolLM2's), so this is a lower bound on the traffic; weights that fit in the CPU caches
+        (tiny) can read above 100%.
+The JSON rows carry `weights_path`, `weights_read_mb_per_token` (MB = 1e6 bytes) and `pct_of_bandwidth`; our
+rows also `llamaexport bench`'s RSS budget check (weights_mb + kv_cache_mb + 300 MB = rss_budget_mb vs
+peak_rss_mb, rss_within_budget); the top level has `bandwidth` per model (start, end, mean GB/s).
 Everything built (artifacts, HF checkpoints, GGUFs, the genai venv) is cached in --workdir and reused.
 Rows are jobs (system, precision) so more runtimes / precisions can be added to JOBS and SYSTEMS.
 """
@@ -166,7 +190,12 @@ def run_ours(model, precision, a, wd):
                 wd / "logs" / f"ours-bench-{model}-{precision}.log", "llamaexport bench")
     r = json.loads(stdout[stdout.index("{"):])
     detail = (manifest.get("quantization") or "").upper() or None  # AWQ / RTN for int8 and int4
-    return dict({k: r[k] for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb")}, detail=detail)
+    budget = ("weights_mb", "kv_cache_mb", "rss_budget_mb", "rss_within_budget")
+    if not r["rss_within_budget"]:
+        log(f"ours: peak RSS {r['peak_rss_mb']} MB is over the budget {r['rss_budget_mb']} MB "
+            f"(weights {r['weights_mb']} + KV cache {r['kv_cache_mb']} + 300)")
+    return dict({k: r[k] for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb", *budget)}, detail=detail,
+                weights_path=str(out / manifest["files"]["onnx"]))
 
 
 # ---- hf: PyTorch eager through transformers ---------------------------------------------------------------
@@ -176,7 +205,8 @@ def run_hf(model, precision, a, wd):
         raise Unavailable(f"eager {precision} not benchmarked")
     hf = ensure_hf_dir(model, wd)
     log(f"hf: generate on {hf}")
-    return worker("hf_bench", dict(knobs(a), dir=str(hf)), wd / "logs" / f"hf-bench-{model}.log", threads=a.threads)
+    r = worker("hf_bench", dict(knobs(a), dir=str(hf)), wd / "logs" / f"hf-bench-{model}.log", threads=a.threads)
+    return dict(r, weights_path=str(hf))
 
 
 def worker_hf_bench(a):
@@ -259,7 +289,8 @@ def run_genai(model, precision, a, wd):
     log(f"genai: generator on {out}")
     r = worker("genai_bench", dict(knobs(a), dir=str(out)), wd / "logs" / f"genai-bench-{model}-{precision}.log",
                python=py, threads=a.threads)
-    return dict(r, detail="RTN" if block else None)
+    decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"].get("filename", "model.onnx")
+    return dict(r, detail="RTN" if block else None, weights_path=str(out / decoder))
 
 
 def worker_genai_bench(a):
@@ -420,7 +451,7 @@ def run_llamacpp(model, precision, a, wd):
     log(f"llamacpp: Llama on {path}")
     r = worker("llamacpp_bench", dict(knobs(a), path=str(path)), wd / "logs" / f"llamacpp-bench-{model}-{precision}.log",
                python=py, threads=a.threads)
-    return dict(r, detail=GGUF_TYPES[precision])
+    return dict(r, detail=GGUF_TYPES[precision], weights_path=str(path))
 
 
 def worker_llamacpp_bench(a):
@@ -451,12 +482,169 @@ def worker_llamacpp_bench(a):
 SYSTEMS = {"ours": run_ours, "hf": run_hf, "genai": run_genai, "llamacpp": run_llamacpp}
 
 
+# ---- memory bandwidth and weight bytes read per decoded token (see the module docstring) -------------------
+
+BANDWIDTH_REPEATS = 5
+
+
+def measure_bandwidth(a, wd: Path, model: str, when: str) -> dict:
+    """Read bandwidth (GB/s) with the benchmark's thread count, in a fresh subprocess; {"error"} if it fails."""
+    try:
+        r = worker("bandwidth", dict(threads=a.threads, gib=a.bandwidth_gib, repeats=BANDWIDTH_REPEATS),
+                   wd / "logs" / f"bandwidth-{model}-{when}.log", threads=a.threads)
+        log(f"{model}: memory read bandwidth at the {when}: {r['gb_s']} GB/s ({a.threads} threads)")
+        return r
+    except Exception as e:  # noqa: BLE001 - a failed measurement only costs the % column
+        log(f"{model}: bandwidth measurement failed: {e}")
+        return {"error": f"{type(e).__name__}: {e}"[:100]}
+
+
+def worker_bandwidth(a):
+    import threading
+    import numpy as np
+    n, passes = a["threads"], 1 + a["repeats"]  # the first pass is the warm-up
+    x = np.ones(int(a["gib"] * 2**30) // 4, np.float32)  # written here: every page is mapped before timing
+    parts = np.array_split(x, n)
+    start, done = threading.Barrier(n + 1), threading.Barrier(n + 1)
+
+    def reader(part):
+        for _ in range(passes):
+            start.wait()
+            np.add.reduce(part)  # releases the GIL: the n threads stream their slices in parallel
+            done.wait()
+
+    pool = [threading.Thread(target=reader, args=(p,), daemon=True) for p in parts]
+    for t in pool:
+        t.start()
+    secs = []
+    for _ in range(passes):
+        start.wait()
+        t0 = time.perf_counter()
+        done.wait()
+        secs.append(time.perf_counter() - t0)
+    for t in pool:
+        t.join()
+    runs = [x.nbytes / s / 1e9 for s in secs[1:]]
+    return {"gb_s": round(statistics.median(runs), 2), "runs_gb_s": [round(r, 2) for r in runs],
+            "threads": n, "gib": a["gib"]}
+
+
+def bandwidth_summary(start: dict, end: dict) -> dict:
+    ok = [m["gb_s"] for m in (start, end) if "gb_s" in m]
+    return dict(start=start, end=end, mean_gb_s=round(statistics.mean(ok), 2) if ok else None)
+
+
+def onnx_tensor_bytes(t) -> int:
+    import onnx
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        ext = {e.key: e.value for e in t.external_data}
+        if "length" in ext:
+            return int(ext["length"])
+    elif t.HasField("raw_data"):
+        return len(t.raw_data)
+    n = 1
+    for d in t.dims:
+        n *= d
+    four_bit = {getattr(onnx.TensorProto, k) for k in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, k)}
+    if t.data_type in four_bit:
+        return (n + 1) // 2
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+# (op, input index) slots that read one row per decoded token: embedding lookups and the rotary caches
+ROW_READ = {("Gather", 0), ("GatherBlockQuantized", 0), ("GatherBlockQuantized", 2), ("GatherBlockQuantized", 3),
+            ("GroupQueryAttention", 7), ("GroupQueryAttention", 8)}
+
+
+def onnx_bytes_per_token(path) -> int:
+    import onnx
+    g = onnx.load(str(path), load_external_data=False).graph
+    consumers = {}
+
+    def walk(graph):
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                consumers.setdefault(name, set()).add((node.op_type, i))
+            for attr in node.attribute:  # If/Loop/Scan bodies
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    walk(sub)
+
+    walk(g)
+    total = 0
+    for t in g.initializer:
+        use, size = consumers.get(t.name, set()), onnx_tensor_bytes(t)
+        if use and use <= ROW_READ and len(t.dims) >= 1 and t.dims[0] > 0:
+            total += size // t.dims[0]  # one row per token
+        elif use:
+            total += size
+    return total
+
+
+def gguf_bytes_per_token(path) -> int:
+    from gguf import GGUFReader
+    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+    total = sum(int(t.n_bytes) for n, t in tensors.items() if n != "token_embd.weight")
+    emb = tensors.get("token_embd.weight")
+    if emb is not None:
+        # shape is in ggml order (ne0 = the row length first): rows = elements / ne0
+        total += int(emb.n_bytes) if "output.weight" not in tensors else \
+            int(emb.n_bytes) // (int(emb.n_elements) // int(emb.shape[0]))
+    return total
+
+
+def safetensors_bytes_per_token(hf_dir) -> int:
+    sizes = {}
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        sizes.update({k: (v["data_offsets"][1] - v["data_offsets"][0], v["shape"])
+                      for k, v in header.items() if k != "__metadata__"})
+    emb = sizes.pop("model.embed_tokens.weight", None)
+    total = sum(n for n, _ in sizes.values())
+    if emb is not None:
+        total += emb[0] if "lm_head.weight" not in sizes else emb[0] // emb[1][0]
+    return total
+
+
+def weights_read_per_token(path: str, wd: Path) -> int:
+    p = Path(path)
+    if p.is_dir():
+        return safetensors_bytes_per_token(p)
+    if p.suffix == ".gguf":
+        try:
+            return gguf_bytes_per_token(p)
+        except ImportError:  # the gguf package lives in the llamacpp venv only (see ensure_llamacpp)
+            return worker("gguf_bytes", dict(path=str(p)), wd / "logs" / "gguf-bytes.log",
+                          python=str(wd / "llamacpp-venv" / "bin" / "python"))["bytes"]
+    return onnx_bytes_per_token(p)
+
+
+def worker_gguf_bytes(a):
+    return {"bytes": gguf_bytes_per_token(a["path"])}
+
+
+def add_bandwidth_columns(rows, bandwidth: dict, wd: Path):
+    """weights_read_mb_per_token and pct_of_bandwidth on every measured row (see the module docstring)."""
+    for r in rows:
+        if "error" in r or "weights_path" not in r:
+            continue
+        try:
+            b = weights_read_per_token(r["weights_path"], wd)
+        except Exception as e:  # noqa: BLE001 - only this row's % column is lost
+            r["weights_read_error"] = f"{type(e).__name__}: {e}"[:100]
+            continue
+        r["weights_read_mb_per_token"] = round(b / 1e6, 3)
+        bw = bandwidth.get(r["model"], {}).get("mean_gb_s")
+        if bw:
+            r["pct_of_bandwidth"] = round(100 * b * r["decode_tok_s"] / (bw * 1e9), 1)
+
+
 # ---- table ------------------------------------------------------------------------------------------------
 
 def table(rows) -> str:
     """Rows grouped by model, then precision (PRECISIONS order), then system (JOBS order)."""
     head = ["model", "system", "precision", "prefill tok/s", "decode tok/s", "prefill vs ours (same precision)",
-            "decode vs ours (same precision)", "peak RSS MB"]
+            "decode vs ours (same precision)", "% of bandwidth", "peak RSS MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(head))) + "|"]
     models = list(dict.fromkeys(r["model"] for r in rows))
     systems = list(dict.fromkeys(s for s, _ in JOBS))
@@ -466,11 +654,12 @@ def table(rows) -> str:
         ours = next((o for o in rows if o["model"] == r["model"] and o["system"] == "ours"
                      and o["precision"] == r["precision"] and "error" not in o), None)
         if "error" in r:
-            cells = [f"n/a ({r['error']})", "", "", "", ""]
+            cells = [f"n/a ({r['error']})", "", "", "", "", ""]
         else:
             ratio = lambda k: f"{r[k] / ours[k]:.2f}x" if ours else "n/a"
+            pct = f"{r['pct_of_bandwidth']:.0f}%" if "pct_of_bandwidth" in r else "n/a"
             cells = [f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}", ratio("prefill_tok_s"),
-                     ratio("decode_tok_s"), f"{r['peak_rss_mb']:.0f}"]
+                     ratio("decode_tok_s"), pct, f"{r['peak_rss_mb']:.0f}"]
         prec = r["precision"] + (f" ({r['detail']})" if r.get("detail") else "")  # e.g. int4 (AWQ), int8 (Q8_0)
         lines.append("| " + " | ".join([r["model"], r["system"], prec, *cells]) + " |")
     return "\n".join(lines)
@@ -487,23 +676,28 @@ def main():
     ap.add_argument("--json", type=Path, help="also write the rows and settings here")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
     ap.add_argument("--precisions", default=",".join(PRECISIONS), help=f"comma list of {', '.join(PRECISIONS)}")
+    ap.add_argument("--bandwidth-gib", type=float, default=1.0,
+                    help="size of the array the memory bandwidth measurement reads (GiB)")
     a = ap.parse_args()
     models, systems, precisions = a.models.lower().split(","), a.systems.split(","), a.precisions.split(",")
     bad = ([m for m in models if m not in MODELS] + [s for s in systems if s not in SYSTEMS]
            + [p for p in precisions if p not in PRECISIONS])
     if bad:
         ap.error(f"unknown model/system/precision: {', '.join(bad)}")
-    if a.new_tokens < 2 or a.prompt_len < 1 or a.repeat < 1:
-        ap.error("--new-tokens must be >= 2 (decode is timed over tokens 2..T), --prompt-len and --repeat >= 1")
+    if a.new_tokens < 2 or a.prompt_len < 1 or a.repeat < 1 or a.bandwidth_gib <= 0:
+        ap.error("--new-tokens must be >= 2 (decode is timed over tokens 2..T), --prompt-len and --repeat >= 1, "
+                 "--bandwidth-gib > 0")
     a.workdir = a.workdir.expanduser().resolve()
     a.workdir.mkdir(parents=True, exist_ok=True)
-    wd, settings = a.workdir, dict(knobs(a), models=models, systems=systems, precisions=precisions)
+    wd, settings = a.workdir, dict(knobs(a), models=models, systems=systems, precisions=precisions,
+                                   bandwidth_gib=a.bandwidth_gib, bandwidth_repeats=BANDWIDTH_REPEATS)
     load0 = os.getloadavg()[0]
     if load0 > 0.5:
         log(f"WARNING: 1-min load average is {load0:.2f} before starting: other processes share the CPU, "
             "so the numbers (especially PyTorch's OpenMP threads) will be noisy")
-    rows = []
+    rows, bandwidth = [], {}
     for model in models:
+        bw_start = measure_bandwidth(a, wd, model, "start")
         for system, precision in [j for j in JOBS if j[0] in systems and j[1] in precisions]:
             log(f"== {model} / {system} / {precision}")
             row = dict(model=model, system=system, precision=precision)
@@ -517,13 +711,23 @@ def main():
                 row["error"] = f"{type(e).__name__}: {e}"[:100]
                 log(f"   {row['error']}")
             rows.append(row)
+        bandwidth[model] = bandwidth_summary(bw_start, measure_bandwidth(a, wd, model, "end"))
+    add_bandwidth_columns(rows, bandwidth, wd)
     when = datetime.datetime.now().isoformat(timespec="seconds")
     print(f"CPU benchmark {when} on {platform.node()} ({os.cpu_count()} CPUs, 1-min load avg {load0:.2f} before "
           f"starting): batch 1, greedy, {a.threads} threads, {a.prompt_len}-token prompt, "
-          f"{a.new_tokens} new tokens, median of {a.repeat} after a warm-up\n")
+          f"{a.new_tokens} new tokens, median of {a.repeat} after a warm-up")
+    for model, bw in bandwidth.items():
+        at = lambda m: f"{m['gb_s']:.1f}" if "gb_s" in m else f"n/a ({m['error']})"
+        print(f"{model}: memory read bandwidth {at(bw['start'])} GB/s at the start, {at(bw['end'])} GB/s at the "
+              f"end ({a.threads} threads, np.add.reduce over {a.bandwidth_gib:g} GiB, median of "
+              f"{BANDWIDTH_REPEATS}); % of bandwidth = weight bytes read per token x decode tok/s / "
+              + (f"{bw['mean_gb_s']:.1f} GB/s (the mean)" if bw["mean_gb_s"] else "n/a"))
+    print()
     print(table(rows))
     if a.json:
-        a.json.write_text(json.dumps(dict(date=when, settings=settings, load_avg_start=load0, rows=rows), indent=2))
+        a.json.write_text(json.dumps(dict(date=when, settings=settings, load_avg_start=load0, bandwidth=bandwidth,
+                                          rows=rows), indent=2))
         log(f"wrote {a.json}")
 
 
