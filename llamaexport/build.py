@@ -38,7 +38,8 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
           quant_method="auto", calibration_files=None, progress=True) -> Path:
     """Build an artifact directory; returns its path. See the module docstring for the stages."""
     from .checkpoint import load_checkpoint
-    from .export import export_onnx, fused_attention
+    from .export import ROLES, export_onnx, fused_attention
+    from .quantize import tensor_precision
     from .planner import choose
 
     t0 = time.time()
@@ -56,7 +57,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     # refuse what cannot fit before any work is done
     chosen = choose(cfg, prof, precision, context=cfg.max_seq_len, block=block_size)
     precision = chosen.precision
-    log(f"plan: {precision} on {prof.name}: {chosen.total / 2**30:.2f} GiB of {chosen.budget / 2**30:.1f} GiB, "
+    log(f"plan: {chosen.label} on {prof.name}: {chosen.total / 2**30:.2f} GiB of {chosen.budget / 2**30:.1f} GiB, "
         f"decode ceiling {chosen.decode_ceiling:.1f} tok/s")
     tok = _load_tokenizer(tokenizer or ckpt.tokenizer_path, required=checkpoint is not None, vocab=cfg.vocab_size)
     out = Path(out)
@@ -65,12 +66,13 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
         target = prof.export_target
         method = _quant_method(quant_method, precision, tok)
         calib = None
-        if method == "awq":
+        if method in ("awq", "smoothquant"):
             from .awq import calibration_ids
             calib = calibration_ids(tok, cfg.vocab_size, files=calibration_files)
-            log(f"quantize: AWQ, calibrating on {calib.size} tokens")
+            what = "AWQ" if method == "awq" else "SmoothQuant W8A8"
+            log(f"quantize: {what}, calibrating on {calib.size} {'tokens' if tok else 'random token ids (no tokenizer)'}")
         io = export_onnx(ckpt, tmp, precision=precision, target=target, block_size=block_size,
-                         calibration=calib, progress=progress)
+                         calibration=calib, progress=progress, int4_protect=chosen.protect)
         tok_files = tok.save(tmp) if tok else []
         left_padding = not fused_attention(cfg, target)
         manifest = {
@@ -87,6 +89,8 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             "left_padding": left_padding,
             "block_size": block_size if precision in ("int8", "int4") else None,
             "quantization": method,
+            # the precision of each linear role (int4 keeps some at 8 bits; see quantize.tensor_precision)
+            "tensor_precisions": {r: tensor_precision(precision, r, target, chosen.protect) for r in ROLES.values()},
             # past_present_shared: the same max-length buffer may be bound as past and present
             # (GroupQueryAttention writes the new entries in place); plain past/present works too
             "kv_cache": {"form": "past_present" if left_padding else "past_present_shared",
@@ -144,7 +148,13 @@ def _write_genai_config(artifact_dir, cfg, tok, *, shared_kv: bool):
 
 
 def _quant_method(method: str, precision: str, tok) -> str | None:
-    """None for float precisions; `auto` = AWQ when there is text to calibrate on, else RTN."""
+    """None for float precisions; `auto` = AWQ when there is text to calibrate on, else RTN;
+    w8a8 is always SmoothQuant (its static activation scales need calibration)."""
+    if precision == "w8a8":
+        if method in ("rtn", "awq"):
+            raise LlamaExportError(f"--quant-method {method} does not apply to w8a8, which is calibrated with "
+                                   "SmoothQuant; leave --quant-method at auto")
+        return "smoothquant"
     if precision not in ("int8", "int4"):
         return None
     if method == "auto":

@@ -45,7 +45,7 @@ def main():
 @click.option("--checkpoint", type=click.Path(), help="A Meta or HF checkpoint directory, or a .gguf file.")
 @click.option("--profile", default="cpu", show_default=True, help="Hardware profile name or .toml path.")
 @click.option("--precision", default="auto", show_default=True,
-              type=click.Choice(["auto", "fp32", "fp16", "int8", "int4"]))
+              type=click.Choice(["auto", "fp32", "fp16", "int8", "int4", "w8a8"]))
 @click.option("--tokenizer", type=click.Path(), help="tokenizer.model / tokenizer.json (default: next to the weights).")
 @click.option("--max-seq-len", type=int, help="Context length (default: the profile's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --size random weights.")
@@ -55,9 +55,9 @@ def main():
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4/int8 quantization block along K.")
 @click.option("--memory-gb", type=float, help="Override the profile's device memory (GiB).")
 @click.option("--quant-method", default="auto", show_default=True, type=click.Choice(["auto", "rtn", "awq"]),
-              help="int8/int4: round-to-nearest or AWQ (auto: AWQ when a tokenizer gives calibration text).")
+              help="int8/int4: round-to-nearest or AWQ (auto: AWQ when a tokenizer gives calibration text); w8a8 always calibrates (SmoothQuant).")
 @click.option("--calibration", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Text file(s) to calibrate AWQ on (default: the text shipped with llamaexport).")
+              help="Text file(s) to calibrate AWQ / SmoothQuant on (default: the text shipped with llamaexport).")
 @click.option("--check", "run_check", is_flag=True, help="Run the parity check after building.")
 def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, out, force, export_only, block_size,
           memory_gb, quant_method, calibration, run_check):
@@ -149,7 +149,7 @@ def bench(artifact, prompt_len, new_tokens, batch, threads, repeat, as_json, bac
 @click.option("--max-seq-len", type=int, help="Context length (default: the profile's, capped by the model's).")
 @click.option("--batch", type=int, help="Batch size (default: the profile's).")
 @click.option("--precision", default="auto", show_default=True,
-              type=click.Choice(["auto", "fp32", "fp16", "int8", "int4"]))
+              type=click.Choice(["auto", "fp32", "fp16", "int8", "int4", "w8a8"]))
 @click.option("--memory-gb", type=float, help="Override the profile's device memory (GiB).")
 def plan(size, checkpoint, profile, max_seq_len, batch, precision, memory_gb):
     """Memory plan per precision on a profile, the choice, and the decode ceiling."""

@@ -16,7 +16,12 @@ read the same file:
   fp16   fp16 weights, activations and KV cache; RMSNorm, softmax and logits in float32
   int8   int8 weights (per-channel DequantizeLinear -> MatMul), fp16 activations      [portable]
   int4   INT4 weights (block-wise DequantizeLinear -> MatMul), fp16 activations       [portable]
+         (the most sensitive projections stay 8-bit: quantize.tensor_precision)
+  w8a8   SmoothQuant: int8 weights; int8 activations (static per-tensor scale, Q/DQ) into
+         QKV and gate/up, which TensorRT runs as INT8 GEMMs; fp16 elsewhere         [portable]
   int8/int4 on target "ort-cpu": MatMulNBits (block-wise, int8 compute), fp32 activations
+With calibration text, int8/int4 fold AWQ scales, w8a8 folds SmoothQuant scales (awq.py), and
+each quantized linear is rounded by input importance and gets a bias-correction term.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from .config import LlamaConfig, rope_tables
 from .onnx_graph import GraphBuilder
 
 OPSET = 21  # DequantizeLinear block_size / INT4 need 21; TensorRT 10.x and ORT parse it
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "w8a8")
 TARGETS = ("portable", "ort-cpu")
+ROLES = {"qkv": "qkv_proj", "o": "o_proj", "gate_up": "gate_up_proj", "down": "down_proj"}  # linear group -> role
 
 
 def activation_dtype(precision: str, target: str) -> str:
@@ -94,36 +100,62 @@ class _Emitter:
             return x
         return self.g.op("Cast", [x], name=name, to=self.TP.FLOAT if to_float32 else self.onnx_act)
 
-    def linear(self, x: str, w_t: np.ndarray, wname: str, name: str, *, bits: int | None = None) -> str:
-        """x [..., K] @ w_t [K, N] in this precision's form. `bits` overrides the quantization."""
+    def linear(self, x: str, w_t: np.ndarray, wname: str, name: str, *, precision: str | None = None,
+               stats: dict | None = None) -> str:
+        """x [..., K] @ w_t [K, N] in this precision's form. precision: this tensor's own (default:
+        the model's). stats (calibration, see awq.input_stats): weighted rounding + bias correction."""
         g, K, N = self.g, *w_t.shape
-        prec = {8: "int8", 4: "int4"}.get(bits, self.precision)
+        prec = precision or self.precision
         if prec in ("fp32", "fp16"):
             g.weight(wname, w_t.astype(self.np_act))
             return g.op("MatMul", [x, wname], name=f"{name}/MatMul")
+        imp = None if stats is None else stats["imp"]
+        if prec == "w8a8":  # int8 activations: a static per-tensor QuantizeLinear/DequantizeLinear pair
+            sx = g.weight(wname + ".input_scale", np.array(max(stats["amax"], 1e-8) / 127.0, self.np_act))
+            zx = g.weight(wname + ".input_zero_point", np.array(0, np.int8))
+            xq = g.op("QuantizeLinear", [x, sx, zx], name=f"{name}/input/QuantizeLinear")
+            x = g.op("DequantizeLinear", [xq, sx, zx], name=f"{name}/input/DequantizeLinear")
+            prec = "int8"
         if self.target == "ort-cpu":
             nbits = 8 if prec == "int8" else 4
-            blob, scale, zp = quantize.matmul_nbits(w_t, bits=nbits, block=self.block)
+            blob, scale, zp = quantize.matmul_nbits(w_t, bits=nbits, block=self.block, imp=imp)
+            bias = None
+            if stats is not None:
+                bias = self._bias_correction(
+                    quantize.dequant_matmul_nbits(blob, scale, zp, K=K, N=N, bits=nbits, block=self.block), w_t, stats)
             g.use_domain("com.microsoft")
             ins = [g.weight(wname + ".qweight", blob), g.weight(wname + ".scales", scale),
                    g.weight(wname + ".zero_points", zp)]
+            if bias is not None:
+                ins += ["", g.weight(wname + ".bias", bias.astype(np.float32))]  # no g_idx
             return g.op("MatMulNBits", [x, *ins], name=f"{name}/MatMulNBits", domain="com.microsoft",
                         K=K, N=N, bits=nbits, block_size=self.block, accuracy_level=4)
-        if prec == "int4":
-            block = quantize.portable_int4_block(K, self.block)
-            if block is not None:
-                q, scale = quantize.int4_blockwise(w_t, block)
-                g.weight_raw(wname + ".qweight", quantize.pack_int4(q), self.TP.INT4, [K, N])
-                g.weight(wname + ".scales", scale.astype(self.np_act))
-                w = g.op("DequantizeLinear", [wname + ".qweight", wname + ".scales"], name=f"{name}/DequantizeLinear",
-                         axis=0, block_size=block)
-                return g.op("MatMul", [x, w], name=f"{name}/MatMul")
-            # K not divisible by any block size: this tensor falls back to per-channel int8
-        q, scale = quantize.int8_per_channel(w_t)
-        g.weight(wname + ".qweight", q)
-        g.weight(wname + ".scales", scale.astype(self.np_act))
-        w = g.op("DequantizeLinear", [wname + ".qweight", wname + ".scales"], name=f"{name}/DequantizeLinear", axis=1)
-        return g.op("MatMul", [x, w], name=f"{name}/MatMul")
+        block = quantize.portable_int4_block(K, self.block) if prec == "int4" else None
+        if block is not None:
+            q, scale = quantize.int4_blockwise(w_t, block, imp)
+            g.weight_raw(wname + ".qweight", quantize.pack_int4(q), self.TP.INT4, [K, N])
+            g.weight(wname + ".scales", scale.astype(self.np_act))
+            w = g.op("DequantizeLinear", [wname + ".qweight", wname + ".scales"], name=f"{name}/DequantizeLinear",
+                     axis=0, block_size=block)
+            deq = None if stats is None else (q.reshape(K // block, block, N) * scale.astype(self.np_act)[:, None, :]
+                                              .astype(np.float32)).reshape(K, N)
+        else:  # int8, or int4 with K not divisible by any block size: per-channel int8
+            q, scale = quantize.int8_per_channel(w_t, imp)
+            g.weight(wname + ".qweight", q)
+            g.weight(wname + ".scales", scale.astype(self.np_act))
+            w = g.op("DequantizeLinear", [wname + ".qweight", wname + ".scales"], name=f"{name}/DequantizeLinear", axis=1)
+            deq = None if stats is None else q * scale.astype(self.np_act).astype(np.float32)
+        y = g.op("MatMul", [x, w], name=f"{name}/MatMul")
+        if deq is None:
+            return y
+        bias = g.weight(wname + ".bias", self._bias_correction(deq, w_t, stats).astype(self.np_act))
+        return g.op("Add", [y, bias], name=f"{name}/bias/Add")
+
+    @staticmethod
+    def _bias_correction(deq: np.ndarray, w_t: np.ndarray, stats: dict) -> np.ndarray:
+        """-E[x] (W_q - W): cancels the mean output error of the quantized weight over the
+        calibration inputs (Nagel et al. 2019's bias correction)."""
+        return -(stats["mean"].astype(np.float64) @ (deq.astype(np.float64) - w_t))
 
     def add_norm(self, h: str, delta: str | None, weight: np.ndarray, eps: float, name: str) -> tuple[str, str]:
         """h' = h + delta; return (RMSNorm(h'), h'). ONNX Runtime CPU gets one fused
@@ -157,16 +189,20 @@ class _Emitter:
 
 
 def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: str = "portable",
-                block_size: int = 32, calibration: np.ndarray | None = None, progress: bool = True) -> dict:
+                block_size: int = 32, calibration: np.ndarray | None = None, progress: bool = True,
+                int4_protect: bool = True) -> dict:
     """Write `out_dir/model.onnx` and `out_dir/model.onnx.data`; return the I/O spec.
 
-    calibration: token ids [n_seq, seq_len]; with int8/int4 this turns on AWQ (see awq.py)."""
+    calibration: token ids [n_seq, seq_len]; with int8/int4 this turns on AWQ (see awq.py).
+    int4_protect: int4 keeps the sensitive projections at 8 bits (quantize.tensor_precision)."""
     from onnx import TensorProto
 
     if precision not in PRECISIONS:
         raise LlamaExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if target not in TARGETS:
         raise LlamaExportError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
+    if precision == "w8a8" and (target != "portable" or calibration is None):
+        raise LlamaExportError("w8a8 (SmoothQuant) is for TensorRT profiles and needs calibration text")
     if block_size not in (16, 32, 64, 128, 256):
         raise LlamaExportError(f"block size {block_size} must be a power of two from 16 to 256")
     cfg, W = ckpt.config, ckpt.weights
@@ -201,39 +237,54 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
     rope_attrs = dict(domain=custom_ops.DOMAIN, interleaved=1, rotary_dim=cfg.rope_dim, **custom_ops.plugin_attrs())
 
     awq = calibration is not None and precision in ("int8", "int4")
-    if awq:
-        from .awq import LayerwiseCalibrator, apply_awq
+    smooth = precision == "w8a8"
+    if awq or smooth:
+        from .awq import LayerwiseCalibrator, apply_awq, apply_smoothquant
 
         calib = LayerwiseCalibrator(cfg, calibration, emb)
 
-        def fq(w_t):
-            return quantize.fake_quant(w_t, precision=precision, target=target, block=block_size)
+        def fq_w8(w_t, imp):
+            return quantize.fake_quant(w_t, precision="int8", target=target, block=block_size, imp=imp)
+
+        def fq(w_t, imp, group):
+            return quantize.fake_quant(w_t, precision=quantize.tensor_precision(precision, ROLES[group], target, int4_protect),
+                                       target=target, block=block_size, imp=imp)
     del emb
-    bar = _progress(cfg.n_layers, "export+awq" if awq else "export", progress)
+    bar = _progress(cfg.n_layers, "export+awq" if awq else "export+smoothquant" if smooth else "export", progress)
     delta = None  # a layer output not yet added to the residual stream h
     for i in range(cfg.n_layers):
         p, pre, wp = f"layers.{i}.", f"/model/layers.{i}", f"model.layers.{i}"
         lw = {k[len(p):]: W[k] for k in W.shapes if k.startswith(p)}  # this layer, loaded once
+        st = {}
         if awq:
-            lw = apply_awq(cfg, lw, calib.layer(lw), fq)
+            lw, st = apply_awq(cfg, lw, calib.layer(lw), fq)
+        elif smooth:
+            lw, st = apply_smoothquant(cfg, lw, calib.layer(lw), fq_w8, groups=[
+                g for g, r in ROLES.items() if quantize.tensor_precision(precision, r, target) == "w8a8"])
+
+        def lin(x, w_t, group):
+            role = ROLES[group]
+            return e.linear(x, w_t, f"{wp}.{'attn' if group in ('qkv', 'o') else 'mlp'}.{role}.weight",
+                            f"{pre}/{'attn' if group in ('qkv', 'o') else 'mlp'}/{role}",
+                            precision=quantize.tensor_precision(precision, role, target, int4_protect), stats=st.get(group))
         x, h = e.add_norm(h, delta, lw["attention_norm.weight"], cfg.norm_eps, f"{pre}/input_layernorm")
         # fused QKV; the 1/sqrt(hd) softmax scale is folded into the q rows (exact for hd = 64)
         wq = lw["attention.wq.weight"] * np.float32(hd ** -0.5)
         wqkv = np.concatenate([wq, lw["attention.wk.weight"], lw["attention.wv.weight"]]).T
         del wq
-        qkv = e.linear(x, wqkv, f"{wp}.attn.qkv_proj.weight", f"{pre}/attn/qkv_proj")
+        qkv = lin(x, wqkv, "qkv")
         del wqkv
         if gqa is not None:
             o = _attention_gqa(g, qkv, i, cfg, gqa, pre)
         else:
             o = _attention_standard(g, e, qkv, i, cfg, cos, sin, bias, rope_attrs, pre)
-        o = e.linear(o, lw["attention.wo.weight"].T, f"{wp}.attn.o_proj.weight", f"{pre}/attn/o_proj")
+        o = lin(o, lw["attention.wo.weight"].T, "o")
         x, h = e.add_norm(h, o, lw["ffn_norm.weight"], cfg.norm_eps, f"{pre}/post_attention_layernorm")
         w13 = np.concatenate([lw["feed_forward.w1.weight"], lw["feed_forward.w3.weight"]]).T
-        gu = e.linear(x, w13, f"{wp}.mlp.gate_up_proj.weight", f"{pre}/mlp/gate_up_proj")
+        gu = lin(x, w13, "gate_up")
         del w13
         a = g.op("SwiGLU", [gu], name=f"{pre}/mlp/act/SwiGLU", domain=custom_ops.DOMAIN, **custom_ops.plugin_attrs())
-        d = e.linear(a, lw["feed_forward.w2.weight"].T, f"{wp}.mlp.down_proj.weight", f"{pre}/mlp/down_proj")
+        d = lin(a, lw["feed_forward.w2.weight"].T, "down")
         delta = d  # added to the residual stream by the next norm
         if bar:
             bar.update(1)
@@ -318,7 +369,7 @@ def _lm_head(g: GraphBuilder, e: _Emitter, x: str, W, cfg: LlamaConfig):
     output layer is too sensitive for 4 bits."""
     if quantized_lm_head(e.precision, e.target):
         w = W["tok_embeddings.weight"] if cfg.tie_embeddings else W["output.weight"]
-        y = e.linear(x, w.T, "lm_head.weight", "/lm_head", bits=8)
+        y = e.linear(x, w.T, "lm_head.weight", "/lm_head", precision="int8")
         g.op("Identity", [y], name="/lm_head/Identity", outputs=["logits"])
         return
     if cfg.tie_embeddings:

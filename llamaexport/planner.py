@@ -19,11 +19,13 @@ import dataclasses
 from . import LlamaExportError
 from .config import LlamaConfig
 from .export import activation_dtype, quantized_lm_head
+from .quantize import tensor_precision
 from .profiles import Profile
 
 GiB = 2**30
 # ordered from the most to the least accurate: `auto` takes the first that fits
 PREFERENCE = ("fp32", "fp16", "int8", "int4")
+EXPLICIT_ONLY = ("w8a8",)  # same memory as int8 and less accurate: planned, never chosen by auto
 OVERHEAD = {"tensorrt": 0.75 * GiB, "onnxruntime": 0.25 * GiB}
 
 
@@ -38,6 +40,11 @@ class Plan:
     budget: float
     bytes_per_token: float
     bandwidth_gbs: float
+    protect: bool = True  # int4: the sensitive projections at 8 bits (quantize.INT4_8BIT_ROLES)
+
+    @property
+    def label(self) -> str:
+        return self.precision if self.protect or self.precision != "int4" else "int4 (all 4-bit)"
 
     @property
     def total(self) -> float:
@@ -60,7 +67,7 @@ def _matrix_bytes_per_param(precision: str, target: str, block: int) -> float:
     if target == "ort-cpu":  # MatMulNBits: fp32 scale + uint8/uint4 zero point per block
         bits = 8 if precision == "int8" else 4
         return bits / 8 + (4 + bits / 8) / block
-    if precision == "int8":  # per-channel fp16 scales: negligible
+    if precision in ("int8", "w8a8"):  # per-channel fp16 scales: negligible
         return 1.0
     return 0.5 + 2.0 / block  # int4: fp16 scale per block
 
@@ -69,12 +76,15 @@ def _act_bytes(precision: str, target: str) -> int:
     return 4 if activation_dtype(precision, target) == "float32" else 2
 
 
-def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int = 32) -> tuple[float, float]:
+def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int = 32,
+                 protect: bool = True) -> tuple[float, float]:
     """(bytes stored, bytes read per decoded token)."""
     act = _act_bytes(precision, target)
     d, hd = cfg.dim, cfg.head_dim
-    per_layer = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.ffn_dim
-    body = cfg.n_layers * per_layer * _matrix_bytes_per_param(precision, target, block)
+    params = {"qkv_proj": d * hd * (cfg.n_heads + 2 * cfg.n_kv_heads), "o_proj": d * hd * cfg.n_heads,
+              "gate_up_proj": 2 * d * cfg.ffn_dim, "down_proj": d * cfg.ffn_dim}
+    body = cfg.n_layers * sum(n * _matrix_bytes_per_param(tensor_precision(precision, role, target, protect), target, block)
+                              for role, n in params.items())
     emb = cfg.vocab_size * d * act
     if quantized_lm_head(precision, target):   # 8-bit lm_head copy
         head = cfg.vocab_size * d * _matrix_bytes_per_param("int8", target, block)
@@ -88,21 +98,31 @@ def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int = 
 
 def plan(cfg: LlamaConfig, profile: Profile, precision: str, *, context: int | None = None,
          batch: int | None = None, block: int = 32) -> Plan:
+    """int4 keeps its 8-bit projections when they fit, else falls back to all 4-bit."""
+    p = _plan(cfg, profile, precision, context=context, batch=batch, block=block, protect=True)
+    if precision == "int4" and not p.fits:
+        pure = _plan(cfg, profile, precision, context=context, batch=batch, block=block, protect=False)
+        if pure.fits:
+            return pure
+    return p
+
+
+def _plan(cfg: LlamaConfig, profile: Profile, precision: str, *, context, batch, block, protect) -> Plan:
     ctx = context or cfg.max_seq_len
     b = batch or profile.default_batch
     target = profile.export_target
     act = _act_bytes(precision, target)
-    stored, read = weight_bytes(cfg, precision, target=target, block=block)
+    stored, read = weight_bytes(cfg, precision, target=target, block=block, protect=protect)
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * ctx * b * act
     acts = (b * ctx * cfg.vocab_size * 4 + b * cfg.n_heads * ctx * ctx * 4
             + 4 * b * ctx * max(cfg.dim, 2 * cfg.ffn_dim) * act)
     workspace = float(profile.builder.get("workspace_gb", 0.0)) * GiB if profile.backend == "tensorrt" else 0.0
     return Plan(precision, stored, kv, acts, workspace, OVERHEAD[profile.backend], profile.budget_bytes,
-                read + kv, profile.memory_bandwidth_gbs)
+                read + kv, profile.memory_bandwidth_gbs, protect)
 
 
 def plan_all(cfg: LlamaConfig, profile: Profile, **kw) -> list[Plan]:
-    return [plan(cfg, profile, p, **kw) for p in PREFERENCE if p in profile.precisions]
+    return [plan(cfg, profile, p, **kw) for p in PREFERENCE + EXPLICIT_ONLY if p in profile.precisions]
 
 
 def choose(cfg: LlamaConfig, profile: Profile, precision: str = "auto", **kw) -> Plan:
@@ -123,15 +143,16 @@ def choose(cfg: LlamaConfig, profile: Profile, precision: str = "auto", **kw) ->
                                f"{p.activations / GiB:.1f}, workspace+runtime {(p.workspace + p.overhead) / GiB:.1f}) "
                                f"but the budget is {p.budget / GiB:.1f} GiB; {hint}")
     for p in plans:
-        if p.fits:
+        if p.fits and p.precision not in EXPLICIT_ONLY:
             return p
+    plans = [p for p in plans if p.precision not in EXPLICIT_ONLY]
     raise LlamaExportError(f"the model does not fit {profile.name} at any supported precision: smallest is "
                            f"{plans[-1].precision} at {plans[-1].total / GiB:.1f} GiB > budget "
                            f"{plans[-1].budget / GiB:.1f} GiB; {_nothing_fits(cfg, profile, plans, **kw)}")
 
 
 def _nothing_fits(cfg, profile, plans, **kw) -> str:
-    smallest = plans[-1]
+    smallest = [p for p in plans if p.precision not in EXPLICIT_ONLY][-1]
     ctx = kw.get("context") or cfg.max_seq_len
     for c in (ctx // 2, ctx // 4, ctx // 8, 512):
         if c >= 256 and plan(cfg, profile, smallest.precision, **{**kw, "context": c}).fits:
@@ -147,10 +168,10 @@ def format_plans(cfg: LlamaConfig, profile: Profile, plans: list[Plan], chosen: 
     cols = ("precision", "weights", "KV cache", "activations", "workspace", "runtime", "total", "fits", "decode ceiling")
     rows = [cols]
     for p in plans:
-        rows.append((p.precision, *(f"{v / GiB:.2f} GiB" for v in (p.weights, p.kv_cache, p.activations,
+        rows.append((p.label, *(f"{v / GiB:.2f} GiB" for v in (p.weights, p.kv_cache, p.activations,
                                                                    p.workspace, p.overhead, p.total)),
                      "yes" if p.fits else "no", f"{p.decode_ceiling:.1f} tok/s"))
     w = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines = [head] + ["  " + "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
-    lines.append(f"choice: {chosen.precision}" if chosen else "choice: none fits")
+    lines.append(f"choice: {chosen.label}" if chosen else "choice: none fits")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from . import LlamaExportError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 BACKENDS = ("onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "w8a8")
 
 
 @dataclasses.dataclass

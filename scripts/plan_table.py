@@ -16,7 +16,7 @@ def cell(size, prof):
     ctx = min(cfg.max_seq_len, p.default_context)
     try:
         c = choose(cfg, p, "auto", context=ctx)
-        return f"{c.precision} {c.total / GiB:.1f} GiB, {c.decode_ceiling:.0f} tok/s"
+        return f"{c.label} {c.total / GiB:.1f} GiB, {c.decode_ceiling:.0f} tok/s"
     except LlamaExportError:
         return "does not fit"
 

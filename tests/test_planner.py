@@ -36,7 +36,7 @@ def test_13b_fp16_refused_on_a_4090_with_what_fits():
     with pytest.raises(LlamaExportError) as e:
         choose(cfg, load_profile("rtx4090"), "fp16", context=2048)
     msg = str(e.value)
-    assert "fp16 needs" in msg and "GiB" in msg and "budget is 22.5 GiB" in msg and "int8, int4 fit" in msg
+    assert "fp16 needs" in msg and "GiB" in msg and "budget is 22.5 GiB" in msg and "int8, int4, w8a8 fit" in msg
     assert choose(cfg, load_profile("rtx4090"), "auto", context=2048).precision == "int8"
 
 
@@ -66,3 +66,35 @@ def test_memory_override_and_manifest_plan(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["precision"] == "fp32" and m["plan"]["budget_gib"] == pytest.approx(2.0)
     assert m["plan"]["total_gib"] * GiB < 2 * GiB
+
+
+def test_w8a8_is_planned_like_int8_but_never_chosen_by_auto():
+    cfg = config_for_size("7B")
+    prof = load_profile("rtx4090")
+    plans = {p.precision: p for p in plan_all(cfg, prof, context=2048)}
+    assert plans["w8a8"].weights == plans["int8"].weights
+    # int4 keeps QKV, o_proj and down at 8 bits on the TensorRT graph: between int8 and pure 4-bit
+    assert plans["int8"].weights > plans["int4"].weights > 0.5 * plans["int8"].weights
+    for name in profile_names():
+        for size in ("tiny", "1.1B", "7B", "13B"):
+            try:
+                assert choose(config_for_size(size), load_profile(name), "auto").precision != "w8a8"
+            except LlamaExportError as e:
+                assert "does not fit" in str(e)
+
+
+def test_int4_falls_back_to_all_4_bit_when_the_8_bit_projections_do_not_fit():
+    """13B on the 16 GB cpu profile: int4 with 8-bit QKV/down needs more than the budget, all
+    4-bit fits; the plan says which, and the build's manifest records each role's precision."""
+    prof = load_profile("cpu")
+    p = choose(config_for_size("13B"), prof, "int4")
+    assert p.precision == "int4" and not p.protect and p.label == "int4 (all 4-bit)"
+    small = choose(config_for_size("1.1B"), prof, "int4")
+    assert small.protect and small.label == "int4"
+    assert small.weights == plan(config_for_size("1.1B"), prof, "int4").weights
+
+
+def test_manifest_records_tensor_precisions(tmp_path):
+    out = build(out=tmp_path / "a", size="tiny", precision="int4", progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["tensor_precisions"] == {"qkv_proj": "int8", "o_proj": "int4", "gate_up_proj": "int4", "down_proj": "int8"}

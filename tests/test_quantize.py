@@ -80,8 +80,9 @@ def test_awq_folding_preserves_the_float_function(size):
     cal = LayerwiseCalibrator(cfg, ids, ck.weights["tok_embeddings.weight"])
     h0 = cal.h.clone()
     acts = cal.layer(w)
-    # a crude quantizer that still rewards activation-aware scaling, so the search picks alpha > 0
-    folded = apply_awq(cfg, w, acts, lambda wt: np.round(wt * 8) / 8)
+    # 4 bits in blocks of 16: coarse enough that the search picks alpha > 0 on these random weights
+    folded, stats = apply_awq(cfg, w, acts, lambda wt, imp, group: Q.fake_quant(wt, precision="int4", target="ort-cpu", block=16, imp=imp))
+    assert set(stats) == {"qkv", "o", "gate_up", "down"}
     for k in ("attention_norm.weight", "ffn_norm.weight", "feed_forward.w3.weight", "attention.wv.weight"):
         assert not np.allclose(folded[k], w[k]), f"{k} was not rescaled"
 
@@ -106,3 +107,141 @@ def test_chunked_quantization_equals_whole_matrix(monkeypatch):
     for a, b in zip(whole, chunked):
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)
+
+
+def _weighted_err(w, deq, imp):
+    return float((((deq - w) ** 2) * imp[:, None]).sum())
+
+
+def test_importance_weighted_rounding_lowers_the_weighted_error():
+    """With per-input-channel importance (mean x^2), every quantizer picks, per group, the clip
+    with the least importance-weighted error; it may not be worse than the unweighted choice, and
+    on channels of very different importance it is clearly better."""
+    rng = np.random.default_rng(5)
+    K, N = 128, 48
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    imp = np.exp(rng.normal(0, 2, K)).astype(np.float32)
+    cases = {
+        "nbits4": lambda i: Q.dequant_matmul_nbits(*Q.matmul_nbits(w, bits=4, block=32, imp=i), K=K, N=N, bits=4, block=32),
+        "int4": lambda i: (lambda q, s: (q.reshape(K // 32, 32, N) * s[:, None, :]).reshape(K, N))(*Q.int4_blockwise(w, 32, i)),
+        "int8": lambda i: (lambda q, s: q * s)(*Q.int8_per_channel(w, i)),
+    }
+    for name, deq in cases.items():
+        plain, weighted = _weighted_err(w, deq(None), imp), _weighted_err(w, deq(imp), imp)
+        assert weighted <= plain * (1 + 1e-6), name
+        if name != "int8":  # 8-bit per-channel has little room to choose
+            assert weighted < 0.95 * plain, (name, weighted, plain)
+        np.testing.assert_array_equal(deq(imp), Q.fake_quant(w, precision=name.replace("nbits4", "int4"),
+                                                             target="ort-cpu" if name == "nbits4" else "portable",
+                                                             block=32, imp=imp))
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "portable"])
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_bias_correction_cancels_the_mean_output_error(tmp_path, target, precision):
+    """A quantized linear given calibration statistics carries the bias -E[x] (W_q - W): run by
+    ONNX Runtime, its output error averages to zero over the calibration inputs (it does not
+    without the statistics), and the weights are those of the weighted quantizer."""
+    from llamaexport.awq import input_stats
+    from llamaexport.export import OPSET, _Emitter
+    from llamaexport.onnx_graph import GraphBuilder
+
+    rng = np.random.default_rng(11)
+    K, N = 64, 40
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    x = (rng.standard_normal((256, K)) + rng.normal(0, 1.5, K)).astype(np.float32)  # channels with a mean
+    errs = {}
+    for with_stats in (False, True):
+        d = tmp_path / f"{with_stats}"
+        d.mkdir()
+        g = GraphBuilder(d / "model.onnx.data", opset=OPSET)
+        e = _Emitter(g, precision, target, 32)
+        g.input("x", TensorProto.FLOAT if e.act == "float32" else TensorProto.FLOAT16, [256, K])
+        y = e.linear("x", w, "w", "/lin", stats=input_stats(x) if with_stats else None)
+        y = e.cast(y, True, "/out")
+        g.op("Identity", [y], name="/y", outputs=["y"])
+        g.output("y", TensorProto.FLOAT, [256, N])
+        g.save(d / "model.onnx", producer="test")
+        so = ort.SessionOptions()
+        sess = ort.InferenceSession(str(d / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        out = sess.run(None, {"x": x if e.act == "float32" else x.astype(np.float16)})[0]
+        errs[with_stats] = out - x.astype(np.float64) @ w
+    # what remains is noise: fp16 activations (portable) or ORT's int8 activation blocks (ort-cpu)
+    before, after = (float(np.abs(errs[k].mean(axis=0)).mean()) for k in (False, True))
+    assert after < 0.2 * before, (before, after)
+
+
+def test_smoothquant_folding_preserves_the_float_function():
+    """SmoothQuant's scales fold like AWQ's: in float the layer computes the same function, the
+    activation outliers shrink (max |x / s| per channel flattens), and each group gets a static
+    activation range."""
+    import torch
+
+    from llamaexport.awq import apply_smoothquant
+    from llamaexport.model import Block
+
+    ck = load_checkpoint(size="tiny", seed=2)
+    cfg = ck.config
+    w = {k[len("layers.0."):]: ck.weights[k] for k in ck.weights.shapes if k.startswith("layers.0.")}
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24))
+    cal = LayerwiseCalibrator(cfg, ids, ck.weights["tok_embeddings.weight"])
+    cal.h[..., 5] *= 30  # an outlier channel, as real LLM activations have
+    h0 = cal.h.clone()
+    acts = cal.layer(w)
+    folded, stats = apply_smoothquant(cfg, w, acts, lambda wt, imp: Q.fake_quant(wt, precision="int8", target="portable",
+                                                                                  block=32, imp=imp))
+    x = acts["qkv"]
+    spread = lambda a: np.abs(a).max(axis=0).max() / np.median(np.abs(a).max(axis=0))  # noqa: E731
+    s = w["attention_norm.weight"] / folded["attention_norm.weight"]
+    assert spread(x / s) < spread(x) / 2
+    for g in ("qkv", "o", "gate_up", "down"):
+        assert 0 < stats[g]["amax"] <= stats[g]["absmax"]
+    _, st = apply_smoothquant(cfg, w, acts, lambda wt, imp: wt, groups=("qkv",))
+    assert "amax" in st["qkv"] and "amax" not in st["down"]
+
+    def run(weights):
+        with torch.device("meta"):
+            b = Block(cfg)
+        b.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, assign=True)
+        with torch.no_grad():
+            return b(h0, cal.cos, cal.sin, cal.bias, cal.empty, cal.empty)[0]
+
+    torch.testing.assert_close(run(folded), run(w), atol=1e-4, rtol=1e-4)
+
+
+def test_w8a8_graph_quantizes_every_linear_input(tmp_path):
+    """w8a8: a static int8 QuantizeLinear/DequantizeLinear pair on the inputs of QKV and gate/up
+    of every layer, int8 per-channel weights on all four linears, fp16 elsewhere; ONNX Runtime
+    runs it and the logits stay close to the float reference."""
+    import onnx
+    import torch
+
+    from llamaexport.awq import calibration_ids
+    from llamaexport.export import export_onnx
+    from llamaexport.model import build_reference
+
+    ck = load_checkpoint(size="tiny", seed=4)
+    cfg = ck.config
+    export_onnx(ck, tmp_path, precision="w8a8", calibration=calibration_ids(None, cfg.vocab_size), progress=False)
+    m = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    q = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(q) == 2 * cfg.n_layers
+    roles = sorted({n.name.split("/")[-3] for n in q})
+    assert roles == ["gate_up_proj", "qkv_proj"], roles
+    assert sum(n.op_type == "DequantizeLinear" and n.name.endswith("proj/DequantizeLinear") for n in m.graph.node) == 4 * cfg.n_layers
+    init = {i.name: i for i in m.graph.initializer}
+    assert init["model.layers.0.attn.qkv_proj.weight.qweight"].data_type == TensorProto.INT8
+    assert init["model.layers.0.attn.qkv_proj.weight.input_scale"].data_type == TensorProto.FLOAT16
+
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 16))
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(16)[None]}
+    for i in sess.get_inputs():
+        if i.name.startswith("past"):
+            feed[i.name] = np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), np.float16)
+    got = torch.from_numpy(sess.run(["logits"], feed)[0]).double()
+    ref = build_reference(cfg, {k: ck.weights[k] for k in ck.weights})
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids), torch.ones(1, 16, dtype=torch.long), torch.arange(16)[None], ref.empty_cache(1))[0].double()
+    kl = (want.softmax(-1) * (want.log_softmax(-1) - got.log_softmax(-1))).sum(-1).mean().item()
+    assert kl < 0.01, kl
