@@ -70,9 +70,7 @@ def test_clipping_search_never_loses_to_plain_rounding():
 
 @pytest.mark.parametrize("size", ["tiny", "tiny-mha"])
 def test_awq_folding_preserves_the_float_function(size):
-    """With an identity quantizer the folded scales must cancel exactly (GQA included)."""
-    from llamaexport.model import Block
-
+    """The searched scales, folded into norms / v rows / up rows, cancel exactly in float (GQA included)."""
     ck = load_checkpoint(size=size, seed=2)
     cfg = ck.config
     w = {k[len("layers.0."):]: ck.weights[k] for k in ck.weights if k.startswith("layers.0.")}
@@ -86,14 +84,7 @@ def test_awq_folding_preserves_the_float_function(size):
     for k in ("attention_norm.weight", "ffn_norm.weight", "feed_forward.w3.weight", "attention.wv.weight"):
         assert not np.allclose(folded[k], w[k]), f"{k} was not rescaled"
 
-    def run(weights):
-        with torch.device("meta"):
-            b = Block(cfg)
-        b.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, assign=True)
-        with torch.no_grad():
-            return b(h0, cal.cos, cal.sin, cal.bias, cal.empty, cal.empty)[0]
-
-    torch.testing.assert_close(run(folded), run(w), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_run_block(cfg, folded, h0, cal), _run_block(cfg, w, h0, cal), atol=1e-4, rtol=1e-4)
 
 
 def test_chunked_quantization_equals_whole_matrix(monkeypatch):
@@ -178,7 +169,6 @@ def test_smoothquant_folding_preserves_the_float_function():
     import torch
 
     from llamaexport.awq import apply_smoothquant
-    from llamaexport.model import Block
 
     ck = load_checkpoint(size="tiny", seed=2)
     cfg = ck.config
@@ -199,14 +189,7 @@ def test_smoothquant_folding_preserves_the_float_function():
     _, st = apply_smoothquant(cfg, w, acts, lambda wt, imp: wt, groups=("qkv",))
     assert "amax" in st["qkv"] and "amax" not in st["down"]
 
-    def run(weights):
-        with torch.device("meta"):
-            b = Block(cfg)
-        b.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, assign=True)
-        with torch.no_grad():
-            return b(h0, cal.cos, cal.sin, cal.bias, cal.empty, cal.empty)[0]
-
-    torch.testing.assert_close(run(folded), run(w), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_run_block(cfg, folded, h0, cal), _run_block(cfg, w, h0, cal), atol=1e-4, rtol=1e-4)
 
 
 def test_w8a8_graph_quantizes_every_linear_input(tmp_path):
@@ -245,3 +228,16 @@ def test_w8a8_graph_quantizes_every_linear_input(tmp_path):
         want = ref(torch.from_numpy(ids), torch.ones(1, 16, dtype=torch.long), torch.arange(16)[None], ref.empty_cache(1))[0].double()
     kl = (want.softmax(-1) * (want.log_softmax(-1) - got.log_softmax(-1))).sum(-1).mean().item()
     assert kl < 0.01, kl
+
+
+def _run_block(cfg, weights, h0, cal):
+    """One decoder layer of the reference with `weights`, on the calibrator's hidden states h0."""
+    import torch
+
+    from llamaexport.model import Block
+
+    with torch.device("meta"):
+        b = Block(cfg)
+    b.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, assign=True)
+    with torch.no_grad():
+        return b(h0, cal.cos, cal.sin, cal.bias, cal.empty, cal.empty)[0]
