@@ -56,7 +56,15 @@ def quantized_lm_head(precision: str, target: str) -> bool:
     return target == "ort-cpu" and precision in ("int8", "int4")
 
 
-def io_spec(cfg: LlamaConfig, kv_dtype: str = "float32") -> dict:
+def last_logits_input(target: str) -> bool:
+    """ONNX Runtime CPU graphs take an optional scalar `num_logits_to_keep` (default 0 = every
+    position): the runtime asks for 1 when it only samples from the last position, so a prompt's
+    prefill skips the output layer for all other positions (for SmolLM2 that layer is a fifth of
+    the weights). Other runtimes (onnxruntime-genai) leave it out and get every position."""
+    return target == "ort-cpu"
+
+
+def io_spec(cfg: LlamaConfig, kv_dtype: str = "float32", target: str = "portable") -> dict:
     """The ONNX I/O contract (DESIGN.md) as data: name -> {dtype, shape}."""
     kv = ["batch", cfg.n_kv_heads, "past_seq", cfg.head_dim]
     inputs = {
@@ -64,7 +72,10 @@ def io_spec(cfg: LlamaConfig, kv_dtype: str = "float32") -> dict:
         "attention_mask": {"dtype": "int64", "shape": ["batch", "total_seq"]},
         "position_ids": {"dtype": "int64", "shape": ["batch", "seq"]},
     }
-    outputs = {"logits": {"dtype": "float32", "shape": ["batch", "seq", cfg.vocab_size]}}
+    if last_logits_input(target):
+        inputs["num_logits_to_keep"] = {"dtype": "int64", "shape": [], "optional": True, "default": 0}
+    outputs = {"logits": {"dtype": "float32", "shape": ["batch", "logits_seq" if last_logits_input(target) else "seq",
+                                                      cfg.vocab_size]}}
     for i in range(cfg.n_layers):
         for kind in ("key", "value"):
             inputs[f"past_key_values.{i}.{kind}"] = {"dtype": kv_dtype, "shape": kv}
@@ -215,9 +226,12 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
     g.add_function(custom_ops.rope_function(head_dim=hd, rotary_dim=cfg.rope_dim, interleaved=True))
     g.add_function(custom_ops.swiglu_function())
 
-    spec = io_spec(cfg, e.act)
+    spec = io_spec(cfg, e.act, target)
     for name, s in spec["inputs"].items():
-        g.input(name, TensorProto.INT64 if s["dtype"] == "int64" else e.onnx_act, s["shape"])
+        if s.get("optional"):
+            g.input_with_default(name, s["default"])
+        else:
+            g.input(name, TensorProto.INT64 if s["dtype"] == "int64" else e.onnx_act, s["shape"])
 
     # ---- shared prologue: embeddings, rotary tables, attention bias
     emb = W["tok_embeddings.weight"]  # [V, D]
@@ -292,6 +306,10 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
         bar.close()
 
     x, _ = e.add_norm(h, delta, W["norm.weight"], cfg.norm_eps, "/model/norm")
+    if last_logits_input(target):  # x[:, -n:] (n = 0: every position)
+        n = g.op("Neg", [g.op("Reshape", ["num_logits_to_keep", g.const([1])], name="/lm_head/keep/Reshape")],
+                 name="/lm_head/keep/Neg")
+        x = g.op("Slice", [x, n, g.const([np.iinfo(np.int64).max]), g.const([1])], name="/lm_head/keep/Slice")
     _lm_head(g, e, x, W, cfg)
     for name, s in spec["outputs"].items():
         g.output(name, TensorProto.FLOAT if s["dtype"] == "float32" else e.onnx_act, s["shape"])
@@ -378,7 +396,7 @@ def _lm_head(g: GraphBuilder, e: _Emitter, x: str, W, cfg: LlamaConfig):
         weight = g.weight("lm_head.weight", W["output.weight"].astype(e.np_act))
     rows = g.op("Reshape", [x, g.const([-1, cfg.dim])], name="/lm_head/rows/Reshape")
     y = g.op("Gemm", [rows, weight], name="/lm_head/Gemm", transB=1)
-    shape_bs = g.op("Shape", ["input_ids"], name="/lm_head/Shape")
+    shape_bs = g.op("Shape", [x], name="/lm_head/Shape", start=0, end=2)
     shape = g.op("Concat", [shape_bs, g.const([cfg.vocab_size])], name="/lm_head/shape/Concat", axis=0)
     if e.act == "float32":
         g.op("Reshape", [y, shape], name="/lm_head/Reshape", outputs=["logits"])

@@ -77,6 +77,16 @@ class GraphBuilder:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
+    def input_with_default(self, name: str, value, dtype=np.int64) -> str:
+        """An input the caller may leave out: an initializer of the same name is its default (not
+        deduplicated with const(), since a feed replaces it)."""
+        from onnx import helper, numpy_helper
+
+        a = np.asarray(value, dtype=dtype)
+        self.initializers.append(numpy_helper.from_array(a, name))
+        self.inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape)))
+        return name
+
     def output(self, name: str, elem_type: int, shape: list):
         from onnx import helper
 

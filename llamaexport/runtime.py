@@ -2,7 +2,8 @@
 
 Backends share one small interface (Polygraphy-style runners):
     backend.empty_cache(batch) -> cache
-    backend.forward(input_ids, attention_mask, position_ids, cache) -> (logits [B, S, V], cache)
+    backend.forward(input_ids, attention_mask, position_ids, cache, last_only=False) -> (logits [B, S, V], cache)
+      last_only: the caller needs the last position's logits only; a backend may then return [B, 1, V]
 The ONNX Runtime backend keeps the cache as OrtValues bound through I/O binding: the present
 tensors of one step are bound as the past of the next without a copy through numpy.
 """
@@ -43,6 +44,7 @@ class OnnxRuntimeBackend:
         so.intra_op_num_threads = threads or default_threads()
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3  # errors only: ORT warns that num_logits_to_keep is an overridable initializer
         try:
             self.sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
@@ -54,6 +56,9 @@ class OnnxRuntimeBackend:
         self.present_names = [n for n in io["outputs"] if n.startswith("present.")]
         self.kv_dtype = np.dtype(io["inputs"][self.past_names[0]]["dtype"]) if self.past_names else np.float32
         self.shared_kv = shared_kv
+        self.keep_input = "num_logits_to_keep" in io["inputs"]
+        # an overridable initializer: only an OrtValue binds it (bind_cpu_input looks among the inputs)
+        self._one = ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64))
         self._ort = ort
 
     def empty_cache(self, batch: int):
@@ -64,8 +69,10 @@ class OnnxRuntimeBackend:
         z = np.zeros((batch, c.n_kv_heads, 0, c.head_dim), self.kv_dtype)
         return [self._ort.OrtValue.ortvalue_from_numpy(z) for _ in self.past_names]
 
-    def forward(self, input_ids, attention_mask, position_ids, cache):
+    def forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
         io = self.sess.io_binding()
+        if last_only and self.keep_input:
+            io.bind_ortvalue_input("num_logits_to_keep", self._one)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
@@ -183,7 +190,7 @@ class LlamaModel:
         penalize = sampling.repetition_penalty != 1.0
         seen = [np.asarray(p, np.int64) for p in prompts]
         done = np.zeros(B, bool)
-        logits, cache = self.backend.forward(ids, mask, pos, self.backend.empty_cache(B))
+        logits, cache = self.backend.forward(ids, mask, pos, self.backend.empty_cache(B), last_only=True)
         next_pos = pos[:, -1:] + 1
         for step in range(max_new_tokens):
             tok = sampler(logits[:, -1], seen if penalize else None)
@@ -195,7 +202,7 @@ class LlamaModel:
             if done.all() or step == max_new_tokens - 1:
                 return
             mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
-            logits, cache = self.backend.forward(tok[:, None].astype(np.int64), mask, next_pos, cache)
+            logits, cache = self.backend.forward(tok[:, None].astype(np.int64), mask, next_pos, cache, last_only=True)
             next_pos = next_pos + 1
 
     def _lockstep(self, prompts, *, max_new_tokens, sampling, eos_ids, fill) -> Iterator[np.ndarray]:

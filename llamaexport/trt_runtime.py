@@ -115,7 +115,8 @@ class TensorRTBackend:
                                    f"{self.cfg.max_seq_len}; rebuild with a larger --max-seq-len")
         return name
 
-    def forward(self, input_ids, attention_mask, position_ids, cache):
+    def forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
+        """last_only is accepted for the interface; the engine returns every position."""
         torch = self._torch
         if any(not isinstance(t, torch.Tensor) or t.device.type != "cuda" for t in cache):
             raise LlamaExportError("the cache does not come from this backend; start from backend.empty_cache(batch)")

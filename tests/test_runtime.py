@@ -106,3 +106,25 @@ def test_runtime_path_does_not_import_torch(tiny_artifact):
             "import llamaexport.cli; assert 'torch' not in sys.modules and 'onnx' not in sys.modules, 'imported'")
     r = subprocess.run([sys.executable, "-c", code, str(tiny_artifact)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_cpu_graph_computes_only_the_last_logits_when_asked(tiny_artifact):
+    """num_logits_to_keep (optional input, default 0 = all): 1 gives the last position's logits,
+    equal to the last row of the full output; generation asks for it, parity leaves it out."""
+    import json
+
+    import onnxruntime as ort
+
+    m = json.loads((tiny_artifact / "manifest.json").read_text())
+    assert m["io"]["inputs"]["num_logits_to_keep"]["optional"]
+    sess = ort.InferenceSession(str(tiny_artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    cfg = m["model"]
+    ids = np.random.default_rng(0).integers(3, cfg["vocab_size"], (1, 12))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(12)[None]}
+    for name in m["io"]["inputs"]:
+        if name.startswith("past"):
+            feed[name] = np.zeros((1, cfg["n_kv_heads"], 0, cfg["head_dim"]), np.float32)
+    full = sess.run(["logits"], feed)[0]
+    last = sess.run(["logits"], {**feed, "num_logits_to_keep": np.array(1, np.int64)})[0]
+    assert full.shape == (1, 12, cfg["vocab_size"]) and last.shape == (1, 1, cfg["vocab_size"])
+    np.testing.assert_allclose(last[0, 0], full[0, -1], atol=1e-5)
