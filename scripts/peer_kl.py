@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Mean KL and top-1 agreement of any ONNX causal LM of SmolLM2 (ours, onnxruntime-genai's, ...) against
+llamaexport's float32 PyTorch reference, on the shipped held-out text (401 SmolLM2 tokens; at most 512).
+
+    python scripts/peer_kl.py ~/.cache/llamaexport-bench/genai-smollm2-int4/model.onnx [more.onnx ...]
+
+One forward over the whole text (empty KV cache); inputs are fed by name (input_ids, attention_mask,
+position_ids if the graph has it, empty past_key_values.*), so graphs from other exporters work too. Used for
+the accuracy line under README's performance table: it puts each system's int8/int4 speed next to its error.
+"""
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from llamaexport.checkpoint import load_checkpoint
+from llamaexport.model import build_reference
+from llamaexport.parity import heldout_text
+from llamaexport.tokenizer import load_tokenizer
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from bench_peers import smollm2_gguf  # noqa: E402
+
+
+def main(paths):
+    gguf = str(smollm2_gguf())
+    ck, tok = load_checkpoint(gguf), load_tokenizer(gguf)
+    ids = tok.encode(heldout_text())[:512]
+    ref = build_reference(ck.config, {k: ck.weights[k] for k in ck.weights})
+    t = torch.tensor([ids])
+    with torch.no_grad():
+        want = ref(t, torch.ones_like(t), torch.arange(len(ids))[None], ref.empty_cache(1))[0][0].double()
+    for path in paths:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64)}
+        for i in s.get_inputs():
+            if i.name == "position_ids":
+                feed[i.name] = np.arange(len(ids))[None]
+            elif i.name.startswith("past"):
+                dtype = np.float16 if "float16" in i.type else np.float32
+                feed[i.name] = np.zeros((1, ck.config.n_kv_heads, 0, ck.config.head_dim), dtype)
+        got = torch.from_numpy(s.run(["logits"], feed)[0][0]).double()
+        kl = (want.softmax(-1) * (want.log_softmax(-1) - got.log_softmax(-1))).sum(-1).mean().item()
+        top1 = (want.argmax(-1) == got.argmax(-1)).double().mean().item()
+        print(f"{path}: mean KL {kl:.4f}, top-1 agreement {top1:.3f} ({len(ids)} tokens)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    main(sys.argv[1:])
