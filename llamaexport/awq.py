@@ -189,11 +189,13 @@ def apply_smoothquant(cfg, w: dict, acts: dict, fake_quant_weight, groups=("qkv"
     activation tensor suffices. For each group, a (on SQ_ALPHAS) and then the activation clip
     (amax * c, c on SQ_CLIPS) are chosen to minimise the group's W8A8 output error on the
     calibration text. Returns (weights, stats); stats[group]["amax"] is the clipped max |x / s|,
-    the static activation range the graph's QuantizeLinear uses. Groups not in `groups` keep
+    the static activation range the graph's QuantizeLinear uses, and stats[group]["qmean"] the
+    mean of the int8-rounded input, so the bias correction also cancels the mean error of the
+    activation rounding and clipping (which the search's mean-removed error assumes). Groups not in `groups` keep
     float activations (weight-only int8): no smoothing, no range.
 
     fake_quant_weight(w_t [K, N], imp [K]) -> the dequantized per-channel int8 weight."""
-    clip = {}
+    clip, amax, qmean = {}, {}, {}
 
     def err(x, ws, s, c):
         xs = x / s
@@ -224,9 +226,12 @@ def apply_smoothquant(cfg, w: dict, acts: dict, fake_quant_weight, groups=("qkv"
                 best = (e, s)
         s = best[1]
         clip[group] = min(SQ_CLIPS, key=lambda c: err(x, ws, s, c))
+        xs = x / s
+        amax[group] = float(np.abs(xs).max()) * clip[group]
+        qmean[group] = fake_quant_activation(xs, amax[group]).astype(np.float64).mean(axis=0).astype(np.float32)
         return s
 
     w, stats = _fold(cfg, w, acts, choose)
     for group in clip:
-        stats[group]["amax"] = stats[group]["absmax"] * clip[group]
+        stats[group].update(amax=amax[group], qmean=qmean[group])
     return w, stats

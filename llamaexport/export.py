@@ -164,9 +164,12 @@ class _Emitter:
 
     @staticmethod
     def _bias_correction(deq: np.ndarray, w_t: np.ndarray, stats: dict) -> np.ndarray:
-        """-E[x] (W_q - W): cancels the mean output error of the quantized weight over the
-        calibration inputs (Nagel et al. 2019's bias correction)."""
-        return -(stats["mean"].astype(np.float64) @ (deq.astype(np.float64) - w_t))
+        """E[x] W - E[x_q] W_q: cancels the mean output error over the calibration inputs (Nagel
+        et al. 2019's bias correction). x_q = x for weight-only; w8a8 has the int8-rounded input's
+        mean (stats["qmean"]), so the activation rounding's mean error is cancelled too."""
+        mean = stats["mean"].astype(np.float64)
+        qmean = stats.get("qmean", stats["mean"]).astype(np.float64)
+        return mean @ w_t.astype(np.float64) - qmean @ deq.astype(np.float64)
 
     def add_norm(self, h: str, delta: str | None, weight: np.ndarray, eps: float, name: str) -> tuple[str, str]:
         """h' = h + delta; return (RMSNorm(h'), h'). ONNX Runtime CPU gets one fused

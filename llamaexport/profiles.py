@@ -39,6 +39,12 @@ class Profile:
         if bad or not self.precisions:
             raise LlamaExportError(f"profile {where}: precisions {self.precisions} must be a non-empty subset of "
                                    f"{', '.join(PRECISIONS)}")
+        if "w8a8" in self.precisions and self.backend != "tensorrt":
+            raise LlamaExportError(f"profile {where}: w8a8 (int8 activations through Q/DQ) is for tensorrt profiles; "
+                                   f"remove it from precisions")
+        if not [p for p in self.precisions if p != "w8a8"]:
+            raise LlamaExportError(f"profile {where}: precisions need at least one of fp32, fp16, int8, int4 "
+                                   "besides w8a8 (the one --precision auto may choose)")
         for f in ("memory_gb", "memory_bandwidth_gbs", "default_context", "default_batch"):
             if not isinstance(getattr(self, f), (int, float)) or getattr(self, f) <= 0:
                 raise LlamaExportError(f"profile {where}: {f} must be a positive number, got {getattr(self, f)!r}")

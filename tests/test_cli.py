@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -90,6 +91,13 @@ def test_malformed_profile(tmp_path):
     assert_clean_error(r, "mine.toml", "missing field(s)")
     p.write_text("name = [")
     assert_clean_error(cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "not valid TOML")
+    cpu = (Path(__file__).parents[1] / "llamaexport/profiles/cpu.toml").read_text()
+    p.write_text(cpu.replace('precisions = ["fp32", "int8", "int4"]', 'precisions = ["fp32", "w8a8"]'))
+    assert_clean_error(cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "w8a8", "tensorrt profiles")
+    rtx = (Path(__file__).parents[1] / "llamaexport/profiles/rtx4090.toml").read_text()
+    p.write_text(rtx.replace('precisions = ["fp16", "int8", "w8a8", "int4"]', 'precisions = ["w8a8"]')
+                 .replace('default_precision = "fp16"', ''))
+    assert_clean_error(cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "besides w8a8")
 
 
 def test_prompt_longer_than_context_and_existing_out(tiny_artifact, tmp_path):

@@ -185,7 +185,7 @@ def test_smoothquant_folding_preserves_the_float_function():
     s = w["attention_norm.weight"] / folded["attention_norm.weight"]
     assert spread(x / s) < spread(x) / 2
     for g in ("qkv", "o", "gate_up", "down"):
-        assert 0 < stats[g]["amax"] <= stats[g]["absmax"]
+        assert 0 < stats[g]["amax"] <= stats[g]["absmax"] * (1 + 1e-6)
     _, st = apply_smoothquant(cfg, w, acts, lambda wt, imp: wt, groups=("qkv",))
     assert "amax" in st["qkv"] and "amax" not in st["down"]
 
