@@ -114,6 +114,11 @@ def _group_scale(xm_heads: np.ndarray, n_kv: int, rep: int, hd: int) -> np.ndarr
     return np.repeat(g[:, None, :], rep, axis=1).reshape(-1)
 
 
+def _group_max(v: np.ndarray, n_kv: int, rep: int, hd: int) -> np.ndarray:
+    """[H*hd] per-channel maxima -> the max over the `rep` heads of each KV group, repeated."""
+    return np.repeat(v.reshape(n_kv, rep, hd).max(axis=1, keepdims=True), rep, axis=1).reshape(-1)
+
+
 def input_stats(x: np.ndarray, s: np.ndarray | None = None) -> dict:
     """What the export needs of a linear's calibration input x [N, K] (divided by the folded AWQ
     scale s): `mean` for the bias correction and `imp` (mean square) for weighted rounding."""
@@ -197,13 +202,17 @@ def apply_smoothquant(cfg, w: dict, acts: dict, fake_quant_weight, groups=("qkv"
     fake_quant_weight(w_t [K, N], imp [K]) -> the dequantized per-channel int8 weight."""
     clip, amax, qmean = {}, {}, {}
 
-    def err(x, ws, s, c):
+    def quantized_weights(x, ws, s):
+        """The dequantized int8 weights for scale s (they do not depend on the activation clip)."""
+        imp = ((x / s).astype(np.float64) ** 2).mean(axis=0).astype(np.float32)
+        return [fake_quant_weight((wi * s).T, imp) for wi in ws]
+
+    def err(x, ws, s, wqs, c):
         xs = x / s
         xq = fake_quant_activation(xs, float(np.abs(xs).max()) * c)
-        imp = (xs.astype(np.float64) ** 2).mean(axis=0).astype(np.float32)
         total = 0.0
-        for wi in ws:
-            e = xq @ fake_quant_weight((wi * s).T, imp) - x @ wi.T
+        for wi, wq in zip(ws, wqs):
+            e = xq @ wq - x @ wi.T
             total += float(((e - e.mean(axis=0)) ** 2).mean())
         return total
 
@@ -213,19 +222,18 @@ def apply_smoothquant(cfg, w: dict, acts: dict, fake_quant_weight, groups=("qkv"
         xa = np.abs(x).max(axis=0).astype(np.float64) + 1e-8
         wa = np.max([np.abs(wi).max(axis=0) for wi in ws], axis=0).astype(np.float64) + 1e-8
         if group == "o":  # one scale per KV group's channels: the max over its heads
-            xa = np.repeat(xa.reshape(cfg.n_kv_heads, cfg.n_rep, cfg.head_dim).max(axis=1, keepdims=True),
-                           cfg.n_rep, axis=1).reshape(-1)
-            wa = np.repeat(wa.reshape(cfg.n_kv_heads, cfg.n_rep, cfg.head_dim).max(axis=1, keepdims=True),
-                           cfg.n_rep, axis=1).reshape(-1)
+            xa = _group_max(xa, cfg.n_kv_heads, cfg.n_rep, cfg.head_dim)
+            wa = _group_max(wa, cfg.n_kv_heads, cfg.n_rep, cfg.head_dim)
         best = None
         for a in SQ_ALPHAS:
             s = (xa ** a / wa ** (1 - a))
             s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-            e = err(x, ws, s, 1.0)
+            wqs = quantized_weights(x, ws, s)
+            e = err(x, ws, s, wqs, 1.0)
             if best is None or e < best[0]:
-                best = (e, s)
-        s = best[1]
-        clip[group] = min(SQ_CLIPS, key=lambda c: err(x, ws, s, c))
+                best = (e, s, wqs)
+        _, s, wqs = best
+        clip[group] = min(SQ_CLIPS, key=lambda c: err(x, ws, s, wqs, c))
         xs = x / s
         amax[group] = float(np.abs(xs).max()) * clip[group]
         qmean[group] = fake_quant_activation(xs, amax[group]).astype(np.float64).mean(axis=0).astype(np.float32)

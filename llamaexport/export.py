@@ -267,6 +267,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
             return quantize.fake_quant(w_t, precision=quantize.tensor_precision(precision, ROLES[group], target, int4_protect),
                                        target=target, block=block_size, imp=imp)
     del emb
+    w8a8_groups = [grp for grp, r in ROLES.items() if quantize.tensor_precision(precision, r, target) == "w8a8"]
     bar = _progress(cfg.n_layers, "export+awq" if awq else "export+smoothquant" if smooth else "export", progress)
     delta = None  # a layer output not yet added to the residual stream h
     for i in range(cfg.n_layers):
@@ -276,13 +277,12 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
         if awq:
             lw, st = apply_awq(cfg, lw, calib.layer(lw), fq)
         elif smooth:
-            lw, st = apply_smoothquant(cfg, lw, calib.layer(lw), fq_w8, groups=[
-                g for g, r in ROLES.items() if quantize.tensor_precision(precision, r, target) == "w8a8"])
+            lw, st = apply_smoothquant(cfg, lw, calib.layer(lw), fq_w8, groups=w8a8_groups)
 
         def lin(x, w_t, group):
             role = ROLES[group]
-            return e.linear(x, w_t, f"{wp}.{'attn' if group in ('qkv', 'o') else 'mlp'}.{role}.weight",
-                            f"{pre}/{'attn' if group in ('qkv', 'o') else 'mlp'}/{role}",
+            block = "attn" if group in ("qkv", "o") else "mlp"
+            return e.linear(x, w_t, f"{wp}.{block}.{role}.weight", f"{pre}/{block}/{role}",
                             precision=quantize.tensor_precision(precision, role, target, int4_protect), stats=st.get(group))
         x, h = e.add_norm(h, delta, lw["attention_norm.weight"], cfg.norm_eps, f"{pre}/input_layernorm")
         # fused QKV; the 1/sqrt(hd) softmax scale is folded into the q rows (exact for hd = 64)
