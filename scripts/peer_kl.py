@@ -16,7 +16,7 @@ import torch
 
 from llamaexport.checkpoint import load_checkpoint
 from llamaexport.model import build_reference
-from llamaexport.parity import heldout_text
+from llamaexport.parity import compare_logits, heldout_text
 from llamaexport.tokenizer import load_tokenizer
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
@@ -30,7 +30,7 @@ def main(paths):
     ref = build_reference(ck.config, {k: ck.weights[k] for k in ck.weights})
     t = torch.tensor([ids])
     with torch.no_grad():
-        want = ref(t, torch.ones_like(t), torch.arange(len(ids))[None], ref.empty_cache(1))[0][0].double()
+        want = ref(t, torch.ones_like(t), torch.arange(len(ids))[None], ref.empty_cache(1))[0][0].numpy()
     for path in paths:
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -42,9 +42,8 @@ def main(paths):
             elif i.name.startswith("past"):
                 dtype = np.float16 if "float16" in i.type else np.float32
                 feed[i.name] = np.zeros((1, ck.config.n_kv_heads, 0, ck.config.head_dim), dtype)
-        got = torch.from_numpy(s.run(["logits"], feed)[0][0]).double()
-        kl = (want.softmax(-1) * (want.log_softmax(-1) - got.log_softmax(-1))).sum(-1).mean().item()
-        top1 = (want.argmax(-1) == got.argmax(-1)).double().mean().item()
+        c = compare_logits(want, s.run(["logits"], feed)[0][0])  # the same measures as `llamaexport check`
+        kl, top1 = float(c["kl"].mean()), float(c["top1"].mean())
         print(f"{path}: mean KL {kl:.4f}, top-1 agreement {top1:.3f} ({len(ids)} tokens)")
 
 
