@@ -60,14 +60,16 @@ def memory_budget(artifact, manifest: dict, *, batch: int, prompt_len: int, new_
             "rss_within_budget": bool(peak_mb <= budget)}
 
 
-def run_bench(artifact, *, prompt_len: int = 64, new_tokens: int = 128, batch: int = 1,
-              threads: int | None = None, repeat: int = 3, backend: str | None = None) -> dict:
+def load_for_bench(artifact, *, prompt_len: int, new_tokens: int, batch: int = 1, threads: int | None = None,
+                   backend: str | None = None):
+    """(model, once): the loaded artifact and a function that runs one timed generation and returns
+    (prefill tok/s, decode tok/s). scripts/bench_peers.py interleaves calls of `once` with other systems'."""
     from .runtime import LlamaModel
 
     model = LlamaModel.load(artifact, threads=threads, backend=backend)
     cfg, be = model.config, model.backend
-    if prompt_len < 1 or new_tokens < 1 or batch < 1 or repeat < 1:
-        raise LlamaExportError("--prompt-len, --new-tokens, --batch and --repeat must be at least 1")
+    if prompt_len < 1 or new_tokens < 1 or batch < 1:
+        raise LlamaExportError("--prompt-len, --new-tokens and --batch must be at least 1")
     if prompt_len + new_tokens > cfg.max_seq_len:
         raise LlamaExportError(f"prompt {prompt_len} + new tokens {new_tokens} exceed the context {cfg.max_seq_len}")
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len), dtype=np.int64)
@@ -85,6 +87,15 @@ def run_bench(artifact, *, prompt_len: int = 64, new_tokens: int = 128, batch: i
         t2 = time.perf_counter()
         return batch * prompt_len / (t1 - t0), batch * new_tokens / (t2 - t1)
 
+    return model, once
+
+
+def run_bench(artifact, *, prompt_len: int = 64, new_tokens: int = 128, batch: int = 1,
+              threads: int | None = None, repeat: int = 3, backend: str | None = None) -> dict:
+    if repeat < 1:
+        raise LlamaExportError("--repeat must be at least 1")
+    model, once = load_for_bench(artifact, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch,
+                                 threads=threads, backend=backend)
     once()  # warm-up: first-run allocations and kernel selection
     runs = [once() for _ in range(repeat)]
     peak = peak_rss_mb()
@@ -98,7 +109,7 @@ def run_bench(artifact, *, prompt_len: int = 64, new_tokens: int = 128, batch: i
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "batch": batch,
-        "threads": getattr(be, "threads", None),
+        "threads": getattr(model.backend, "threads", None),
         "repeat": repeat,
         **memory_budget(artifact, model.manifest, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
                         peak_mb=peak),

@@ -35,10 +35,10 @@ def tool_versions() -> dict:
 
 def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", tokenizer=None,
           max_seq_len=None, seed=0, force=False, export_only=False, block_size=32, memory_gb=None,
-          quant_method="auto", calibration_files=None, progress=True) -> Path:
+          quant_method="auto", int4_recipe="accurate", calibration_files=None, progress=True) -> Path:
     """Build an artifact directory; returns its path. See the module docstring for the stages."""
     from .checkpoint import load_checkpoint
-    from .export import ROLES, export_onnx, fused_attention
+    from .export import ROLES, activation_dtype, export_onnx, fused_attention, lm_head_precision
     from .quantize import tensor_precision
     from .planner import choose
 
@@ -47,6 +47,10 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     if precision != "auto" and precision not in prof.precisions:
         raise LlamaExportError(f"precision {precision} is not supported by profile {prof.name}; "
                                f"choose one of {', '.join(prof.precisions)}")
+    if int4_recipe not in ("accurate", "compact"):
+        raise LlamaExportError(f"unknown --int4-recipe {int4_recipe!r}; choose accurate or compact")
+    if int4_recipe == "compact" and precision != "int4":
+        raise LlamaExportError("--int4-recipe compact applies to int4 only; add --precision int4")
     if prof.backend == "tensorrt" and not export_only:
         from .trt_build import require_tensorrt
         require_tensorrt()
@@ -55,7 +59,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     if not max_seq_len:  # the profile's default context, capped by what the model was trained for
         cfg.max_seq_len = min(cfg.max_seq_len, prof.default_context)
     # refuse what cannot fit before any work is done
-    chosen = choose(cfg, prof, precision, context=cfg.max_seq_len, block=block_size)
+    chosen = choose(cfg, prof, precision, context=cfg.max_seq_len, block=block_size, compact=int4_recipe == "compact")
     precision = chosen.precision
     log(f"plan: {chosen.label} on {prof.name}: {chosen.total / 2**30:.2f} GiB of {chosen.budget / 2**30:.1f} GiB, "
         f"decode ceiling {chosen.decode_ceiling:.1f} tok/s")
@@ -81,6 +85,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             "source": ckpt.source,
             "profile": prof.name,
             "plan": {"label": chosen.label, "int4_protect": chosen.protect,
+                     "int4_recipe": ("accurate" if chosen.protect else "compact") if precision == "int4" else None,
                      "total_gib": round(chosen.total / 2**30, 3), "budget_gib": round(chosen.budget / 2**30, 3),
                      "decode_ceiling_tok_s": round(chosen.decode_ceiling, 1)},
             "backend": prof.backend,
@@ -91,7 +96,9 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             "block_size": block_size if precision in ("int8", "int4") else None,
             "quantization": method,
             # the precision of each linear role (int4 keeps some at 8 bits; see quantize.tensor_precision)
-            "tensor_precisions": {r: tensor_precision(precision, r, target, chosen.protect) for r in ROLES.values()},
+            "tensor_precisions": {**{r: tensor_precision(precision, r, target, chosen.protect) for r in ROLES.values()},
+                                  "lm_head": lm_head_precision(precision, target, chosen.protect)
+                                  or {"float32": "fp32", "float16": "fp16"}[activation_dtype(precision, target)]},
             # past_present_shared: the same max-length buffer may be bound as past and present
             # (GroupQueryAttention writes the new entries in place); plain past/present works too
             "kv_cache": {"form": "past_present" if left_padding else "past_present_shared",

@@ -56,11 +56,14 @@ def main():
 @click.option("--memory-gb", type=float, help="Override the profile's device memory (GiB).")
 @click.option("--quant-method", default="auto", show_default=True, type=click.Choice(["auto", "rtn", "awq"]),
               help="int8/int4: round-to-nearest or AWQ (auto: AWQ when a tokenizer gives calibration text); w8a8 always calibrates (SmoothQuant).")
+@click.option("--int4-recipe", default="accurate", show_default=True, type=click.Choice(["accurate", "compact"]),
+              help="int4: accurate keeps QKV/down (and the CPU output layer) at 8 bits; compact quantizes every "
+                   "linear and the output layer to 4 bits: the fewest bytes and fastest decode, less accurate.")
 @click.option("--calibration", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Text file(s) to calibrate AWQ / SmoothQuant on (default: the text shipped with llamaexport).")
 @click.option("--check", "run_check", is_flag=True, help="Run the parity check after building.")
 def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, out, force, export_only, block_size,
-          memory_gb, quant_method, calibration, run_check):
+          memory_gb, quant_method, int4_recipe, calibration, run_check):
     """Build an artifact directory from a checkpoint or a size."""
     from .build import build as do_build
 
@@ -69,7 +72,8 @@ def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, ou
     path = do_build(out=out, checkpoint=checkpoint, size=size, profile=profile, precision=precision,
                     tokenizer=tokenizer, max_seq_len=max_seq_len, seed=seed, force=force,
                     export_only=export_only, block_size=block_size, memory_gb=memory_gb,
-                    quant_method=quant_method, calibration_files=list(calibration) or None)
+                    quant_method=quant_method, int4_recipe=int4_recipe,
+                    calibration_files=list(calibration) or None)
     if run_check:
         _check(path, None, False)
 

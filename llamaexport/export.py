@@ -51,9 +51,13 @@ def fused_attention(cfg: LlamaConfig, target: str) -> bool:
     return target == "ort-cpu" and cfg.rope_dim == cfg.head_dim
 
 
-def quantized_lm_head(precision: str, target: str) -> bool:
-    """ONNX Runtime CPU int8/int4 read an 8-bit copy of the output layer (see _lm_head)."""
-    return target == "ort-cpu" and precision in ("int8", "int4")
+def lm_head_precision(precision: str, target: str, protect: bool = True) -> str | None:
+    """The precision of ONNX Runtime CPU's quantized copy of the output layer (see _lm_head), or None
+    (a float Gemm on the embedding table / output weight). int8 and int4 read an 8-bit copy; int4's
+    compact recipe (protect=False) a 4-bit one, as onnxruntime-genai's int4 does."""
+    if target != "ort-cpu" or precision not in ("int8", "int4"):
+        return None
+    return "int4" if precision == "int4" and not protect else "int8"
 
 
 def last_logits_input(target: str) -> bool:
@@ -169,7 +173,9 @@ class _Emitter:
         mean (stats["qmean"]), so the activation rounding's mean error is cancelled too."""
         mean = stats["mean"].astype(np.float64)
         qmean = stats.get("qmean", stats["mean"]).astype(np.float64)
-        return mean @ w_t.astype(np.float64) - qmean @ deq.astype(np.float64)
+        step = max(1, quantize.CHUNK_ELEMENTS // w_t.shape[0])  # float64 temporaries of ~128 MB at most
+        return np.concatenate([mean @ w_t[:, i:i + step].astype(np.float64) - qmean @ deq[:, i:i + step].astype(np.float64)
+                               for i in range(0, w_t.shape[1], step)])
 
     def add_norm(self, h: str, delta: str | None, weight: np.ndarray, eps: float, name: str) -> tuple[str, str]:
         """h' = h + delta; return (RMSNorm(h'), h'). ONNX Runtime CPU gets one fused
@@ -208,7 +214,8 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
     """Write `out_dir/model.onnx` and `out_dir/model.onnx.data`; return the I/O spec.
 
     calibration: token ids [n_seq, seq_len]; with int8/int4 this turns on AWQ (see awq.py).
-    int4_protect: int4 keeps the sensitive projections at 8 bits (quantize.tensor_precision)."""
+    int4_protect: int4 keeps the sensitive projections at 8 bits (quantize.tensor_precision) and an
+    8-bit output layer; False is the compact recipe (every linear and the output layer 4-bit)."""
     from onnx import TensorProto
 
     if precision not in PRECISIONS:
@@ -308,12 +315,22 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
     if bar:
         bar.close()
 
-    x, _ = e.add_norm(h, delta, W["norm.weight"], cfg.norm_eps, "/model/norm")
+    head_prec = lm_head_precision(precision, target, int4_protect)
+    head_stats, norm_w = None, W["norm.weight"]
+    if (awq or smooth) and head_prec is not None:  # the output layer's input: the final norm of the calibration text
+        from .awq import input_stats
+
+        hs = calib.h.numpy().reshape(-1, cfg.dim).astype(np.float64)
+        xn = (hs / np.sqrt((hs ** 2).mean(axis=1, keepdims=True) + cfg.norm_eps) * norm_w).astype(np.float32)
+        del hs
+        head_stats = input_stats(xn)
+        del xn
+    x, _ = e.add_norm(h, delta, norm_w, cfg.norm_eps, "/model/norm")
     if last_logits_input(target):  # x[:, -n:] (n = 0: every position)
         n = g.op("Neg", [g.op("Reshape", ["num_logits_to_keep", g.const([1])], name="/lm_head/keep/Reshape")],
                  name="/lm_head/keep/Neg")
         x = g.op("Slice", [x, n, g.const([np.iinfo(np.int64).max]), g.const([1])], name="/lm_head/keep/Slice")
-    _lm_head(g, e, x, W, cfg)
+    _lm_head(g, e, x, W, cfg, head_prec, head_stats)
     for name, s in spec["outputs"].items():
         g.output(name, TensorProto.FLOAT if s["dtype"] == "float32" else e.onnx_act, s["shape"])
     g.save(out_dir / "model.onnx", producer="llamaexport",
@@ -381,16 +398,19 @@ def _attention_gqa(g: GraphBuilder, qkv: str, i: int, cfg: LlamaConfig, gqa: tup
     return o
 
 
-def _lm_head(g: GraphBuilder, e: _Emitter, x: str, W, cfg: LlamaConfig):
+def _lm_head(g: GraphBuilder, e: _Emitter, x: str, W, cfg: LlamaConfig, precision: str | None, stats: dict | None):
     """logits [B, S, V] float32.
 
-    Default: Gemm(transB) on the [V, D] table in the activation dtype, so a tied embedding is
-    stored once. ort-cpu int8/int4: an 8-bit MatMulNBits copy: a quarter of the fp32 bytes read
-    per token (for SmolLM2 the fp32 head alone is half of an int8 model's bytes per token); the
-    output layer is too sensitive for 4 bits."""
-    if quantized_lm_head(e.precision, e.target):
+    Default (precision None): Gemm(transB) on the [V, D] table in the activation dtype, so a tied
+    embedding is stored once. ort-cpu int8/int4: a MatMulNBits copy (lm_head_precision): an 8-bit
+    one reads a quarter of the fp32 bytes per token (for SmolLM2 the fp32 head alone is half of an
+    int8 model's bytes per token). The output layer is sensitive: on SmolLM2 a 4-bit copy adds
+    ~0.05 to the mean KL, which only int4's compact recipe accepts. With calibration text, the
+    rounding is weighted by and the bias corrected for the final norm's output (stats). (An AWQ
+    scale folded into the final norm moved SmolLM2's compact KL only from 0.131 to 0.128.)"""
+    if precision is not None:
         w = W["tok_embeddings.weight"] if cfg.tie_embeddings else W["output.weight"]
-        y = e.linear(x, w.T, "lm_head.weight", "/lm_head", precision="int8")
+        y = e.linear(x, w.T, "lm_head.weight", "/lm_head", precision=precision, stats=stats)
         g.op("Identity", [y], name="/lm_head/Identity", outputs=["logits"])
         return
     if cfg.tie_embeddings:

@@ -18,7 +18,7 @@ import dataclasses
 
 from . import LlamaExportError
 from .config import LlamaConfig
-from .export import activation_dtype, quantized_lm_head
+from .export import activation_dtype, lm_head_precision
 from .quantize import tensor_precision
 from .profiles import Profile
 
@@ -40,11 +40,12 @@ class Plan:
     budget: float
     bytes_per_token: float
     bandwidth_gbs: float
-    protect: bool = True  # int4: the sensitive projections at 8 bits (quantize.INT4_8BIT_ROLES)
+    protect: bool = True  # int4: the sensitive projections (quantize.INT4_8BIT_ROLES) and the CPU lm_head at
+    # 8 bits (the accurate recipe); False: the compact recipe, all 4-bit
 
     @property
     def label(self) -> str:
-        return self.precision if self.protect or self.precision != "int4" else "int4 (all 4-bit)"
+        return self.precision if self.protect or self.precision != "int4" else "int4 (compact)"
 
     @property
     def total(self) -> float:
@@ -86,8 +87,9 @@ def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int = 
     body = cfg.n_layers * sum(n * _matrix_bytes_per_param(tensor_precision(precision, role, target, protect), target, block)
                               for role, n in params.items())
     emb = cfg.vocab_size * d * act
-    if quantized_lm_head(precision, target):   # 8-bit lm_head copy
-        head = cfg.vocab_size * d * _matrix_bytes_per_param("int8", target, block)
+    head_prec = lm_head_precision(precision, target, protect)
+    if head_prec is not None:   # a quantized lm_head copy
+        head = cfg.vocab_size * d * _matrix_bytes_per_param(head_prec, target, block)
     else:
         head = 0 if cfg.tie_embeddings else cfg.vocab_size * d * act
     small = (2 * cfg.n_layers + 1) * d * 4 + 2 * cfg.max_seq_len * cfg.rope_dim // 2 * act
@@ -97,9 +99,11 @@ def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int = 
 
 
 def plan(cfg: LlamaConfig, profile: Profile, precision: str, *, context: int | None = None,
-         batch: int | None = None, block: int = 32) -> Plan:
-    """int4 keeps its 8-bit projections when they fit, else falls back to all 4-bit."""
-    p = _plan(cfg, profile, precision, context=context, batch=batch, block=block, protect=True)
+         batch: int | None = None, block: int = 32, compact: bool = False) -> Plan:
+    """int4 keeps its 8-bit projections when they fit, else falls back to the compact recipe (all
+    4-bit); compact=True asks for the compact recipe (`--int4-recipe compact`)."""
+    p = _plan(cfg, profile, precision, context=context, batch=batch, block=block,
+              protect=not (compact and precision == "int4"))
     if precision == "int4" and not p.fits:
         pure = _plan(cfg, profile, precision, context=context, batch=batch, block=block, protect=False)
         if pure.fits:

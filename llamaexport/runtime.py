@@ -56,9 +56,12 @@ class OnnxRuntimeBackend:
         self.present_names = [n for n in io["outputs"] if n.startswith("present.")]
         self.kv_dtype = np.dtype(io["inputs"][self.past_names[0]]["dtype"]) if self.past_names else np.float32
         self.shared_kv = shared_kv
+        self.logits_dtype = np.dtype(io["outputs"]["logits"]["dtype"])
         self.keep_input = "num_logits_to_keep" in io["inputs"]
         # an overridable initializer: only an OrtValue binds it (bind_cpu_input looks among the inputs)
         self._one = ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64))
+        self._all = ort.OrtValue.ortvalue_from_numpy(np.array(0, np.int64))  # 0 = logits of every position
+        self._io = self._io_cache = None  # the binding of the shared cache in use (see _binding)
         self._ort = ort
 
     def empty_cache(self, batch: int):
@@ -69,25 +72,44 @@ class OnnxRuntimeBackend:
         z = np.zeros((batch, c.n_kv_heads, 0, c.head_dim), self.kv_dtype)
         return [self._ort.OrtValue.ortvalue_from_numpy(z) for _ in self.past_names]
 
-    def forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
+    def _binding(self, cache):
+        """An IOBinding with the cache bound. A shared cache is bound once per generation (its buffers never
+        change), so a decode step only rebinds its three small inputs and the logits."""
+        if self.shared_kv and self._io_cache is cache:
+            return self._io
         io = self.sess.io_binding()
-        if last_only and self.keep_input:
-            io.bind_ortvalue_input("num_logits_to_keep", self._one)
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        io.bind_output("logits")  # first: get_outputs() lists outputs in the order they were first bound
         for name, v in zip(self.past_names, cache):
             io.bind_ortvalue_input(name, v)
-        io.bind_output("logits")
         if self.shared_kv:
             for name, v in zip(self.present_names, cache):
                 io.bind_ortvalue_output(name, v)
+            self._io, self._io_cache = io, cache
         else:
             for name in self.present_names:
                 io.bind_output(name)
+        return io
+
+    def forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        io = self._binding(cache)
+        last_only = last_only and self.keep_input
+        if self.keep_input:
+            io.bind_ortvalue_input("num_logits_to_keep", self._one if last_only else self._all)
+        io.bind_cpu_input("input_ids", input_ids)
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        if self.shared_kv:
+            # The logits go straight into a fresh array: get_outputs() would wrap every present buffer
+            # too (~40 us a step for 30 layers), and a fresh array stays valid after the next step.
+            B, S = input_ids.shape
+            logits = np.empty((B, 1 if last_only else S, self.cfg.vocab_size), self.logits_dtype)
+            io.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
+            self.sess.run_with_iobinding(io)
+            return logits, cache
         self.sess.run_with_iobinding(io)
         outs = io.get_outputs()
-        return outs[0].numpy(), (cache if self.shared_kv else outs[1:])
+        return outs[0].numpy(), outs[1:]
 
 
 @dataclasses.dataclass

@@ -3,13 +3,18 @@
 llama.cpp (llama-cpp-python), at fp32, int8, int4 and int4 with 128-wide blocks.
 
     python scripts/bench_peers.py [--models smollm2,1.1b] [--threads 2] [--prompt-len 64] [--new-tokens 128]
-                                  [--repeat 3] [--workdir DIR] [--json OUT] [--systems ours,hf,genai,llamacpp]
+                                  [--repeat 5] [--workdir DIR] [--json OUT] [--systems ours,hf,genai,llamacpp]
                                   [--precisions fp32,int8,int4,int4-b128] [--bandwidth-gib 1]
 
-Batch 1, greedy, the same random prompt ids (numpy seed 0, ids in [3, vocab)) for every system, one warm-up
-run, then the median of --repeat runs. Each system runs in its own subprocess (own thread settings, own peak RSS).
+Batch 1, greedy, the same random prompt ids (numpy seed 0, ids in [3, vocab)) for every system. Interleaved:
+for each (model, precision) every system is loaded in its own long-lived subprocess (own thread settings, own
+peak RSS) and runs one warm-up generation; then --repeat rounds each run every system once, in turn (the order
+rotates by one each round, 0.2 s pause between runs), and each row is the median over the rounds. The machine's
+drift (memory bandwidth moves by +-15% and more within minutes on these VMs) thus falls on all systems of a
+precision alike; rows of different precisions were still measured minutes apart. All systems of a precision are
+resident at once (the 1.1b fp32 rows: ~4.3 GB each).
 How prefill (P prompt tokens) and decode (T new tokens) are split:
-  ours  `llamaexport bench`: prefill = one forward over the prompt; decode = T single-token forwards / T.
+  ours  `llamaexport bench`'s timed generation (llamaexport.bench.load_for_bench): prefill = one forward over the prompt; decode = T single-token forwards / T.
   hf    prefill = one `model(ids, use_cache=True)` forward; decode = from `generate(max_new_tokens=T,
         min_new_tokens=T, do_sample=False)` with a timestamping streamer: (end - first new token) / (T-1),
         i.e. the T-1 single-token forwards that follow the prompt forward inside generate.
@@ -20,6 +25,9 @@ How prefill (P prompt tokens) and decode (T new tokens) are split:
 Precisions (weight-only: activations are fp32 between ops, quantized on the fly for int8 dot products):
   ours      `llamaexport build --precision P`: int8/int4 = MatMulNBits 8/4-bit, block 32 (int4-b128: --block-size
             128), asymmetric, accuracy_level 4; AWQ when the checkpoint has a tokenizer (smollm2), else RTN.
+            int4 is the default accurate recipe: QKV, down and the output layer at 8 bits.
+  ours-compact  the same with `--int4-recipe compact`: every linear and the output layer at 4 bits (the
+            bytes of genai's int4). Its ratios are against the `ours` row (the accurate recipe).
   genai     builder `-p int8|int4 --extra_options block_size=32|128 accuracy_level=4`: MatMulNBits, symmetric,
             RTN, every MatMul including lm_head.
   llamacpp  GGUF F32 / Q8_0 / Q4_0 from llama.cpp's own quantizer (`llama_model_quantize`, llama-quantize's
@@ -65,8 +73,8 @@ LLAMACPP_PIP = ["llama-cpp-python", "gguf"]  # only when the running Python lack
 PRECISIONS = ["fp32", "int8", "int4", "int4-b128"]  # table order within a model
 JOBS = [("ours", "fp32"), ("hf", "fp32"), ("genai", "fp32"), ("llamacpp", "fp32"),  # (system, precision)
         ("ours", "int8"), ("genai", "int8"), ("llamacpp", "int8"),
-        ("ours", "int4"), ("genai", "int4"), ("llamacpp", "int4"),
-        ("ours", "int4-b128"), ("genai", "int4-b128")]
+        ("ours", "int4"), ("ours-compact", "int4"), ("genai", "int4"), ("llamacpp", "int4"),
+        ("ours", "int4-b128"), ("ours-compact", "int4-b128"), ("genai", "int4-b128")]
 MODELS = {
     # The demo model: the Q4_1 GGUF is dequantized to fp32 for every system.
     "smollm2": dict(gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -173,46 +181,54 @@ def split_precision(precision):
     return base, int(block) if block else (32 if base.startswith("int") else None)
 
 
-def run_ours(model, precision, a, wd):
-    out = wd / f"ours-{model}-{precision}"
+def prepare_ours(model, precision, a, wd, recipe="accurate"):
+    out = wd / (f"ours-{model}-{precision}" + ("-compact" if recipe == "compact" else ""))
     base, block = split_precision(precision)
+    if recipe == "compact" and base != "int4":
+        raise Unavailable("compact is an int4 recipe")
     if not (out / "manifest.json").exists():
         spec = MODELS[model]
         src = ["--checkpoint", str(smollm2_gguf())] if "gguf" in spec else ["--size", spec["size"]]
         # int8/int4 keep the default --quant-method auto: AWQ when there is a tokenizer (the smollm2 GGUF), else RTN.
         log(f"ours: llamaexport build -> {out}")
         sh(["llamaexport", "build", *src, "--profile", "cpu", "--precision", base, "--out", str(out), "--force",
+            *(["--int4-recipe", recipe] if base == "int4" else []),
             *(["--block-size", str(block)] if block else [])],
            wd / "logs" / f"ours-build-{model}-{precision}.log", "llamaexport build")
     manifest = json.loads((out / "manifest.json").read_text())
     if manifest.get("precision") != base:
         raise Unavailable(f"built {manifest.get('precision')}, not {base}")
-    log(f"ours: llamaexport bench {out}")
-    stdout = sh(["llamaexport", "bench", str(out), "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens),
-                 "--threads", str(a.threads), "--repeat", str(a.repeat), "--json"],
-                wd / "logs" / f"ours-bench-{model}-{precision}.log", "llamaexport bench")
-    r = json.loads(stdout[stdout.index("{"):])
+    if base == "int4" and (manifest.get("plan") or {}).get("int4_recipe") != recipe:
+        raise Unavailable(f"{out} was not built with --int4-recipe {recipe}; delete it to rebuild")
     detail = (manifest.get("quantization") or "").upper() or None  # AWQ / RTN for int8 and int4
-    budget = ("weights_mb", "kv_cache_mb", "rss_budget_mb", "rss_within_budget")
-    if not r["rss_within_budget"]:
-        log(f"ours: peak RSS {r['peak_rss_mb']} MB is over the budget {r['rss_budget_mb']} MB "
-            f"(weights {r['weights_mb']} + KV cache {r['kv_cache_mb']} + 300)")
-    return dict({k: r[k] for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb", *budget)}, detail=detail,
+    if recipe == "compact":
+        detail += ", compact"
+    return dict(mode="ours", args=dict(knobs(a), dir=str(out)), detail=detail,
                 weights_path=str(out / manifest["files"]["onnx"]))
+
+
+def serve_ours(a):
+    """`llamaexport bench`'s own timed generation (llamaexport.bench.load_for_bench), plus its RSS budget check."""
+    from llamaexport.bench import load_for_bench, memory_budget, peak_rss_mb
+    model, once = load_for_bench(a["dir"], prompt_len=a["prompt_len"], new_tokens=a["new_tokens"],
+                                 threads=a["threads"])
+
+    def finish():
+        return memory_budget(a["dir"], model.manifest, batch=1, prompt_len=a["prompt_len"],
+                             new_tokens=a["new_tokens"], peak_mb=peak_rss_mb())
+    return once, finish
 
 
 # ---- hf: PyTorch eager through transformers ---------------------------------------------------------------
 
-def run_hf(model, precision, a, wd):
+def prepare_hf(model, precision, a, wd):
     if precision != "fp32":
         raise Unavailable(f"eager {precision} not benchmarked")
     hf = ensure_hf_dir(model, wd)
-    log(f"hf: generate on {hf}")
-    r = worker("hf_bench", dict(knobs(a), dir=str(hf)), wd / "logs" / f"hf-bench-{model}.log", threads=a.threads)
-    return dict(r, weights_path=str(hf))
+    return dict(mode="hf", args=dict(knobs(a), dir=str(hf)), weights_path=str(hf))
 
 
-def worker_hf_bench(a):
+def serve_hf(a):
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
@@ -238,14 +254,7 @@ def worker_hf_bench(a):
         assert out.shape[1] == P + T and len(clock.t) == T + 1, (out.shape, len(clock.t))
         return P / prefill, (T - 1) / (t_end - clock.t[1])
 
-    once()
-    return dict(summary([once() for _ in range(a["repeat"])]), torch=torch.__version__)
-
-
-def summary(runs):
-    return {"prefill_tok_s": round(statistics.median(r[0] for r in runs), 2),
-            "decode_tok_s": round(statistics.median(r[1] for r in runs), 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)}
+    return once, lambda: dict(torch=torch.__version__)
 
 
 # ---- genai: onnxruntime-genai in its own venv -------------------------------------------------------------
@@ -275,7 +284,7 @@ def ensure_genai_venv(wd: Path) -> str:
     return py
 
 
-def run_genai(model, precision, a, wd):
+def prepare_genai(model, precision, a, wd):
     py = ensure_genai_venv(wd)
     out = wd / f"genai-{model}-{precision}"
     base, block = split_precision(precision)
@@ -289,14 +298,12 @@ def run_genai(model, precision, a, wd):
         sh([py, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", base,
             "-e", "cpu", "-c", str(wd / "genai-cache"), *quant],
            wd / "logs" / f"genai-build-{model}-{precision}.log", "genai builder")
-    log(f"genai: generator on {out}")
-    r = worker("genai_bench", dict(knobs(a), dir=str(out)), wd / "logs" / f"genai-bench-{model}-{precision}.log",
-               python=py, threads=a.threads)
     decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"].get("filename", "model.onnx")
-    return dict(r, detail="RTN" if block else None, weights_path=str(out / decoder))
+    return dict(mode="genai", python=py, args=dict(knobs(a), dir=str(out)), detail="RTN" if block else None,
+                weights_path=str(out / decoder))
 
 
-def worker_genai_bench(a):
+def serve_genai(a):
     import numpy as np
     import onnxruntime_genai as og
     cfg = og.Config(a["dir"])
@@ -322,8 +329,7 @@ def worker_genai_bench(a):
         assert n == T, n
         return P / (t1 - t0), (T - 1) / (t2 - t1)
 
-    once()
-    return dict(summary([once() for _ in range(a["repeat"])]), ort=__import__("onnxruntime").__version__)
+    return once, lambda: dict(ort=__import__("onnxruntime").__version__, genai=og.__version__)
 
 
 # ---- llamacpp: llama.cpp through llama-cpp-python ---------------------------------------------------------
@@ -446,18 +452,16 @@ def worker_gguf_quantize(a):
     return {"out": a["out"]}
 
 
-def run_llamacpp(model, precision, a, wd):
+def prepare_llamacpp(model, precision, a, wd):
     if precision not in GGUF_TYPES:
         raise Unavailable(f"no llama.cpp type for {precision} (Q4_0 blocks are 32)")
     py = ensure_llamacpp(wd)
     path = ensure_gguf(model, GGUF_TYPES[precision], py, wd)
-    log(f"llamacpp: Llama on {path}")
-    r = worker("llamacpp_bench", dict(knobs(a), path=str(path)), wd / "logs" / f"llamacpp-bench-{model}-{precision}.log",
-               python=py, threads=a.threads)
-    return dict(r, detail=GGUF_TYPES[precision], weights_path=str(path))
+    return dict(mode="llamacpp", python=py, args=dict(knobs(a), path=str(path)), detail=GGUF_TYPES[precision],
+                weights_path=str(path))
 
 
-def worker_llamacpp_bench(a):
+def serve_llamacpp(a):
     import numpy as np
     import llama_cpp
     from llama_cpp import Llama
@@ -478,11 +482,123 @@ def worker_llamacpp_bench(a):
         assert llm.n_tokens == P + T, llm.n_tokens
         return P / (t1 - t0), T / (t2 - t1)
 
-    once()
-    return dict(summary([once() for _ in range(a["repeat"])]), llama_cpp=llama_cpp.__version__)
+    return once, lambda: dict(llama_cpp=llama_cpp.__version__)
 
 
-SYSTEMS = {"ours": run_ours, "hf": run_hf, "genai": run_genai, "llamacpp": run_llamacpp}
+SYSTEMS = {"ours": prepare_ours, "ours-compact": lambda *x: prepare_ours(*x, recipe="compact"), "hf": prepare_hf,
+           "genai": prepare_genai, "llamacpp": prepare_llamacpp}
+
+
+# ---- interleaved timing: one long-lived process per system, runs taken in turns --------------------------
+
+def serve(mode: str, a: dict):
+    """The process behind Server: load the system (serve_<mode>), one warm-up run, then answer stdin lines:
+    "run" -> one timed generation as {"prefill_tok_s", "decode_tok_s"}; "end" -> peak RSS and versions, exit.
+    Protocol lines go to the original stdout; anything a library prints goes to stderr (the log)."""
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    once, finish = globals()[f"serve_{mode}"](a)
+    once()  # warm-up: first-run allocations, kernel selection, page faults of the weights
+    say = lambda obj: (proto.write(json.dumps(obj) + "\n"), proto.flush())
+    say({"ready": True})
+    for line in sys.stdin:
+        if line.strip() == "run":
+            prefill, decode = once()
+            say({"prefill_tok_s": prefill, "decode_tok_s": decode})
+        elif line.strip() == "end":
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+            say(dict(finish(), peak_rss_mb=round(peak, 1)))
+            return
+
+
+class Server:
+    """A system loaded in its own interpreter (own threads, own peak RSS) that runs one timed generation per
+    `run()`; the main loop takes every system's runs in turns, so drift of the machine (memory bandwidth moves
+    +-15% and more minute to minute on these VMs) falls on all systems alike instead of on whichever ran last."""
+
+    def __init__(self, job: dict, threads: int, logfile: Path):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        self.logfile, self.err = logfile, open(logfile, "w")
+        self.p = subprocess.Popen([job.get("python", sys.executable), str(HERE), "--serve", job["mode"],
+                                   json.dumps(job["args"])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self.err, text=True, env=env)
+        self._read()  # {"ready": true} once loaded and warmed up
+
+    def _read(self) -> dict:
+        line = self.p.stdout.readline()
+        if not line:
+            rc = self.p.wait()
+            self.err.close()
+            tail = [l for l in self.logfile.read_text(errors="replace").splitlines() if l.strip()][-5:]
+            log(f"worker exited ({rc}), log {self.logfile}:\n    " + "\n    ".join(tail))
+            raise Unavailable(f"exited {rc}: {(tail or [''])[-1][-80:]}")
+        return json.loads(line)
+
+    def _send(self, cmd: str) -> dict:
+        try:
+            self.p.stdin.write(cmd + "\n")
+            self.p.stdin.flush()
+        except BrokenPipeError:
+            pass  # _read reports the exit
+        return self._read()
+
+    def run(self) -> dict:
+        return self._send("run")
+
+    def end(self) -> dict:
+        r = self._send("end")
+        self.p.wait()
+        self.err.close()
+        return r
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+        self.err.close()
+
+
+def measure_interleaved(model: str, precision: str, jobs: dict, a, wd: Path) -> dict:
+    """{system: row fields}: every prepared system loaded at once, then --repeat rounds, each running every
+    system once in turn (the order rotating by one each round); medians over the rounds."""
+    servers, out = {}, {}
+    try:
+        for system, job in jobs.items():
+            log(f"{system}: loading {job['weights_path']}")
+            try:
+                servers[system] = Server(job, a.threads, wd / "logs" / f"{system}-serve-{model}-{precision}.log")
+            except Unavailable as e:
+                out[system] = dict(error=str(e))
+        order, runs = list(servers), {s: [] for s in servers}
+        for r in range(a.repeat):
+            for system in order[r % len(order):] + order[:r % len(order)] if order else []:
+                if system in out:
+                    continue
+                try:
+                    runs[system].append(servers[system].run())
+                except Unavailable as e:
+                    out[system] = dict(error=str(e))
+                    continue
+                x = runs[system][-1]
+                log(f"   round {r + 1}/{a.repeat} {system}: prefill {x['prefill_tok_s']:.1f} tok/s, "
+                    f"decode {x['decode_tok_s']:.1f} tok/s")
+                time.sleep(0.2)  # let this system's worker threads stop spinning before the next one starts
+        for system, srv in servers.items():
+            if system in out:
+                continue
+            try:
+                fin = srv.end()
+            except Unavailable as e:
+                out[system] = dict(error=str(e))
+                continue
+            med = lambda k: round(statistics.median(x[k] for x in runs[system]), 2)
+            out[system] = dict(fin, prefill_tok_s=med("prefill_tok_s"), decode_tok_s=med("decode_tok_s"),
+                               runs=runs[system])
+    finally:
+        for srv in servers.values():
+            srv.kill()
+    return out
 
 
 # ---- memory bandwidth and weight bytes read per decoded token (see the module docstring) -------------------
@@ -650,7 +766,7 @@ def table(rows) -> str:
             "decode vs ours (same precision)", "% of bandwidth", "peak RSS MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(head))) + "|"]
     models = list(dict.fromkeys(r["model"] for r in rows))
-    systems = list(dict.fromkeys(s for s, _ in JOBS))
+    systems = list(SYSTEMS)
     rows = sorted(rows, key=lambda r: (models.index(r["model"]), PRECISIONS.index(r["precision"]),
                                        systems.index(r["system"])))
     for r in rows:  # the ratio's base: our row of the same model and precision (n/a without one)
@@ -674,7 +790,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--workdir", type=Path, default=Path("~/.cache/llamaexport-bench").expanduser())
     ap.add_argument("--json", type=Path, help="also write the rows and settings here")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
@@ -701,25 +817,39 @@ def main():
     rows, bandwidth = [], {}
     for model in models:
         bw_start = measure_bandwidth(a, wd, model, "start")
-        for system, precision in [j for j in JOBS if j[0] in systems and j[1] in precisions]:
-            log(f"== {model} / {system} / {precision}")
-            row = dict(model=model, system=system, precision=precision)
-            try:
-                row.update(SYSTEMS[system](model, precision, a, wd))
-                log(f"   prefill {row['prefill_tok_s']} tok/s, decode {row['decode_tok_s']} tok/s, "
-                    f"peak RSS {row['peak_rss_mb']} MB")
-            except Unavailable as e:
-                row["error"] = str(e)
-            except Exception as e:  # one peer failing must not lose the other rows
-                row["error"] = f"{type(e).__name__}: {e}"[:100]
-                log(f"   {row['error']}")
-            rows.append(row)
+        for precision in [p for p in PRECISIONS if p in precisions]:
+            todo = [s for s, p in JOBS if p == precision and s in systems]
+            if not todo:
+                continue
+            log(f"== {model} / {precision}: {', '.join(todo)}")
+            prepared, found = {}, {}
+            for system in todo:  # build / convert each system's files first (cached in the workdir)
+                try:
+                    prepared[system] = SYSTEMS[system](model, precision, a, wd)
+                except Unavailable as e:
+                    found[system] = dict(error=str(e))
+                except Exception as e:  # one peer failing must not lose the other rows
+                    found[system] = dict(error=f"{type(e).__name__}: {e}"[:100])
+                    log(f"   {system}: {found[system]['error']}")
+            measured = measure_interleaved(model, precision, prepared, a, wd)
+            for system in todo:
+                row = dict(model=model, system=system, precision=precision)
+                job = prepared.get(system, {})
+                row.update({k: job[k] for k in ("detail", "weights_path") if job.get(k)})
+                row.update(found.get(system) or measured.get(system) or dict(error="not measured"))
+                if "error" not in row:
+                    log(f"   {system}: prefill {row['prefill_tok_s']} tok/s, decode {row['decode_tok_s']} tok/s, "
+                        f"peak RSS {row['peak_rss_mb']} MB")
+                    if system.startswith("ours") and not row["rss_within_budget"]:
+                        log(f"ours: peak RSS {row['peak_rss_mb']} MB is over the budget {row['rss_budget_mb']} MB "
+                            f"(weights {row['weights_mb']} + KV cache {row['kv_cache_mb']} + 300)")
+                rows.append(row)
         bandwidth[model] = bandwidth_summary(bw_start, measure_bandwidth(a, wd, model, "end"))
     add_bandwidth_columns(rows, bandwidth, wd)
     when = datetime.datetime.now().isoformat(timespec="seconds")
     print(f"CPU benchmark {when} on {platform.node()} ({os.cpu_count()} CPUs, 1-min load avg {load0:.2f} before "
           f"starting): batch 1, greedy, {a.threads} threads, {a.prompt_len}-token prompt, "
-          f"{a.new_tokens} new tokens, median of {a.repeat} after a warm-up")
+          f"{a.new_tokens} new tokens, median of {a.repeat} interleaved rounds after a warm-up")
     for model, bw in bandwidth.items():
         at = lambda m: f"{m['gb_s']:.1f}" if "gb_s" in m else f"n/a ({m['error']})"
         print(f"{model}: memory read bandwidth {at(bw['start'])} GB/s at the start, {at(bw['end'])} GB/s at the "
@@ -735,7 +865,9 @@ def main():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    if len(sys.argv) == 4 and sys.argv[1] == "--serve":
+        serve(sys.argv[2], json.loads(sys.argv[3]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--worker":
         print(json.dumps(globals()[f"worker_{sys.argv[2]}"](json.loads(sys.argv[3]))))
     else:
         main()

@@ -83,12 +83,13 @@ def test_w8a8_is_planned_like_int8_but_never_chosen_by_auto():
                 assert "does not fit" in str(e)
 
 
-def test_int4_falls_back_to_all_4_bit_when_the_8_bit_projections_do_not_fit():
-    """13B on the 16 GB cpu profile: int4 with 8-bit QKV/down needs more than the budget, all
-    4-bit fits; the plan says which, and the build's manifest records each role's precision."""
+def test_int4_falls_back_to_compact_when_the_8_bit_projections_do_not_fit():
+    """13B on the 16 GB cpu profile: int4 with 8-bit QKV/down needs more than the budget, the
+    compact recipe (all 4-bit) fits; the plan says which, and the build's manifest records each
+    role's precision."""
     prof = load_profile("cpu")
     p = choose(config_for_size("13B"), prof, "int4")
-    assert p.precision == "int4" and not p.protect and p.label == "int4 (all 4-bit)"
+    assert p.precision == "int4" and not p.protect and p.label == "int4 (compact)"
     small = choose(config_for_size("1.1B"), prof, "int4")
     assert small.protect and small.label == "int4"
     assert small.weights == plan(config_for_size("1.1B"), prof, "int4").weights
@@ -97,4 +98,28 @@ def test_int4_falls_back_to_all_4_bit_when_the_8_bit_projections_do_not_fit():
 def test_manifest_records_tensor_precisions(tmp_path):
     out = build(out=tmp_path / "a", size="tiny", precision="int4", progress=False)
     m = json.loads((out / "manifest.json").read_text())
-    assert m["tensor_precisions"] == {"qkv_proj": "int8", "o_proj": "int4", "gate_up_proj": "int4", "down_proj": "int8"}
+    assert m["tensor_precisions"] == {"qkv_proj": "int8", "o_proj": "int4", "gate_up_proj": "int4", "down_proj": "int8",
+                                      "lm_head": "int8"}
+    assert m["plan"]["int4_recipe"] == "accurate"
+
+
+def test_compact_int4_recipe_is_all_4_bit_and_smaller(tmp_path):
+    """--int4-recipe compact: every linear and the CPU output layer at 4 bits (the bytes of
+    onnxruntime-genai's int4); the planner counts it, the graph has no 8-bit MatMulNBits left."""
+    import onnx
+
+    prof, cfg = load_profile("cpu"), config_for_size("1.1B")
+    acc, com = plan(cfg, prof, "int4"), plan(cfg, prof, "int4", compact=True)
+    assert com.label == "int4 (compact)" and acc.label == "int4"
+    # 4-bit (5.125 bits/weight with the fp32 scale and 4-bit zero point per 32) vs 8-bit (9.25) on QKV, down, lm_head
+    assert 0.6 * acc.weights < com.weights < 0.85 * acc.weights
+    assert com.bytes_per_token < acc.bytes_per_token
+    out = build(out=tmp_path / "c", size="tiny", precision="int4", int4_recipe="compact", progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["tensor_precisions"].values()) == {"int4"} and m["plan"]["int4_recipe"] == "compact"
+    bits = {a.i for n in onnx.load(out / "model.onnx", load_external_data=False).graph.node
+            if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert bits == {4}
+    with pytest.raises(LlamaExportError, match="applies to int4 only"):
+        build(out=tmp_path / "d", size="tiny", precision="int8", int4_recipe="compact", progress=False)
+    assert not (tmp_path / "d").exists()

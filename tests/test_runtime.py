@@ -128,3 +128,27 @@ def test_cpu_graph_computes_only_the_last_logits_when_asked(tiny_artifact):
     last = sess.run(["logits"], {**feed, "num_logits_to_keep": np.array(1, np.int64)})[0]
     assert full.shape == (1, 12, cfg["vocab_size"]) and last.shape == (1, 1, cfg["vocab_size"])
     np.testing.assert_allclose(last[0, 0], full[0, -1], atol=1e-5)
+
+
+def test_decode_steps_reuse_one_binding_and_return_fresh_logits(model):
+    """The shared-cache backend binds the cache once per generation and writes each step's logits
+    into a new array: rows kept from earlier steps stay intact (parity keeps them all), a step can
+    switch between the last position and every position, and the steps equal one full forward."""
+    be, V = model.backend, model.config.vocab_size
+    assert be.shared_kv
+    ids = np.array([[5, 17, 99, 3, 250, 400, 2, 7]])
+    full, _ = be.forward(ids, np.ones_like(ids), np.arange(8)[None], be.empty_cache(1))
+    cache = be.empty_cache(1)
+    first, cache = be.forward(ids[:, :5], np.ones((1, 5), np.int64), np.arange(5)[None], cache, last_only=True)
+    kept = first.copy()
+    rows = [first[0, -1]]
+    for j in range(5, 7):
+        step, cache = be.forward(ids[:, j:j + 1], np.ones((1, j + 1), np.int64), np.array([[j]]), cache)
+        rows.append(step[0, -1])
+    both, cache = be.forward(ids[:, 7:8], np.ones((1, 8), np.int64), np.array([[7]]), cache, last_only=False)
+    assert first.shape == (1, 1, V) and both.shape == (1, 1, V)
+    np.testing.assert_array_equal(first, kept)  # not overwritten by the later steps
+    np.testing.assert_allclose(np.stack(rows + [both[0, -1]]), full[0, 4:], atol=1e-4)
+    # a new cache gets its own binding: every position again
+    again, _ = be.forward(ids, np.ones_like(ids), np.arange(8)[None], be.empty_cache(1))
+    np.testing.assert_allclose(again, full, atol=1e-5)
