@@ -2,10 +2,11 @@
 """Mean KL and top-1 agreement of any ONNX causal LM of SmolLM2 (ours, onnxruntime-genai's, ...) against
 llamaexport's float32 PyTorch reference, on the shipped held-out text (401 SmolLM2 tokens; at most 512).
 
-    python scripts/peer_kl.py ~/.cache/llamaexport-bench/genai-smollm2-int4/model.onnx [more.onnx ...]
+    python scripts/peer_kl.py ~/.cache/llamaexport-bench/genai-smollm2-int4/model.onnx [more.onnx | x.gguf ...]
 
 One forward over the whole text (empty KV cache); inputs are fed by name (input_ids, attention_mask,
-position_ids if the graph has it, empty past_key_values.*), so graphs from other exporters work too. Used for
+position_ids if the graph has it, empty past_key_values.*), so graphs from other exporters work too. A .gguf
+runs in llama.cpp (llama-cpp-python, `logits_all=True`, one batch over the same token ids). Used for
 the accuracy line under README's performance table: it puts each system's int8/int4 speed next to its error.
 """
 import sys
@@ -23,6 +24,13 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from bench_peers import smollm2_gguf  # noqa: E402
 
 
+def gguf_logits(path, ids) -> np.ndarray:
+    from llama_cpp import Llama
+    llm = Llama(path, n_ctx=len(ids) + 8, n_batch=len(ids), n_ubatch=len(ids), logits_all=True, verbose=False)
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)], np.float32)
+
+
 def main(paths):
     gguf = str(smollm2_gguf())
     ck, tok = load_checkpoint(gguf), load_tokenizer(gguf)
@@ -32,6 +40,11 @@ def main(paths):
     with torch.no_grad():
         want = ref(t, torch.ones_like(t), torch.arange(len(ids))[None], ref.empty_cache(1))[0][0].numpy()
     for path in paths:
+        if path.endswith(".gguf"):
+            c = compare_logits(want, gguf_logits(path, ids))
+            print(f"{path}: mean KL {float(c['kl'].mean()):.4f}, top-1 agreement {float(c['top1'].mean()):.3f} "
+                  f"({len(ids)} tokens)")
+            continue
         so = ort.SessionOptions()
         so.log_severity_level = 3
         s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
