@@ -38,7 +38,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
           quant_method="auto", int4_recipe="accurate", calibration_files=None, progress=True) -> Path:
     """Build an artifact directory; returns its path. See the module docstring for the stages."""
     from .checkpoint import load_checkpoint
-    from .export import ROLES, activation_dtype, export_onnx, fused_attention, lm_head_precision
+    from .export import ROLES, activation_dtype, export_onnx, fused_attention, lm_head_precision, quantized_embedding
     from .quantize import tensor_precision
     from .planner import choose
 
@@ -98,7 +98,9 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             # the precision of each linear role (int4 keeps some at 8 bits; see quantize.tensor_precision)
             "tensor_precisions": {**{r: tensor_precision(precision, r, target, chosen.protect) for r in ROLES.values()},
                                   "lm_head": lm_head_precision(precision, target, chosen.protect)
-                                  or {"float32": "fp32", "float16": "fp16"}[activation_dtype(precision, target)]},
+                                  or {"float32": "fp32", "float16": "fp16"}[activation_dtype(precision, target)],
+                                  "embedding": "int8" if quantized_embedding(precision, target, cfg.dim)
+                                  else {"float32": "fp32", "float16": "fp16"}[activation_dtype(precision, target)]},
             # past_present_shared: the same max-length buffer may be bound as past and present
             # (GroupQueryAttention writes the new entries in place); plain past/present works too
             "kv_cache": {"form": "past_present" if left_padding else "past_present_shared",

@@ -60,6 +60,17 @@ def lm_head_precision(precision: str, target: str, protect: bool = True) -> str 
     return "int4" if precision == "int4" and not protect else "int8"
 
 
+EMBED_BLOCK = 32
+
+
+def quantized_embedding(precision: str, target: str, dim: int) -> bool:
+    """ONNX Runtime CPU int8/int4 look tokens up in an 8-bit copy of the embedding table
+    (GatherBlockQuantized, blocks of EMBED_BLOCK along the hidden dim): 9.25 bits per weight instead
+    of 32 in memory (SmolLM2: 33 MB instead of 113; 7B: 150 MB instead of 524). Their output layer
+    is a separate quantized copy (lm_head_precision), so a tied table is not needed in float."""
+    return lm_head_precision(precision, target) is not None and dim % EMBED_BLOCK == 0
+
+
 def last_logits_input(target: str) -> bool:
     """ONNX Runtime CPU graphs take an optional scalar `num_logits_to_keep` (default 0 = every
     position): the runtime asks for 1 when it only samples from the last position, so a prompt's
@@ -245,8 +256,19 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
 
     # ---- shared prologue: embeddings, rotary tables, attention bias
     emb = W["tok_embeddings.weight"]  # [V, D]
-    g.weight("model.embed_tokens.weight", emb.astype(e.np_act))
-    h = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], name="/model/embed_tokens/Gather")
+    if quantized_embedding(precision, target, cfg.dim):
+        blob, scale, zp = quantize.matmul_nbits(emb.T, bits=8, block=EMBED_BLOCK)  # MatMulNBits' layout, one row per token
+        V, nb = cfg.vocab_size, cfg.dim // EMBED_BLOCK
+        g.use_domain("com.microsoft")
+        ins = [g.weight("model.embed_tokens.qweight", blob.reshape(V, cfg.dim)), "input_ids",
+               g.weight("model.embed_tokens.scales", scale.reshape(V, nb)),
+               g.weight("model.embed_tokens.zero_points", zp.reshape(V, nb))]
+        h = g.op("GatherBlockQuantized", ins, name="/model/embed_tokens/GatherBlockQuantized", domain="com.microsoft",
+                 gather_axis=0, quantize_axis=1, block_size=EMBED_BLOCK, bits=8)
+        del blob, scale, zp
+    else:
+        g.weight("model.embed_tokens.weight", emb.astype(e.np_act))
+        h = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], name="/model/embed_tokens/Gather")
     cos, sin = rope_tables(cfg)
     g.weight("model.rotary.cos_cache", cos.astype(e.np_act))
     g.weight("model.rotary.sin_cache", sin.astype(e.np_act))

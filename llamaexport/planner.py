@@ -18,7 +18,7 @@ import dataclasses
 
 from . import LlamaExportError
 from .config import LlamaConfig
-from .export import activation_dtype, lm_head_precision
+from .export import EMBED_BLOCK, activation_dtype, lm_head_precision, quantized_embedding
 from .quantize import tensor_precision
 from .profiles import Profile
 
@@ -86,7 +86,8 @@ def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int = 
               "gate_up_proj": 2 * d * cfg.ffn_dim, "down_proj": d * cfg.ffn_dim}
     body = cfg.n_layers * sum(n * _matrix_bytes_per_param(tensor_precision(precision, role, target, protect), target, block)
                               for role, n in params.items())
-    emb = cfg.vocab_size * d * act
+    emb = cfg.vocab_size * d * (_matrix_bytes_per_param("int8", target, EMBED_BLOCK)
+                                if quantized_embedding(precision, target, d) else act)
     head_prec = lm_head_precision(precision, target, protect)
     if head_prec is not None:   # a quantized lm_head copy
         head = cfg.vocab_size * d * _matrix_bytes_per_param(head_prec, target, block)

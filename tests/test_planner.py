@@ -99,7 +99,7 @@ def test_manifest_records_tensor_precisions(tmp_path):
     out = build(out=tmp_path / "a", size="tiny", precision="int4", progress=False)
     m = json.loads((out / "manifest.json").read_text())
     assert m["tensor_precisions"] == {"qkv_proj": "int8", "o_proj": "int4", "gate_up_proj": "int4", "down_proj": "int8",
-                                      "lm_head": "int8"}
+                                      "lm_head": "int8", "embedding": "int8"}
     assert m["plan"]["int4_recipe"] == "accurate"
 
 
@@ -116,6 +116,7 @@ def test_compact_int4_recipe_is_all_4_bit_and_smaller(tmp_path):
     assert com.bytes_per_token < acc.bytes_per_token
     out = build(out=tmp_path / "c", size="tiny", precision="int4", int4_recipe="compact", progress=False)
     m = json.loads((out / "manifest.json").read_text())
+    assert m["tensor_precisions"].pop("embedding") == "int8"  # an 8-bit lookup table (one row read per token)
     assert set(m["tensor_precisions"].values()) == {"int4"} and m["plan"]["int4_recipe"] == "compact"
     bits = {a.i for n in onnx.load(out / "model.onnx", load_external_data=False).graph.node
             if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}

@@ -241,3 +241,28 @@ def _run_block(cfg, weights, h0, cal):
     b.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, assign=True)
     with torch.no_grad():
         return b(h0, cal.cos, cal.sin, cal.bias, cal.empty, cal.empty)[0]
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_cpu_quantized_artifacts_look_tokens_up_in_an_8_bit_table(tmp_path, precision):
+    """ORT CPU int8/int4 replace the float32 embedding table with GatherBlockQuantized over an 8-bit
+    copy: ONNX Runtime's lookup equals the table within 8-bit rounding, and no float table is left."""
+    import onnx
+
+    from llamaexport.build import build
+
+    out = build(out=tmp_path / "a", size="tiny", precision=precision, progress=False)
+    m = onnx.load(out / "model.onnx")
+    names = {t.name for t in m.graph.initializer}
+    assert "model.embed_tokens.weight" not in names
+    node = next(n for n in m.graph.node if n.op_type == "GatherBlockQuantized")
+    emb = load_checkpoint(size="tiny").weights["tok_embeddings.weight"]
+    sub = helper.make_model(helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, None])],
+        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
+        [t for t in m.graph.initializer if t.name in node.input]), opset_imports=m.opset_import)
+    sub.ir_version = m.ir_version
+    ids = np.arange(emb.shape[0])[None]
+    got = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0][0]
+    step = (emb.reshape(emb.shape[0], -1, 32).max(-1) - emb.reshape(emb.shape[0], -1, 32).min(-1)) / 255
+    assert np.all(np.abs(got - emb).reshape(emb.shape[0], -1, 32).max(-1) <= 0.51 * step + 1e-7)
