@@ -11,6 +11,7 @@ tensors of one step are bound as the past of the next without a copy through num
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,17 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def _lazy_zeros(shape, dtype) -> np.ndarray:
+    """np.zeros whose pages become memory only when written, and go back to the OS when freed. A
+    max-length KV buffer is mostly never touched; np.zeros gets that from glibc only while its
+    mmap threshold is low: once a freed buffer has raised it, the next generation's buffers come
+    from the heap, zeroed in full (the 1.1B model's RSS grew by 140 MB over 4 generations)."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if n < 1 << 20:
+        return np.zeros(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, n), dtype).reshape(shape)  # anonymous map: zero-filled on demand
 
 
 class OnnxRuntimeBackend:
@@ -67,8 +79,9 @@ class OnnxRuntimeBackend:
     def empty_cache(self, batch: int):
         c = self.cfg
         if self.shared_kv:  # one max-length buffer per tensor, written in place
+            self._io = self._io_cache = None  # a new generation: let the previous cache go
             shape = (batch, c.n_kv_heads, c.max_seq_len, c.head_dim)
-            return [self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype)) for _ in self.past_names]
+            return [self._ort.OrtValue.ortvalue_from_numpy(_lazy_zeros(shape, self.kv_dtype)) for _ in self.past_names]
         z = np.zeros((batch, c.n_kv_heads, 0, c.head_dim), self.kv_dtype)
         return [self._ort.OrtValue.ortvalue_from_numpy(z) for _ in self.past_names]
 

@@ -152,3 +152,20 @@ def test_decode_steps_reuse_one_binding_and_return_fresh_logits(model):
     # a new cache gets its own binding: every position again
     again, _ = be.forward(ids, np.ones_like(ids), np.arange(8)[None], be.empty_cache(1))
     np.testing.assert_allclose(again, full, atol=1e-5)
+
+
+def test_kv_buffers_are_zero_pages_until_written():
+    """Max-length KV buffers come from anonymous maps: zero, writable, and resident only where
+    written, so repeated generations do not grow the process (glibc's heap would zero them in full)."""
+    import resource
+
+    from llamaexport.runtime import _lazy_zeros
+
+    a = _lazy_zeros((1, 4, 8192, 256), np.float32)  # 32 MiB
+    assert a.shape == (1, 4, 8192, 256) and a.dtype == np.float32 and a.flags.writeable and not a.any()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    bufs = [_lazy_zeros((1, 4, 8192, 256), np.float32) for _ in range(8)]  # 256 MiB mapped, none written
+    for b in bufs:
+        b[0, :, :4] = 1.0  # the first positions only, as a short generation writes them
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB: far below 256 MiB
+    assert bufs[0][0, 0, :4].all() and not bufs[0][0, 0, 4:].any()
