@@ -12,7 +12,9 @@ def format_manifest(m: dict) -> str:
     parity = m.get("parity")
     rows = [
         ("profile", f"{m['profile']} ({m['backend']})"),
-        ("precision", m["precision"]),
+        ("precision", ((m.get("plan") or {}).get("label") or m["precision"])
+                      + ("" if not m.get("tensor_precisions") else " (" + ", ".join(
+                          f"{k.removesuffix('_proj')} {v}" for k, v in m["tensor_precisions"].items()) + ")")),
         ("model", f"{cfg['n_layers']} layers, dim {cfg['dim']}, {cfg['n_heads']} heads / {cfg['n_kv_heads']} KV heads, "
                   f"head_dim {cfg['head_dim']}, FFN {cfg['ffn_dim']}, vocab {cfg['vocab_size']}"),
         ("rope", f"theta {cfg['rope_theta']:g}, dim {cfg['rope_dim']}"
