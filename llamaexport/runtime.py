@@ -39,7 +39,9 @@ def _lazy_zeros(shape, dtype) -> np.ndarray:
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if n < 1 << 20:
         return np.zeros(shape, dtype)
-    return np.frombuffer(mmap.mmap(-1, n), dtype).reshape(shape)  # anonymous map: zero-filled on demand
+    # private anonymous map: untouched pages read as the shared zero page, written ones are ours
+    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(buf, dtype).reshape(shape)
 
 
 class OnnxRuntimeBackend:
@@ -104,14 +106,18 @@ class OnnxRuntimeBackend:
         return io
 
     def forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
+        # bind_cpu_input points at the array's memory: these locals keep any converted copy alive
+        # until the run is over
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
         io = self._binding(cache)
         last_only = last_only and self.keep_input
         if self.keep_input:
             io.bind_ortvalue_input("num_logits_to_keep", self._one if last_only else self._all)
         io.bind_cpu_input("input_ids", input_ids)
-        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", attention_mask)
+        io.bind_cpu_input("position_ids", position_ids)
         if self.shared_kv:
             # The logits go straight into a fresh array: get_outputs() would wrap every present buffer
             # too (~40 us a step for 30 layers), and a fresh array stays valid after the next step.

@@ -186,7 +186,7 @@ def prepare_ours(model, precision, a, wd, recipe="accurate"):
     base, block = split_precision(precision)
     if recipe == "compact" and base != "int4":
         raise Unavailable("compact is an int4 recipe")
-    if not (out / "manifest.json").exists():
+    if _stale(out, base, recipe):
         spec = MODELS[model]
         src = ["--checkpoint", str(smollm2_gguf())] if "gguf" in spec else ["--size", spec["size"]]
         # int8/int4 keep the default --quant-method auto: AWQ when there is a tokenizer (the smollm2 GGUF), else RTN.
@@ -198,13 +198,25 @@ def prepare_ours(model, precision, a, wd, recipe="accurate"):
     manifest = json.loads((out / "manifest.json").read_text())
     if manifest.get("precision") != base:
         raise Unavailable(f"built {manifest.get('precision')}, not {base}")
-    if base == "int4" and (manifest.get("plan") or {}).get("int4_recipe") != recipe:
-        raise Unavailable(f"{out} was not built with --int4-recipe {recipe}; delete it to rebuild")
     detail = (manifest.get("quantization") or "").upper() or None  # AWQ / RTN for int8 and int4
     if recipe == "compact":
         detail += ", compact"
     return dict(mode="ours", args=dict(knobs(a), dir=str(out)), detail=detail,
                 weights_path=str(out / manifest["files"]["onnx"]))
+
+
+def _stale(out: Path, base: str, recipe: str) -> bool:
+    """Build (again) unless the cached artifact exists, has this int4 recipe, and is newer than every
+    llamaexport source file (so a code change is always measured on an artifact it built)."""
+    import llamaexport
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return True
+    if base == "int4" and (manifest.get("plan") or {}).get("int4_recipe") != recipe:
+        return True
+    newest = max(f.stat().st_mtime for f in Path(llamaexport.__file__).parent.rglob("*.py"))
+    return (out / "manifest.json").stat().st_mtime < newest
 
 
 def serve_ours(a):
@@ -523,7 +535,11 @@ class Server:
         self.p = subprocess.Popen([job.get("python", sys.executable), str(HERE), "--serve", job["mode"],
                                    json.dumps(job["args"])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=self.err, text=True, env=env)
-        self._read()  # {"ready": true} once loaded and warmed up
+        try:
+            self._read()  # {"ready": true} once loaded and warmed up
+        except BaseException:
+            self.kill()
+            raise
 
     def _read(self) -> dict:
         line = self.p.stdout.readline()
@@ -570,6 +586,8 @@ def measure_interleaved(model: str, precision: str, jobs: dict, a, wd: Path) -> 
                 servers[system] = Server(job, a.threads, wd / "logs" / f"{system}-serve-{model}-{precision}.log")
             except Unavailable as e:
                 out[system] = dict(error=str(e))
+            except Exception as e:  # one system failing to start must not lose the others' rows
+                out[system] = dict(error=f"{type(e).__name__}: {e}"[:100])
         order, runs = list(servers), {s: [] for s in servers}
         for r in range(a.repeat):
             for system in order[r % len(order):] + order[:r % len(order)] if order else []:
@@ -577,8 +595,9 @@ def measure_interleaved(model: str, precision: str, jobs: dict, a, wd: Path) -> 
                     continue
                 try:
                     runs[system].append(servers[system].run())
-                except Unavailable as e:
-                    out[system] = dict(error=str(e))
+                except Exception as e:  # Unavailable, or a malformed answer: this row only
+                    out[system] = dict(error=str(e) if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"[:100])
+                    servers[system].kill()
                     continue
                 x = runs[system][-1]
                 log(f"   round {r + 1}/{a.repeat} {system}: prefill {x['prefill_tok_s']:.1f} tok/s, "
@@ -589,8 +608,8 @@ def measure_interleaved(model: str, precision: str, jobs: dict, a, wd: Path) -> 
                 continue
             try:
                 fin = srv.end()
-            except Unavailable as e:
-                out[system] = dict(error=str(e))
+            except Exception as e:
+                out[system] = dict(error=str(e) if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"[:100])
                 continue
             med = lambda k: round(statistics.median(x[k] for x in runs[system]), 2)
             out[system] = dict(fin, prefill_tok_s=med("prefill_tok_s"), decode_tok_s=med("decode_tok_s"),
@@ -831,7 +850,11 @@ def main():
                 except Exception as e:  # one peer failing must not lose the other rows
                     found[system] = dict(error=f"{type(e).__name__}: {e}"[:100])
                     log(f"   {system}: {found[system]['error']}")
-            measured = measure_interleaved(model, precision, prepared, a, wd)
+            try:
+                measured = measure_interleaved(model, precision, prepared, a, wd)
+            except Exception as e:  # this precision's rows only; the other precisions and models go on
+                log(f"   {model} / {precision}: {type(e).__name__}: {e}")
+                measured = {s: dict(error=f"{type(e).__name__}: {e}"[:100]) for s in prepared}
             for system in todo:
                 row = dict(model=model, system=system, precision=precision)
                 job = prepared.get(system, {})

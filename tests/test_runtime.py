@@ -165,6 +165,7 @@ def test_kv_buffers_are_zero_pages_until_written():
     assert a.shape == (1, 4, 8192, 256) and a.dtype == np.float32 and a.flags.writeable and not a.any()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     bufs = [_lazy_zeros((1, 4, 8192, 256), np.float32) for _ in range(8)]  # 256 MiB mapped, none written
+    assert not any(b.any() for b in bufs)  # reading untouched pages maps nothing
     for b in bufs:
         b[0, :, :4] = 1.0  # the first positions only, as a short generation writes them
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB: far below 256 MiB
