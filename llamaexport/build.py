@@ -79,13 +79,14 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
                          calibration=calib, progress=progress, int4_protect=chosen.protect)
         tok_files = tok.save(tmp) if tok else []
         left_padding = not fused_attention(cfg, target)
+        float_name = {"float32": "fp32", "float16": "fp16"}[activation_dtype(precision, target)]
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "model": cfg.to_dict(),
             "source": ckpt.source,
             "profile": prof.name,
             "plan": {"label": chosen.label, "int4_protect": chosen.protect,
-                     "int4_recipe": ("accurate" if chosen.protect else "compact") if precision == "int4" else None,
+                     "int4_recipe": chosen.int4_recipe,
                      "total_gib": round(chosen.total / 2**30, 3), "budget_gib": round(chosen.budget / 2**30, 3),
                      "decode_ceiling_tok_s": round(chosen.decode_ceiling, 1)},
             "backend": prof.backend,
@@ -97,10 +98,8 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             "quantization": method,
             # the precision of each linear role (int4 keeps some at 8 bits; see quantize.tensor_precision)
             "tensor_precisions": {**{r: tensor_precision(precision, r, target, chosen.protect) for r in ROLES.values()},
-                                  "lm_head": lm_head_precision(precision, target, chosen.protect)
-                                  or {"float32": "fp32", "float16": "fp16"}[activation_dtype(precision, target)],
-                                  "embedding": "int8" if quantized_embedding(precision, target, cfg.dim)
-                                  else {"float32": "fp32", "float16": "fp16"}[activation_dtype(precision, target)]},
+                                  "lm_head": lm_head_precision(precision, target, chosen.protect) or float_name,
+                                  "embedding": "int8" if quantized_embedding(precision, target, cfg.dim) else float_name},
             # past_present_shared: the same max-length buffer may be bound as past and present
             # (GroupQueryAttention writes the new entries in place); plain past/present works too
             "kv_cache": {"form": "past_present" if left_padding else "past_present_shared",

@@ -44,8 +44,13 @@ class Plan:
     # 8 bits (the accurate recipe); False: the compact recipe, all 4-bit
 
     @property
+    def int4_recipe(self) -> str | None:
+        """accurate | compact for int4 (--int4-recipe), None for the other precisions."""
+        return None if self.precision != "int4" else "accurate" if self.protect else "compact"
+
+    @property
     def label(self) -> str:
-        return self.precision if self.protect or self.precision != "int4" else "int4 (compact)"
+        return "int4 (compact)" if self.int4_recipe == "compact" else self.precision
 
     @property
     def total(self) -> float:

@@ -197,8 +197,9 @@ W8A8_ACTIVATION_ROLES = ("qkv_proj", "gate_up_proj")
 
 def tensor_precision(precision: str, role: str, target: str, protect: bool = True) -> str:
     """The precision a linear of this role (qkv_proj, o_proj, gate_up_proj, down_proj) gets.
-    protect=False: int4 quantizes all four to 4 bits (the planner's fallback when the 8-bit
-    roles do not fit the device; the bigger the model, the less 4 bits cost it)."""
+    protect=False: int4 quantizes all four to 4 bits (the compact recipe: `--int4-recipe compact`,
+    and the planner's fallback when the 8-bit roles do not fit the device; the bigger the model,
+    the less 4 bits cost it)."""
     if precision == "int4" and protect and role in INT4_8BIT_ROLES[target]:
         return "int8"
     if precision == "w8a8" and role not in W8A8_ACTIVATION_ROLES:

@@ -94,6 +94,11 @@ class Unavailable(Exception):
     """This row cannot be measured; the message goes into the table as n/a (reason)."""
 
 
+def error_text(e: Exception) -> str:
+    """A row's n/a reason: an Unavailable's own message, else the exception's type and message, short."""
+    return str(e) if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"[:100]
+
+
 def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -584,10 +589,8 @@ def measure_interleaved(model: str, precision: str, jobs: dict, a, wd: Path) -> 
             log(f"{system}: loading {job['weights_path']}")
             try:
                 servers[system] = Server(job, a.threads, wd / "logs" / f"{system}-serve-{model}-{precision}.log")
-            except Unavailable as e:
-                out[system] = dict(error=str(e))
             except Exception as e:  # one system failing to start must not lose the others' rows
-                out[system] = dict(error=f"{type(e).__name__}: {e}"[:100])
+                out[system] = dict(error=error_text(e))
         order, runs = list(servers), {s: [] for s in servers}
         for r in range(a.repeat):
             for system in order[r % len(order):] + order[:r % len(order)] if order else []:
@@ -596,7 +599,7 @@ def measure_interleaved(model: str, precision: str, jobs: dict, a, wd: Path) -> 
                 try:
                     runs[system].append(servers[system].run())
                 except Exception as e:  # Unavailable, or a malformed answer: this row only
-                    out[system] = dict(error=str(e) if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"[:100])
+                    out[system] = dict(error=error_text(e))
                     servers[system].kill()
                     continue
                 x = runs[system][-1]
@@ -609,7 +612,7 @@ def measure_interleaved(model: str, precision: str, jobs: dict, a, wd: Path) -> 
             try:
                 fin = srv.end()
             except Exception as e:
-                out[system] = dict(error=str(e) if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"[:100])
+                out[system] = dict(error=error_text(e))
                 continue
             med = lambda k: round(statistics.median(x[k] for x in runs[system]), 2)
             out[system] = dict(fin, prefill_tok_s=med("prefill_tok_s"), decode_tok_s=med("decode_tok_s"),
@@ -634,7 +637,7 @@ def measure_bandwidth(a, wd: Path, model: str, when: str) -> dict:
         return r
     except Exception as e:  # noqa: BLE001 - a failed measurement only costs the % column
         log(f"{model}: bandwidth measurement failed: {e}")
-        return {"error": f"{type(e).__name__}: {e}"[:100]}
+        return {"error": error_text(e)}
 
 
 def worker_bandwidth(a):
@@ -769,7 +772,7 @@ def add_bandwidth_columns(rows, bandwidth: dict, wd: Path):
         try:
             b = weights_read_per_token(r["weights_path"], wd)
         except Exception as e:  # noqa: BLE001 - only this row's % column is lost
-            r["weights_read_error"] = f"{type(e).__name__}: {e}"[:100]
+            r["weights_read_error"] = error_text(e)
             continue
         r["weights_read_mb_per_token"] = round(b / 1e6, 3)
         bw = bandwidth.get(r["model"], {}).get("mean_gb_s")
@@ -846,15 +849,15 @@ def main():
                 try:
                     prepared[system] = SYSTEMS[system](model, precision, a, wd)
                 except Unavailable as e:
-                    found[system] = dict(error=str(e))
+                    found[system] = dict(error=error_text(e))
                 except Exception as e:  # one peer failing must not lose the other rows
-                    found[system] = dict(error=f"{type(e).__name__}: {e}"[:100])
+                    found[system] = dict(error=error_text(e))
                     log(f"   {system}: {found[system]['error']}")
             try:
                 measured = measure_interleaved(model, precision, prepared, a, wd)
             except Exception as e:  # this precision's rows only; the other precisions and models go on
-                log(f"   {model} / {precision}: {type(e).__name__}: {e}")
-                measured = {s: dict(error=f"{type(e).__name__}: {e}"[:100]) for s in prepared}
+                log(f"   {model} / {precision}: {error_text(e)}")
+                measured = {s: dict(error=error_text(e)) for s in prepared}
             for system in todo:
                 row = dict(model=model, system=system, precision=precision)
                 job = prepared.get(system, {})
