@@ -143,17 +143,18 @@ class _Emitter:
             x = g.op("DequantizeLinear", [xq, sx, zx], name=f"{name}/input/DequantizeLinear")
             prec = "int8"
         if self.target == "ort-cpu":
-            nbits = 8 if prec == "int8" else 4
-            blob, scale, zp = quantize.matmul_nbits(w_t, bits=nbits, block=self.block, imp=imp)
+            nbits, blob, scale, zp = quantize.cpu_matmul_nbits(w_t, precision=prec, block=self.block, imp=imp)
             bias = None
             if stats is not None:
                 bias = self._bias_correction(
                     quantize.dequant_matmul_nbits(blob, scale, zp, K=K, N=N, bits=nbits, block=self.block), w_t, stats)
             g.use_domain("com.microsoft")
             ins = [g.weight(wname + ".qweight", blob), g.weight(wname + ".scales", scale),
-                   g.weight(wname + ".zero_points", zp)]
+                   "" if zp is None else g.weight(wname + ".zero_points", zp)]
             if bias is not None:
                 ins += ["", g.weight(wname + ".bias", bias.astype(np.float32))]  # no g_idx
+            while ins[-1] == "":
+                ins.pop()
             return g.op("MatMulNBits", [x, *ins], name=f"{name}/MatMulNBits", domain="com.microsoft",
                         K=K, N=N, bits=nbits, block_size=self.block, accuracy_level=4)
         block = quantize.portable_int4_block(K, self.block) if prec == "int4" else None

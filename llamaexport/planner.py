@@ -70,9 +70,9 @@ def _matrix_bytes_per_param(precision: str, target: str, block: int) -> float:
         return 4.0
     if precision == "fp16":
         return 2.0
-    if target == "ort-cpu":  # MatMulNBits: fp32 scale + uint8/uint4 zero point per block
-        bits = 8 if precision == "int8" else 4
-        return bits / 8 + (4 + bits / 8) / block
+    if target == "ort-cpu":  # MatMulNBits: fp32 scale per block, + a 4-bit zero point at 4 bits
+        bits = 8 if precision == "int8" else 4     # (8-bit weights are symmetric: cpu_matmul_nbits)
+        return bits / 8 + (4 + (bits == 4) / 2) / block
     if precision in ("int8", "w8a8"):  # per-channel fp16 scales: negligible
         return 1.0
     return 0.5 + 2.0 / block  # int4: fp16 scale per block
@@ -91,7 +91,8 @@ def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int = 
               "gate_up_proj": 2 * d * cfg.ffn_dim, "down_proj": d * cfg.ffn_dim}
     body = cfg.n_layers * sum(n * _matrix_bytes_per_param(tensor_precision(precision, role, target, protect), target, block)
                               for role, n in params.items())
-    emb = cfg.vocab_size * d * (_matrix_bytes_per_param("int8", target, EMBED_BLOCK)
+    emb = cfg.vocab_size * d * ((1 + 5 / EMBED_BLOCK)  # GatherBlockQuantized: uint8, fp32 scale + zero point
+
                                 if quantized_embedding(precision, target, d) else act)
     head_prec = lm_head_precision(precision, target, protect)
     if head_prec is not None:   # a quantized lm_head copy

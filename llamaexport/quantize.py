@@ -80,22 +80,26 @@ def pack_int4(q: np.ndarray) -> bytes:
 CHUNK_ELEMENTS = 1 << 24  # quantize in column chunks so temporaries stay ~64 MB whatever the matrix
 
 
-def matmul_nbits(w_t: np.ndarray, *, bits: int, block: int, imp: np.ndarray | None = None):
+def matmul_nbits(w_t: np.ndarray, *, bits: int, block: int, imp: np.ndarray | None = None,
+                 symmetric: bool = False):
     """w_t [K, N] -> MatMulNBits tensors (B uint8 [N, n_blocks, block*bits/8], scales float32
     [N * n_blocks], zero_points uint8) using asymmetric min/max quantization per block of K.
-    K is zero-padded to a multiple of `block`."""
+    K is zero-padded to a multiple of `block`. symmetric (8 bits only): absmax scales in
+    [-127, 127] and zero_points None (MatMulNBits' default zero point, 128)."""
     K, N = w_t.shape
     step = max(1, CHUNK_ELEMENTS // K)
     if N > step:  # output columns are independent: do them a chunk at a time
-        parts = [_matmul_nbits(w_t[:, i:i + step], bits=bits, block=block, imp=imp) for i in range(0, N, step)]
+        parts = [_matmul_nbits(w_t[:, i:i + step], bits=bits, block=block, imp=imp, symmetric=symmetric)
+                 for i in range(0, N, step)]
         blob = np.concatenate([p[0] for p in parts])
         scale = np.concatenate([p[1] for p in parts])
         # zero points are packed per column (padded to whole bytes), so chunks concatenate
-        return blob, scale, np.concatenate([p[2] for p in parts])
-    return _matmul_nbits(w_t, bits=bits, block=block, imp=imp)
+        return blob, scale, None if symmetric else np.concatenate([p[2] for p in parts])
+    return _matmul_nbits(w_t, bits=bits, block=block, imp=imp, symmetric=symmetric)
 
 
-def _matmul_nbits(w_t: np.ndarray, *, bits: int, block: int, imp: np.ndarray | None = None):
+def _matmul_nbits(w_t: np.ndarray, *, bits: int, block: int, imp: np.ndarray | None = None,
+                  symmetric: bool = False):
     K, N = w_t.shape
     nb = -(-K // block)
     w = np.zeros((nb * block, N), np.float32)
@@ -106,6 +110,12 @@ def _matmul_nbits(w_t: np.ndarray, *, bits: int, block: int, imp: np.ndarray | N
         ib = np.zeros(nb * block, np.float32)
         ib[:K] = imp
         ib = ib.reshape(1, nb, block)
+    if symmetric:
+        if bits != 8:
+            raise ValueError("symmetric MatMulNBits weights are 8-bit only")
+        q, scale = _symmetric(wb, -127, 127, axis=2, imp=ib)
+        blob = (q.astype(np.int16) + 128).astype(np.uint8)
+        return np.ascontiguousarray(blob), scale.reshape(-1).astype(np.float32), None
     qmax = (1 << bits) - 1
     lo0 = np.minimum(wb.min(axis=2), 0.0)              # the range always holds 0 exactly
     hi0 = np.maximum(wb.max(axis=2), 0.0)
@@ -137,11 +147,23 @@ def _matmul_nbits(w_t: np.ndarray, *, bits: int, block: int, imp: np.ndarray | N
     return np.ascontiguousarray(blob), scale.reshape(-1), np.ascontiguousarray(zpk)
 
 
+def cpu_matmul_nbits(w_t: np.ndarray, *, precision: str, block: int, imp: np.ndarray | None = None):
+    """The ONNX Runtime CPU graph's form of a quantized linear -> (bits, blob, scales, zero_points).
+    8-bit weights are symmetric (no zero-point input): the same error as min/max with a zero point
+    (SmolLM2 int8: check KL 2.1e-3 vs 1.9e-3, held-out 1.8e-3 vs 1.9e-3), 1/32 fewer bytes, and MatMulNBits' int8 kernel runs faster
+    without per-block zero points (decode +6% on the 1.1b, +2.5% on SmolLM2 in same-loop A/B runs). 4-bit weights
+    keep their zero points: at 16 levels the asymmetric grid is worth its 1/64 bytes."""
+    bits = 8 if precision == "int8" else 4
+    blob, scale, zp = matmul_nbits(w_t, bits=bits, block=block, imp=imp, symmetric=bits == 8)
+    return bits, blob, scale, zp
+
+
 def dequant_matmul_nbits(blob, scale, zp, *, K: int, N: int, bits: int, block: int) -> np.ndarray:
     """The inverse of `matmul_nbits` -> w_t [K, N] (used by tests and the planner's error report)."""
     nb = -(-K // block)
     if bits == 8:
-        q, z = blob.astype(np.float32), zp.reshape(N, nb).astype(np.float32)
+        q = blob.astype(np.float32)
+        z = np.full((N, nb), 128, np.float32) if zp is None else zp.reshape(N, nb).astype(np.float32)
     else:
         q = np.empty((N, nb, block), np.float32)
         q[..., 0::2], q[..., 1::2] = blob & 0xF, blob >> 4
@@ -167,8 +189,7 @@ def fake_quant(w_t: np.ndarray, *, precision: str, target: str, block: int,
     if precision in ("fp32", "fp16"):
         return w_t
     if target == "ort-cpu":
-        bits = 8 if precision == "int8" else 4
-        blob, scale, zp = matmul_nbits(w_t, bits=bits, block=block, imp=imp)
+        bits, blob, scale, zp = cpu_matmul_nbits(w_t, precision=precision, block=block, imp=imp)
         return dequant_matmul_nbits(blob, scale, zp, K=K, N=N, bits=bits, block=block)
     b = portable_int4_block(K, block) if precision == "int4" else None
     if b is not None:

@@ -23,18 +23,24 @@ def _run(nodes, inits, x, n_out, opsets=(("", 21), ("com.microsoft", 1))):
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
-@pytest.mark.parametrize("bits,block,K", [(4, 32, 256), (4, 16, 80), (4, 128, 300), (8, 32, 256), (8, 64, 100)])
-def test_matmul_nbits_packing_matches_onnxruntime(bits, block, K):
+@pytest.mark.parametrize("bits,block,K,sym", [(4, 32, 256, False), (4, 16, 80, False), (4, 128, 300, False),
+                                               (8, 32, 256, False), (8, 64, 100, False), (8, 32, 256, True),
+                                               (8, 64, 100, True)])
+def test_matmul_nbits_packing_matches_onnxruntime(bits, block, K, sym):
+    """Our dequantization is ONNX Runtime's, with zero points and without (symmetric 8-bit: the
+    op's default zero point 128)."""
     rng = np.random.default_rng(bits * block + K)
     N = 24
     w = rng.normal(size=(K, N)).astype(np.float32)
     x = rng.normal(size=(3, K)).astype(np.float32)
-    blob, scale, zp = Q.matmul_nbits(w, bits=bits, block=block)
+    blob, scale, zp = Q.matmul_nbits(w, bits=bits, block=block, symmetric=sym)
+    assert (zp is None) == sym
     deq = Q.dequant_matmul_nbits(blob, scale, zp, K=K, N=N, bits=bits, block=block)
     assert ((deq - w) ** 2).mean() < (scale ** 2).mean() / 6  # about rounding error (step^2 / 12)
-    inits = [numpy_helper.from_array(blob, "B"), numpy_helper.from_array(scale, "S"), numpy_helper.from_array(zp, "Z")]
-    node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft", K=K, N=N,
-                            bits=bits, block_size=block, accuracy_level=0)
+    inits = [numpy_helper.from_array(blob, "B"), numpy_helper.from_array(scale, "S")]
+    inits += [] if sym else [numpy_helper.from_array(zp, "Z")]
+    node = helper.make_node("MatMulNBits", ["x", "B", "S"] + ([] if sym else ["Z"]), ["y"], domain="com.microsoft",
+                            K=K, N=N, bits=bits, block_size=block, accuracy_level=0)
     np.testing.assert_allclose(_run([node], inits, x, N), x @ deq, atol=1e-4, rtol=1e-5)
 
 
@@ -90,14 +96,17 @@ def test_awq_folding_preserves_the_float_function(size):
 def test_chunked_quantization_equals_whole_matrix(monkeypatch):
     """Big matrices are quantized a column chunk at a time (bounded memory); same result."""
     w = np.random.default_rng(3).standard_normal((96, 200)).astype(np.float32)
-    whole = [Q.matmul_nbits(w, bits=4, block=32), Q.matmul_nbits(w, bits=8, block=32),
-             Q.int8_per_channel(w), Q.int4_blockwise(w, 32)]
+    def all_forms():
+        return [Q.matmul_nbits(w, bits=4, block=32), Q.matmul_nbits(w, bits=8, block=32),
+                Q.matmul_nbits(w, bits=8, block=32, symmetric=True), Q.int8_per_channel(w), Q.int4_blockwise(w, 32)]
+    whole = all_forms()
     monkeypatch.setattr(Q, "CHUNK_ELEMENTS", 96 * 7)
-    chunked = [Q.matmul_nbits(w, bits=4, block=32), Q.matmul_nbits(w, bits=8, block=32),
-               Q.int8_per_channel(w), Q.int4_blockwise(w, 32)]
-    for a, b in zip(whole, chunked):
+    for a, b in zip(whole, all_forms()):
         for x, y in zip(a, b):
-            np.testing.assert_array_equal(x, y)
+            if x is None:
+                assert y is None
+            else:
+                np.testing.assert_array_equal(x, y)
 
 
 def _weighted_err(w, deq, imp):
