@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import LlamaExportError
+from .hugepages import huge_pages_mb
 
 
 def peak_rss_mb() -> float:
@@ -111,6 +112,7 @@ def run_bench(artifact, *, prompt_len: int = 64, new_tokens: int = 128, batch: i
         "batch": batch,
         "threads": getattr(model.backend, "threads", None),
         "repeat": repeat,
+        "huge_pages_mb": huge_pages_mb(),   # memory in transparent huge pages (see hugepages.py)
         **memory_budget(artifact, model.manifest, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
                         peak_mb=peak),
     }
@@ -122,4 +124,5 @@ def format_bench(r: dict) -> str:
             f"  decode   {r['decode_tok_s']:10.1f} tok/s   ({r['new_tokens']} new tokens)\n"
             f"  peak RSS {r['peak_rss_mb']:10.1f} MB   (budget {r['rss_budget_mb']:.1f} MB = weights "
             f"{r['weights_mb']:.1f} + KV cache {r['kv_cache_mb']:.1f} + {RSS_OVERHEAD_MB}: "
-            f"{'within' if r['rss_within_budget'] else 'OVER'})")
+            f"{'within' if r['rss_within_budget'] else 'OVER'})"
+            + (f"\n  huge pages {r['huge_pages_mb']:8.1f} MB" if r.get("huge_pages_mb") is not None else ""))

@@ -229,5 +229,16 @@ def plugins_build(tensorrt_root, cuda_arch, kernels_only):
     click.echo(f"built {out}")
 
 
-if __name__ == "__main__":
+MODEL_COMMANDS = ("run", "bench", "check")  # the ones that load an artifact to run it
+
+
+def entry():
+    """The console script: commands that run a model first re-exec with huge pages (hugepages.py)."""
+    if len(sys.argv) > 1 and sys.argv[1] in MODEL_COMMANDS:
+        from .hugepages import reexec_with_huge_pages
+        reexec_with_huge_pages(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -24,7 +24,7 @@ How prefill (P prompt tokens) and decode (T new tokens) are split:
         `Llama.eval([token])`) / their time, i.e. T single-token forwards as for ours.
 Precisions (weight-only: activations are fp32 between ops, quantized on the fly for int8 dot products):
   ours      `llamaexport build --precision P`: int8/int4 = MatMulNBits 8/4-bit, block 32 (int4-b128: --block-size
-            128), asymmetric, accuracy_level 4; AWQ when the checkpoint has a tokenizer (smollm2), else RTN.
+            128), 8-bit symmetric, 4-bit with zero points, accuracy_level 4; AWQ when the checkpoint has a tokenizer (smollm2), else RTN.
             int4 is the default accurate recipe: QKV, down and the output layer at 8 bits.
   ours-compact  the same with `--int4-recipe compact`: every linear and the output layer at 4 bits (the
             bytes of genai's int4). Its ratios are against the `ours` row (the accurate recipe).
@@ -32,6 +32,10 @@ Precisions (weight-only: activations are fp32 between ops, quantized on the fly 
             RTN, every MatMul including lm_head.
   llamacpp  GGUF F32 / Q8_0 / Q4_0 from llama.cpp's own quantizer (`llama_model_quantize`, llama-quantize's
             defaults) as fp32 / int8 / int4; Q4_0 has a fixed block of 32, so there is no int4-b128 row.
+Huge pages: our workers start with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as the `llamaexport` run/bench/check
+commands re-exec themselves (llamaexport/hugepages.py: malloc'ed weights in 2 MiB pages, +3-4% decode on the
+1.1b); peers run as their own tools run them, unless --huge-pages-for-all (then genai and hf get the tunable too;
+llama.cpp maps its GGUF file, which the tunable does not touch).
 Memory bandwidth and "% of bandwidth" (how close decode is to the memory-bound ceiling):
   bandwidth  measured in the same run, at the start and at the end of each model's block of rows (it drifts
         +-15% minute to minute on these VMs), each time in a fresh subprocess: --threads Python threads (the
@@ -206,7 +210,7 @@ def prepare_ours(model, precision, a, wd, recipe="accurate"):
     detail = (manifest.get("quantization") or "").upper() or None  # AWQ / RTN for int8 and int4
     if recipe == "compact":
         detail += ", compact"
-    return dict(mode="ours", args=dict(knobs(a), dir=str(out)), detail=detail,
+    return dict(mode="ours", args=dict(knobs(a), dir=str(out)), detail=detail, huge_pages=True,
                 weights_path=str(out / manifest["files"]["onnx"]))
 
 
@@ -533,8 +537,11 @@ class Server:
     `run()`; the main loop takes every system's runs in turns, so drift of the machine (memory bandwidth moves
     +-15% and more minute to minute on these VMs) falls on all systems alike instead of on whichever ran last."""
 
-    def __init__(self, job: dict, threads: int, logfile: Path):
+    def __init__(self, job: dict, threads: int, logfile: Path, huge_pages_for_all: bool = False):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+        if job.get("huge_pages") or huge_pages_for_all:  # as the `llamaexport` commands run (hugepages.py)
+            from llamaexport.hugepages import huge_page_env
+            env = huge_page_env(env) or env
         logfile.parent.mkdir(parents=True, exist_ok=True)
         self.logfile, self.err = logfile, open(logfile, "w")
         self.p = subprocess.Popen([job.get("python", sys.executable), str(HERE), "--serve", job["mode"],
@@ -588,7 +595,8 @@ def measure_interleaved(model: str, precision: str, jobs: dict, a, wd: Path) -> 
         for system, job in jobs.items():
             log(f"{system}: loading {job['weights_path']}")
             try:
-                servers[system] = Server(job, a.threads, wd / "logs" / f"{system}-serve-{model}-{precision}.log")
+                servers[system] = Server(job, a.threads, wd / "logs" / f"{system}-serve-{model}-{precision}.log",
+                                         huge_pages_for_all=a.huge_pages_for_all)
             except Exception as e:  # one system failing to start must not lose the others' rows
                 out[system] = dict(error=error_text(e))
         order, runs = list(servers), {s: [] for s in servers}
@@ -817,6 +825,8 @@ def main():
     ap.add_argument("--json", type=Path, help="also write the rows and settings here")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
     ap.add_argument("--precisions", default=",".join(PRECISIONS), help=f"comma list of {', '.join(PRECISIONS)}")
+    ap.add_argument("--huge-pages-for-all", action="store_true",
+                    help="run the peers with transparent huge pages too (ours always gets them, as its CLI does)")
     ap.add_argument("--bandwidth-gib", type=float, default=1.0,
                     help="size of the array the memory bandwidth measurement reads (GiB)")
     a = ap.parse_args()

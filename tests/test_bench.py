@@ -138,3 +138,41 @@ def test_safetensors_bytes_per_token(peers, tmp_path):
     write(t / "model.safetensors", {"model.embed_tokens.weight": (32, 8),
                                     "model.layers.0.self_attn.q_proj.weight": (8, 8)})
     assert peers.safetensors_bytes_per_token(t) == (32 * 8 + 8 * 8) * 4
+
+
+def test_huge_page_env_only_where_it_changes_something():
+    from llamaexport.hugepages import TUNABLE, huge_page_env
+    linux = dict(system="Linux", libc=("glibc", "2.36"), thp_mode="madvise")
+    assert huge_page_env({"A": "1"}, **linux) == {"A": "1", "GLIBC_TUNABLES": f"{TUNABLE}=1"}
+    # the user's own tunables are kept; set already (by the user or our re-exec): nothing to do
+    assert huge_page_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **linux)["GLIBC_TUNABLES"] == \
+        f"glibc.malloc.arena_max=2:{TUNABLE}=1"
+    assert huge_page_env({"GLIBC_TUNABLES": f"{TUNABLE}=0"}, **linux) is None
+    assert huge_page_env({"LLAMAEXPORT_HUGE_PAGES": "0"}, **linux) is None
+    for other in (dict(system="Darwin"), dict(libc=("glibc", "2.31")), dict(libc=("musl", "1.2")),
+                  dict(libc=("", "")), dict(thp_mode="always"), dict(thp_mode="never")):
+        assert huge_page_env({}, **{**linux, **other}) is None, other
+
+
+def test_thp_mode_reads_the_bracketed_word(tmp_path):
+    from llamaexport.hugepages import _thp_mode
+    f = tmp_path / "enabled"
+    f.write_text("always [madvise] never\n")
+    assert _thp_mode(str(f)) == "madvise"
+    assert _thp_mode(str(tmp_path / "missing")) is None
+
+
+def test_bench_runs_with_huge_pages_where_the_system_offers_them(tiny_artifact):
+    """The model-running commands re-exec with glibc's hugetlb tunable: the weights land in huge pages
+    (bench reports how many MB); LLAMAEXPORT_HUGE_PAGES=0 turns it off."""
+    import os
+    from llamaexport.hugepages import huge_page_env
+    if huge_page_env(dict(os.environ)) is None:
+        pytest.skip("no transparent huge pages to ask for here (not Linux/glibc >= 2.35 in THP madvise mode, "
+                    "or GLIBC_TUNABLES already names the tunable)")
+    args = [tiny_artifact, "--prompt-len", "8", "--new-tokens", "4", "--repeat", "1", "--json"]
+    assert json.loads(bench_cli(*args))["huge_pages_mb"] > 0
+    r = subprocess.run([sys.executable, "-m", "llamaexport.cli", "bench", *map(str, args)], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "LLAMAEXPORT_HUGE_PAGES": "0"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["huge_pages_mb"] == 0
