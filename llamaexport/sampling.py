@@ -39,8 +39,10 @@ class Sampler:
         self.rng = np.random.default_rng(cfg.seed)
 
     def _penalized(self, logits: np.ndarray, seen) -> np.ndarray:
-        x = logits.astype(np.float32, copy=True)
         rp = self.cfg.repetition_penalty
+        if rp == 1.0 or seen is None:
+            return logits.astype(np.float32, copy=False)  # callers do not write to it
+        x = logits.astype(np.float32, copy=True)
         if rp != 1.0 and seen is not None:
             for b, ids in enumerate(seen):
                 ids = np.unique(ids)
