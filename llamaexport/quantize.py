@@ -147,14 +147,24 @@ def _matmul_nbits(w_t: np.ndarray, *, bits: int, block: int, imp: np.ndarray | N
     return np.ascontiguousarray(blob), scale.reshape(-1), np.ascontiguousarray(zpk)
 
 
-def cpu_matmul_nbits(w_t: np.ndarray, *, precision: str, block: int, imp: np.ndarray | None = None):
+def cpu_symmetric_8bit(model_precision: str) -> bool:
+    """Whether the ONNX Runtime CPU graph of a model of this precision stores its 8-bit weights
+    symmetric (no zero-point input). int8 models do: the same error as min/max with a zero point
+    (SmolLM2 int8: check KL 2.1e-3 vs 1.9e-3, held-out 1.8e-3 vs 1.9e-3), 1/32 fewer bytes, and
+    MatMulNBits' int8 kernel runs faster without per-block zero points (decode +6% on the 1.1b,
+    +2.5% on SmolLM2 in same-loop A/B runs). int4 models do not: their 8-bit tensors (QKV, down,
+    lm_head) are there for accuracy, and SmolLM2's int4 KL moved from 0.046 to 0.052 (budget 0.05)
+    with them symmetric."""
+    return model_precision == "int8"
+
+
+def cpu_matmul_nbits(w_t: np.ndarray, *, precision: str, block: int, imp: np.ndarray | None = None,
+                     symmetric8: bool = False):
     """The ONNX Runtime CPU graph's form of a quantized linear -> (bits, blob, scales, zero_points).
-    8-bit weights are symmetric (no zero-point input): the same error as min/max with a zero point
-    (SmolLM2 int8: check KL 2.1e-3 vs 1.9e-3, held-out 1.8e-3 vs 1.9e-3), 1/32 fewer bytes, and MatMulNBits' int8 kernel runs faster
-    without per-block zero points (decode +6% on the 1.1b, +2.5% on SmolLM2 in same-loop A/B runs). 4-bit weights
-    keep their zero points: at 16 levels the asymmetric grid is worth its 1/64 bytes."""
+    precision: the tensor's own; symmetric8: 8-bit weights without zero points (cpu_symmetric_8bit).
+    4-bit weights always keep their zero points (at 16 levels the asymmetric grid is worth 1/64 bytes)."""
     bits = 8 if precision == "int8" else 4
-    blob, scale, zp = matmul_nbits(w_t, bits=bits, block=block, imp=imp, symmetric=bits == 8)
+    blob, scale, zp = matmul_nbits(w_t, bits=bits, block=block, imp=imp, symmetric=symmetric8 and bits == 8)
     return bits, blob, scale, zp
 
 
@@ -182,14 +192,15 @@ def portable_int4_block(K: int, block: int) -> int | None:
 
 
 def fake_quant(w_t: np.ndarray, *, precision: str, target: str, block: int,
-               imp: np.ndarray | None = None) -> np.ndarray:
+               imp: np.ndarray | None = None, symmetric8: bool = False) -> np.ndarray:
     """Quantize and dequantize w_t [K, N] exactly as the export would (for AWQ's search and the
-    bias correction). precision: the tensor's own (see tensor_precision)."""
+    bias correction). precision: the tensor's own (see tensor_precision); symmetric8: see
+    cpu_matmul_nbits."""
     K, N = w_t.shape
     if precision in ("fp32", "fp16"):
         return w_t
     if target == "ort-cpu":
-        bits, blob, scale, zp = cpu_matmul_nbits(w_t, precision=precision, block=block, imp=imp)
+        bits, blob, scale, zp = cpu_matmul_nbits(w_t, precision=precision, block=block, imp=imp, symmetric8=symmetric8)
         return dequant_matmul_nbits(blob, scale, zp, K=K, N=N, bits=bits, block=block)
     b = portable_int4_block(K, block) if precision == "int4" else None
     if b is not None:

@@ -124,3 +124,22 @@ def test_compact_int4_recipe_is_all_4_bit_and_smaller(tmp_path):
     with pytest.raises(LlamaExportError, match="applies to int4 only"):
         build(out=tmp_path / "d", size="tiny", precision="int8", int4_recipe="compact", progress=False)
     assert not (tmp_path / "d").exists()
+
+
+
+@pytest.mark.parametrize("precision,recipe", [("fp32", "accurate"), ("int8", "accurate"), ("int4", "accurate"),
+                                              ("int4", "compact")])
+def test_planned_weight_bytes_match_the_built_cpu_graph(tmp_path, precision, recipe):
+    """The planner's stored bytes (what it fits against memory) are the bytes the export writes:
+    8-bit weights without zero points in an int8 model, with them in an int4 model, 4-bit packed."""
+    import onnx
+    from onnx import numpy_helper
+    from llamaexport.build import build
+    from llamaexport.config import config_for_size
+    from llamaexport.planner import weight_bytes
+
+    out = build(out=tmp_path / "a", size="tiny", precision=precision, int4_recipe=recipe, progress=False)
+    m = onnx.load(str(out / "model.onnx"))
+    actual = sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer)
+    planned, _ = weight_bytes(config_for_size("tiny"), precision, target="ort-cpu", protect=recipe == "accurate")
+    assert abs(planned - actual) <= 0.005 * actual, (planned, actual)  # zero points alone are 1.3-1.9%
