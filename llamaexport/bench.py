@@ -68,17 +68,17 @@ def load_for_bench(artifact, *, prompt_len: int, new_tokens: int, batch: int = 1
     from .runtime import LlamaModel
 
     model = LlamaModel.load(artifact, threads=threads, backend=backend)
-    cfg, be = model.config, model.backend
+    cfg = model.config
     if prompt_len < 1 or new_tokens < 1 or batch < 1:
         raise LlamaExportError("--prompt-len, --new-tokens and --batch must be at least 1")
-    if prompt_len + new_tokens > cfg.max_seq_len:
-        raise LlamaExportError(f"prompt {prompt_len} + new tokens {new_tokens} exceed the context {cfg.max_seq_len}")
+    if prompt_len + new_tokens >= cfg.max_seq_len:
+        raise LlamaExportError(f"prompt {prompt_len} + new tokens {new_tokens} must stay below the context "
+                               f"{cfg.max_seq_len}; lower --prompt-len or --new-tokens")
     prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
 
     def once():
         # the generation loop users run (LlamaModel.steps, greedy), EOS ignored: the first token comes
-        # after the prompt's forward, each later one after one single-token forward (new_tokens of them,
-        # fewer only where the context ends first)
+        # after the prompt's forward, each of the next new_tokens after one single-token forward
         t0 = time.perf_counter()
         t1, n = None, 0
         for _ in model.steps(prompts, max_new_tokens=new_tokens + 1, eos_ids=[]):

@@ -236,8 +236,8 @@ def entry():
     """The console script: commands that run a model first re-exec with huge pages (hugepages.py)."""
     if len(sys.argv) > 1 and sys.argv[1] in MODEL_COMMANDS:
         from .hugepages import reexec_with_huge_pages
-        reexec_with_huge_pages(sys.argv[1:])
-    main()
+        reexec_with_huge_pages()
+    main(prog_name="llamaexport")
 
 
 if __name__ == "__main__":

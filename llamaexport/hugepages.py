@@ -20,6 +20,7 @@ import platform
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb"
+REEXEC_MARK = "_LLAMAEXPORT_HUGE_PAGES_REEXEC"
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -37,8 +38,8 @@ def huge_page_env(environ: dict, *, system: str | None = None, libc: tuple[str, 
     """The environment to re-exec with so that malloc asks for huge pages, or None where that
     would change nothing: not Linux/glibc >= 2.35, THP off or already 'always', the tunable already
     set (by the user, or by our own re-exec), or LLAMAEXPORT_HUGE_PAGES=0."""
-    if environ.get("LLAMAEXPORT_HUGE_PAGES", "1") == "0":
-        return None
+    if environ.get("LLAMAEXPORT_HUGE_PAGES", "1") == "0" or environ.get(REEXEC_MARK):
+        return None  # opted out, or this process is the re-exec'd one (glibc's secure mode drops the tunable)
     if (system or platform.system()) != "Linux":
         return None
     name, version = libc or platform.libc_ver()
@@ -52,19 +53,23 @@ def huge_page_env(environ: dict, *, system: str | None = None, libc: tuple[str, 
     tunables = environ.get("GLIBC_TUNABLES", "")
     if TUNABLE in tunables:
         return None
-    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"}
+    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1", REEXEC_MARK: "1"}
 
 
-def reexec_with_huge_pages(argv: list[str]) -> None:
-    """Replace this process by `python -m llamaexport.cli argv...` with the tunable set; returns
-    (doing nothing) where huge_page_env says it would change nothing or exec fails."""
+def reexec_with_huge_pages() -> None:
+    """Replace this process by the same command line (interpreter flags included) with the tunable
+    set; returns (doing nothing) where huge_page_env says it would change nothing, in frozen
+    executables, in setuid processes (glibc ignores the tunable there) or when exec fails."""
+    if getattr(sys, "frozen", False) or os.getuid() != os.geteuid() or os.getgid() != os.getegid():
+        return
     env = huge_page_env(dict(os.environ))
-    if env is None:
+    argv = getattr(sys, "orig_argv", None)
+    if env is None or not argv:
         return
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "llamaexport.cli", *argv], env)
+        os.execve(sys.executable, argv, env)
     except OSError:
         return
 

@@ -5,7 +5,8 @@ Two graph forms consume these:
       int8: per-output-channel symmetric, int8 [K, N] with scale [N] (axis 1);
       int4: block-wise symmetric along K, INT4 [K, N] with scale [K/block, N] (axis 0, block_size).
   - ONNX Runtime CPU: com.microsoft MatMulNBits (bits 8 or 4, block-wise along K, uint8 blobs
-    with an explicit zero point per block), which runs int8 dot products (accuracy_level 4).
+    with a zero point per block, or none for an int8 model's symmetric weights: cpu_symmetric_8bit),
+    which runs int8 dot products (accuracy_level 4).
 
 Quantization runs tensor by tensor inside the streaming export, so memory stays bounded by
 one layer (onnxruntime.quantization's quantizers load the whole model, which a 7B model in
@@ -169,7 +170,7 @@ def cpu_matmul_nbits(w_t: np.ndarray, *, precision: str, block: int, imp: np.nda
 
 
 def dequant_matmul_nbits(blob, scale, zp, *, K: int, N: int, bits: int, block: int) -> np.ndarray:
-    """The inverse of `matmul_nbits` -> w_t [K, N] (used by tests and the planner's error report)."""
+    """The inverse of `matmul_nbits` -> w_t [K, N] (for the bias correction, fake_quant and tests)."""
     nb = -(-K // block)
     if bits == 8:
         q = blob.astype(np.float32)

@@ -108,16 +108,19 @@ class OnnxRuntimeBackend:
         return io
 
     def _bind(self, io, name: str, value):
-        """Bind an input unless this very object is bound already. A binding points at the array's
-        memory, so a caller that updates its arrays in place between steps (steps() does, for
-        input_ids and position_ids) costs no rebinding (~10 us an input on this VM)."""
-        if self._bound.get(name) is value:
+        """Bind an input unless this very object (same shape) is bound already. On the CPU provider
+        (the only one this backend uses) a binding points at the array's memory, so a caller that
+        updates its arrays in place between steps (steps() does, for input_ids and position_ids)
+        costs no rebinding (~10 us an input on this VM). _bound also keeps the arrays alive."""
+        shape = value.shape if isinstance(value, np.ndarray) else None
+        prev = self._bound.get(name)
+        if prev is not None and prev[0] is value and prev[1] == shape:
             return
-        if isinstance(value, np.ndarray):
+        if shape is not None:
             io.bind_cpu_input(name, value)
         else:
             io.bind_ortvalue_input(name, value)
-        self._bound[name] = value
+        self._bound[name] = (value, shape)
 
     def forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
         # bind_cpu_input points at the array's memory: these locals keep any converted copy alive
@@ -233,7 +236,7 @@ class LlamaModel:
             raise LlamaExportError(
                 f"prompt is {S} tokens but the artifact's context is {ctx}; shorten the prompt "
                 "or rebuild with a larger --max-seq-len")
-        max_new_tokens = min(max_new_tokens, ctx - S)
+        max_new_tokens = max(0, min(max_new_tokens, ctx - S))
         pad = self.tokenizer.pad_id if self.tokenizer and self.tokenizer.pad_id is not None else 0
         ids = np.full((B, S), pad, np.int64)
         mask = np.zeros((B, S), np.int64)

@@ -24,7 +24,8 @@ How prefill (P prompt tokens) and decode (T new tokens) are split:
         `Llama.eval([token])`) / their time, i.e. T single-token forwards as for ours.
 Precisions (weight-only: activations are fp32 between ops, quantized on the fly for int8 dot products):
   ours      `llamaexport build --precision P`: int8/int4 = MatMulNBits 8/4-bit, block 32 (int4-b128: --block-size
-            128), 8-bit symmetric, 4-bit with zero points, accuracy_level 4; AWQ when the checkpoint has a tokenizer (smollm2), else RTN.
+            128), accuracy_level 4; an int8 model's weights symmetric, an int4 model's (4- and 8-bit) with a
+            zero point per block; AWQ when the checkpoint has a tokenizer (smollm2), else RTN.
             int4 is the default accurate recipe: QKV, down and the output layer at 8 bits.
   ours-compact  the same with `--int4-recipe compact`: every linear and the output layer at 4 bits (the
             bytes of genai's int4). Its ratios are against the `ours` row (the accurate recipe).

@@ -141,9 +141,12 @@ def test_safetensors_bytes_per_token(peers, tmp_path):
 
 
 def test_huge_page_env_only_where_it_changes_something():
-    from llamaexport.hugepages import TUNABLE, huge_page_env
+    from llamaexport.hugepages import REEXEC_MARK, TUNABLE, huge_page_env
     linux = dict(system="Linux", libc=("glibc", "2.36"), thp_mode="madvise")
-    assert huge_page_env({"A": "1"}, **linux) == {"A": "1", "GLIBC_TUNABLES": f"{TUNABLE}=1"}
+    env = huge_page_env({"A": "1"}, **linux)
+    assert env == {"A": "1", "GLIBC_TUNABLES": f"{TUNABLE}=1", REEXEC_MARK: "1"}
+    # the re-exec'd process never re-execs again, even where glibc dropped the tunable (secure mode)
+    assert huge_page_env({k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}, **linux) is None
     # the user's own tunables are kept; set already (by the user or our re-exec): nothing to do
     assert huge_page_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **linux)["GLIBC_TUNABLES"] == \
         f"glibc.malloc.arena_max=2:{TUNABLE}=1"

@@ -42,6 +42,10 @@ def test_matmul_nbits_packing_matches_onnxruntime(bits, block, K, sym):
     node = helper.make_node("MatMulNBits", ["x", "B", "S"] + ([] if sym else ["Z"]), ["y"], domain="com.microsoft",
                             K=K, N=N, bits=bits, block_size=block, accuracy_level=0)
     np.testing.assert_allclose(_run([node], inits, x, N), x @ deq, atol=1e-4, rtol=1e-5)
+    if bits == 8:  # the level the graphs ship: int8 activations too, so only close to x @ deq
+        node.attribute[[a.name for a in node.attribute].index("accuracy_level")].i = 4
+        y4, ref = _run([node], inits, x, N), x @ deq
+        assert np.abs(y4 - ref).max() < 0.009 * np.abs(ref).max()  # 0.5-0.6%; a zero point off by one: 1.2-1.9%
 
 
 def test_portable_int4_and_int8_dequantize_like_onnxruntime():
