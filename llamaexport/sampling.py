@@ -43,11 +43,10 @@ class Sampler:
         if rp == 1.0 or seen is None:
             return logits.astype(np.float32, copy=False)  # callers do not write to it
         x = logits.astype(np.float32, copy=True)
-        if rp != 1.0 and seen is not None:
-            for b, ids in enumerate(seen):
-                ids = np.unique(ids)
-                v = x[b, ids]
-                x[b, ids] = np.where(v > 0, v / rp, v * rp)
+        for b, ids in enumerate(seen):
+            ids = np.unique(ids)
+            v = x[b, ids]
+            x[b, ids] = np.where(v > 0, v / rp, v * rp)
         return x
 
     def distribution(self, logits: np.ndarray, seen: list[np.ndarray] | None = None) -> np.ndarray:
