@@ -143,8 +143,8 @@ class _Emitter:
             x = g.op("DequantizeLinear", [xq, sx, zx], name=f"{name}/input/DequantizeLinear")
             prec = "int8"
         if self.target == "ort-cpu":
-            nbits, blob, scale, zp = quantize.cpu_matmul_nbits(
-                w_t, precision=prec, block=self.block, imp=imp, symmetric8=quantize.cpu_symmetric_8bit(self.precision))
+            nbits, blob, scale, zp = quantize.cpu_matmul_nbits(w_t, precision=prec, block=self.block, imp=imp,
+                                                               model_precision=self.precision)
             bias = None
             if stats is not None:
                 bias = self._bias_correction(
@@ -293,12 +293,11 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
 
         def fq_w8(w_t, imp):
             return quantize.fake_quant(w_t, precision="int8", target=target, block=block_size, imp=imp,
-                                       symmetric8=quantize.cpu_symmetric_8bit(precision))
+                                       model_precision=precision)
 
         def fq(w_t, imp, group):
             return quantize.fake_quant(w_t, precision=quantize.tensor_precision(precision, ROLES[group], target, int4_protect),
-                                       target=target, block=block_size, imp=imp,
-                                       symmetric8=quantize.cpu_symmetric_8bit(precision))
+                                       target=target, block=block_size, imp=imp, model_precision=precision)
     del emb
     w8a8_groups = [grp for grp, r in ROLES.items() if quantize.tensor_precision(precision, r, target) == "w8a8"]
     bar = _progress(cfg.n_layers, "export+awq" if awq else "export+smoothquant" if smooth else "export", progress)

@@ -160,12 +160,14 @@ def cpu_symmetric_8bit(model_precision: str) -> bool:
 
 
 def cpu_matmul_nbits(w_t: np.ndarray, *, precision: str, block: int, imp: np.ndarray | None = None,
-                     symmetric8: bool = False):
+                     model_precision: str | None = None):
     """The ONNX Runtime CPU graph's form of a quantized linear -> (bits, blob, scales, zero_points).
-    precision: the tensor's own; symmetric8: 8-bit weights without zero points (cpu_symmetric_8bit).
-    4-bit weights always keep their zero points (at 16 levels the asymmetric grid is worth 1/64 bytes)."""
+    precision: the tensor's own; model_precision: the model's (default: the same), which decides
+    whether 8-bit weights are symmetric (cpu_symmetric_8bit). 4-bit weights always keep their zero
+    points (at 16 levels the asymmetric grid is worth 1/64 bytes)."""
     bits = 8 if precision == "int8" else 4
-    blob, scale, zp = matmul_nbits(w_t, bits=bits, block=block, imp=imp, symmetric=symmetric8 and bits == 8)
+    symmetric = bits == 8 and cpu_symmetric_8bit(model_precision or precision)
+    blob, scale, zp = matmul_nbits(w_t, bits=bits, block=block, imp=imp, symmetric=symmetric)
     return bits, blob, scale, zp
 
 
@@ -193,15 +195,16 @@ def portable_int4_block(K: int, block: int) -> int | None:
 
 
 def fake_quant(w_t: np.ndarray, *, precision: str, target: str, block: int,
-               imp: np.ndarray | None = None, symmetric8: bool = False) -> np.ndarray:
+               imp: np.ndarray | None = None, model_precision: str | None = None) -> np.ndarray:
     """Quantize and dequantize w_t [K, N] exactly as the export would (for AWQ's search and the
-    bias correction). precision: the tensor's own (see tensor_precision); symmetric8: see
+    bias correction). precision: the tensor's own (see tensor_precision); model_precision: see
     cpu_matmul_nbits."""
     K, N = w_t.shape
     if precision in ("fp32", "fp16"):
         return w_t
     if target == "ort-cpu":
-        bits, blob, scale, zp = cpu_matmul_nbits(w_t, precision=precision, block=block, imp=imp, symmetric8=symmetric8)
+        bits, blob, scale, zp = cpu_matmul_nbits(w_t, precision=precision, block=block, imp=imp,
+                                                 model_precision=model_precision)
         return dequant_matmul_nbits(blob, scale, zp, K=K, N=N, bits=bits, block=block)
     b = portable_int4_block(K, block) if precision == "int4" else None
     if b is not None:
