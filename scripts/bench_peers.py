@@ -217,7 +217,7 @@ def prepare_ours(model, precision, a, wd, recipe="accurate", block=None):
         raise Unavailable(f"built {manifest.get('precision')}, not {base}")
     detail = (manifest.get("quantization") or "").upper() or None  # AWQ / RTN for int8 and int4
     if recipe == "compact":
-        detail += ", compact" + (f", block {block}" if block != 32 and precision == "int4" else "")
+        detail += ", compact" + (f", block {block}" if block != default_block else "")
     return dict(mode="ours", args=dict(knobs(a), dir=str(out)), detail=detail, huge_pages=True,
                 weights_path=str(out / manifest["files"]["onnx"]))
 
