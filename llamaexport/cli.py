@@ -54,8 +54,10 @@ def main():
 @click.option("--export-only", is_flag=True, help="TensorRT profiles: stop before the engine (compile on the target).")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4/int8 quantization block along K.")
 @click.option("--memory-gb", type=float, help="Override the profile's device memory (GiB).")
-@click.option("--quant-method", default="auto", show_default=True, type=click.Choice(["auto", "rtn", "awq"]),
-              help="int8/int4: round-to-nearest or AWQ (auto: AWQ when a tokenizer gives calibration text); w8a8 always calibrates (SmoothQuant).")
+@click.option("--quant-method", default="auto", show_default=True, type=click.Choice(["auto", "rtn", "awq", "gptq"]),
+              help="int8/int4: rtn (round-to-nearest), awq (AWQ scales, importance-weighted rounding) or gptq (AWQ "
+                   "scales, then GPTQ rounding: slower build); auto, when a tokenizer gives calibration text: gptq "
+                   "for compact int4, else awq; without one rtn. w8a8 always calibrates (SmoothQuant).")
 @click.option("--int4-recipe", default="accurate", show_default=True, type=click.Choice(["accurate", "compact"]),
               help="int4: accurate keeps QKV/down (and the CPU output layer) at 8 bits; compact quantizes every "
                    "linear and the output layer to 4 bits: the fewest bytes and fastest decode, less accurate.")

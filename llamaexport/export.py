@@ -136,6 +136,7 @@ class _Emitter:
             g.weight(wname, w_t.astype(self.np_act))
             return g.op("MatMul", [x, wname], name=f"{name}/MatMul")
         imp = None if stats is None else stats["imp"]
+        hess = None if stats is None else stats.get("hessian")  # GPTQ rounding (quantize._gptq)
         if prec == "w8a8":  # int8 activations: a static per-tensor QuantizeLinear/DequantizeLinear pair
             sx = g.weight(wname + ".input_scale", np.array(max(stats["amax"], 1e-8) / 127.0, self.np_act))
             zx = g.weight(wname + ".input_zero_point", np.array(0, np.int8))
@@ -144,7 +145,7 @@ class _Emitter:
             prec = "int8"
         if self.target == "ort-cpu":
             nbits, blob, scale, zp = quantize.cpu_matmul_nbits(w_t, precision=prec, block=self.block, imp=imp,
-                                                               model_precision=self.precision)
+                                                               model_precision=self.precision, hessian=hess)
             bias = None
             if stats is not None:
                 bias = self._bias_correction(
@@ -160,7 +161,8 @@ class _Emitter:
                         K=K, N=N, bits=nbits, block_size=self.block, accuracy_level=4)
         block = quantize.portable_int4_block(K, self.block) if prec == "int4" else None
         if block is not None:
-            q, scale = quantize.int4_blockwise(w_t, block, imp)
+            q, scale = (quantize.int4_blockwise(w_t, block, imp) if hess is None
+                        else quantize.gptq_int4_blockwise(w_t, hess, block))
             g.weight_raw(wname + ".qweight", quantize.pack_int4(q), self.TP.INT4, [K, N])
             g.weight(wname + ".scales", scale.astype(self.np_act))
             w = g.op("DequantizeLinear", [wname + ".qweight", wname + ".scales"], name=f"{name}/DequantizeLinear",
@@ -168,7 +170,8 @@ class _Emitter:
             deq = None if stats is None else (q.reshape(K // block, block, N) * scale.astype(self.np_act)[:, None, :]
                                               .astype(np.float32)).reshape(K, N)
         else:  # int8, or int4 with K not divisible by any block size: per-channel int8
-            q, scale = quantize.int8_per_channel(w_t, imp)
+            q, scale = (quantize.int8_per_channel(w_t, imp) if hess is None
+                        else quantize.gptq_int8_per_channel(w_t, hess))
             g.weight(wname + ".qweight", q)
             g.weight(wname + ".scales", scale.astype(self.np_act))
             w = g.op("DequantizeLinear", [wname + ".qweight", wname + ".scales"], name=f"{name}/DequantizeLinear", axis=1)
@@ -223,10 +226,12 @@ class _Emitter:
 
 def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: str = "portable",
                 block_size: int = 32, calibration: np.ndarray | None = None, progress: bool = True,
-                int4_protect: bool = True) -> dict:
+                int4_protect: bool = True, gptq: bool = True) -> dict:
     """Write `out_dir/model.onnx` and `out_dir/model.onnx.data`; return the I/O spec.
 
-    calibration: token ids [n_seq, seq_len]; with int8/int4 this turns on AWQ (see awq.py).
+    calibration: token ids [n_seq, seq_len]; with int8/int4 this turns on AWQ (see awq.py), and
+    with gptq (the default) the weights are then rounded by GPTQ (quantize._gptq) instead of
+    importance-weighted round-to-nearest.
     int4_protect: int4 keeps the sensitive projections at 8 bits (quantize.tensor_precision) and an
     8-bit output layer; False is the compact recipe (every linear and the output layer 4-bit)."""
     from onnx import TensorProto
@@ -307,7 +312,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
         lw = {k[len(p):]: W[k] for k in W.shapes if k.startswith(p)}  # this layer, loaded once
         st = {}
         if awq:
-            lw, st = apply_awq(cfg, lw, calib.layer(lw), fq)
+            lw, st = apply_awq(cfg, lw, calib.layer(lw), fq, hessian=gptq)
         elif smooth:
             lw, st = apply_smoothquant(cfg, lw, calib.layer(lw), fq_w8, groups=w8a8_groups)
 
@@ -315,7 +320,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
             role = ROLES[group]
             block = "attn" if group in ("qkv", "o") else "mlp"
             return e.linear(x, w_t, f"{wp}.{block}.{role}.weight", f"{pre}/{block}/{role}",
-                            precision=quantize.tensor_precision(precision, role, target, int4_protect), stats=st.get(group))
+                            precision=quantize.tensor_precision(precision, role, target, int4_protect), stats=st.pop(group, None))
         x, h = e.add_norm(h, delta, lw["attention_norm.weight"], cfg.norm_eps, f"{pre}/input_layernorm")
         # fused QKV; the 1/sqrt(hd) softmax scale is folded into the q rows (exact for hd = 64)
         wq = lw["attention.wq.weight"] * np.float32(hd ** -0.5)
@@ -348,7 +353,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
         hs = calib.h.numpy().reshape(-1, cfg.dim).astype(np.float64)
         xn = (hs / np.sqrt((hs ** 2).mean(axis=1, keepdims=True) + cfg.norm_eps) * norm_w).astype(np.float32)
         del hs
-        head_stats = input_stats(xn)
+        head_stats = input_stats(xn, hessian=gptq and awq)
         del xn
     x, _ = e.add_norm(h, delta, norm_w, cfg.norm_eps, "/model/norm")
     if last_logits_input(target):  # x[:, -n:] (n = 0: every position)

@@ -279,3 +279,78 @@ def test_cpu_quantized_artifacts_look_tokens_up_in_an_8_bit_table(tmp_path, prec
     got = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0][0]
     step = (emb.reshape(emb.shape[0], -1, 32).max(-1) - emb.reshape(emb.shape[0], -1, 32).min(-1)) / 255
     assert np.all(np.abs(got - emb).reshape(emb.shape[0], -1, 32).max(-1) <= 0.51 * step + 1e-7)
+
+
+def _correlated_inputs(rng, n, K):
+    """Inputs with correlated channels of unequal scale (what makes GPTQ's error feedback pay)."""
+    mix = np.eye(K, dtype=np.float32) + 0.3 * rng.normal(size=(K, K)).astype(np.float32)
+    return (rng.normal(size=(n, K)).astype(np.float32) @ mix) * np.linspace(0.1, 3, K, dtype=np.float32)
+
+
+@pytest.mark.parametrize("form", ["nbits4", "nbits8", "nbits8sym", "nbits4_padded", "int4_blockwise", "int8_channel"])
+def test_gptq_lowers_held_out_output_error_in_every_form(form):
+    """GPTQ rounding is fitted on one set of inputs and must lower the output error on another
+    (not just on the data it saw), in each stored form; its tensors keep the RTN tensors' format."""
+    rng = np.random.default_rng(7)
+    K = 200 if form == "nbits4_padded" else 192
+    N = 64
+    w = rng.normal(size=(K, N)).astype(np.float32)
+    x = _correlated_inputs(rng, 2000, K)
+    fit, held = x[:1000], x[1000:]
+    H = fit.T.astype(np.float64) @ fit / len(fit)
+    imp = np.diag(H).astype(np.float32)
+
+    def err(deq):
+        return float(((held @ (deq - w)) ** 2).mean())
+
+    if form.startswith("nbits"):
+        bits, sym = (8 if "8" in form else 4), form.endswith("sym")
+        rtn = Q.matmul_nbits(w, bits=bits, block=32, imp=imp, symmetric=sym)
+        gq = Q.gptq_matmul_nbits(w, H, bits=bits, block=32, symmetric=sym)
+        for a, b in zip(rtn, gq):  # same shapes and dtypes: the graph and ONNX Runtime see no difference
+            assert (a is None and b is None) or (a.shape == b.shape and a.dtype == b.dtype)
+        e_rtn, e_gq = (err(Q.dequant_matmul_nbits(*t, K=K, N=N, bits=bits, block=32)) for t in (rtn, gq))
+    elif form == "int4_blockwise":
+        (q0, s0), (q1, s1) = Q.int4_blockwise(w, 32, imp), Q.gptq_int4_blockwise(w, H, 32)
+        assert q1.dtype == q0.dtype and q1.shape == q0.shape and s1.shape == s0.shape and -8 <= q1.min() <= q1.max() <= 7
+        deq = lambda q, s: (q.reshape(K // 32, 32, N) * s[:, None, :]).reshape(K, N)  # noqa: E731
+        e_rtn, e_gq = err(deq(q0, s0)), err(deq(q1, s1))
+    else:
+        (q0, s0), (q1, s1) = Q.int8_per_channel(w, imp), Q.gptq_int8_per_channel(w, H)
+        assert q1.dtype == q0.dtype and q1.shape == q0.shape and s1.shape == s0.shape
+        e_rtn, e_gq = err(q0 * s0), err(q1 * s1)
+    assert e_gq < 0.9 * e_rtn, (e_gq, e_rtn)
+
+
+def test_gptq_with_a_diagonal_hessian_is_weighted_rounding():
+    """With uncorrelated inputs there is nothing to feed forward: GPTQ's codes are (up to the
+    dampening's shift of the importance, which does not change the per-block choice here)
+    the importance-weighted round-to-nearest codes."""
+    rng = np.random.default_rng(3)
+    K, N = 96, 16
+    w = rng.normal(size=(K, N)).astype(np.float32)
+    H = np.diag(np.ones(K))
+    a = Q.matmul_nbits(w, bits=4, block=32, imp=np.ones(K, np.float32))
+    b = Q.gptq_matmul_nbits(w, H, bits=4, block=32)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_gptq_zeroes_channels_the_calibration_never_feeds():
+    rng = np.random.default_rng(4)
+    K, N = 64, 8
+    w = rng.normal(size=(K, N)).astype(np.float32)
+    x = rng.normal(size=(500, K)).astype(np.float32)
+    x[:, 5] = 0.0
+    q, s = Q.gptq_int8_per_channel(w, x.T.astype(np.float64) @ x / len(x))
+    assert (q[5] == 0).all() and np.isfinite(s).all()
+
+
+def test_gptq_leaves_its_input_untouched():
+    """The export passes transposed views (w.T) and uses w_t again for the bias correction."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(24, 64)).astype(np.float32)  # [N, K]; the export passes w.T
+    x = _correlated_inputs(rng, 300, 64)
+    before = w.copy()
+    Q.gptq_matmul_nbits(w.T, x.T.astype(np.float64) @ x / len(x), bits=4, block=32)
+    np.testing.assert_array_equal(w, before)
