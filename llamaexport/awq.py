@@ -13,7 +13,8 @@ op that produces that input, so the graph keeps its shape:
 The same calibration inputs then serve the export twice more: the rounding of each block is
 weighted by the input's mean square (importance), and each quantized linear gets a bias
 -mean(x) (W_q - W)^T that cancels the mean of its output error (bias correction; for SmolLM2 int4
-the two take the mean KL from 0.088 to 0.068).
+the two take the mean KL from 0.088 to 0.068). With GPTQ (export_onnx(gptq=True)), input_stats
+also keeps E[x x^T] and the rounding is GPTQ's (quantize._gptq) instead of the weighted one.
 """
 
 from __future__ import annotations

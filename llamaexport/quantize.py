@@ -8,6 +8,10 @@ Two graph forms consume these:
     with a zero point per block, or none for an int8 model's symmetric weights: cpu_symmetric_8bit),
     which runs int8 dot products (accuracy_level 4).
 
+Rounding: importance-weighted round-to-nearest with a searched clip per block (_symmetric,
+_block_params), or GPTQ (_gptq) given the calibration inputs' second moment; both produce the
+same tensors, so the graph does not know which ran.
+
 Quantization runs tensor by tensor inside the streaming export, so memory stays bounded by
 one layer (onnxruntime.quantization's quantizers load the whole model, which a 7B model in
 4 GB cannot afford).
