@@ -154,6 +154,27 @@ def test_decode_steps_reuse_one_binding_and_return_fresh_logits(model):
     np.testing.assert_allclose(again, full, atol=1e-5)
 
 
+def test_a_generation_reuses_the_previous_ones_cache_without_its_stale_entries(tiny_artifact, model):
+    """steps() takes a finished generation's KV buffers back (no new maps, no page faults); what a
+    longer earlier generation left past the new sequence must not leak in: the tokens equal those
+    of a freshly loaded model's first generation. Two generations at once get two caches."""
+    fresh = LlamaModel.load(tiny_artifact, threads=1)
+    short = [[400, 2]]
+    want = fresh.generate_ids(short, max_new_tokens=12, eos_ids=[])
+    be = model.backend
+    model.generate_ids([[7, 7, 7, 8, 9, 10, 11, 12, 13] * 3], max_new_tokens=30, eos_ids=[])
+    spare = be._spare[1]
+    assert np.abs(spare[0].numpy()[0, :, 30:50]).sum() > 0  # the long generation's entries are there
+    assert model.generate_ids(short, max_new_tokens=12, eos_ids=[]) == want
+    assert be._spare[1] is spare  # the same buffers went round again
+    other = [[5, 17, 99, 3, 250]]
+    want_other = fresh.generate_ids(other, max_new_tokens=12, eos_ids=[])
+    a = model.steps(short, max_new_tokens=12, eos_ids=[])
+    b = model.steps(other, max_new_tokens=12, eos_ids=[])
+    got = [(int(x[0]), int(y[0])) for x, y in zip(a, b)]  # interleaved: b must not write a's cache
+    assert [x for x, _ in got] == want[0] and [y for _, y in got] == want_other[0]
+
+
 def test_kv_buffers_are_zero_pages_until_written():
     """Max-length KV buffers come from anonymous maps: zero, writable, and resident only where
     written, so repeated generations do not grow the process (glibc's heap would zero them in full)."""
