@@ -226,12 +226,12 @@ class _Emitter:
 
 def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: str = "portable",
                 block_size: int = 32, calibration: np.ndarray | None = None, progress: bool = True,
-                int4_protect: bool = True, gptq: bool = True) -> dict:
+                int4_protect: bool = True, gptq: bool = False) -> dict:
     """Write `out_dir/model.onnx` and `out_dir/model.onnx.data`; return the I/O spec.
 
     calibration: token ids [n_seq, seq_len]; with int8/int4 this turns on AWQ (see awq.py), and
-    with gptq (the default) the weights are then rounded by GPTQ (quantize._gptq) instead of
-    importance-weighted round-to-nearest.
+    with gptq the weights are then rounded by GPTQ (quantize._gptq) instead of importance-weighted
+    round-to-nearest.
     int4_protect: int4 keeps the sensitive projections at 8 bits (quantize.tensor_precision) and an
     8-bit output layer; False is the compact recipe (every linear and the output layer 4-bit)."""
     from onnx import TensorProto

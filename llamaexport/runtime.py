@@ -77,7 +77,7 @@ class OnnxRuntimeBackend:
         self._all = ort.OrtValue.ortvalue_from_numpy(np.array(0, np.int64))  # 0 = logits of every position
         self._io = self._io_cache = None  # the binding of the shared cache in use (see _binding)
         self._bound = {}
-        self._spare = {}  # batch -> a finished generation's shared cache (take_cache / give_back_cache)
+        self._spare = None  # (batch, cache) of a finished generation (take_cache / give_back_cache)
         self._ort = ort
 
     def empty_cache(self, batch: int):
@@ -91,17 +91,19 @@ class OnnxRuntimeBackend:
 
     def take_cache(self, batch: int):
         """A cache for a new generation, reusing a finished one's buffers (give_back_cache) when
-        there is one: its pages are already mapped (a fresh max-length cache costs SmolLM2 60 maps
-        and ~1000 page faults, ~2 ms of a 30 ms prefill) and its binding is kept. Stale entries past
-        the new sequence are never read: GroupQueryAttention attends to total_sequence_length only.
-        Only one generation can hold it; others get a fresh cache."""
-        if self.shared_kv and self._spare.get(batch) is not None:
-            return self._spare.pop(batch)
+        they have this batch size: their pages are already mapped (a fresh max-length cache costs
+        SmolLM2 60 maps and ~1000 page faults, ~2 ms of a 30 ms prefill), and their binding is
+        kept unless another cache was bound since. Stale entries past the new sequence are never
+        read: GroupQueryAttention attends to each row's seqlens_k + 1 positions only. Only one
+        generation holds the spare; others get a fresh cache."""
+        if self.shared_kv and self._spare is not None and self._spare[0] == batch:
+            cache, self._spare = self._spare[1], None
+            return cache
         return self.empty_cache(batch)
 
     def give_back_cache(self, batch: int, cache):
         if self.shared_kv:
-            self._spare[batch] = cache  # one per batch size: a second spare would only hold memory
+            self._spare = (batch, cache)  # one spare in all: a cache of another batch size is let go
 
     def _binding(self, cache):
         """An IOBinding with the cache bound. A shared cache is bound once per generation (its buffers never

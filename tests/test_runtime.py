@@ -163,10 +163,12 @@ def test_a_generation_reuses_the_previous_ones_cache_without_its_stale_entries(t
     want = fresh.generate_ids(short, max_new_tokens=12, eos_ids=[])
     be = model.backend
     model.generate_ids([[7, 7, 7, 8, 9, 10, 11, 12, 13] * 3], max_new_tokens=30, eos_ids=[])
-    spare = be._spare[1]
-    assert np.abs(spare[0].numpy()[0, :, 30:50]).sum() > 0  # the long generation's entries are there
+    batch, spare = be._spare
+    assert batch == 1 and np.abs(spare[0].numpy()[0, :, 30:50]).sum() > 0  # the long generation's entries are there
     assert model.generate_ids(short, max_new_tokens=12, eos_ids=[]) == want
     assert be._spare[1] is spare  # the same buffers went round again
+    model.generate_ids([[400, 2], [5, 17]], max_new_tokens=4, eos_ids=[])  # batch 2: its cache replaces the spare
+    assert be._spare[0] == 2 and be._spare[1] is not spare
     other = [[5, 17, 99, 3, 250]]
     want_other = fresh.generate_ids(other, max_new_tokens=12, eos_ids=[])
     a = model.steps(short, max_new_tokens=12, eos_ids=[])
