@@ -140,6 +140,25 @@ def test_importance_weighted_rounding_lowers_the_weighted_error():
                                                              block=32, imp=imp))
 
 
+def _exported_linear_error(d, w, precision, target, stats, rows):
+    """Export one linear as the model would (_Emitter.linear, with `stats`), run it with ONNX
+    Runtime, and return x -> its output minus x @ w (x: [rows, K] float32)."""
+    from llamaexport.export import OPSET, _Emitter
+    from llamaexport.onnx_graph import GraphBuilder
+
+    d.mkdir()
+    K, N = w.shape
+    g = GraphBuilder(d / "model.onnx.data", opset=OPSET)
+    e = _Emitter(g, precision, target, 32)
+    g.input("x", TensorProto.FLOAT if e.act == "float32" else TensorProto.FLOAT16, [rows, K])
+    y = e.cast(e.linear("x", w, "w", "/lin", stats=stats), True, "/out")
+    g.op("Identity", [y], name="/y", outputs=["y"])
+    g.output("y", TensorProto.FLOAT, [rows, N])
+    g.save(d / "model.onnx", producer="test")
+    sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+    return lambda x: sess.run(None, {"x": x if e.act == "float32" else x.astype(np.float16)})[0] - x.astype(np.float64) @ w
+
+
 @pytest.mark.parametrize("target", ["ort-cpu", "portable"])
 @pytest.mark.parametrize("precision", ["int4", "int8"])
 def test_bias_correction_cancels_the_mean_output_error(tmp_path, target, precision):
@@ -147,29 +166,14 @@ def test_bias_correction_cancels_the_mean_output_error(tmp_path, target, precisi
     ONNX Runtime, its output error averages to zero over the calibration inputs (it does not
     without the statistics), and the weights are those of the weighted quantizer."""
     from llamaexport.awq import input_stats
-    from llamaexport.export import OPSET, _Emitter
-    from llamaexport.onnx_graph import GraphBuilder
 
     rng = np.random.default_rng(11)
     K, N = 64, 40
     w = rng.standard_normal((K, N)).astype(np.float32)
     x = (rng.standard_normal((256, K)) + rng.normal(0, 1.5, K)).astype(np.float32)  # channels with a mean
-    errs = {}
-    for with_stats in (False, True):
-        d = tmp_path / f"{with_stats}"
-        d.mkdir()
-        g = GraphBuilder(d / "model.onnx.data", opset=OPSET)
-        e = _Emitter(g, precision, target, 32)
-        g.input("x", TensorProto.FLOAT if e.act == "float32" else TensorProto.FLOAT16, [256, K])
-        y = e.linear("x", w, "w", "/lin", stats=input_stats(x) if with_stats else None)
-        y = e.cast(y, True, "/out")
-        g.op("Identity", [y], name="/y", outputs=["y"])
-        g.output("y", TensorProto.FLOAT, [256, N])
-        g.save(d / "model.onnx", producer="test")
-        so = ort.SessionOptions()
-        sess = ort.InferenceSession(str(d / "model.onnx"), so, providers=["CPUExecutionProvider"])
-        out = sess.run(None, {"x": x if e.act == "float32" else x.astype(np.float16)})[0]
-        errs[with_stats] = out - x.astype(np.float64) @ w
+    errs = {with_stats: _exported_linear_error(tmp_path / f"{with_stats}", w, precision, target,
+                                               input_stats(x) if with_stats else None, 256)(x)
+            for with_stats in (False, True)}
     # what remains is noise: fp16 activations (portable) or ORT's int8 activation blocks (ort-cpu)
     before, after = (float(np.abs(errs[k].mean(axis=0)).mean()) for k in (False, True))
     assert after < 0.2 * before, (before, after)
@@ -363,8 +367,6 @@ def test_exported_gptq_linear_beats_weighted_rounding_on_held_out_inputs(tmp_pat
     is below the importance-weighted RTN's, and its bias still cancels the mean error on the
     inputs it was fitted on."""
     from llamaexport.awq import input_stats
-    from llamaexport.export import OPSET, _Emitter
-    from llamaexport.onnx_graph import GraphBuilder
 
     rng = np.random.default_rng(13)
     K, N = 128, 48
@@ -373,20 +375,10 @@ def test_exported_gptq_linear_beats_weighted_rounding_on_held_out_inputs(tmp_pat
     fit, held = x[:1024], x[1024:]
     errs = {}
     for gptq in (False, True):
-        d = tmp_path / f"{gptq}"
-        d.mkdir()
-        g = GraphBuilder(d / "model.onnx.data", opset=OPSET)
-        e = _Emitter(g, precision, target, 32)
-        g.input("x", TensorProto.FLOAT if e.act == "float32" else TensorProto.FLOAT16, [1024, K])
         st = input_stats(fit, hessian=gptq)
         assert ("hessian" in st) == gptq
-        y = e.cast(e.linear("x", w, "w", "/lin", stats=st), True, "/out")
-        g.op("Identity", [y], name="/y", outputs=["y"])
-        g.output("y", TensorProto.FLOAT, [1024, N])
-        g.save(d / "model.onnx", producer="test")
-        sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
-        run = lambda a: sess.run(None, {"x": a if e.act == "float32" else a.astype(np.float16)})[0] - a.astype(np.float64) @ w  # noqa: E731
-        errs[gptq] = (run(fit), run(held))
+        err = _exported_linear_error(tmp_path / f"{gptq}", w, precision, target, st, 1024)
+        errs[gptq] = (err(fit), err(held))
     spread = {k: float(((v[1] - v[1].mean(axis=0)) ** 2).mean()) for k, v in errs.items()}
     # at 8 bits the activations' own rounding (int8 blocks on the CPU, float16 in the portable
     # graph) is much of the error, so the gain is smaller (measured 5-9% vs 20%+ at 4 bits)
