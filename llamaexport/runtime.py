@@ -2,6 +2,8 @@
 
 Backends share one small interface (Polygraphy-style runners):
     backend.empty_cache(batch) -> cache
+    backend.take_cache(batch) -> cache, backend.give_back_cache(batch, cache): a generation's cache,
+      which a backend may recycle from the previous generation (else take_cache = empty_cache)
     backend.forward(input_ids, attention_mask, position_ids, cache, last_only=False) -> (logits [B, S, V], cache)
       last_only: the caller needs the last position's logits only; a backend may then return [B, 1, V]
 The ONNX Runtime backend keeps the cache as OrtValues bound through I/O binding: the present
@@ -265,35 +267,30 @@ class LlamaModel:
         penalize = sampling.repetition_penalty != 1.0
         seen = [np.asarray(p, np.int64) for p in prompts]
         done = np.zeros(B, bool)
-        take = getattr(self.backend, "take_cache", None)
-        cache = take(B) if take else self.backend.empty_cache(B)
+        cache = self.backend.take_cache(B)
         try:
-            yield from self._decode(ids, mask, pos, cache, B, S, max_new_tokens, sampler, seen, penalize, eos, done)
-        finally:  # the generation is over (or abandoned): its cache serves the next one
-            if take:
-                self.backend.give_back_cache(B, cache)
-
-    def _decode(self, ids, mask, pos, cache, B, S, max_new_tokens, sampler, seen, penalize, eos, done):
-        logits, cache = self.backend.forward(ids, mask, pos, cache, last_only=True)
-        # Decode steps reuse their input arrays, updated in place (the backend then keeps its bindings),
-        # and the mask is a growing view of one buffer: Python's share of a step stays ~0.1 ms.
-        full_mask = np.ones((B, S + max_new_tokens), np.int64)
-        full_mask[:, :S] = mask
-        cur = np.empty((B, 1), np.int64)
-        next_pos = pos[:, -1:] + 1
-        for step in range(max_new_tokens):
-            tok = sampler(logits[:, -1], seen if penalize else None)
-            if done.any():
-                tok = np.where(done, eos[0], tok)
-            if penalize:
-                seen = [np.append(s, t) for s, t in zip(seen, tok)]
-            done |= (tok[:, None] == eos).any(1)
-            yield tok
-            if done.all() or step == max_new_tokens - 1:
-                return
-            cur[:, 0] = tok
-            logits, cache = self.backend.forward(cur, full_mask[:, :S + step + 1], next_pos, cache, last_only=True)
-            next_pos += 1
+            logits, cache = self.backend.forward(ids, mask, pos, cache, last_only=True)
+            # Decode steps reuse their input arrays, updated in place (the backend then keeps its bindings),
+            # and the mask is a growing view of one buffer: Python's share of a step stays ~0.1 ms.
+            full_mask = np.ones((B, S + max_new_tokens), np.int64)
+            full_mask[:, :S] = mask
+            cur = np.empty((B, 1), np.int64)
+            next_pos = pos[:, -1:] + 1
+            for step in range(max_new_tokens):
+                tok = sampler(logits[:, -1], seen if penalize else None)
+                if done.any():
+                    tok = np.where(done, eos[0], tok)
+                if penalize:
+                    seen = [np.append(s, t) for s, t in zip(seen, tok)]
+                done |= (tok[:, None] == eos).any(1)
+                yield tok
+                if done.all() or step == max_new_tokens - 1:
+                    return
+                cur[:, 0] = tok
+                logits, cache = self.backend.forward(cur, full_mask[:, :S + step + 1], next_pos, cache, last_only=True)
+                next_pos += 1
+        finally:  # the generation is over (or abandoned): its cache may serve the next one
+            self.backend.give_back_cache(B, cache)
 
     def _lockstep(self, prompts, *, max_new_tokens, sampling, eos_ids, fill) -> Iterator[np.ndarray]:
         """Rows generated one by one but yielded together; a finished row yields `fill` (EOS).

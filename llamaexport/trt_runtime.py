@@ -101,6 +101,12 @@ class TensorRTBackend:
         return [self._torch.zeros((batch, c.n_kv_heads, 0, c.head_dim), dtype=self.kv_dtype, device=self.device)
                 for _ in self.past_names]
 
+    def take_cache(self, batch: int):
+        return self.empty_cache(batch)  # the cache grows by concatenation: nothing to recycle
+
+    def give_back_cache(self, batch: int, cache):
+        pass
+
     def _profile_for(self, B: int, S: int, P: int) -> str:
         name = "prefill" if P == 0 else "decode"
         p = self.profiles.get(name)
