@@ -127,8 +127,9 @@ def input_stats(x: np.ndarray, s: np.ndarray | None = None, *, hessian: bool = F
     x = x.astype(np.float64) if s is None else x.astype(np.float64) / s
     st = {"mean": x.mean(axis=0).astype(np.float32), "imp": (x ** 2).mean(axis=0).astype(np.float32),
           "absmax": float(np.abs(x).max())}
-    if hessian:
-        st["hessian"] = ((x.T @ x) / len(x)).astype(np.float32)
+    if hessian:  # in float32 (what _gptq uses): no K x K float64 temporary (0.97 GB for a 7B down projection)
+        xf = x.astype(np.float32)
+        st["hessian"] = (xf.T @ xf) / np.float32(len(x))
     return st
 
 

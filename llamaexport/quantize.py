@@ -248,7 +248,7 @@ def _padded(w_t: np.ndarray, hessian: np.ndarray, Kp: int):
         return w_t, hessian
     w = np.zeros((Kp, w_t.shape[1]), np.float32)
     w[:K] = w_t
-    h = np.zeros((Kp, Kp), np.float64)
+    h = np.zeros((Kp, Kp), np.float32)  # _gptq works in float32
     h[:K, :K] = hessian
     return w, h
 
