@@ -85,11 +85,13 @@ class LayerwiseCalibrator:
         return seen
 
 
-def _best_scale(x: np.ndarray, ws: list[np.ndarray], xm: np.ndarray, fake_quant) -> np.ndarray:
+def _best_scale(x: np.ndarray, ws: list[np.ndarray], xm: np.ndarray, fake_quant, act_quant=None) -> np.ndarray:
     """The s = xm^alpha (alpha on a grid) minimising the summed output error of `ws` ([N_i, K],
     sharing input x [N, K]) when each is quantized as Q(W s) / s. The quantizer sees the input's
     importance (mean square of x / s), and the error is measured after the bias correction the
-    export applies (its mean over the calibration tokens removed)."""
+    export applies (its mean over the calibration tokens removed). act_quant(x / s): what the
+    kernel multiplies instead of x / s (ONNX Runtime CPU's int8 activations), or None (exact):
+    then a scale also trades the activations' rounding error, as SmoothQuant's does."""
     x2 = (x.astype(np.float64) ** 2).mean(axis=0)
     best_s, best_err = None, None
     for a in ALPHAS:
@@ -97,8 +99,12 @@ def _best_scale(x: np.ndarray, ws: list[np.ndarray], xm: np.ndarray, fake_quant)
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
         imp = (x2 / s.astype(np.float64) ** 2).astype(np.float32)
         err = 0.0
+        xq = None if act_quant is None else act_quant(x / s)
         for w in ws:
-            e = x @ (fake_quant((w * s).T, imp) / s[:, None] - w.T)  # [N, out]
+            if xq is None:
+                e = x @ (fake_quant((w * s).T, imp) / s[:, None] - w.T)  # [N, out]
+            else:
+                e = xq @ fake_quant((w * s).T, imp) - x @ w.T
             err += float(((e - e.mean(axis=0)) ** 2).mean())
         if best_err is None or err < best_err:
             best_err, best_s = err, s
@@ -168,17 +174,19 @@ def _fold(cfg, w: dict, acts: dict, choose, hessian: bool = False) -> tuple[dict
     return w, stats
 
 
-def apply_awq(cfg, w: dict, acts: dict, fake_quant, *, hessian: bool = False) -> tuple[dict, dict]:
+def apply_awq(cfg, w: dict, acts: dict, fake_quant, *, hessian: bool = False, act_quant=None) -> tuple[dict, dict]:
     """Return this layer's weights with AWQ scales searched and folded (see module docstring), and
     the input statistics of each linear group after folding (see input_stats).
 
-    fake_quant(w_t [K, N], imp [K], group) -> the dequantized w_t as the export quantizes that group."""
+    fake_quant(w_t [K, N], imp [K], group) -> the dequantized w_t as the export quantizes that group.
+    act_quant(x [N, K], group) -> what the target's kernel multiplies instead of x (None: x itself)."""
 
     def choose(x, ws, group):
         xm = np.abs(x).mean(axis=0).astype(np.float64) + 1e-8
         if group == "o":
             xm = _group_scale(xm, cfg.n_kv_heads, cfg.n_rep, cfg.head_dim)
-        return _best_scale(x, ws, xm, lambda w_t, imp: fake_quant(w_t, imp, group))
+        aq = None if act_quant is None else (lambda v: act_quant(v, group))
+        return _best_scale(x, ws, xm, lambda w_t, imp: fake_quant(w_t, imp, group), aq)
 
     return _fold(cfg, w, acts, choose, hessian)
 

@@ -95,6 +95,8 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             # GroupQueryAttention (the fused CPU attention) does not take left-padded rows
             "left_padding": left_padding,
             "block_size": block_size if precision in ("int8", "int4") else None,
+            # the CPU graph's MatMulNBits block of each quantized role (8-bit layer projections: 128, see quantize.cpu_block)
+            "tensor_blocks": _cpu_blocks(precision, target, chosen.protect, block_size),
             "quantization": "awq+gptq" if method == "gptq" else method,
             # the precision of each linear role (int4 keeps some at 8 bits; see quantize.tensor_precision)
             "tensor_precisions": {**{r: tensor_precision(precision, r, target, chosen.protect) for r in ROLES.values()},
@@ -154,6 +156,23 @@ def _write_genai_config(artifact_dir, cfg, tok, *, shared_kv: bool):
                    "num_beams": 1, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0},
     }
     (Path(artifact_dir) / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _cpu_blocks(precision: str, target: str, protect: bool, block: int) -> dict | None:
+    """The CPU graph's MatMulNBits block of each quantized role (quantize.cpu_block), or None."""
+    from .export import ROLES, lm_head_precision
+    from .quantize import cpu_block, tensor_precision
+
+    if target != "ort-cpu" or precision not in ("int8", "int4", "w8a8"):
+        return None
+    blocks = {}
+    for role in ROLES.values():
+        prec = tensor_precision(precision, role, target, protect)
+        blocks[role] = cpu_block("int8" if prec == "w8a8" else prec, block)  # w8a8: 8-bit weights
+    head = lm_head_precision(precision, target, protect)
+    if head is not None:
+        blocks["lm_head"] = cpu_block(head, block, lm_head=True)
+    return blocks
 
 
 def _quant_method(method: str, precision: str, tok, *, compact: bool = False) -> str | None:

@@ -127,9 +127,10 @@ class _Emitter:
         return self.g.op("Cast", [x], name=name, to=self.TP.FLOAT if to_float32 else self.onnx_act)
 
     def linear(self, x: str, w_t: np.ndarray, wname: str, name: str, *, precision: str | None = None,
-               stats: dict | None = None) -> str:
+               stats: dict | None = None, lm_head: bool = False) -> str:
         """x [..., K] @ w_t [K, N] in this precision's form. precision: this tensor's own (default:
-        the model's). stats (calibration, see awq.input_stats): weighted rounding + bias correction."""
+        the model's). stats (calibration, see awq.input_stats): weighted rounding + bias correction.
+        lm_head: the output layer (its CPU block, see quantize.cpu_block)."""
         g, K, N = self.g, *w_t.shape
         prec = precision or self.precision
         if prec in ("fp32", "fp16"):
@@ -144,12 +145,13 @@ class _Emitter:
             x = g.op("DequantizeLinear", [xq, sx, zx], name=f"{name}/input/DequantizeLinear")
             prec = "int8"
         if self.target == "ort-cpu":
-            nbits, blob, scale, zp = quantize.cpu_matmul_nbits(w_t, precision=prec, block=self.block, imp=imp,
+            block = quantize.cpu_block(prec, self.block, lm_head=lm_head)
+            nbits, blob, scale, zp = quantize.cpu_matmul_nbits(w_t, precision=prec, block=block, imp=imp,
                                                                model_precision=self.precision, hessian=hess)
             bias = None
             if stats is not None:
                 bias = self._bias_correction(
-                    quantize.dequant_matmul_nbits(blob, scale, zp, K=K, N=N, bits=nbits, block=self.block), w_t, stats)
+                    quantize.dequant_matmul_nbits(blob, scale, zp, K=K, N=N, bits=nbits, block=block), w_t, stats)
             g.use_domain("com.microsoft")
             ins = [g.weight(wname + ".qweight", blob), g.weight(wname + ".scales", scale),
                    "" if zp is None else g.weight(wname + ".zero_points", zp)]
@@ -158,7 +160,7 @@ class _Emitter:
             while ins[-1] == "":
                 ins.pop()
             return g.op("MatMulNBits", [x, *ins], name=f"{name}/MatMulNBits", domain="com.microsoft",
-                        K=K, N=N, bits=nbits, block_size=self.block, accuracy_level=4)
+                        K=K, N=N, bits=nbits, block_size=block, accuracy_level=4)
         block = quantize.portable_int4_block(K, self.block) if prec == "int4" else None
         if block is not None:
             q, scale = (quantize.int4_blockwise(w_t, block, imp) if hess is None
@@ -303,6 +305,10 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
         def fq(w_t, imp, group):
             return quantize.fake_quant(w_t, precision=quantize.tensor_precision(precision, ROLES[group], target, int4_protect),
                                        target=target, block=block_size, imp=imp, model_precision=precision)
+
+        def aq(x, group):  # MatMulNBits' int8 activations, blocked as the group's weights (quantize.cpu_block)
+            prec = quantize.tensor_precision(precision, ROLES[group], target, int4_protect)
+            return quantize.fake_quant_act_blocks(x, quantize.cpu_block(prec, block_size))
     del emb
     w8a8_groups = [grp for grp, r in ROLES.items() if quantize.tensor_precision(precision, r, target) == "w8a8"]
     bar = _progress(cfg.n_layers, "export+awq" if awq else "export+smoothquant" if smooth else "export", progress)
@@ -312,7 +318,8 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
         lw = {k[len(p):]: W[k] for k in W.shapes if k.startswith(p)}  # this layer, loaded once
         st = {}
         if awq:
-            lw, st = apply_awq(cfg, lw, calib.layer(lw), fq, hessian=gptq)
+            lw, st = apply_awq(cfg, lw, calib.layer(lw), fq, hessian=gptq,
+                               act_quant=aq if target == "ort-cpu" else None)
         elif smooth:
             lw, st = apply_smoothquant(cfg, lw, calib.layer(lw), fq_w8, groups=w8a8_groups)
 
@@ -440,7 +447,7 @@ def _lm_head(g: GraphBuilder, e: _Emitter, x: str, W, cfg: LlamaConfig, precisio
     scale folded into the final norm moved SmolLM2's compact KL only from 0.131 to 0.128.)"""
     if precision is not None:
         w = W["tok_embeddings.weight"] if cfg.tie_embeddings else W["output.weight"]
-        y = e.linear(x, w.T, "lm_head.weight", "/lm_head", precision=precision, stats=stats)
+        y = e.linear(x, w.T, "lm_head.weight", "/lm_head", precision=precision, stats=stats, lm_head=True)
         g.op("Identity", [y], name="/lm_head/Identity", outputs=["logits"])
         return
     if cfg.tie_embeddings:

@@ -26,7 +26,7 @@ def format_manifest(m: dict) -> str:
         ("tokenizer", ", ".join(m["tokenizer"]) if m.get("tokenizer") else "none"),
         ("files", ", ".join(f"{k}: {v}" for k, v in m["files"].items())),
         ("kv cache", f"{m['kv_cache']['form']} ({m['kv_cache']['dtype']})"),
-        ("quantization", f"{m.get('quantization') or 'none'}" + (f", block {m['block_size']}" if m.get("block_size") else "")),
+        ("quantization", f"{m.get('quantization') or 'none'}" + _blocks(m)),
         ("plan", f"{m['plan']['total_gib']} GiB of {m['plan']['budget_gib']} GiB, decode ceiling "
                  f"{m['plan']['decode_ceiling_tok_s']} tok/s" if m.get("plan") else "n/a"),
         ("engine", _engine(m)),
@@ -48,3 +48,11 @@ def _engine(m: dict) -> str:
     if not e:
         return "not built (--export-only): run `llamaexport compile DIR` on the target"
     return f"{e.get('file')} (TensorRT {e.get('tensorrt')}, {len(e.get('profiles', []))} profiles)"
+
+
+def _blocks(m: dict) -> str:
+    """", block 32" or, where the CPU graph's roles differ (quantize.cpu_block), ", blocks qkv_proj 128, ..."."""
+    blocks = m.get("tensor_blocks")
+    if blocks and len(set(blocks.values())) > 1:
+        return ", blocks " + ", ".join(f"{r} {b}" for r, b in blocks.items())
+    return f", block {m['block_size']}" if m.get("block_size") else ""

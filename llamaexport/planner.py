@@ -19,7 +19,7 @@ import dataclasses
 from . import LlamaExportError
 from .config import LlamaConfig
 from .export import EMBED_BLOCK, activation_dtype, lm_head_precision, quantized_embedding
-from .quantize import cpu_symmetric_8bit, tensor_precision
+from .quantize import cpu_block, cpu_symmetric_8bit, tensor_precision
 from .profiles import Profile
 
 GiB = 2**30
@@ -65,19 +65,23 @@ class Plan:
         return self.bandwidth_gbs * 1e9 / self.bytes_per_token
 
 
-def _matrix_bytes_per_param(precision: str, target: str, block: int, model_precision: str) -> float:
-    """precision: the tensor's own; model_precision: the model's (it decides 8-bit zero points)."""
+def _matrix_bytes(K: int, N: int, precision: str, target: str, block: int, model_precision: str,
+                  lm_head: bool = False) -> float:
+    """Stored bytes of a [K, N] linear. precision: the tensor's own; model_precision: the model's
+    (it decides 8-bit zero points); lm_head: the output layer (its CPU block, see cpu_block)."""
     if precision == "fp32":
-        return 4.0
+        return 4.0 * K * N
     if precision == "fp16":
-        return 2.0
-    if target == "ort-cpu":  # MatMulNBits: fp32 scale per block, + a zero point unless symmetric
+        return 2.0 * K * N
+    if target == "ort-cpu":  # MatMulNBits: K padded to whole blocks, fp32 scale per block, + zero points
         bits = 8 if precision == "int8" else 4
-        zero_point = 0 if bits == 8 and cpu_symmetric_8bit(model_precision) else bits / 8
-        return bits / 8 + (4 + zero_point) / block
+        block = cpu_block(precision, block, lm_head=lm_head)
+        nb = -(-K // block)
+        zero_points = 0 if bits == 8 and cpu_symmetric_8bit(model_precision) else nb if bits == 8 else -(-nb // 2)
+        return N * (nb * block * bits / 8 + 4 * nb + zero_points)
     if precision in ("int8", "w8a8"):  # per-channel fp16 scales: negligible
-        return 1.0
-    return 0.5 + 2.0 / block  # int4: fp16 scale per block
+        return 1.0 * K * N
+    return (0.5 + 2.0 / block) * K * N  # int4: fp16 scale per block
 
 
 def _act_bytes(precision: str, target: str) -> int:
@@ -89,16 +93,16 @@ def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int = 
     """(bytes stored, bytes read per decoded token)."""
     act = _act_bytes(precision, target)
     d, hd = cfg.dim, cfg.head_dim
-    params = {"qkv_proj": d * hd * (cfg.n_heads + 2 * cfg.n_kv_heads), "o_proj": d * hd * cfg.n_heads,
-              "gate_up_proj": 2 * d * cfg.ffn_dim, "down_proj": d * cfg.ffn_dim}
-    body = cfg.n_layers * sum(n * _matrix_bytes_per_param(tensor_precision(precision, role, target, protect), target,
-                                                          block, precision)
-                              for role, n in params.items())
+    shapes = {"qkv_proj": (d, hd * (cfg.n_heads + 2 * cfg.n_kv_heads)), "o_proj": (hd * cfg.n_heads, d),
+              "gate_up_proj": (d, 2 * cfg.ffn_dim), "down_proj": (cfg.ffn_dim, d)}  # [K, N]
+    body = cfg.n_layers * sum(_matrix_bytes(K, N, tensor_precision(precision, role, target, protect), target,
+                                            block, precision)
+                              for role, (K, N) in shapes.items())
     emb = cfg.vocab_size * d * ((1 + 5 / EMBED_BLOCK)  # GatherBlockQuantized: uint8, fp32 scale + zero point
                                 if quantized_embedding(precision, target, d) else act)
     head_prec = lm_head_precision(precision, target, protect)
     if head_prec is not None:   # a quantized lm_head copy
-        head = cfg.vocab_size * d * _matrix_bytes_per_param(head_prec, target, block, precision)
+        head = _matrix_bytes(d, cfg.vocab_size, head_prec, target, block, precision, lm_head=True)
     else:
         head = 0 if cfg.tie_embeddings else cfg.vocab_size * d * act
     small = (2 * cfg.n_layers + 1) * d * 4 + 2 * cfg.max_seq_len * cfg.rope_dim // 2 * act

@@ -401,3 +401,79 @@ def test_quant_method_auto_and_the_manifest(tmp_path):
     assert _quant_method("auto", "fp32", tok) is None
     out = build(out=tmp_path / "a", size="tiny", precision="int4", quant_method="gptq", progress=False)
     assert json.loads((out / "manifest.json").read_text())["quantization"] == "awq+gptq"
+
+
+def _matmul_nbits_level4(w, bits, block, x):
+    """ONNX Runtime's MatMulNBits at accuracy_level 4 (int8 activations, the level the graphs ship)
+    on w [K, N] quantized by our packer -> (its output for x, the dequantized weights)."""
+    K, N = w.shape
+    blob, scale, zp = Q.matmul_nbits(w, bits=bits, block=block)
+    inits = [numpy_helper.from_array(blob, "B"), numpy_helper.from_array(scale, "S"), numpy_helper.from_array(zp, "Z")]
+    node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft",
+                            K=K, N=N, bits=bits, block_size=block, accuracy_level=4)
+    return _run([node], inits, x, N), Q.dequant_matmul_nbits(blob, scale, zp, K=K, N=N, bits=bits, block=block)
+
+
+@pytest.mark.parametrize("bits,block,K", [(8, 128, 576), (8, 32, 100), (4, 32, 256), (4, 128, 300)])
+def test_activation_blocks_are_what_onnxruntime_multiplies(bits, block, K):
+    """fake_quant_act_blocks is MatMulNBits' int8 input (per block of K, the last one padded): with
+    it our arithmetic reproduces ONNX Runtime's output to float rounding, where float activations
+    are off by the activation rounding (inputs with outlier channels, as LLM activations have)."""
+    rng = np.random.default_rng(K + block)
+    w = rng.normal(size=(K, 48)).astype(np.float32)
+    x = (rng.normal(size=(16, K)) * np.where(rng.random(K) < 0.03, 30, 1)).astype(np.float32)
+    y, deq = _matmul_nbits_level4(w, bits, block, x)
+    emulated = Q.fake_quant_act_blocks(x, block).astype(np.float64) @ deq
+    scale = np.abs(y).max()
+    assert np.abs(y - emulated).max() < 2e-6 * scale
+    assert np.abs(y - x.astype(np.float64) @ deq).max() > 100 * np.abs(y - emulated).max()
+
+
+def test_awq_search_that_models_int8_activations_lowers_the_kernels_error():
+    """With the kernel's int8 activations in its objective (act_quant), the AWQ scale search also
+    shrinks the activation outliers that coarse 128-wide activation blocks round badly: ONNX
+    Runtime's output error (8-bit weights, block 128) drops against the weight-only search's."""
+    from llamaexport.awq import _best_scale
+
+    rng = np.random.default_rng(5)
+    K, N, block = 256, 64, 128
+    w = rng.normal(size=(N, K)).astype(np.float32)
+    gain = np.where(rng.random(K) < 0.04, 40.0, 1.0) * rng.uniform(0.5, 1.5, K)
+    fit, held = ((rng.normal(size=(n, K)) * gain).astype(np.float32) for n in (512, 512))
+    xm = np.abs(fit).mean(axis=0).astype(np.float64) + 1e-8
+
+    def fq(w_t, imp):
+        return Q.fake_quant(w_t, precision="int8", target="ort-cpu", block=block, imp=imp, model_precision="int4")
+
+    errs = {}
+    for aware in (False, True):
+        s = _best_scale(fit, [w], xm, fq, (lambda v: Q.fake_quant_act_blocks(v, block)) if aware else None)
+        y, _ = _matmul_nbits_level4((w * s).T, 8, block, held / s)
+        errs[aware] = float(((y - held.astype(np.float64) @ w.T.astype(np.float64)) ** 2).mean())
+    assert errs[True] < 0.7 * errs[False], errs
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_cpu_graph_blocks_per_role(tmp_path, precision):
+    """The CPU graph's 8-bit layer projections use 128-wide blocks, the 4-bit ones and the output
+    layer the requested block (quantize.cpu_block); the manifest says which."""
+    import json
+
+    import onnx
+
+    from llamaexport.build import build
+
+    out = build(out=tmp_path / "a", size="tiny", precision=precision, progress=False)
+    m = onnx.load(out / "model.onnx", load_external_data=False)
+    got = {}
+    for n in m.graph.node:
+        if n.op_type == "MatMulNBits":
+            a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+            role = "lm_head" if n.name.startswith("/lm_head") else n.name.split("/")[-2]
+            got.setdefault(role, set()).add((a["bits"], a["block_size"]))
+    want8 = {"qkv_proj", "down_proj"} if precision == "int4" else {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    expect = {r: {(8, 128)} if r in want8 else {(4, 32)} for r in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
+    expect["lm_head"] = {(8, 32)}
+    assert got == expect
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tensor_blocks"] == {r: next(iter(v))[1] for r, v in expect.items()}
