@@ -23,14 +23,15 @@ How prefill (P prompt tokens) and decode (T new tokens) are split:
   llamacpp  prefill = `Llama.eval(prompt)` (after `reset()`); decode = T steps of (argmax of the last logits,
         `Llama.eval([token])`) / their time, i.e. T single-token forwards as for ours.
 Precisions (weight-only: activations are fp32 between ops, quantized on the fly for int8 dot products):
-  ours      `llamaexport build --precision P`: int8/int4 = MatMulNBits 8/4-bit, block 32 (int4-b128: --block-size
-            128), accuracy_level 4; an int8 model's weights symmetric, an int4 model's (4- and 8-bit) with a
-            zero point per block; AWQ when the checkpoint has a tokenizer (smollm2), else RTN.
+  ours      `llamaexport build --precision P`: int8/int4 = MatMulNBits 8/4-bit at accuracy_level 4, 4-bit
+            blocks of 32 (int4-b128: --block-size 128), 8-bit layer projections in blocks of 128 (the output
+            layer: 32); an int8 model's weights symmetric, an int4 model's (4- and 8-bit) with a zero point
+            per block; AWQ when the checkpoint has a tokenizer (smollm2), else RTN.
             int4 is the default accurate recipe: QKV, down and the output layer at 8 bits.
-  ours-compact  the same with `--int4-recipe compact`: every linear and the output layer at 4 bits (the
-            bytes of genai's int4). Its ratios are against the `ours` row (the accurate recipe).
-  ours-compact-b64  (int4 row only) compact with `--block-size 64`: about the bytes of llama.cpp's Q4_0
-            (4.56 vs 4.5 bits per weight; MatMulNBits' block scales are float32).
+  ours-compact  the same with `--int4-recipe compact`: every linear and the output layer at 4 bits, in
+            blocks of 64 (its default; int4-b128: 128): 4.56 bits per weight, about llama.cpp's Q4_0 (4.5)
+            and under genai's int4 (5.1, block 32; MatMulNBits' block scales are float32). AWQ+GPTQ on
+            smollm2. Its ratios are against the `ours` row (the accurate recipe).
   genai     builder `-p int8|int4 --extra_options block_size=32|128 accuracy_level=4`: MatMulNBits, symmetric,
             RTN, every MatMul including lm_head.
   llamacpp  GGUF F32 / Q8_0 / Q4_0 from llama.cpp's own quantizer (`llama_model_quantize`, llama-quantize's
@@ -80,7 +81,7 @@ LLAMACPP_PIP = ["llama-cpp-python", "gguf"]  # only when the running Python lack
 PRECISIONS = ["fp32", "int8", "int4", "int4-b128"]  # table order within a model
 JOBS = [("ours", "fp32"), ("hf", "fp32"), ("genai", "fp32"), ("llamacpp", "fp32"),  # (system, precision)
         ("ours", "int8"), ("genai", "int8"), ("llamacpp", "int8"),
-        ("ours", "int4"), ("ours-compact", "int4"), ("ours-compact-b64", "int4"), ("genai", "int4"), ("llamacpp", "int4"),
+        ("ours", "int4"), ("ours-compact", "int4"), ("genai", "int4"), ("llamacpp", "int4"),
         ("ours", "int4-b128"), ("ours-compact", "int4-b128"), ("genai", "int4-b128")]
 MODELS = {
     # The demo model: the Q4_1 GGUF is dequantized to fp32 for every system.
@@ -193,16 +194,13 @@ def split_precision(precision):
     return base, int(block) if block else (32 if base.startswith("int") else None)
 
 
-def prepare_ours(model, precision, a, wd, recipe="accurate", block=None):
-    """block: the ours-compact-b64 row (int4 only): the compact recipe at 64-wide blocks, about the bytes of
-    llama.cpp's Q4_0 (4.56 vs 4.5 bits per weight), to set against the Q4_0 row of the same run."""
-    out = wd / (f"ours-{model}-{precision}" + ("-compact" if recipe == "compact" else "") + (f"-b{block}" if block else ""))
-    base, default_block = split_precision(precision)
+def prepare_ours(model, precision, a, wd, recipe="accurate"):
+    """`-bN` precisions pass --block-size N; the others build at llamaexport's default blocks (32; compact
+    int4: 64, about the bytes of llama.cpp's Q4_0)."""
+    out = wd / (f"ours-{model}-{precision}" + ("-compact" if recipe == "compact" else ""))
+    base, _, block = precision.partition("-b")
     if recipe == "compact" and base != "int4":
         raise Unavailable("compact is an int4 recipe")
-    if block and precision != "int4":
-        raise Unavailable(f"the block-{block} row runs at int4 only")
-    block = block or default_block
     if _stale(out, base, recipe):
         spec = MODELS[model]
         src = ["--checkpoint", str(smollm2_gguf())] if "gguf" in spec else ["--size", spec["size"]]
@@ -217,7 +215,7 @@ def prepare_ours(model, precision, a, wd, recipe="accurate", block=None):
         raise Unavailable(f"built {manifest.get('precision')}, not {base}")
     detail = (manifest.get("quantization") or "").upper() or None  # AWQ / RTN for int8 and int4
     if recipe == "compact":
-        detail += ", compact" + (f", block {block}" if block != default_block else "")
+        detail += ", compact" + (f", block {manifest['block_size']}" if not block else "")
     return dict(mode="ours", args=dict(knobs(a), dir=str(out)), detail=detail, huge_pages=True,
                 weights_path=str(out / manifest["files"]["onnx"]))
 
@@ -515,7 +513,7 @@ def serve_llamacpp(a):
 
 
 SYSTEMS = {"ours": prepare_ours, "ours-compact": lambda *x: prepare_ours(*x, recipe="compact"),
-           "ours-compact-b64": lambda *x: prepare_ours(*x, recipe="compact", block=64), "hf": prepare_hf,
+           "hf": prepare_hf,
            "genai": prepare_genai, "llamacpp": prepare_llamacpp}
 
 

@@ -118,6 +118,12 @@ def test_compact_int4_recipe_is_all_4_bit_and_smaller(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["tensor_precisions"].pop("embedding") == "int8"  # an 8-bit lookup table (one row read per token)
     assert set(m["tensor_precisions"].values()) == {"int4"} and m["plan"]["int4_recipe"] == "compact"
+    # its default block is 64 (about the bytes of llama.cpp's Q4_0), everywhere, the output layer too
+    assert m["block_size"] == 64 and set(m["tensor_blocks"].values()) == {64}
+    m32 = json.loads((build(out=tmp_path / "c32", size="tiny", precision="int4", int4_recipe="compact", block_size=32,
+                            progress=False) / "manifest.json").read_text())
+    assert m32["block_size"] == 32 and set(m32["tensor_blocks"].values()) == {32}
+    assert m["plan"]["decode_ceiling_tok_s"] > m32["plan"]["decode_ceiling_tok_s"]  # planned at its own block
     bits = {a.i for n in onnx.load(out / "model.onnx", load_external_data=False).graph.node
             if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
     assert bits == {4}
@@ -141,5 +147,7 @@ def test_planned_weight_bytes_match_the_built_cpu_graph(tmp_path, precision, rec
     out = build(out=tmp_path / "a", size="tiny", precision=precision, int4_recipe=recipe, progress=False)
     m = onnx.load(str(out / "model.onnx"))
     actual = sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer)
-    planned, _ = weight_bytes(config_for_size("tiny"), precision, target="ort-cpu", protect=recipe == "accurate")
+    block = json.loads((out / "manifest.json").read_text())["block_size"] or 32  # compact: 64 by default
+    planned, _ = weight_bytes(config_for_size("tiny"), precision, target="ort-cpu", block=block,
+                              protect=recipe == "accurate")
     assert abs(planned - actual) <= 0.005 * actual, (planned, actual)  # zero points alone are 1.3-1.9%
