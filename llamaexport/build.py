@@ -47,7 +47,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     """Build an artifact directory; returns its path. See the module docstring for the stages."""
     from .checkpoint import load_checkpoint
     from .export import ROLES, activation_dtype, export_onnx, fused_attention, lm_head_precision, quantized_embedding
-    from .quantize import tensor_precision
+    from .quantize import CPU_8BIT_BLOCK, tensor_precision
     from .planner import choose
 
     t0 = time.time()
@@ -59,6 +59,8 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
         raise LlamaExportError(f"unknown --int4-recipe {int4_recipe!r}; choose accurate or compact")
     if int4_recipe == "compact" and precision != "int4":
         raise LlamaExportError("--int4-recipe compact applies to int4 only; add --precision int4")
+    if block_size is not None and block_size not in (16, 32, 64, 128, 256):
+        raise LlamaExportError(f"--block-size {block_size} is not supported; choose 16, 32, 64, 128 or 256")
     if prof.backend == "tensorrt" and not export_only:
         from .trt_build import require_tensorrt
         require_tensorrt()
@@ -67,14 +69,18 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     if not max_seq_len:  # the profile's default context, capped by what the model was trained for
         cfg.max_seq_len = min(cfg.max_seq_len, prof.default_context)
     # refuse what cannot fit before any work is done
-    chosen = choose(cfg, prof, precision, context=cfg.max_seq_len, block=block_size or DEFAULT_BLOCK,
+    # an explicit --block-size sets every block; by default 4-bit blocks are 32 (compact: 64) and the CPU
+    # graph's 8-bit layer projections 128 (quantize.cpu_block)
+    block8 = block_size or CPU_8BIT_BLOCK
+    chosen = choose(cfg, prof, precision, context=cfg.max_seq_len, block=block_size or DEFAULT_BLOCK, block8=block8,
                     compact=int4_recipe == "compact")
     precision = chosen.precision
     if block_size is None:
         block_size = DEFAULT_BLOCK
         if precision == "int4" and not chosen.protect:  # compact, asked for or the planner's fallback: at its
             block_size = COMPACT_BLOCK                   # own default block it is smaller still, so it fits
-            chosen = choose(cfg, prof, precision, context=cfg.max_seq_len, block=block_size, compact=True)
+            chosen = choose(cfg, prof, precision, context=cfg.max_seq_len, block=block_size, block8=block8,
+                            compact=True)
     log(f"plan: {chosen.label} on {prof.name}: {chosen.total / 2**30:.2f} GiB of {chosen.budget / 2**30:.1f} GiB, "
         f"decode ceiling {chosen.decode_ceiling:.1f} tok/s")
     tok = _load_tokenizer(tokenizer or ckpt.tokenizer_path, required=checkpoint is not None, vocab=cfg.vocab_size)
@@ -89,7 +95,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             calib = calibration_ids(tok, cfg.vocab_size, files=calibration_files)
             what = {"gptq": "AWQ + GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant W8A8"}[method]
             log(f"quantize: {what}, calibrating on {calib.size} {'tokens' if tok else 'random token ids (no tokenizer)'}")
-        io = export_onnx(ckpt, tmp, precision=precision, target=target, block_size=block_size,
+        io = export_onnx(ckpt, tmp, precision=precision, target=target, block_size=block_size, block_size_8bit=block8,
                          calibration=calib, progress=progress, int4_protect=chosen.protect, gptq=method == "gptq")
         tok_files = tok.save(tmp) if tok else []
         left_padding = not fused_attention(cfg, target)
@@ -110,7 +116,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             "left_padding": left_padding,
             "block_size": block_size if precision in ("int8", "int4") else None,
             # the CPU graph's MatMulNBits block of each quantized role (8-bit layer projections: 128, see quantize.cpu_block)
-            "tensor_blocks": _cpu_blocks(precision, target, chosen.protect, block_size),
+            "tensor_blocks": _cpu_blocks(precision, target, chosen.protect, block_size, block8),
             "quantization": "awq+gptq" if method == "gptq" else method,
             # the precision of each linear role (int4 keeps some at 8 bits; see quantize.tensor_precision)
             "tensor_precisions": {**{r: tensor_precision(precision, r, target, chosen.protect) for r in ROLES.values()},
@@ -172,7 +178,7 @@ def _write_genai_config(artifact_dir, cfg, tok, *, shared_kv: bool):
     (Path(artifact_dir) / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _cpu_blocks(precision: str, target: str, protect: bool, block: int) -> dict | None:
+def _cpu_blocks(precision: str, target: str, protect: bool, block: int, block8: int) -> dict | None:
     """The CPU graph's MatMulNBits block of each quantized role (quantize.cpu_block), or None."""
     from .export import ROLES, lm_head_precision
     from .quantize import cpu_block, tensor_precision
@@ -182,7 +188,7 @@ def _cpu_blocks(precision: str, target: str, protect: bool, block: int) -> dict 
     blocks = {}
     for role in ROLES.values():
         prec = tensor_precision(precision, role, target, protect)
-        blocks[role] = cpu_block("int8" if prec == "w8a8" else prec, block)  # w8a8: 8-bit weights
+        blocks[role] = cpu_block("int8" if prec == "w8a8" else prec, block, block8=block8)  # w8a8: 8-bit weights
     head = lm_head_precision(precision, target, protect)
     if head is not None:
         blocks["lm_head"] = cpu_block(head, block, lm_head=True)

@@ -52,8 +52,9 @@ def main():
 @click.option("--out", required=True, type=click.Path(), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--export-only", is_flag=True, help="TensorRT profiles: stop before the engine (compile on the target).")
-@click.option("--block-size", type=int, help="int4/int8 quantization block along K (default 32; 64 for the compact "
-                                                "int4 recipe; the CPU graph's 8-bit layer projections use at least 128).")
+@click.option("--block-size", type=int, help="int4/int8 quantization block along K, for every quantized tensor. "
+                                                "Default: 4-bit 32 (the compact int4 recipe: 64), the CPU graph's 8-bit "
+                                                "layer projections 128, its output layer 32.")
 @click.option("--memory-gb", type=float, help="Override the profile's device memory (GiB).")
 @click.option("--quant-method", default="auto", show_default=True, type=click.Choice(["auto", "rtn", "awq", "gptq"]),
               help="int8/int4: rtn (round-to-nearest), awq (AWQ scales, importance-weighted rounding) or gptq (AWQ "

@@ -111,10 +111,11 @@ def _progress(total: int, desc: str, enabled: bool):
 class _Emitter:
     """Graph-building helpers bound to one precision / target."""
 
-    def __init__(self, g: GraphBuilder, precision: str, target: str, block: int):
+    def __init__(self, g: GraphBuilder, precision: str, target: str, block: int,
+                 block8: int = quantize.CPU_8BIT_BLOCK):
         from onnx import TensorProto
 
-        self.g, self.precision, self.target, self.block = g, precision, target, block
+        self.g, self.precision, self.target, self.block, self.block8 = g, precision, target, block, block8
         self.act = activation_dtype(precision, target)
         self.np_act = np.float16 if self.act == "float16" else np.float32
         self.onnx_act = TensorProto.FLOAT16 if self.act == "float16" else TensorProto.FLOAT
@@ -145,7 +146,7 @@ class _Emitter:
             x = g.op("DequantizeLinear", [xq, sx, zx], name=f"{name}/input/DequantizeLinear")
             prec = "int8"
         if self.target == "ort-cpu":
-            block = quantize.cpu_block(prec, self.block, lm_head=lm_head)
+            block = quantize.cpu_block(prec, self.block, block8=self.block8, lm_head=lm_head)
             nbits, blob, scale, zp = quantize.cpu_matmul_nbits(w_t, precision=prec, block=block, imp=imp,
                                                                model_precision=self.precision, hessian=hess)
             bias = None
@@ -227,7 +228,7 @@ class _Emitter:
 
 
 def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: str = "portable",
-                block_size: int = 32, calibration: np.ndarray | None = None, progress: bool = True,
+                block_size: int = 32, block_size_8bit: int = quantize.CPU_8BIT_BLOCK, calibration: np.ndarray | None = None, progress: bool = True,
                 int4_protect: bool = True, gptq: bool = False) -> dict:
     """Write `out_dir/model.onnx` and `out_dir/model.onnx.data`; return the I/O spec.
 
@@ -244,12 +245,13 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
         raise LlamaExportError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
     if precision == "w8a8" and (target != "portable" or calibration is None):
         raise LlamaExportError("w8a8 (SmoothQuant) is for TensorRT profiles and needs calibration text")
-    if block_size not in (16, 32, 64, 128, 256):
-        raise LlamaExportError(f"block size {block_size} must be a power of two from 16 to 256")
+    for b in (block_size, block_size_8bit):
+        if b not in (16, 32, 64, 128, 256):
+            raise LlamaExportError(f"block size {b} must be a power of two from 16 to 256")
     cfg, W = ckpt.config, ckpt.weights
     out_dir = Path(out_dir)
     g = GraphBuilder(out_dir / "model.onnx.data", opset=OPSET)
-    e = _Emitter(g, precision, target, block_size)
+    e = _Emitter(g, precision, target, block_size, block_size_8bit)
     hd = cfg.head_dim
 
     g.use_domain(custom_ops.DOMAIN)
@@ -299,16 +301,17 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
         calib = LayerwiseCalibrator(cfg, calibration, emb)
 
         def fq_w8(w_t, imp):
-            return quantize.fake_quant(w_t, precision="int8", target=target, block=block_size, imp=imp,
-                                       model_precision=precision)
+            return quantize.fake_quant(w_t, precision="int8", target=target, block=block_size, block8=block_size_8bit,
+                                       imp=imp, model_precision=precision)
 
         def fq(w_t, imp, group):
             return quantize.fake_quant(w_t, precision=quantize.tensor_precision(precision, ROLES[group], target, int4_protect),
-                                       target=target, block=block_size, imp=imp, model_precision=precision)
+                                       target=target, block=block_size, block8=block_size_8bit, imp=imp,
+                                       model_precision=precision)
 
         def aq(x, group):  # MatMulNBits' int8 activations, blocked as the group's weights (quantize.cpu_block)
             prec = quantize.tensor_precision(precision, ROLES[group], target, int4_protect)
-            return quantize.fake_quant_act_blocks(x, quantize.cpu_block(prec, block_size))
+            return quantize.fake_quant_act_blocks(x, quantize.cpu_block(prec, block_size, block8=block_size_8bit))
     del emb
     w8a8_groups = [grp for grp, r in ROLES.items() if quantize.tensor_precision(precision, r, target) == "w8a8"]
     bar = _progress(cfg.n_layers, "export+awq" if awq else "export+smoothquant" if smooth else "export", progress)

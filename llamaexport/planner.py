@@ -19,7 +19,7 @@ import dataclasses
 from . import LlamaExportError
 from .config import LlamaConfig
 from .export import EMBED_BLOCK, activation_dtype, lm_head_precision, quantized_embedding
-from .quantize import cpu_block, cpu_symmetric_8bit, tensor_precision
+from .quantize import CPU_8BIT_BLOCK, cpu_block, cpu_symmetric_8bit, tensor_precision
 from .profiles import Profile
 
 GiB = 2**30
@@ -66,7 +66,7 @@ class Plan:
 
 
 def _matrix_bytes(K: int, N: int, precision: str, target: str, block: int, model_precision: str,
-                  lm_head: bool = False) -> float:
+                  lm_head: bool = False, block8: int = CPU_8BIT_BLOCK) -> float:
     """Stored bytes of a [K, N] linear. precision: the tensor's own; model_precision: the model's
     (it decides 8-bit zero points); lm_head: the output layer (its CPU block, see cpu_block)."""
     if precision == "fp32":
@@ -75,7 +75,7 @@ def _matrix_bytes(K: int, N: int, precision: str, target: str, block: int, model
         return 2.0 * K * N
     if target == "ort-cpu":  # MatMulNBits: K padded to whole blocks, fp32 scale per block, + zero points
         bits = 8 if precision == "int8" else 4
-        block = cpu_block(precision, block, lm_head=lm_head)
+        block = cpu_block(precision, block, block8=block8, lm_head=lm_head)
         nb = -(-K // block)
         zero_points = 0 if bits == 8 and cpu_symmetric_8bit(model_precision) else nb if bits == 8 else -(-nb // 2)
         return N * (nb * block * bits / 8 + 4 * nb + zero_points)
@@ -89,14 +89,14 @@ def _act_bytes(precision: str, target: str) -> int:
 
 
 def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int = 32,
-                 protect: bool = True) -> tuple[float, float]:
+                 protect: bool = True, block8: int = CPU_8BIT_BLOCK) -> tuple[float, float]:
     """(bytes stored, bytes read per decoded token)."""
     act = _act_bytes(precision, target)
     d, hd = cfg.dim, cfg.head_dim
     shapes = {"qkv_proj": (d, hd * (cfg.n_heads + 2 * cfg.n_kv_heads)), "o_proj": (hd * cfg.n_heads, d),
               "gate_up_proj": (d, 2 * cfg.ffn_dim), "down_proj": (cfg.ffn_dim, d)}  # [K, N]
     body = cfg.n_layers * sum(_matrix_bytes(K, N, tensor_precision(precision, role, target, protect), target,
-                                            block, precision)
+                                            block, precision, block8=block8)
                               for role, (K, N) in shapes.items())
     emb = cfg.vocab_size * d * ((1 + 5 / EMBED_BLOCK)  # GatherBlockQuantized: uint8, fp32 scale + zero point
                                 if quantized_embedding(precision, target, d) else act)
@@ -112,24 +112,24 @@ def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int = 
 
 
 def plan(cfg: LlamaConfig, profile: Profile, precision: str, *, context: int | None = None,
-         batch: int | None = None, block: int = 32, compact: bool = False) -> Plan:
+         batch: int | None = None, block: int = 32, block8: int = CPU_8BIT_BLOCK, compact: bool = False) -> Plan:
     """int4 keeps its 8-bit projections when they fit, else falls back to the compact recipe (all
     4-bit); compact=True asks for the compact recipe (`--int4-recipe compact`)."""
-    p = _plan(cfg, profile, precision, context=context, batch=batch, block=block,
+    p = _plan(cfg, profile, precision, context=context, batch=batch, block=block, block8=block8,
               protect=not (compact and precision == "int4"))
     if precision == "int4" and not p.fits:
-        pure = _plan(cfg, profile, precision, context=context, batch=batch, block=block, protect=False)
+        pure = _plan(cfg, profile, precision, context=context, batch=batch, block=block, block8=block8, protect=False)
         if pure.fits:
             return pure
     return p
 
 
-def _plan(cfg: LlamaConfig, profile: Profile, precision: str, *, context, batch, block, protect) -> Plan:
+def _plan(cfg: LlamaConfig, profile: Profile, precision: str, *, context, batch, block, block8, protect) -> Plan:
     ctx = context or cfg.max_seq_len
     b = batch or profile.default_batch
     target = profile.export_target
     act = _act_bytes(precision, target)
-    stored, read = weight_bytes(cfg, precision, target=target, block=block, protect=protect)
+    stored, read = weight_bytes(cfg, precision, target=target, block=block, block8=block8, protect=protect)
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * ctx * b * act
     acts = (b * ctx * cfg.vocab_size * 4 + b * cfg.n_heads * ctx * ctx * 4
             + 4 * b * ctx * max(cfg.dim, 2 * cfg.ffn_dim) * act)

@@ -340,18 +340,20 @@ def portable_int4_block(K: int, block: int) -> int | None:
 # ONNX Runtime's CPU MatMulNBits (accuracy_level 4) quantizes its input to int8 per block of K as
 # well, so a block is both the weights' and the activations' unit. At 8 bits the weights lose little
 # at 128-wide blocks (SmolLM2 int8 with float activations: mean KL 0.0004 at 32, 0.0010 at 128) and
-# the kernel runs faster (1.1b int8 decode +17%, prefill +28%, same-loop A/B); the error that grows
+# the kernel runs faster (1.1b int8 decode +29%, prefill +29%, same-loop A/B); the error that grows
 # is the activations', which the AWQ search models (fake_quant_act_blocks). The output layer keeps
 # the requested block: its input, the final norm, has the outlier channels (SmolLM2 int8 with every
 # block at 128: mean KL 0.0044, 0.0024 with the output layer's activations alone in float; with its
 # block at 32, as shipped: 0.0027, against 0.0016 all at 32, and 0.0039 for onnxruntime-genai's int8).
+# An explicit --block-size sets every block (block8 = block): the way back to 32 where a model's int8
+# misses its budget.
 CPU_8BIT_BLOCK = 128
 
 
-def cpu_block(precision: str, block: int, *, lm_head: bool = False) -> int:
-    """The MatMulNBits block of a CPU linear stored at `precision` (its own): 8-bit layer projections
-    use at least CPU_8BIT_BLOCK, 4-bit ones and the output layer `block` (--block-size)."""
-    return max(block, CPU_8BIT_BLOCK) if precision == "int8" and not lm_head else block
+def cpu_block(precision: str, block: int, *, block8: int = CPU_8BIT_BLOCK, lm_head: bool = False) -> int:
+    """The MatMulNBits block of a CPU linear stored at `precision` (its own): block8 for 8-bit layer
+    projections, `block` for 4-bit ones and the output layer."""
+    return block8 if precision == "int8" and not lm_head else block
 
 
 def fake_quant_act_blocks(x: np.ndarray, block: int) -> np.ndarray:
@@ -368,7 +370,7 @@ def fake_quant_act_blocks(x: np.ndarray, block: int) -> np.ndarray:
     return (q * scale).reshape(N, nb * block)[:, :K]
 
 
-def fake_quant(w_t: np.ndarray, *, precision: str, target: str, block: int,
+def fake_quant(w_t: np.ndarray, *, precision: str, target: str, block: int, block8: int = CPU_8BIT_BLOCK,
                imp: np.ndarray | None = None, model_precision: str | None = None) -> np.ndarray:
     """Quantize and dequantize w_t [K, N] exactly as the export would (for AWQ's search and the
     bias correction). precision: the tensor's own (see tensor_precision); model_precision: see
@@ -377,7 +379,7 @@ def fake_quant(w_t: np.ndarray, *, precision: str, target: str, block: int,
     if precision in ("fp32", "fp16"):
         return w_t
     if target == "ort-cpu":
-        block = cpu_block(precision, block)  # a layer projection's (AWQ searches those)
+        block = cpu_block(precision, block, block8=block8)  # a layer projection's (AWQ searches those)
         bits, blob, scale, zp = cpu_matmul_nbits(w_t, precision=precision, block=block, imp=imp,
                                                  model_precision=model_precision)
         return dequant_matmul_nbits(blob, scale, zp, K=K, N=N, bits=bits, block=block)

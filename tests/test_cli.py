@@ -64,6 +64,8 @@ def test_build_writes_nothing_half_done(tmp_path):
     (["build", "--size", "tiny", "--profile", "rtx4090", "--out", "{tmp}/o"], ["needs TensorRT", "--export-only"]),
     (["build", "--size", "tiny", "--profile", "cpu", "--precision", "fp16", "--out", "{tmp}/o"],
      ["fp16 is not supported by profile cpu"]),
+    (["build", "--size", "tiny", "--precision", "int8", "--block-size", "48", "--out", "{tmp}/o"],
+     ["--block-size 48 is not supported", "16, 32, 64, 128 or 256"]),
     (["run", "{tmp}/none", "--prompt", "x"], ["not a llamaexport artifact"]),
     (["check", "{tmp}/none"], ["not a llamaexport artifact"]),
 ])

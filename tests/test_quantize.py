@@ -453,17 +453,18 @@ def test_awq_search_that_models_int8_activations_lowers_the_kernels_error():
     assert errs[True] < 0.7 * errs[False], errs
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_cpu_graph_blocks_per_role(tmp_path, precision):
-    """The CPU graph's 8-bit layer projections use 128-wide blocks, the 4-bit ones and the output
-    layer the requested block (quantize.cpu_block); the manifest says which."""
+@pytest.mark.parametrize("precision,block_size", [("int8", None), ("int4", None), ("int8", 32), ("int4", 64)])
+def test_cpu_graph_blocks_per_role(tmp_path, precision, block_size):
+    """By default the CPU graph's 8-bit layer projections use 128-wide blocks, the 4-bit ones and the
+    output layer 32 (quantize.cpu_block); an explicit --block-size sets every block; the manifest says
+    which."""
     import json
 
     import onnx
 
     from llamaexport.build import build
 
-    out = build(out=tmp_path / "a", size="tiny", precision=precision, progress=False)
+    out = build(out=tmp_path / "a", size="tiny", precision=precision, block_size=block_size, progress=False)
     m = onnx.load(out / "model.onnx", load_external_data=False)
     got = {}
     for n in m.graph.node:
@@ -472,8 +473,9 @@ def test_cpu_graph_blocks_per_role(tmp_path, precision):
             role = "lm_head" if n.name.startswith("/lm_head") else n.name.split("/")[-2]
             got.setdefault(role, set()).add((a["bits"], a["block_size"]))
     want8 = {"qkv_proj", "down_proj"} if precision == "int4" else {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
-    expect = {r: {(8, 128)} if r in want8 else {(4, 32)} for r in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
-    expect["lm_head"] = {(8, 32)}
+    b4, b8 = (block_size, block_size) if block_size else (32, 128)
+    expect = {r: {(8, b8)} if r in want8 else {(4, b4)} for r in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
+    expect["lm_head"] = {(8, block_size or 32)}
     assert got == expect
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tensor_blocks"] == {r: next(iter(v))[1] for r, v in expect.items()}
