@@ -33,21 +33,13 @@ def tool_versions() -> dict:
     return out
 
 
-DEFAULT_BLOCK = 32
-# The compact recipe's default block: 4.56 bits per weight (4-bit, fp32 scale and 4-bit zero point per
-# 64), about llama.cpp's Q4_0 (4.5) and under onnxruntime-genai's int4 (block 32: 5.1). With GPTQ
-# rounding its SmolLM2 held-out KL (0.122) is about what block 32 read before GPTQ (0.119); the
-# 1.1b decodes 14% and prefills 7% faster than at block 32 (same-loop A/B).
-COMPACT_BLOCK = 64
-
-
 def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", tokenizer=None,
           max_seq_len=None, seed=0, force=False, export_only=False, block_size=None, memory_gb=None,
           quant_method="auto", int4_recipe="accurate", calibration_files=None, progress=True) -> Path:
     """Build an artifact directory; returns its path. See the module docstring for the stages."""
     from .checkpoint import load_checkpoint
     from .export import ROLES, activation_dtype, export_onnx, fused_attention, lm_head_precision, quantized_embedding
-    from .quantize import CPU_8BIT_BLOCK, tensor_precision
+    from .quantize import CPU_8BIT_BLOCK, tensor_precision, default_block
     from .planner import choose
 
     t0 = time.time()
@@ -72,15 +64,10 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     # an explicit --block-size sets every block; by default 4-bit blocks are 32 (compact: 64) and the CPU
     # graph's 8-bit layer projections 128 (quantize.cpu_block)
     block8 = block_size or CPU_8BIT_BLOCK
-    chosen = choose(cfg, prof, precision, context=cfg.max_seq_len, block=block_size or DEFAULT_BLOCK, block8=block8,
+    chosen = choose(cfg, prof, precision, context=cfg.max_seq_len, block=block_size, block8=block8,
                     compact=int4_recipe == "compact")
     precision = chosen.precision
-    if block_size is None:
-        block_size = DEFAULT_BLOCK
-        if precision == "int4" and not chosen.protect:  # compact, asked for or the planner's fallback: at its
-            block_size = COMPACT_BLOCK                   # own default block it is smaller still, so it fits
-            chosen = choose(cfg, prof, precision, context=cfg.max_seq_len, block=block_size, block8=block8,
-                            compact=True)
+    block_size = block_size or default_block(precision, chosen.protect)  # what the plan counted
     log(f"plan: {chosen.label} on {prof.name}: {chosen.total / 2**30:.2f} GiB of {chosen.budget / 2**30:.1f} GiB, "
         f"decode ceiling {chosen.decode_ceiling:.1f} tok/s")
     tok = _load_tokenizer(tokenizer or ckpt.tokenizer_path, required=checkpoint is not None, vocab=cfg.vocab_size)

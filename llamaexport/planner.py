@@ -19,7 +19,7 @@ import dataclasses
 from . import LlamaExportError
 from .config import LlamaConfig
 from .export import EMBED_BLOCK, activation_dtype, lm_head_precision, quantized_embedding
-from .quantize import CPU_8BIT_BLOCK, cpu_block, cpu_symmetric_8bit, tensor_precision
+from .quantize import CPU_8BIT_BLOCK, cpu_block, cpu_symmetric_8bit, default_block, tensor_precision
 from .profiles import Profile
 
 GiB = 2**30
@@ -112,9 +112,11 @@ def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int = 
 
 
 def plan(cfg: LlamaConfig, profile: Profile, precision: str, *, context: int | None = None,
-         batch: int | None = None, block: int = 32, block8: int = CPU_8BIT_BLOCK, compact: bool = False) -> Plan:
+         batch: int | None = None, block: int | None = None, block8: int = CPU_8BIT_BLOCK,
+         compact: bool = False) -> Plan:
     """int4 keeps its 8-bit projections when they fit, else falls back to the compact recipe (all
-    4-bit); compact=True asks for the compact recipe (`--int4-recipe compact`)."""
+    4-bit); compact=True asks for the compact recipe (`--int4-recipe compact`). block: --block-size
+    (None: each recipe's default, quantize.default_block)."""
     p = _plan(cfg, profile, precision, context=context, batch=batch, block=block, block8=block8,
               protect=not (compact and precision == "int4"))
     if precision == "int4" and not p.fits:
@@ -129,7 +131,8 @@ def _plan(cfg: LlamaConfig, profile: Profile, precision: str, *, context, batch,
     b = batch or profile.default_batch
     target = profile.export_target
     act = _act_bytes(precision, target)
-    stored, read = weight_bytes(cfg, precision, target=target, block=block, block8=block8, protect=protect)
+    stored, read = weight_bytes(cfg, precision, target=target, block=block or default_block(precision, protect),
+                                block8=block8, protect=protect)
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * ctx * b * act
     acts = (b * ctx * cfg.vocab_size * 4 + b * cfg.n_heads * ctx * ctx * 4
             + 4 * b * ctx * max(cfg.dim, 2 * cfg.ffn_dim) * act)
