@@ -126,51 +126,60 @@ def _group_max(v: np.ndarray, n_kv: int, rep: int, hd: int) -> np.ndarray:
     return np.repeat(v.reshape(n_kv, rep, hd).max(axis=1, keepdims=True), rep, axis=1).reshape(-1)
 
 
-def input_stats(x: np.ndarray, s: np.ndarray | None = None, *, hessian: bool = False) -> dict:
+def input_stats(x: np.ndarray, s: np.ndarray | None = None, *, hessian: bool = False, act_quant=None) -> dict:
     """What the export needs of a linear's calibration input x [N, K] (divided by the folded AWQ
     scale s): `mean` for the bias correction, `imp` (mean square) for weighted rounding and, with
-    hessian=True, `hessian` (E[x x^T], float32 [K, K]) for GPTQ rounding (quantize._gptq)."""
+    hessian=True, `hessian` (E[x x^T], float32 [K, K]) for GPTQ rounding (quantize._gptq).
+    act_quant (what the kernel multiplies instead of x, see _best_scale): `qmean`, its mean, so the
+    bias correction also cancels the activation rounding's mean error, as the AWQ search assumed."""
+    xs = x if s is None else x / s
     x = x.astype(np.float64) if s is None else x.astype(np.float64) / s
     st = {"mean": x.mean(axis=0).astype(np.float32), "imp": (x ** 2).mean(axis=0).astype(np.float32),
           "absmax": float(np.abs(x).max())}
+    if act_quant is not None:
+        st["qmean"] = act_quant(xs).astype(np.float64).mean(axis=0).astype(np.float32)
     if hessian:  # in float32 (what _gptq uses): no K x K float64 temporary (0.97 GB for a 7B down projection)
         xf = x.astype(np.float32)
         st["hessian"] = (xf.T @ xf) / np.float32(len(x))
     return st
 
 
-def _fold(cfg, w: dict, acts: dict, choose, hessian: bool = False) -> tuple[dict, dict]:
+def _fold(cfg, w: dict, acts: dict, choose, hessian: bool = False, act_quant=None) -> tuple[dict, dict]:
     """Search a per-input-channel scale s for each linear group with choose(x, ws, group) and fold
     it (W * s, the input's producer / s; see module docstring). Returns the folded weights and
     the input statistics of each group after folding (see input_stats)."""
     w, stats = dict(w), {}
+
+    def aq(group):
+        return None if act_quant is None else (lambda v: act_quant(v, group))
+
     # q/k/v share the attention_norm output
     x = acts["qkv"]
     s = choose(x, [w["attention.wq.weight"], w["attention.wk.weight"], w["attention.wv.weight"]], "qkv")
     for k in ("wq", "wk", "wv"):
         w[f"attention.{k}.weight"] = w[f"attention.{k}.weight"] * s[None, :]
     w["attention_norm.weight"] = w["attention_norm.weight"] / s
-    stats["qkv"] = input_stats(x, s, hessian=hessian)
+    stats["qkv"] = input_stats(x, s, hessian=hessian, act_quant=aq("qkv"))
     # gate/up share the ffn_norm output
     x = acts["gate_up"]
     s = choose(x, [w["feed_forward.w1.weight"], w["feed_forward.w3.weight"]], "gate_up")
     for k in ("w1", "w3"):
         w[f"feed_forward.{k}.weight"] = w[f"feed_forward.{k}.weight"] * s[None, :]
     w["ffn_norm.weight"] = w["ffn_norm.weight"] / s
-    stats["gate_up"] = input_stats(x, s, hessian=hessian)
+    stats["gate_up"] = input_stats(x, s, hessian=hessian, act_quant=aq("gate_up"))
     # down: its input is silu(gate) * up, linear in up's rows
     x = acts["down"]
     s = choose(x, [w["feed_forward.w2.weight"]], "down")
     w["feed_forward.w2.weight"] = w["feed_forward.w2.weight"] * s[None, :]
     w["feed_forward.w3.weight"] = w["feed_forward.w3.weight"] / s[:, None]
-    stats["down"] = input_stats(x, s, hessian=hessian)
+    stats["down"] = input_stats(x, s, hessian=hessian, act_quant=aq("down"))
     # o_proj: its input is P.V per head; a scale must be shared by the heads of a KV group
     x = acts["o"]
     s = choose(x, [w["attention.wo.weight"]], "o")
     w["attention.wo.weight"] = w["attention.wo.weight"] * s[None, :]
     s_kv = s.reshape(cfg.n_kv_heads, cfg.n_rep, cfg.head_dim)[:, 0, :].reshape(-1)  # [KVH*hd]
     w["attention.wv.weight"] = w["attention.wv.weight"] / s_kv[:, None]
-    stats["o"] = input_stats(x, s, hessian=hessian)
+    stats["o"] = input_stats(x, s, hessian=hessian, act_quant=aq("o"))
     return w, stats
 
 
@@ -188,7 +197,7 @@ def apply_awq(cfg, w: dict, acts: dict, fake_quant, *, hessian: bool = False, ac
         aq = None if act_quant is None else (lambda v: act_quant(v, group))
         return _best_scale(x, ws, xm, lambda w_t, imp: fake_quant(w_t, imp, group), aq)
 
-    return _fold(cfg, w, acts, choose, hessian)
+    return _fold(cfg, w, acts, choose, hessian, act_quant)
 
 
 # ---------------------------------------------------------------- SmoothQuant (W8A8)

@@ -39,7 +39,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     """Build an artifact directory; returns its path. See the module docstring for the stages."""
     from .checkpoint import load_checkpoint
     from .export import ROLES, activation_dtype, export_onnx, fused_attention, lm_head_precision, quantized_embedding
-    from .quantize import CPU_8BIT_BLOCK, tensor_precision, default_block
+    from .quantize import resolve_blocks, tensor_precision
     from .planner import choose
 
     t0 = time.time()
@@ -61,13 +61,10 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     if not max_seq_len:  # the profile's default context, capped by what the model was trained for
         cfg.max_seq_len = min(cfg.max_seq_len, prof.default_context)
     # refuse what cannot fit before any work is done
-    # an explicit --block-size sets every block; by default 4-bit blocks are 32 (compact: 64) and the CPU
-    # graph's 8-bit layer projections 128 (quantize.cpu_block)
-    block8 = block_size or CPU_8BIT_BLOCK
-    chosen = choose(cfg, prof, precision, context=cfg.max_seq_len, block=block_size, block8=block8,
-                    compact=int4_recipe == "compact")
+    # an explicit --block-size sets every block; by default 4-bit blocks are 32 (CPU compact: 64) and the
+    # CPU graph's 8-bit layer projections 128 (quantize.resolve_blocks)
+    chosen = choose(cfg, prof, precision, context=cfg.max_seq_len, block=block_size, compact=int4_recipe == "compact")
     precision = chosen.precision
-    block_size = block_size or default_block(precision, chosen.protect)  # what the plan counted
     log(f"plan: {chosen.label} on {prof.name}: {chosen.total / 2**30:.2f} GiB of {chosen.budget / 2**30:.1f} GiB, "
         f"decode ceiling {chosen.decode_ceiling:.1f} tok/s")
     tok = _load_tokenizer(tokenizer or ckpt.tokenizer_path, required=checkpoint is not None, vocab=cfg.vocab_size)
@@ -82,7 +79,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             calib = calibration_ids(tok, cfg.vocab_size, files=calibration_files)
             what = {"gptq": "AWQ + GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant W8A8"}[method]
             log(f"quantize: {what}, calibrating on {calib.size} {'tokens' if tok else 'random token ids (no tokenizer)'}")
-        io = export_onnx(ckpt, tmp, precision=precision, target=target, block_size=block_size, block_size_8bit=block8,
+        io = export_onnx(ckpt, tmp, precision=precision, target=target, block_size=block_size,
                          calibration=calib, progress=progress, int4_protect=chosen.protect, gptq=method == "gptq")
         tok_files = tok.save(tmp) if tok else []
         left_padding = not fused_attention(cfg, target)
@@ -101,9 +98,10 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             "export_target": target,
             # GroupQueryAttention (the fused CPU attention) does not take left-padded rows
             "left_padding": left_padding,
-            "block_size": block_size if precision in ("int8", "int4") else None,
+            "block_size": resolve_blocks(precision, chosen.protect, target, block_size)[0]
+                          if precision in ("int8", "int4") else None,
             # the CPU graph's MatMulNBits block of each quantized role (8-bit layer projections: 128, see quantize.cpu_block)
-            "tensor_blocks": _cpu_blocks(precision, target, chosen.protect, block_size, block8),
+            "tensor_blocks": _cpu_blocks(precision, target, chosen.protect, block_size),
             "quantization": "awq+gptq" if method == "gptq" else method,
             # the precision of each linear role (int4 keeps some at 8 bits; see quantize.tensor_precision)
             "tensor_precisions": {**{r: tensor_precision(precision, r, target, chosen.protect) for r in ROLES.values()},
@@ -165,17 +163,17 @@ def _write_genai_config(artifact_dir, cfg, tok, *, shared_kv: bool):
     (Path(artifact_dir) / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _cpu_blocks(precision: str, target: str, protect: bool, block: int, block8: int) -> dict | None:
+def _cpu_blocks(precision: str, target: str, protect: bool, block: int | None) -> dict | None:
     """The CPU graph's MatMulNBits block of each quantized role (quantize.cpu_block), or None."""
     from .export import ROLES, lm_head_precision
-    from .quantize import cpu_block, tensor_precision
+    from .quantize import cpu_block, resolve_blocks, tensor_precision
 
-    if target != "ort-cpu" or precision not in ("int8", "int4", "w8a8"):
+    if target != "ort-cpu" or precision not in ("int8", "int4"):  # (w8a8 is a TensorRT precision)
         return None
+    block, block8 = resolve_blocks(precision, protect, target, block)
     blocks = {}
     for role in ROLES.values():
-        prec = tensor_precision(precision, role, target, protect)
-        blocks[role] = cpu_block("int8" if prec == "w8a8" else prec, block, block8=block8)  # w8a8: 8-bit weights
+        blocks[role] = cpu_block(tensor_precision(precision, role, target, protect), block, block8=block8)
     head = lm_head_precision(precision, target, protect)
     if head is not None:
         blocks["lm_head"] = cpu_block(head, block, lm_head=True)
@@ -186,7 +184,8 @@ def _quant_method(method: str, precision: str, tok, *, compact: bool = False) ->
     """None for float precisions; `auto`, when there is text to calibrate on: gptq (AWQ scales,
     then GPTQ rounding) for an all-4-bit model (compact: every linear at 4 bits), else awq (AWQ,
     importance-weighted rounding); without text RTN. GPTQ pays where 4-bit error dominates:
-    SmolLM2 compact int4's KL on the held-out text 0.119 -> 0.094 (top-1 0.786 -> 0.818). With
+    SmolLM2 compact int4's KL on the held-out text 0.119 -> 0.094 at block 32 (top-1 0.786 -> 0.818),
+    0.167 -> 0.122 at 64. With
     the sensitive projections at 8 bits (the accurate recipe) it moved the held-out KL only
     0.0305 -> 0.0302 (CPU) and 0.0355 -> 0.0330 (TensorRT graph) while `check`'s KL, measured on
     each artifact's own greedy tokens, went either way (0.046 -> 0.039; 0.042 -> 0.056); int8:

@@ -53,8 +53,8 @@ def main():
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--export-only", is_flag=True, help="TensorRT profiles: stop before the engine (compile on the target).")
 @click.option("--block-size", type=int, help="int4/int8 quantization block along K, for every quantized tensor. "
-                                                "Default: 4-bit 32 (the compact int4 recipe: 64), the CPU graph's 8-bit "
-                                                "layer projections 128, its output layer 32.")
+                                                "Default: 4-bit tensors and the CPU output layer 32 (the CPU compact int4 "
+                                                "recipe: 64), the CPU graph's 8-bit layer projections 128.")
 @click.option("--memory-gb", type=float, help="Override the profile's device memory (GiB).")
 @click.option("--quant-method", default="auto", show_default=True, type=click.Choice(["auto", "rtn", "awq", "gptq"]),
               help="int8/int4: rtn (round-to-nearest), awq (AWQ scales, importance-weighted rounding) or gptq (AWQ "

@@ -188,8 +188,9 @@ class _Emitter:
     @staticmethod
     def _bias_correction(deq: np.ndarray, w_t: np.ndarray, stats: dict) -> np.ndarray:
         """E[x] W - E[x_q] W_q: cancels the mean output error over the calibration inputs (Nagel
-        et al. 2019's bias correction). x_q = x for weight-only; w8a8 has the int8-rounded input's
-        mean (stats["qmean"]), so the activation rounding's mean error is cancelled too."""
+        et al. 2019's bias correction). x_q = x for the portable graph's weight-only linears; w8a8 and
+        the CPU graph's MatMulNBits (int8 activation blocks, calibrated with AWQ) have the int8-rounded
+        input's mean (stats["qmean"]), so the activation rounding's mean error is cancelled too."""
         mean = stats["mean"].astype(np.float64)
         qmean = stats.get("qmean", stats["mean"]).astype(np.float64)
         step = max(1, quantize.CHUNK_ELEMENTS // w_t.shape[0])  # float64 temporaries of ~128 MB at most
@@ -228,7 +229,7 @@ class _Emitter:
 
 
 def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: str = "portable",
-                block_size: int = 32, block_size_8bit: int = quantize.CPU_8BIT_BLOCK, calibration: np.ndarray | None = None, progress: bool = True,
+                block_size: int | None = None, calibration: np.ndarray | None = None, progress: bool = True,
                 int4_protect: bool = True, gptq: bool = False) -> dict:
     """Write `out_dir/model.onnx` and `out_dir/model.onnx.data`; return the I/O spec.
 
@@ -236,7 +237,8 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
     with gptq the weights are then rounded by GPTQ (quantize._gptq) instead of importance-weighted
     round-to-nearest.
     int4_protect: int4 keeps the sensitive projections at 8 bits (quantize.tensor_precision) and an
-    8-bit output layer; False is the compact recipe (every linear and the output layer 4-bit)."""
+    8-bit output layer; False is the compact recipe (every linear and the output layer 4-bit).
+    block_size: every quantized tensor's block; None: each recipe's defaults (quantize.resolve_blocks)."""
     from onnx import TensorProto
 
     if precision not in PRECISIONS:
@@ -245,9 +247,9 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
         raise LlamaExportError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
     if precision == "w8a8" and (target != "portable" or calibration is None):
         raise LlamaExportError("w8a8 (SmoothQuant) is for TensorRT profiles and needs calibration text")
-    for b in (block_size, block_size_8bit):
-        if b not in (16, 32, 64, 128, 256):
-            raise LlamaExportError(f"block size {b} must be a power of two from 16 to 256")
+    if block_size is not None and block_size not in (16, 32, 64, 128, 256):
+        raise LlamaExportError(f"block size {block_size} must be a power of two from 16 to 256")
+    block_size, block_size_8bit = quantize.resolve_blocks(precision, int4_protect, target, block_size)
     cfg, W = ckpt.config, ckpt.weights
     out_dir = Path(out_dir)
     g = GraphBuilder(out_dir / "model.onnx.data", opset=OPSET)
@@ -363,7 +365,10 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
         hs = calib.h.numpy().reshape(-1, cfg.dim).astype(np.float64)
         xn = (hs / np.sqrt((hs ** 2).mean(axis=1, keepdims=True) + cfg.norm_eps) * norm_w).astype(np.float32)
         del hs
-        head_stats = input_stats(xn, hessian=gptq and awq)
+        def head_aq(v):  # the output layer's kernel rounds its input too (see aq)
+            return quantize.fake_quant_act_blocks(v, quantize.cpu_block(head_prec, block_size, lm_head=True))
+
+        head_stats = input_stats(xn, hessian=gptq and awq, act_quant=head_aq if target == "ort-cpu" and awq else None)
         del xn
     x, _ = e.add_norm(h, delta, norm_w, cfg.norm_eps, "/model/norm")
     if last_logits_input(target):  # x[:, -n:] (n = 0: every position)

@@ -19,7 +19,7 @@ import dataclasses
 from . import LlamaExportError
 from .config import LlamaConfig
 from .export import EMBED_BLOCK, activation_dtype, lm_head_precision, quantized_embedding
-from .quantize import CPU_8BIT_BLOCK, cpu_block, cpu_symmetric_8bit, default_block, tensor_precision
+from .quantize import CPU_8BIT_BLOCK, cpu_block, cpu_symmetric_8bit, resolve_blocks, tensor_precision
 from .profiles import Profile
 
 GiB = 2**30
@@ -88,9 +88,10 @@ def _act_bytes(precision: str, target: str) -> int:
     return 4 if activation_dtype(precision, target) == "float32" else 2
 
 
-def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int = 32,
-                 protect: bool = True, block8: int = CPU_8BIT_BLOCK) -> tuple[float, float]:
-    """(bytes stored, bytes read per decoded token)."""
+def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int | None = None,
+                 protect: bool = True) -> tuple[float, float]:
+    """(bytes stored, bytes read per decoded token). block: --block-size (None: quantize.resolve_blocks)."""
+    block, block8 = resolve_blocks(precision, protect, target, block)
     act = _act_bytes(precision, target)
     d, hd = cfg.dim, cfg.head_dim
     shapes = {"qkv_proj": (d, hd * (cfg.n_heads + 2 * cfg.n_kv_heads)), "o_proj": (hd * cfg.n_heads, d),
@@ -112,27 +113,25 @@ def weight_bytes(cfg: LlamaConfig, precision: str, *, target: str, block: int = 
 
 
 def plan(cfg: LlamaConfig, profile: Profile, precision: str, *, context: int | None = None,
-         batch: int | None = None, block: int | None = None, block8: int = CPU_8BIT_BLOCK,
-         compact: bool = False) -> Plan:
+         batch: int | None = None, block: int | None = None, compact: bool = False) -> Plan:
     """int4 keeps its 8-bit projections when they fit, else falls back to the compact recipe (all
     4-bit); compact=True asks for the compact recipe (`--int4-recipe compact`). block: --block-size
-    (None: each recipe's default, quantize.default_block)."""
-    p = _plan(cfg, profile, precision, context=context, batch=batch, block=block, block8=block8,
+    (None: each recipe's defaults, quantize.resolve_blocks)."""
+    p = _plan(cfg, profile, precision, context=context, batch=batch, block=block,
               protect=not (compact and precision == "int4"))
     if precision == "int4" and not p.fits:
-        pure = _plan(cfg, profile, precision, context=context, batch=batch, block=block, block8=block8, protect=False)
+        pure = _plan(cfg, profile, precision, context=context, batch=batch, block=block, protect=False)
         if pure.fits:
             return pure
     return p
 
 
-def _plan(cfg: LlamaConfig, profile: Profile, precision: str, *, context, batch, block, block8, protect) -> Plan:
+def _plan(cfg: LlamaConfig, profile: Profile, precision: str, *, context, batch, block, protect) -> Plan:
     ctx = context or cfg.max_seq_len
     b = batch or profile.default_batch
     target = profile.export_target
     act = _act_bytes(precision, target)
-    stored, read = weight_bytes(cfg, precision, target=target, block=block or default_block(precision, protect),
-                                block8=block8, protect=protect)
+    stored, read = weight_bytes(cfg, precision, target=target, block=block, protect=protect)
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * ctx * b * act
     acts = (b * ctx * cfg.vocab_size * 4 + b * cfg.n_heads * ctx * ctx * 4
             + 4 * b * ctx * max(cfg.dim, 2 * cfg.ffn_dim) * act)

@@ -342,31 +342,33 @@ def portable_int4_block(K: int, block: int) -> int | None:
 # at 128-wide blocks (SmolLM2 int8 with float activations: mean KL 0.0004 at 32, 0.0010 at 128) and
 # the kernel runs faster (1.1b int8 decode +29%, prefill +29%, same-loop A/B); the error that grows
 # is the activations', which the AWQ search models (fake_quant_act_blocks). The output layer keeps
-# the requested block: its input, the final norm, has the outlier channels (SmolLM2 int8 with every
+# the 4-bit block: its input, the final norm, has the outlier channels (SmolLM2 int8 with every
 # block at 128: mean KL 0.0044, 0.0024 with the output layer's activations alone in float; with its
 # block at 32, as shipped: 0.0027, against 0.0016 all at 32, and 0.0039 for onnxruntime-genai's int8).
 # An explicit --block-size sets every block (block8 = block): the way back to 32 where a model's int8
-# misses its budget.
+# misses its accuracy budget (`check`), at ~9% more bytes for its 8-bit tensors.
 CPU_8BIT_BLOCK = 128
 DEFAULT_BLOCK = 32  # without --block-size
-# The compact recipe's default block: 4.56 bits per weight (4-bit, fp32 scale and 4-bit zero point per
+# The CPU compact recipe's default block: 4.56 bits per weight (4-bit, fp32 scale and 4-bit zero point per
 # 64), about llama.cpp's Q4_0 (4.5) and under onnxruntime-genai's int4 (block 32: 5.1). With GPTQ
 # rounding its SmolLM2 held-out KL (0.122) is about what block 32 read before GPTQ (0.119); the
 # 1.1b decodes 14% and prefills 7% faster than at block 32 (same-loop A/B).
 COMPACT_BLOCK = 64
 
 
-def default_block(precision: str, protect: bool) -> int:
-    """The block without --block-size: COMPACT_BLOCK for the compact int4 recipe (protect=False),
-    else DEFAULT_BLOCK."""
-    return COMPACT_BLOCK if precision == "int4" and not protect else DEFAULT_BLOCK
-
-
+def resolve_blocks(precision: str, protect: bool, target: str, block: int | None = None) -> tuple[int, int]:
+    """(block, block8): the block of 4-bit tensors and of the CPU output layer, and that of the CPU
+    graph's 8-bit layer projections (cpu_block). An explicit block (--block-size) sets both; without
+    one, DEFAULT_BLOCK (the CPU compact recipe, protect=False: COMPACT_BLOCK) and CPU_8BIT_BLOCK."""
+    if block is not None:
+        return block, block
+    compact = precision == "int4" and not protect and target == "ort-cpu"
+    return (COMPACT_BLOCK if compact else DEFAULT_BLOCK), CPU_8BIT_BLOCK
 
 
 def cpu_block(precision: str, block: int, *, block8: int = CPU_8BIT_BLOCK, lm_head: bool = False) -> int:
     """The MatMulNBits block of a CPU linear stored at `precision` (its own): block8 for 8-bit layer
-    projections, `block` for 4-bit ones and the output layer."""
+    projections, `block` for 4-bit ones and the output layer (see resolve_blocks)."""
     return block8 if precision == "int8" and not lm_head else block
 
 

@@ -195,8 +195,9 @@ def split_precision(precision):
 
 
 def prepare_ours(model, precision, a, wd, recipe="accurate"):
-    """`-bN` precisions pass --block-size N; the others build at llamaexport's default blocks (32; compact
-    int4: 64, about the bytes of llama.cpp's Q4_0)."""
+    """`-bN` precisions pass --block-size N (every block); the others build at llamaexport's default
+    blocks: 4-bit and the output layer 32 (compact int4: 64, about the bytes of llama.cpp's Q4_0), 8-bit
+    layer projections 128."""
     out = wd / (f"ours-{model}-{precision}" + ("-compact" if recipe == "compact" else ""))
     base, _, block = precision.partition("-b")
     if recipe == "compact" and base != "int4":

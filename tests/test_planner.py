@@ -147,7 +147,5 @@ def test_planned_weight_bytes_match_the_built_cpu_graph(tmp_path, precision, rec
     out = build(out=tmp_path / "a", size="tiny", precision=precision, int4_recipe=recipe, progress=False)
     m = onnx.load(str(out / "model.onnx"))
     actual = sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer)
-    block = json.loads((out / "manifest.json").read_text())["block_size"] or 32  # compact: 64 by default
-    planned, _ = weight_bytes(config_for_size("tiny"), precision, target="ort-cpu", block=block,
-                              protect=recipe == "accurate")
+    planned, _ = weight_bytes(config_for_size("tiny"), precision, target="ort-cpu", protect=recipe == "accurate")
     assert abs(planned - actual) <= 0.005 * actual, (planned, actual)  # zero points alone are 1.3-1.9%

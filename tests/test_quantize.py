@@ -443,7 +443,8 @@ def test_awq_search_that_models_int8_activations_lowers_the_kernels_error():
     xm = np.abs(fit).mean(axis=0).astype(np.float64) + 1e-8
 
     def fq(w_t, imp):
-        return Q.fake_quant(w_t, precision="int8", target="ort-cpu", block=block, imp=imp, model_precision="int4")
+        return Q.fake_quant(w_t, precision="int8", target="ort-cpu", block=block, block8=block, imp=imp,
+                            model_precision="int4")
 
     errs = {}
     for aware in (False, True):
@@ -479,3 +480,29 @@ def test_cpu_graph_blocks_per_role(tmp_path, precision, block_size):
     assert got == expect
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tensor_blocks"] == {r: next(iter(v))[1] for r, v in expect.items()}
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_awq_models_the_activation_blocks_the_graph_uses(tmp_path, monkeypatch, precision):
+    """With calibration on the CPU target, the AWQ search and the bias correction round each
+    linear's input in exactly the blocks its MatMulNBits node has (8-bit layer projections 128,
+    4-bit ones and the output layer 32): no tensor is searched for one block and built with another."""
+    import onnx
+
+    from llamaexport.export import export_onnx
+
+    seen = set()
+    real = Q.fake_quant_act_blocks
+
+    def spy(x, block):
+        seen.add((x.shape[1], block))
+        return real(x, block)
+
+    monkeypatch.setattr(Q, "fake_quant_act_blocks", spy)
+    ck = load_checkpoint(size="tiny", seed=3)
+    ids = np.random.default_rng(0).integers(0, ck.config.vocab_size, (2, 32))
+    export_onnx(ck, tmp_path, precision=precision, target="ort-cpu", calibration=ids, progress=False)
+    m = onnx.load(tmp_path / "model.onnx", load_external_data=False)
+    built = {(a["K"], a["block_size"]) for n in m.graph.node if n.op_type == "MatMulNBits"
+             for a in [{x.name: helper.get_attribute_value(x) for x in n.attribute}]}
+    assert seen == built and len({b for _, b in built}) == 2, (seen, built)
