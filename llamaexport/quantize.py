@@ -344,7 +344,7 @@ def portable_int4_block(K: int, block: int) -> int | None:
 # is the activations', which the AWQ search models (fake_quant_act_blocks). The output layer keeps
 # the 4-bit block: its input, the final norm, has the outlier channels (SmolLM2 int8 with every
 # block at 128: mean KL 0.0044, 0.0024 with the output layer's activations alone in float; with its
-# block at 32, as shipped: 0.0027, against 0.0016 all at 32, and 0.0039 for onnxruntime-genai's int8).
+# block at 32, as shipped: 0.0025, against 0.0016 all at 32, and 0.0039 for onnxruntime-genai's int8).
 # An explicit --block-size sets every block (block8 = block): the way back to 32 where a model's int8
 # misses its accuracy budget (`check`), at ~9% more bytes for its 8-bit tensors.
 CPU_8BIT_BLOCK = 128
