@@ -93,6 +93,7 @@ def _best_scale(x: np.ndarray, ws: list[np.ndarray], xm: np.ndarray, fake_quant,
     kernel multiplies instead of x / s (ONNX Runtime CPU's int8 activations), or None (exact):
     then a scale also trades the activations' rounding error, as SmoothQuant's does."""
     x2 = (x.astype(np.float64) ** 2).mean(axis=0)
+    ref = None if act_quant is None else [x @ w.T for w in ws]  # the float outputs: the same for every alpha
     best_s, best_err = None, None
     for a in ALPHAS:
         s = xm ** a
@@ -100,11 +101,11 @@ def _best_scale(x: np.ndarray, ws: list[np.ndarray], xm: np.ndarray, fake_quant,
         imp = (x2 / s.astype(np.float64) ** 2).astype(np.float32)
         err = 0.0
         xq = None if act_quant is None else act_quant(x / s)
-        for w in ws:
+        for i, w in enumerate(ws):
             if xq is None:
                 e = x @ (fake_quant((w * s).T, imp) / s[:, None] - w.T)  # [N, out]
             else:
-                e = xq @ fake_quant((w * s).T, imp) - x @ w.T
+                e = xq @ fake_quant((w * s).T, imp) - ref[i]
             err += float(((e - e.mean(axis=0)) ** 2).mean())
         if best_err is None or err < best_err:
             best_err, best_s = err, s
@@ -144,14 +145,16 @@ def input_stats(x: np.ndarray, s: np.ndarray | None = None, *, hessian: bool = F
     return st
 
 
+def _for_group(act_quant, group: str):
+    """act_quant(x, group) bound to one group (None stays None)."""
+    return None if act_quant is None else (lambda v: act_quant(v, group))
+
+
 def _fold(cfg, w: dict, acts: dict, choose, hessian: bool = False, act_quant=None) -> tuple[dict, dict]:
     """Search a per-input-channel scale s for each linear group with choose(x, ws, group) and fold
     it (W * s, the input's producer / s; see module docstring). Returns the folded weights and
     the input statistics of each group after folding (see input_stats)."""
     w, stats = dict(w), {}
-
-    def aq(group):
-        return None if act_quant is None else (lambda v: act_quant(v, group))
 
     # q/k/v share the attention_norm output
     x = acts["qkv"]
@@ -159,27 +162,27 @@ def _fold(cfg, w: dict, acts: dict, choose, hessian: bool = False, act_quant=Non
     for k in ("wq", "wk", "wv"):
         w[f"attention.{k}.weight"] = w[f"attention.{k}.weight"] * s[None, :]
     w["attention_norm.weight"] = w["attention_norm.weight"] / s
-    stats["qkv"] = input_stats(x, s, hessian=hessian, act_quant=aq("qkv"))
+    stats["qkv"] = input_stats(x, s, hessian=hessian, act_quant=_for_group(act_quant, "qkv"))
     # gate/up share the ffn_norm output
     x = acts["gate_up"]
     s = choose(x, [w["feed_forward.w1.weight"], w["feed_forward.w3.weight"]], "gate_up")
     for k in ("w1", "w3"):
         w[f"feed_forward.{k}.weight"] = w[f"feed_forward.{k}.weight"] * s[None, :]
     w["ffn_norm.weight"] = w["ffn_norm.weight"] / s
-    stats["gate_up"] = input_stats(x, s, hessian=hessian, act_quant=aq("gate_up"))
+    stats["gate_up"] = input_stats(x, s, hessian=hessian, act_quant=_for_group(act_quant, "gate_up"))
     # down: its input is silu(gate) * up, linear in up's rows
     x = acts["down"]
     s = choose(x, [w["feed_forward.w2.weight"]], "down")
     w["feed_forward.w2.weight"] = w["feed_forward.w2.weight"] * s[None, :]
     w["feed_forward.w3.weight"] = w["feed_forward.w3.weight"] / s[:, None]
-    stats["down"] = input_stats(x, s, hessian=hessian, act_quant=aq("down"))
+    stats["down"] = input_stats(x, s, hessian=hessian, act_quant=_for_group(act_quant, "down"))
     # o_proj: its input is P.V per head; a scale must be shared by the heads of a KV group
     x = acts["o"]
     s = choose(x, [w["attention.wo.weight"]], "o")
     w["attention.wo.weight"] = w["attention.wo.weight"] * s[None, :]
     s_kv = s.reshape(cfg.n_kv_heads, cfg.n_rep, cfg.head_dim)[:, 0, :].reshape(-1)  # [KVH*hd]
     w["attention.wv.weight"] = w["attention.wv.weight"] / s_kv[:, None]
-    stats["o"] = input_stats(x, s, hessian=hessian, act_quant=aq("o"))
+    stats["o"] = input_stats(x, s, hessian=hessian, act_quant=_for_group(act_quant, "o"))
     return w, stats
 
 
@@ -194,8 +197,7 @@ def apply_awq(cfg, w: dict, acts: dict, fake_quant, *, hessian: bool = False, ac
         xm = np.abs(x).mean(axis=0).astype(np.float64) + 1e-8
         if group == "o":
             xm = _group_scale(xm, cfg.n_kv_heads, cfg.n_rep, cfg.head_dim)
-        aq = None if act_quant is None else (lambda v: act_quant(v, group))
-        return _best_scale(x, ws, xm, lambda w_t, imp: fake_quant(w_t, imp, group), aq)
+        return _best_scale(x, ws, xm, lambda w_t, imp: fake_quant(w_t, imp, group), _for_group(act_quant, group))
 
     return _fold(cfg, w, acts, choose, hessian, act_quant)
 

@@ -39,7 +39,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     """Build an artifact directory; returns its path. See the module docstring for the stages."""
     from .checkpoint import load_checkpoint
     from .export import ROLES, activation_dtype, export_onnx, fused_attention, lm_head_precision, quantized_embedding
-    from .quantize import resolve_blocks, tensor_precision
+    from .quantize import BLOCK_SIZES, resolve_blocks, tensor_precision
     from .planner import choose
 
     t0 = time.time()
@@ -51,8 +51,9 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
         raise LlamaExportError(f"unknown --int4-recipe {int4_recipe!r}; choose accurate or compact")
     if int4_recipe == "compact" and precision != "int4":
         raise LlamaExportError("--int4-recipe compact applies to int4 only; add --precision int4")
-    if block_size is not None and block_size not in (16, 32, 64, 128, 256):
-        raise LlamaExportError(f"--block-size {block_size} is not supported; choose 16, 32, 64, 128 or 256")
+    if block_size is not None and block_size not in BLOCK_SIZES:
+        raise LlamaExportError(f"--block-size {block_size} is not supported; choose "
+                               f"{', '.join(map(str, BLOCK_SIZES[:-1]))} or {BLOCK_SIZES[-1]}")
     if prof.backend == "tensorrt" and not export_only:
         from .trt_build import require_tensorrt
         require_tensorrt()
@@ -79,6 +80,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             calib = calibration_ids(tok, cfg.vocab_size, files=calibration_files)
             what = {"gptq": "AWQ + GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant W8A8"}[method]
             log(f"quantize: {what}, calibrating on {calib.size} {'tokens' if tok else 'random token ids (no tokenizer)'}")
+        blocks = resolve_blocks(precision, chosen.protect, target, block_size)  # (block, 8-bit block)
         io = export_onnx(ckpt, tmp, precision=precision, target=target, block_size=block_size,
                          calibration=calib, progress=progress, int4_protect=chosen.protect, gptq=method == "gptq")
         tok_files = tok.save(tmp) if tok else []
@@ -98,10 +100,9 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
             "export_target": target,
             # GroupQueryAttention (the fused CPU attention) does not take left-padded rows
             "left_padding": left_padding,
-            "block_size": resolve_blocks(precision, chosen.protect, target, block_size)[0]
-                          if precision in ("int8", "int4") else None,
+            "block_size": blocks[0] if precision in ("int8", "int4") else None,
             # the CPU graph's MatMulNBits block of each quantized role (8-bit layer projections: 128, see quantize.cpu_block)
-            "tensor_blocks": _cpu_blocks(precision, target, chosen.protect, block_size),
+            "tensor_blocks": _cpu_blocks(precision, target, chosen.protect, *blocks),
             "quantization": "awq+gptq" if method == "gptq" else method,
             # the precision of each linear role (int4 keeps some at 8 bits; see quantize.tensor_precision)
             "tensor_precisions": {**{r: tensor_precision(precision, r, target, chosen.protect) for r in ROLES.values()},
@@ -163,14 +164,13 @@ def _write_genai_config(artifact_dir, cfg, tok, *, shared_kv: bool):
     (Path(artifact_dir) / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _cpu_blocks(precision: str, target: str, protect: bool, block: int | None) -> dict | None:
+def _cpu_blocks(precision: str, target: str, protect: bool, block: int, block8: int) -> dict | None:
     """The CPU graph's MatMulNBits block of each quantized role (quantize.cpu_block), or None."""
     from .export import ROLES, lm_head_precision
-    from .quantize import cpu_block, resolve_blocks, tensor_precision
+    from .quantize import cpu_block, tensor_precision
 
     if target != "ort-cpu" or precision not in ("int8", "int4"):  # (w8a8 is a TensorRT precision)
         return None
-    block, block8 = resolve_blocks(precision, protect, target, block)
     blocks = {}
     for role in ROLES.values():
         blocks[role] = cpu_block(tensor_precision(precision, role, target, protect), block, block8=block8)

@@ -247,7 +247,7 @@ def export_onnx(ckpt: Checkpoint, out_dir, *, precision: str = "fp32", target: s
         raise LlamaExportError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
     if precision == "w8a8" and (target != "portable" or calibration is None):
         raise LlamaExportError("w8a8 (SmoothQuant) is for TensorRT profiles and needs calibration text")
-    if block_size is not None and block_size not in (16, 32, 64, 128, 256):
+    if block_size is not None and block_size not in quantize.BLOCK_SIZES:
         raise LlamaExportError(f"block size {block_size} must be a power of two from 16 to 256")
     block_size, block_size_8bit = quantize.resolve_blocks(precision, int4_protect, target, block_size)
     cfg, W = ckpt.config, ckpt.weights

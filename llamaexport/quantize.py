@@ -348,6 +348,7 @@ def portable_int4_block(K: int, block: int) -> int | None:
 # An explicit --block-size sets every block (block8 = block): the way back to 32 where a model's int8
 # misses its accuracy budget (`check`), at ~9% more bytes for its 8-bit tensors.
 CPU_8BIT_BLOCK = 128
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what --block-size accepts
 DEFAULT_BLOCK = 32  # without --block-size
 # The CPU compact recipe's default block: 4.56 bits per weight (4-bit, fp32 scale and 4-bit zero point per
 # 64), about llama.cpp's Q4_0 (4.5) and under onnxruntime-genai's int4 (block 32: 5.1). With GPTQ
