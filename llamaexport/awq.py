@@ -12,9 +12,9 @@ op that produces that input, so the graph keeps its shape:
   down (input silu(g)*u) -> divide the up_proj rows by s
 The same calibration inputs then serve the export twice more: the rounding of each block is
 weighted by the input's mean square (importance), and each quantized linear gets a bias
--mean(x) (W_q - W)^T that cancels the mean of its output error (bias correction; for SmolLM2 int4
-the two take the mean KL from 0.088 to 0.068). With GPTQ (export_onnx(gptq=True)), input_stats
-also keeps E[x x^T] and the rounding is GPTQ's (quantize._gptq) instead of the weighted one.
+-mean(x) (W_q - W)^T that cancels the mean of its output error (bias correction). With GPTQ (a
+recipe whose quant_method is gptq), input_stats also keeps E[x x^T] and the rounding is GPTQ's
+(quantize._gptq) instead of the weighted one.
 """
 
 from __future__ import annotations
@@ -49,15 +49,15 @@ class LayerwiseCalibrator:
         import torch
 
         from .config import rope_tables
+        from .model import attention_bias, rope_at
 
         self.cfg, self.torch = cfg, torch
         self.h = torch.from_numpy(embedding[ids])  # [B, T, D]
         B, T = ids.shape
         cos, sin = rope_tables(cfg, T)
-        self.cos = torch.from_numpy(cos)[None, None].expand(B, 1, T, -1)
-        self.sin = torch.from_numpy(sin)[None, None].expand(B, 1, T, -1)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        self.bias = torch.zeros(T, T).masked_fill(~causal, torch.finfo(torch.float32).min)[None, None]
+        positions = torch.arange(T)[None].expand(B, T)
+        self.cos, self.sin = rope_at(torch.from_numpy(cos), torch.from_numpy(sin), positions)  # [B, 1, T, rd/2]
+        self.bias = attention_bias(torch.ones(B, T, dtype=torch.long), T)  # causal [B, 1, T, T]
         self.empty = torch.zeros(B, cfg.n_kv_heads, 0, cfg.head_dim)
 
     def layer(self, w: dict) -> dict:
@@ -83,6 +83,12 @@ class LayerwiseCalibrator:
         for hk in hooks:
             hk.remove()
         return seen
+
+    def final_norm(self, norm_w: np.ndarray) -> np.ndarray:
+        """The output layer's input on the calibration text: RMSNorm of the last hidden states
+        (float64 arithmetic, float32 result) [N, D]."""
+        hs = self.h.numpy().reshape(-1, self.cfg.dim).astype(np.float64)
+        return (hs / np.sqrt((hs ** 2).mean(axis=1, keepdims=True) + self.cfg.norm_eps) * norm_w).astype(np.float32)
 
 
 def _best_scale(x: np.ndarray, ws: list[np.ndarray], xm: np.ndarray, fake_quant, act_quant=None) -> np.ndarray:
@@ -110,10 +116,6 @@ def _best_scale(x: np.ndarray, ws: list[np.ndarray], xm: np.ndarray, fake_quant,
         if best_err is None or err < best_err:
             best_err, best_s = err, s
     return best_s
-
-
-def _search(x: np.ndarray, ws: list[np.ndarray], fake_quant) -> np.ndarray:
-    return _best_scale(x, ws, np.abs(x).mean(axis=0).astype(np.float64) + 1e-8, fake_quant)
 
 
 def _group_scale(xm_heads: np.ndarray, n_kv: int, rep: int, hd: int) -> np.ndarray:
@@ -213,7 +215,7 @@ def fake_quant_activation(x: np.ndarray, amax: float) -> np.ndarray:
     return np.clip(np.rint(x / scale), -127, 127) * scale
 
 
-def apply_smoothquant(cfg, w: dict, acts: dict, fake_quant_weight, groups=("qkv", "o", "gate_up", "down")) -> tuple[dict, dict]:
+def apply_smoothquant(cfg, w: dict, acts: dict, fake_quant, groups=("qkv", "o", "gate_up", "down")) -> tuple[dict, dict]:
     """SmoothQuant (Xiao et al. 2023) for W8A8: per input channel s = max|x|^a / max|W|^(1-a)
     moves activation outliers into the weights (folded as for AWQ), so one static int8 scale per
     activation tensor suffices. For each group, a (on SQ_ALPHAS) and then the activation clip
@@ -224,13 +226,13 @@ def apply_smoothquant(cfg, w: dict, acts: dict, fake_quant_weight, groups=("qkv"
     activation rounding and clipping (which the search's mean-removed error assumes). Groups not in `groups` keep
     float activations (weight-only int8): no smoothing, no range.
 
-    fake_quant_weight(w_t [K, N], imp [K]) -> the dequantized per-channel int8 weight."""
+    fake_quant(w_t [K, N], imp [K], group) -> the dequantized int8 weight as the export stores that group."""
     clip, amax, qmean = {}, {}, {}
 
-    def quantized_weights(x, ws, s):
+    def quantized_weights(x, ws, s, group):
         """The dequantized int8 weights for scale s (they do not depend on the activation clip)."""
         imp = ((x / s).astype(np.float64) ** 2).mean(axis=0).astype(np.float32)
-        return [fake_quant_weight((wi * s).T, imp) for wi in ws]
+        return [fake_quant((wi * s).T, imp, group) for wi in ws]
 
     def err(x, ws, s, wqs, c):
         xs = x / s
@@ -253,7 +255,7 @@ def apply_smoothquant(cfg, w: dict, acts: dict, fake_quant_weight, groups=("qkv"
         for a in SQ_ALPHAS:
             s = (xa ** a / wa ** (1 - a))
             s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-            wqs = quantized_weights(x, ws, s)
+            wqs = quantized_weights(x, ws, s, group)
             e = err(x, ws, s, wqs, 1.0)
             if best is None or e < best[0]:
                 best = (e, s, wqs)

@@ -230,15 +230,6 @@ def unpermute_hf(w: np.ndarray, n_heads: int, head_dim: int, rope_dim: int) -> n
     return np.concatenate([rot, w[:, rope_dim:]], axis=1).reshape(out_dim, d)
 
 
-def permute_to_hf(w: np.ndarray, n_heads: int, head_dim: int, rope_dim: int) -> np.ndarray:
-    """Meta's interleaved q/k rows -> HF's halves layout (the inverse of `unpermute_hf`)."""
-    out_dim, d = w.shape
-    w = w.reshape(n_heads, head_dim, d)
-    rot = w[:, :rope_dim].reshape(n_heads, rope_dim // 2, 2, d).transpose(0, 2, 1, 3)
-    rot = rot.reshape(n_heads, rope_dim, d)
-    return np.concatenate([rot, w[:, rope_dim:]], axis=1).reshape(out_dim, d)
-
-
 def _safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -369,7 +360,7 @@ def load_gguf(path: Path) -> Checkpoint:
     )
     shapes = expected_shapes(cfg)
     _check_keys(set(tensors), shapes, path.name, "the GGUF tensors do not match its metadata")
-    for name, t in tensors.items():
+    for t in tensors.values():
         if t.tensor_type.name not in GGUF_SUPPORTED:
             raise LlamaExportError(f"{path.name}: tensor {t.name} has type {t.tensor_type.name}; "
                                    f"supported: {', '.join(GGUF_SUPPORTED)}")
@@ -411,5 +402,5 @@ def load_checkpoint(source: str | Path | None = None, *, size: str | None = None
                 f"{p} holds no checkpoint: expected params.json + consolidated.*.pth (Meta), "
                 "config.json + *.safetensors (Hugging Face), or one .gguf file")
     if max_seq_len:
-        ckpt.config.max_seq_len = int(max_seq_len)
+        ckpt = dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, max_seq_len=int(max_seq_len)))
     return ckpt

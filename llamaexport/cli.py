@@ -8,6 +8,7 @@ import sys
 import click
 
 from . import LlamaExportError, __version__
+from .recipe import INT4_RECIPES, PRECISIONS, QUANT_METHOD_CHOICES
 
 
 class _Group(click.Group):
@@ -45,7 +46,7 @@ def main():
 @click.option("--checkpoint", type=click.Path(), help="A Meta or HF checkpoint directory, or a .gguf file.")
 @click.option("--profile", default="cpu", show_default=True, help="Hardware profile name or .toml path.")
 @click.option("--precision", default="auto", show_default=True,
-              type=click.Choice(["auto", "fp32", "fp16", "int8", "int4", "w8a8"]))
+              type=click.Choice(["auto", *PRECISIONS]))
 @click.option("--tokenizer", type=click.Path(), help="tokenizer.model / tokenizer.json (default: next to the weights).")
 @click.option("--max-seq-len", type=int, help="Context length (default: the profile's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --size random weights.")
@@ -56,11 +57,11 @@ def main():
                                                 "Default: 4-bit tensors and the CPU output layer 32 (the CPU compact int4 "
                                                 "recipe: 64), the CPU graph's 8-bit layer projections 128.")
 @click.option("--memory-gb", type=float, help="Override the profile's device memory (GiB).")
-@click.option("--quant-method", default="auto", show_default=True, type=click.Choice(["auto", "rtn", "awq", "gptq"]),
+@click.option("--quant-method", default="auto", show_default=True, type=click.Choice(QUANT_METHOD_CHOICES),
               help="int8/int4: rtn (round-to-nearest), awq (AWQ scales, importance-weighted rounding) or gptq (AWQ "
                    "scales, then GPTQ rounding: slower build); auto, when a tokenizer gives calibration text: gptq "
                    "for compact int4, else awq; without one rtn. w8a8 always calibrates (SmoothQuant).")
-@click.option("--int4-recipe", default="accurate", show_default=True, type=click.Choice(["accurate", "compact"]),
+@click.option("--int4-recipe", default="accurate", show_default=True, type=click.Choice(INT4_RECIPES),
               help="int4: accurate keeps QKV/down (and the CPU output layer) at 8 bits; compact quantizes every "
                    "linear and the output layer to 4 bits: the fewest bytes and fastest decode, less accurate.")
 @click.option("--calibration", multiple=True, type=click.Path(exists=True, dir_okay=False),
@@ -96,7 +97,7 @@ def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, ou
 @click.option("--chat-format", default="auto", show_default=True,
               help="auto (the model's own template), chatml, llama2, llama3, alpaca, vicuna.")
 @click.option("--system", help="System prompt for --chat.")
-@click.option("--threads", type=int, help="CPU threads (default: all available).")
+@click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
 @BACKEND
 def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, chat,
         chat_format, system, threads, backend):
@@ -137,7 +138,7 @@ def check_cmd(artifact, reference, as_json, backend):
 @click.option("--prompt-len", type=int, default=64, show_default=True)
 @click.option("--new-tokens", type=int, default=128, show_default=True)
 @click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--threads", type=int, help="CPU threads (default: all available).")
+@click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
 @click.option("--repeat", type=int, default=3, show_default=True, help="Runs; the median is reported.")
 @click.option("--json", "as_json", is_flag=True)
 @BACKEND
@@ -157,24 +158,26 @@ def bench(artifact, prompt_len, new_tokens, batch, threads, repeat, as_json, bac
 @click.option("--max-seq-len", type=int, help="Context length (default: the profile's, capped by the model's).")
 @click.option("--batch", type=int, help="Batch size (default: the profile's).")
 @click.option("--precision", default="auto", show_default=True,
-              type=click.Choice(["auto", "fp32", "fp16", "int8", "int4", "w8a8"]))
+              type=click.Choice(["auto", *PRECISIONS]))
 @click.option("--memory-gb", type=float, help="Override the profile's device memory (GiB).")
 def plan(size, checkpoint, profile, max_seq_len, batch, precision, memory_gb):
     """Memory plan per precision on a profile, the choice, and the decode ceiling."""
     from .checkpoint import load_checkpoint
     from .planner import choose, format_plans, plan_all
     from .profiles import load_profile
+    from .recipe import Recipe
 
     if (size is None) == (checkpoint is None):
         raise LlamaExportError("give exactly one of --checkpoint PATH or --size S")
     prof = load_profile(profile, memory_gb=memory_gb)
+    recipes = Recipe.candidates(prof, precision)
     cfg = load_checkpoint(checkpoint, size=size).config
     ctx = max_seq_len or min(cfg.max_seq_len, prof.default_context)
     b = batch or prof.default_batch
     plans = plan_all(cfg, prof, context=ctx, batch=b)
     click.echo(format_plans(cfg, prof, plans, None, context=ctx, batch=b).rsplit("\n", 1)[0])
-    chosen = choose(cfg, prof, precision, context=ctx, batch=b)  # raises with the numbers if nothing fits
-    click.echo(f"choice: {chosen.precision} ({chosen.total / 2**30:.2f} GiB of {chosen.budget / 2**30:.1f} GiB, "
+    chosen = choose(cfg, prof, recipes, context=ctx, batch=b)  # raises with the numbers if nothing fits
+    click.echo(f"choice: {chosen.label} ({chosen.total / 2**30:.2f} GiB of {chosen.budget / 2**30:.1f} GiB, "
                f"decode ceiling {chosen.decode_ceiling:.1f} tok/s)")
 
 

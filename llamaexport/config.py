@@ -69,7 +69,7 @@ def ffn_width(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     dim: int
     n_layers: int
@@ -88,17 +88,22 @@ class LlamaConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self):
+        """Derive the fields left None and validate. Frozen: a changed copy is dataclasses.replace(cfg, ...),
+        which derives and validates again."""
+        def derive(name, value):
+            object.__setattr__(self, name, value)
+
         if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
+            derive("n_kv_heads", self.n_heads)
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise LlamaExportError(
                     f"dim {self.dim} is not divisible by n_heads {self.n_heads}; set head_dim explicitly")
-            self.head_dim = self.dim // self.n_heads
+            derive("head_dim", self.dim // self.n_heads)
         if self.ffn_dim is None:
-            self.ffn_dim = ffn_width(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+            derive("ffn_dim", ffn_width(self.dim, self.multiple_of, self.ffn_dim_multiplier))
         if self.rope_dim is None:
-            self.rope_dim = self.head_dim
+            derive("rope_dim", self.head_dim)
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_seq_len"):
             if int(getattr(self, name)) <= 0:
                 raise LlamaExportError(f"config field {name} must be positive, got {getattr(self, name)}")
@@ -110,12 +115,12 @@ class LlamaConfig:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind in (None, "default"):
-                self.rope_scaling = None
+                derive("rope_scaling", None)
             elif kind not in ("llama3", "linear", "freq_factors"):
                 raise LlamaExportError(
                     f"rope scaling type {kind!r} is not supported; supported: llama3, linear")
             else:
-                self.rope_scaling = dict(self.rope_scaling, rope_type=kind)
+                derive("rope_scaling", dict(self.rope_scaling, rope_type=kind))
 
     @property
     def n_rep(self) -> int:

@@ -17,6 +17,8 @@ a plugin library.
 
 from __future__ import annotations
 
+from .onnx_graph import OPSET
+
 DOMAIN = "llamaexport"
 PLUGIN_NAMESPACE = "llamaexport"
 PLUGIN_VERSION = "1"
@@ -37,7 +39,8 @@ def rope_function(*, head_dim: int, rotary_dim: int, interleaved: bool):
 
     half = rotary_dim // 2
     if rotary_dim < head_dim:
-        const_ints("zero", [0]); const_ints("rd", [rotary_dim]); const_ints("hd", [head_dim]); const_ints("last", [-1])
+        for cname, value in (("zero", [0]), ("rd", [rotary_dim]), ("hd", [head_dim]), ("last", [-1])):
+            const_ints(cname, value)
         node("Slice", ["x", "zero", "rd", "last"], ["xr"])
         node("Slice", ["x", "rd", "hd", "last"], ["xp"])
         xr = "xr"
@@ -45,7 +48,8 @@ def rope_function(*, head_dim: int, rotary_dim: int, interleaved: bool):
         xr = "x"
     if interleaved:
         # [B, H, S, rd] -> [B, H, S, rd/2, 2]; cos -> [B, 1, S, rd/2, 1]
-        const_ints("pairs", [0, 0, 0, half, 2]); const_ints("ax", [1, 4]); const_ints("flat", [0, 0, 0, rotary_dim])
+        for cname, value in (("pairs", [0, 0, 0, half, 2]), ("ax", [1, 4]), ("flat", [0, 0, 0, rotary_dim])):
+            const_ints(cname, value)
         node("Reshape", [xr, "pairs"], ["xq"])
         node("Split", ["xq"], ["x1", "x2"], axis=-1, num_outputs=2)
     else:
@@ -53,8 +57,9 @@ def rope_function(*, head_dim: int, rotary_dim: int, interleaved: bool):
         node("Split", [xr], ["x1", "x2"], axis=-1, num_outputs=2)
     node("Unsqueeze", ["cos", "ax"], ["c"])
     node("Unsqueeze", ["sin", "ax"], ["s"])
-    node("Mul", ["x1", "c"], ["x1c"]); node("Mul", ["x2", "s"], ["x2s"]); node("Sub", ["x1c", "x2s"], ["o1"])
-    node("Mul", ["x1", "s"], ["x1s"]); node("Mul", ["x2", "c"], ["x2c"]); node("Add", ["x1s", "x2c"], ["o2"])
+    for op, a, b, out in (("Mul", "x1", "c", "x1c"), ("Mul", "x2", "s", "x2s"), ("Sub", "x1c", "x2s", "o1"),
+                          ("Mul", "x1", "s", "x1s"), ("Mul", "x2", "c", "x2c"), ("Add", "x1s", "x2c", "o2")):
+        node(op, [a, b], [out])  # o1 = x1 cos - x2 sin, o2 = x1 sin + x2 cos
     rot = "rot" if rotary_dim < head_dim else "y"
     if interleaved:
         node("Concat", ["o1", "o2"], ["rq"], axis=-1)
@@ -65,7 +70,7 @@ def rope_function(*, head_dim: int, rotary_dim: int, interleaved: bool):
         node("Concat", [rot, "xp"], ["y"], axis=-1)
     return helper.make_function(
         DOMAIN, "RoPE", ["x", "cos", "sin"], ["y"], n,
-        opset_imports=[helper.make_opsetid("", 21)],
+        opset_imports=[helper.make_opsetid("", OPSET)],
         attributes=["interleaved", "rotary_dim"] + _PLUGIN_ATTRS)
 
 
@@ -80,7 +85,7 @@ def swiglu_function():
         helper.make_node("Mul", ["silu", "up"], ["y"]),
     ]
     return helper.make_function(DOMAIN, "SwiGLU", ["x"], ["y"], nodes,
-                                opset_imports=[helper.make_opsetid("", 21)], attributes=_PLUGIN_ATTRS)
+                                opset_imports=[helper.make_opsetid("", OPSET)], attributes=_PLUGIN_ATTRS)
 
 
 def plugin_attrs() -> dict:

@@ -5,12 +5,9 @@ malloc'ed memory. With 4 KiB pages that is one TLB entry per 4 KiB streamed; mos
 ship transparent huge pages in `madvise` mode, so a process only gets 2 MiB pages where it asks.
 glibc (>= 2.35) asks for every malloc'ed mapping when its `glibc.malloc.hugetlb=1` tunable is set,
 and tunables are read once at process start, so the `llamaexport` commands that load a model
-re-exec themselves with it (before any heavy import; the cost is a bare interpreter start).
-
-Measured on this project's 2-core VM, same-loop A/B of one artifact in two processes, rounds
-alternating: 1.1b decode +3% (fp32), +4% (int8), +3% (int4 compact), prefill +5% (int8); SmolLM2
-(135M) no change. Library users get the same by starting Python with
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1. LLAMAEXPORT_HUGE_PAGES=0 turns it off.
+re-exec themselves with it (before any heavy import; the cost is a bare interpreter start). What
+it gains is measured in docs/quantization.md (CPU graph notes). Library users get the same by
+starting Python with GLIBC_TUNABLES=glibc.malloc.hugetlb=1. LLAMAEXPORT_HUGE_PAGES=0 turns it off.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def format_manifest(m: dict) -> str:
         ("plan", f"{m['plan']['total_gib']} GiB of {m['plan']['budget_gib']} GiB, decode ceiling "
                  f"{m['plan']['decode_ceiling_tok_s']} tok/s" if m.get("plan") else "n/a"),
         ("engine", _engine(m)),
-        ("onnx i/o", f"{n_in} inputs, {n_out} outputs (input_ids, attention_mask, position_ids, past_key_values.N.key/value -> logits, present.N.key/value)"),
+        ("onnx i/o", f"{n_in} inputs, {n_out} outputs (input_ids, attention_mask, position_ids, "
+                     "past_key_values.N.key/value -> logits, present.N.key/value)"),
         ("parity", "not checked" if not parity else ("PASS" if parity.get("passed") else "FAIL")
                    + (f" (run with {parity['backend']})" if parity.get("backend") else "")
                    + "".join(f", {k} {v:.3g}" for k, v in parity.items() if isinstance(v, float))),
@@ -51,7 +52,7 @@ def _engine(m: dict) -> str:
 
 
 def _blocks(m: dict) -> str:
-    """", block 32" or, where the CPU graph's roles differ (quantize.cpu_block), ", blocks qkv_proj 128, ..."."""
+    """", block 32" or, where the CPU graph's roles differ (Recipe.form), ", blocks qkv_proj 128, ..."."""
     blocks = m.get("tensor_blocks")
     if blocks and len(set(blocks.values())) > 1:
         return ", blocks " + ", ".join(f"{r} {b}" for r, b in blocks.items())

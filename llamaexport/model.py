@@ -45,6 +45,20 @@ def apply_rope(x, cos, sin, *, rope_dim: int, interleaved: bool = True):
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
+def rope_at(cos_table, sin_table, position_ids, dtype=torch.float32):
+    """The rotary tables [n, rope_dim/2] at position_ids [B, S] -> cos, sin [B, 1, S, rope_dim/2]."""
+    return (cos_table[position_ids].unsqueeze(1).to(dtype), sin_table[position_ids].unsqueeze(1).to(dtype))
+
+
+def attention_bias(attention_mask, seq_len: int, dtype=torch.float32):
+    """Additive bias [B, 1, S, T] for S new tokens after T - S cached ones: 0 where key j is visible
+    to query i (j <= T - S + i and the key is a real token), the dtype's minimum elsewhere."""
+    T = attention_mask.shape[1]
+    causal = torch.arange(T)[None, :] <= (T - seq_len + torch.arange(seq_len))[:, None]  # [S, T]
+    visible = causal[None, None] & attention_mask[:, None, None, :].bool()
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+
+
 def swiglu(gate, up):
     """silu(gate) * up."""
     return F.silu(gate) * up
@@ -125,16 +139,9 @@ class Transformer(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past):
         """input_ids, position_ids: [B, S]; attention_mask: [B, P+S] (1 = real token);
         past: list of (k, v) each [B, KVH, P, hd]. Returns logits [B, S, V] float32, present."""
-        B, S = input_ids.shape
-        T = attention_mask.shape[1]
-        P = T - S
         h = self.tok_embeddings(input_ids)
-        cos = self.rope_cos[position_ids].unsqueeze(1).to(h.dtype)  # [B, 1, S, rd/2]
-        sin = self.rope_sin[position_ids].unsqueeze(1).to(h.dtype)
-        # key j is visible to query i when j <= P + i and the key is a real token
-        causal = torch.arange(T)[None, :] <= (P + torch.arange(S))[:, None]  # [S, T]
-        visible = causal[None, None] & attention_mask[:, None, None, :].bool()
-        bias = torch.zeros(visible.shape, dtype=h.dtype).masked_fill(~visible, torch.finfo(h.dtype).min)
+        cos, sin = rope_at(self.rope_cos, self.rope_sin, position_ids, h.dtype)  # [B, 1, S, rd/2]
+        bias = attention_bias(attention_mask, input_ids.shape[1], h.dtype)
         present = []
         for layer, (pk, pv) in zip(self.layers, past):
             h, k, v = layer(h, cos, sin, bias, pk.to(h.dtype), pv.to(h.dtype))
@@ -173,20 +180,29 @@ def build_reference(cfg: LlamaConfig, weights, *, dtype=torch.float32) -> Transf
     return model.eval()
 
 
-@torch.inference_mode()
-def greedy(model: Transformer, prompt_ids: list[int], n_new: int, *, eos_ids=()) -> list[int]:
-    """Greedy continuation with the functional KV cache (the reference for token agreement)."""
-    ids = torch.tensor([prompt_ids])
-    mask = torch.ones_like(ids)
-    past = model.empty_cache(1)
-    logits, past = model(ids, mask, torch.arange(ids.shape[1])[None], past)
-    out = []
-    for _ in range(n_new):
-        nxt = int(logits[0, -1].argmax())
-        out.append(nxt)
-        if nxt in eos_ids:
-            break
-        mask = torch.cat((mask, torch.ones(1, 1, dtype=mask.dtype)), dim=1)
-        pos = torch.tensor([[mask.shape[1] - 1]])
-        logits, past = model(torch.tensor([[nxt]]), mask, pos, past)
-    return out
+class ReferenceBackend:
+    """The reference model behind the runtime's Backend protocol (runtime.py), so that `check`
+    drives the reference and the artifact through the same decode loop (LlamaModel.steps)."""
+
+    threads = None
+
+    def __init__(self, model: Transformer):
+        self.model = model
+
+    def empty_cache(self, batch: int):
+        return self.model.empty_cache(batch)
+
+    def take_cache(self, batch: int):
+        return self.model.empty_cache(batch)
+
+    def give_back_cache(self, batch: int, cache):
+        pass
+
+    @torch.inference_mode()
+    def forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
+        logits, cache = self.model(*(torch.as_tensor(a, dtype=torch.int64)
+                                     for a in (input_ids, attention_mask, position_ids)), cache)
+        return logits.numpy(), cache
+
+    def close(self):
+        self.model = None

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 ALIGN = 4096  # page-aligned tensors let runtimes memory-map them directly
+OPSET = 21       # DequantizeLinear block_size / INT4 need 21; TensorRT 10.x and ONNX Runtime parse it
+IR_VERSION = 10  # the IR of opset 21
 
 
 class GraphBuilder:
@@ -122,6 +124,6 @@ class GraphBuilder:
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid(d, v) for d, v in self.domains.items()],
             functions=list(self.functions.values()), producer_name=producer, doc_string=doc)
-        model.ir_version = 10
+        model.ir_version = IR_VERSION
         onnx.save(model, str(model_path))
         return model_path

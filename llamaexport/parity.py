@@ -1,9 +1,10 @@
 """`llamaexport check`: compare an artifact with the eager float32 PyTorch reference.
 
-For each prompt the artifact generates a greedy continuation through its own KV-cache decode
-path; the reference (a) generates its own greedy continuation and (b) scores prompt +
-the artifact's continuation in one teacher-forced forward, so every artifact logit (prefill and
-each decode step) is compared with the reference logit at the same position. Metrics: max and
+For each prompt the artifact generates a greedy continuation through the runtime's decode loop
+(LlamaModel.steps: what `run` and the API use, last-position logits and cache reuse included);
+the reference (a) generates its own greedy continuation through the same loop and (b) scores
+prompt + the artifact's continuation in one teacher-forced forward, so every artifact logit
+(prefill and each decode step) is compared with the reference logit at the same position. Metrics: max and
 mean |logit difference|, KL(reference || artifact) of next-token distributions, top-1
 agreement, greedy agreement (the matching prefix of the two continuations), and perplexity on
 a held-out text. Thresholds are data (data/parity_thresholds.json) per precision; a miss fails.
@@ -91,9 +92,7 @@ def _reference_checkpoint(manifest: dict, reference):
 def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progress: bool = True,
           write: bool = True, backend: str | None = None) -> dict:
     """Run the parity check; writes DIR/parity.json and the manifest's parity summary."""
-    import torch
-
-    from .model import build_reference, greedy
+    from .model import ReferenceBackend, build_reference
     from .runtime import LlamaModel
 
     d = Path(artifact)
@@ -105,47 +104,19 @@ def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progres
         raise LlamaExportError(f"the float32 reference needs {need / 2**30:.1f} GiB of RAM, more than this machine "
                                "has free; check a smaller model, or on a machine with more memory")
     ckpt, ref_desc = _reference_checkpoint(manifest, reference)
-    ref = build_reference(cfg, ckpt.weights)
-    tok = model.tokenizer
-    eos = tok.eos_ids if tok else []
-    if tok:
-        prompt_ids = [model.encode(p) for p in (prompts or DEFAULT_PROMPTS)]
-    else:
-        rng = np.random.default_rng(0)
-        prompt_ids = [rng.integers(0, cfg.vocab_size, 8 + 4 * i).tolist() for i in range(len(prompts or DEFAULT_PROMPTS))]
+    ref = LlamaModel(d, manifest, ReferenceBackend(build_reference(cfg, ckpt.weights)), model.tokenizer)
+    prompt_ids = _prompt_ids(model, prompts or DEFAULT_PROMPTS)
     n_tokens = max(1, min(n_tokens, cfg.max_seq_len - max(len(p) for p in prompt_ids) - 1))
-    be = model.backend
     say = (lambda s: print(s, flush=True, file=sys.stderr)) if progress else (lambda s: None)
 
-    abs_max, abs_sum, abs_n, kls, top1s, greedy_frac, per_prompt = 0.0, 0.0, 0, [], [], [], []
+    per_prompt, kls, top1s, abs_max, abs_sum, abs_n = [], [], [], 0.0, 0.0, 0
     for i, ids in enumerate(prompt_ids):
         say(f"check: prompt {i + 1}/{len(prompt_ids)} ({len(ids)} tokens, {n_tokens} greedy tokens)")
-        # artifact: prefill, then greedy decode through its own KV cache, keeping every logit row
-        S = len(ids)
-        logits, cache = be.forward(np.array([ids]), np.ones((1, S), np.int64), np.arange(S)[None], be.empty_cache(1))
-        rows, out = [logits[0]], []
-        for step in range(n_tokens):
-            nxt = int(logits[0, -1].argmax())
-            out.append(nxt)
-            if nxt in eos or step == n_tokens - 1:
-                break
-            logits, cache = be.forward(np.array([[nxt]]), np.ones((1, S + step + 1), np.int64),
-                                       np.array([[S + step]]), cache)
-            rows.append(logits[0])
-        art = np.concatenate(rows)  # [S + len(out) - 1, V]
-        with torch.inference_mode():
-            full = torch.tensor([ids + out[:-1]])
-            T = full.shape[1]
-            ref_logits, _ = ref(full, torch.ones_like(full), torch.arange(T)[None], ref.empty_cache(1))
-        ref_out = greedy(ref, ids, n_tokens, eos_ids=eos)
-        c = compare_logits(ref_logits[0].numpy(), art)
+        c, row = _compare_prompt(model, ref, ids, n_tokens)
         abs_max, abs_sum, abs_n = max(abs_max, c["max_abs"]), abs_sum + c["sum_abs"], abs_n + c["n_abs"]
-        kls.append(c["kl"]); top1s.append(c["top1"])
-        match = next((j for j, (a, b) in enumerate(zip(out, ref_out)) if a != b), min(len(out), len(ref_out)))
-        frac = 1.0 if out == ref_out else match / max(len(out), len(ref_out))
-        greedy_frac.append(frac)
-        per_prompt.append({"prompt_tokens": S, "artifact_tokens": out, "reference_tokens": ref_out,
-                           "greedy_agreement": frac, "max_abs_logit": c["max_abs"], "mean_kl": float(c["kl"].mean())})
+        kls.append(c["kl"])
+        top1s.append(c["top1"])
+        per_prompt.append(row)
 
     say("check: perplexity on the held-out text")
     ppl_ref, ppl_art = _perplexities(model, ref, cfg)
@@ -157,57 +128,93 @@ def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progres
         "max_abs_logit": abs_max, "mean_abs_logit": abs_sum / abs_n,
         "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
         "top1_agreement": float(np.concatenate(top1s).mean()),
-        "greedy_agreement": float(min(greedy_frac)), "greedy_identical": all(f == 1.0 for f in greedy_frac),
+        "greedy_agreement": float(min(r["greedy_agreement"] for r in per_prompt)),
+        "greedy_identical": all(r["greedy_agreement"] == 1.0 for r in per_prompt),
         "ppl_reference": ppl_ref, "ppl_artifact": ppl_art, "ppl_delta": ppl_art - ppl_ref,
         "ppl_delta_rel": (ppl_art - ppl_ref) / ppl_ref,
     }
-    report["thresholds"] = th = thresholds(manifest["precision"])
+    report["thresholds"] = thresholds(manifest["precision"])
+    report["failures"] = _failures(report, report["thresholds"])
+    report["passed"] = not report["failures"]
+    report["per_prompt"] = per_prompt
+    if write:
+        _write_report(d, manifest, report)
+    return report
+
+
+def _prompt_ids(model, prompts) -> list[list[int]]:
+    """The check prompts as token ids; seeded random ids for an artifact without a tokenizer."""
+    if model.tokenizer:
+        return [model.encode(p) for p in prompts]
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, model.config.vocab_size, 8 + 4 * i).tolist() for i in range(len(prompts))]
+
+
+def _compare_prompt(model, ref, ids: list[int], n_tokens: int) -> tuple[dict, dict]:
+    """One prompt: the artifact's greedy continuation through the runtime's decode loop, every logit
+    row it computed (prefill and each decode step) against the reference's teacher-forced logits on
+    the same tokens, and the reference's own greedy continuation. Returns (compare_logits, per-prompt row)."""
+    eos = model.tokenizer.eos_ids if model.tokenizer else []
+    rows = []
+    out = [int(t[0]) for t in model.steps([ids], max_new_tokens=n_tokens, eos_ids=eos, on_logits=rows.append)]
+    art = np.concatenate([r[0] for r in rows])  # [S + len(out) - 1, V]
+    full = [ids + out[:-1]]
+    T = len(full[0])
+    ref_logits, _ = ref.backend.forward(full, np.ones((1, T), np.int64), np.arange(T)[None], ref.backend.empty_cache(1))
+    ref_out = ref.generate_ids([ids], max_new_tokens=n_tokens, eos_ids=eos)[0]
+    c = compare_logits(ref_logits[0], art)
+    match = next((j for j, (a, b) in enumerate(zip(out, ref_out)) if a != b), min(len(out), len(ref_out)))
+    frac = 1.0 if out == ref_out else match / max(len(out), len(ref_out))
+    return c, {"prompt_tokens": len(ids), "artifact_tokens": out, "reference_tokens": ref_out,
+               "greedy_agreement": frac, "max_abs_logit": c["max_abs"], "mean_kl": float(c["kl"].mean())}
+
+
+GATES = (("max_abs_logit", "max_abs_logit", True), ("max_mean_kl", "mean_kl", True),
+         ("min_top1_agreement", "top1_agreement", False), ("min_greedy_agreement", "greedy_agreement", False),
+         ("max_ppl_delta_rel", "ppl_delta_rel", True))  # (threshold key, report metric, is an upper bound)
+
+
+def _failures(report: dict, th: dict) -> list[str]:
     failures = []
-    for key, metric, upper in (("max_abs_logit", "max_abs_logit", True), ("max_mean_kl", "mean_kl", True),
-                               ("min_top1_agreement", "top1_agreement", False),
-                               ("min_greedy_agreement", "greedy_agreement", False),
-                               ("max_ppl_delta_rel", "ppl_delta_rel", True)):
+    for key, metric, upper in GATES:
         lim = th.get(key)
         if lim is None:
             continue
         val = abs(report[metric]) if key == "max_ppl_delta_rel" else report[metric]
         if (val > lim) if upper else (val < lim):
             failures.append(f"{metric} {val:.4g} {'>' if upper else '<'} {lim:g}")
-    report["failures"] = failures
-    report["passed"] = not failures
-    report["per_prompt"] = per_prompt
-    if write:
-        tmp = d / "parity.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, d / "parity.json")
-        manifest["parity"] = {k: report[k] for k in ("passed", "backend", "max_abs_logit", "mean_kl",
-                                                     "top1_agreement", "greedy_agreement", "ppl_delta_rel")}
-        write_manifest(d, manifest)
-    return report
+    return failures
+
+
+def _write_report(d: Path, manifest: dict, report: dict):
+    """DIR/parity.json (atomically) and the manifest's parity summary."""
+    tmp = d / "parity.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, d / "parity.json")
+    manifest["parity"] = {k: report[k] for k in ("passed", "backend", "max_abs_logit", "mean_kl",
+                                                 "top1_agreement", "greedy_agreement", "ppl_delta_rel")}
+    write_manifest(d, manifest)
 
 
 def _perplexities(model, ref, cfg) -> tuple[float, float]:
-    """Perplexity of the held-out text (first chunk that fits the context) under both models."""
-    import torch
-
+    """Perplexity of the held-out text (first chunk that fits the context) under both models
+    (ref: the reference behind a LlamaModel), one teacher-forced forward each."""
     if model.tokenizer:
         ids = model.encode(heldout_text())
     else:
         ids = np.random.default_rng(1).integers(0, cfg.vocab_size, 256).tolist()
     ids = ids[: min(len(ids), cfg.max_seq_len, 512)]
     T = len(ids)
-    be = model.backend
-    art, _ = be.forward(np.array([ids]), np.ones((1, T), np.int64), np.arange(T)[None], be.empty_cache(1))
-    with torch.inference_mode():
-        t = torch.tensor([ids])
-        rl, _ = ref(t, torch.ones_like(t), torch.arange(T)[None], ref.empty_cache(1))
+    feed = (np.array([ids]), np.ones((1, T), np.int64), np.arange(T)[None])
+    art, _ = model.backend.forward(*feed, model.backend.empty_cache(1))
+    rl, _ = ref.backend.forward(*feed, ref.backend.empty_cache(1))
     target = np.array(ids[1:])
 
     def ppl(logits):
         lp = _log_softmax(np.asarray(logits)[0, :-1])
         return float(np.exp(-lp[np.arange(T - 1), target].mean()))
 
-    return ppl(rl.numpy()), ppl(art)
+    return ppl(rl), ppl(art)
 
 
 def format_report(r: dict) -> str:

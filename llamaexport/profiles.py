@@ -7,10 +7,13 @@ import tomllib
 from pathlib import Path
 
 from . import LlamaExportError
+from .recipe import PRECISIONS
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 BACKENDS = ("onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8", "int4", "w8a8")
+DEFAULT_WORKSPACE_GB = 4.0  # TensorRT's builder and runtime workspace when [builder] sets none
+RUNTIME_KEYS = {"threads"}
+BUILDER_KEYS = {"workspace_gb", "builder_optimization_level"}
 
 
 @dataclasses.dataclass
@@ -24,11 +27,10 @@ class Profile:
     description: str = ""
     reserved_gb: float = 0.0
     shared_memory: bool = False
-    compute_capability: str | None = None
-    default_precision: str | None = None
+    compute_capability: str | None = None  # TensorRT: the GPU an engine for this profile runs on
     default_batch: int = 1
-    builder: dict = dataclasses.field(default_factory=dict)
-    runtime: dict = dataclasses.field(default_factory=dict)
+    builder: dict = dataclasses.field(default_factory=dict)   # TensorRT: workspace_gb, builder_optimization_level
+    runtime: dict = dataclasses.field(default_factory=dict)   # threads: CPU threads (0 = all this process may use)
     path: str = ""
 
     def __post_init__(self):
@@ -48,13 +50,28 @@ class Profile:
         for f in ("memory_gb", "memory_bandwidth_gbs", "default_context", "default_batch"):
             if not isinstance(getattr(self, f), (int, float)) or getattr(self, f) <= 0:
                 raise LlamaExportError(f"profile {where}: {f} must be a positive number, got {getattr(self, f)!r}")
-        if self.default_precision and self.default_precision not in self.precisions:
-            raise LlamaExportError(f"profile {where}: default_precision {self.default_precision!r} is not in precisions")
+        for table, keys in (("runtime", RUNTIME_KEYS), ("builder", BUILDER_KEYS)):
+            unknown = sorted(set(getattr(self, table)) - keys)
+            if unknown:
+                raise LlamaExportError(f"profile {where}: unknown [{table}] key(s) {', '.join(unknown)}; "
+                                       f"valid: {', '.join(sorted(keys))}")
+        threads = self.runtime.get("threads", 0)
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+            raise LlamaExportError(f"profile {where}: [runtime] threads must be a whole number >= 0 "
+                                   f"(0 = all cores), got {threads!r}")
+        ws = self.builder.get("workspace_gb", DEFAULT_WORKSPACE_GB)
+        if not isinstance(ws, (int, float)) or isinstance(ws, bool) or not ws > 0:
+            raise LlamaExportError(f"profile {where}: [builder] workspace_gb must be a positive number, got {ws!r}")
 
     @property
-    def export_target(self) -> str:
-        """The graph form this profile runs: ONNX Runtime's CPU graph, or the portable one."""
-        return "ort-cpu" if self.backend == "onnxruntime" else "portable"
+    def threads(self) -> int:
+        """CPU threads for the runtime; 0 = all this process may use."""
+        return int(self.runtime.get("threads", 0))
+
+    @property
+    def workspace_gb(self) -> float:
+        """TensorRT's workspace (planned and built with the same figure); 0 for ONNX Runtime."""
+        return float(self.builder.get("workspace_gb", DEFAULT_WORKSPACE_GB)) if self.backend == "tensorrt" else 0.0
 
     @property
     def budget_bytes(self) -> float:

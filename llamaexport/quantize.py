@@ -5,8 +5,9 @@ Two graph forms consume these:
       int8: per-output-channel symmetric, int8 [K, N] with scale [N] (axis 1);
       int4: block-wise symmetric along K, INT4 [K, N] with scale [K/block, N] (axis 0, block_size).
   - ONNX Runtime CPU: com.microsoft MatMulNBits (bits 8 or 4, block-wise along K, uint8 blobs
-    with a zero point per block, or none for an int8 model's symmetric weights: cpu_symmetric_8bit),
-    which runs int8 dot products (accuracy_level 4).
+    with a zero point per block, or none for symmetric 8-bit weights), which runs int8 dot
+    products (accuracy_level 4) and so also rounds its input to int8 per block of K.
+A `QuantForm` says which of these one tensor gets; the rules that choose it live in recipe.py.
 
 Rounding: importance-weighted round-to-nearest with a searched clip per block (_symmetric,
 _block_params), or GPTQ (_gptq) given the calibration inputs' second moment; both produce the
@@ -19,15 +20,27 @@ one layer (onnxruntime.quantization's quantizers load the whole model, which a 7
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantForm:
+    """How one weight tensor is stored (chosen per role by recipe.Recipe.form)."""
+
+    bits: int               # 8 or 4
+    block: int | None       # block along K (MatMulNBits, portable INT4); None: int8 per output channel
+    symmetric: bool         # no zero points (MatMulNBits' default 128 for 8-bit); the portable forms always are
+    nbits: bool             # ONNX Runtime CPU MatMulNBits layout, else portable DequantizeLinear -> MatMul
 
 
 CLIP_RATIOS = tuple(np.linspace(1.0, 0.6, 11))
 
 # Importance weights (`imp`, one per input channel K): the mean square of the input that multiplies
 # each weight row, from calibration text. The scale search then minimises sum_k imp_k (w_k - q_k)^2,
-# the expected output error, instead of the plain weight error (llama.cpp's imatrix does the same):
-# on SmolLM2 int4 this alone takes the mean KL from 0.088 to 0.073. None = all channels equal.
+# the expected output error, instead of the plain weight error (llama.cpp's imatrix does the same).
+# None = all channels equal.
 
 
 def _symmetric(wg: np.ndarray, qmin: int, qmax: int, axis: int, imp: np.ndarray | None = None):
@@ -186,12 +199,11 @@ def _gptq(w_t: np.ndarray, hessian: np.ndarray, *, group: int, choose, qmin: int
     of group. Returns (codes int16 [N, K] in [qmin, qmax], scale [N, K/group], zp or None) with
     w ~ (code - zp) * scale.
 
-    damp: added to the diagonal as a fraction of its mean. With the 512 calibration tokens of a
-    build the Hessian is rank-deficient (K is 1-20x the tokens) and GPTQ at the paper's 1% fits
-    the calibration text: on SmolLM2's held-out text its output error was up to 1.7x RTN's. At
-    100% it is 23% below RTN's over the first four layers (at 10%: 5%). The damped matrix is
-    well conditioned, so float32 suffices: K x K float32 matrices, three at a time at the peak
-    (1.5 GB for a 7B model's down projection, K = 11008)."""
+    damp: added to the diagonal as a fraction of its mean. With the few hundred calibration tokens
+    of a build the Hessian is rank-deficient (K is 1-20x the tokens), and at the paper's 1% GPTQ
+    fits the calibration text instead of lowering the error on other text (docs/quantization.md).
+    The damped matrix is well conditioned, so float32 suffices: three K x K float32 matrices at
+    the peak."""
     K, N = w_t.shape
     if K % group:
         raise ValueError(f"K={K} is not a multiple of the group {group}")
@@ -288,30 +300,26 @@ def gptq_int8_per_channel(w_t: np.ndarray, hessian: np.ndarray):
     return codes.T.astype(np.int8), scale.reshape(-1).copy()
 
 
-def cpu_symmetric_8bit(model_precision: str) -> bool:
-    """Whether the ONNX Runtime CPU graph of a model of this precision stores its 8-bit weights
-    symmetric (no zero-point input). int8 models do: the same error as min/max with a zero point
-    (SmolLM2 int8: check KL 2.1e-3 vs 1.9e-3, held-out 1.8e-3 vs 1.9e-3), 1/32 fewer bytes, and
-    MatMulNBits' int8 kernel runs faster without per-block zero points (decode +6% on the 1.1b,
-    +2.5% on SmolLM2 in same-loop A/B runs). int4 models do not: their 8-bit tensors (QKV, down,
-    lm_head) are there for accuracy, and SmolLM2's int4 KL moved from 0.046 to 0.052 (budget 0.05)
-    with them symmetric."""
-    return model_precision == "int8"
-
-
-def cpu_matmul_nbits(w_t: np.ndarray, *, precision: str, block: int, imp: np.ndarray | None = None,
-                     model_precision: str | None = None, hessian: np.ndarray | None = None):
-    """The ONNX Runtime CPU graph's form of a quantized linear -> (bits, blob, scales, zero_points).
-    precision: the tensor's own; model_precision: the model's (default: the same), which decides
-    whether 8-bit weights are symmetric (cpu_symmetric_8bit). 4-bit weights always keep their zero
-    points (at 16 levels the asymmetric grid is worth 1/64 bytes). hessian: GPTQ rounding."""
-    bits = 8 if precision == "int8" else 4
-    symmetric = bits == 8 and cpu_symmetric_8bit(model_precision or precision)
+def nbits_tensors(w_t: np.ndarray, form: QuantForm, *, imp: np.ndarray | None = None,
+                  hessian: np.ndarray | None = None):
+    """The ONNX Runtime CPU graph's MatMulNBits tensors of w_t [K, N] in `form` -> (blob, scales,
+    zero_points or None). hessian: GPTQ rounding (_gptq) instead of importance-weighted rounding."""
     if hessian is not None:
-        blob, scale, zp = gptq_matmul_nbits(w_t, hessian, bits=bits, block=block, symmetric=symmetric)
+        return gptq_matmul_nbits(w_t, hessian, bits=form.bits, block=form.block, symmetric=form.symmetric)
+    return matmul_nbits(w_t, bits=form.bits, block=form.block, imp=imp, symmetric=form.symmetric)
+
+
+def portable_tensors(w_t: np.ndarray, form: QuantForm, *, imp: np.ndarray | None = None,
+                     hessian: np.ndarray | None = None):
+    """The portable graph's DequantizeLinear tensors of w_t [K, N] in `form` -> (q, scale, block):
+    INT4 values [K, N] with scale [K/block, N] (block-wise along K), or, for 8-bit forms and 4-bit
+    ones whose K no block divides, int8 [K, N] with scale [N] per output channel (block None)."""
+    block = portable_int4_block(w_t.shape[0], form.block) if form.bits == 4 else None
+    if block is not None:
+        q, scale = int4_blockwise(w_t, block, imp) if hessian is None else gptq_int4_blockwise(w_t, hessian, block)
     else:
-        blob, scale, zp = matmul_nbits(w_t, bits=bits, block=block, imp=imp, symmetric=symmetric)
-    return bits, blob, scale, zp
+        q, scale = int8_per_channel(w_t, imp) if hessian is None else gptq_int8_per_channel(w_t, hessian)
+    return q, scale, block
 
 
 def dequant_matmul_nbits(blob, scale, zp, *, K: int, N: int, bits: int, block: int) -> np.ndarray:
@@ -337,46 +345,10 @@ def portable_int4_block(K: int, block: int) -> int | None:
     return next((b for b in (block, 128, 64, 32) if K % b == 0), None)
 
 
-# ONNX Runtime's CPU MatMulNBits (accuracy_level 4) quantizes its input to int8 per block of K as
-# well, so a block is both the weights' and the activations' unit. At 8 bits the weights lose little
-# at 128-wide blocks (SmolLM2 int8 with float activations: mean KL 0.0004 at 32, 0.0010 at 128) and
-# the kernel runs faster (1.1b int8 decode +29%, prefill +29%, same-loop A/B); the error that grows
-# is the activations', which the AWQ search models (fake_quant_act_blocks). The output layer keeps
-# the 4-bit block: its input, the final norm, has the outlier channels (SmolLM2 int8 with every
-# block at 128: mean KL 0.0044, 0.0024 with the output layer's activations alone in float; with its
-# block at 32, as shipped: 0.0025, against 0.0016 all at 32, and 0.0039 for onnxruntime-genai's int8).
-# An explicit --block-size sets every block (block8 = block): the way back to 32 where a model's int8
-# misses its accuracy budget (`check`), at ~9% more bytes for its 8-bit tensors.
-CPU_8BIT_BLOCK = 128
-BLOCK_SIZES = (16, 32, 64, 128, 256)  # what --block-size accepts
-DEFAULT_BLOCK = 32  # without --block-size
-# The CPU compact recipe's default block: 4.56 bits per weight (4-bit, fp32 scale and 4-bit zero point per
-# 64), about llama.cpp's Q4_0 (4.5) and under onnxruntime-genai's int4 (block 32: 5.1). With GPTQ
-# rounding its SmolLM2 held-out KL (0.122) is about what block 32 read before GPTQ (0.119); the
-# 1.1b decodes 14% and prefills 7% faster than at block 32 (same-loop A/B).
-COMPACT_BLOCK = 64
-
-
-def resolve_blocks(precision: str, protect: bool, target: str, block: int | None = None) -> tuple[int, int]:
-    """(block, block8): the block of 4-bit tensors and of the CPU output layer, and that of the CPU
-    graph's 8-bit layer projections (cpu_block). An explicit block (--block-size) sets both; without
-    one, DEFAULT_BLOCK (the CPU compact recipe, protect=False: COMPACT_BLOCK) and CPU_8BIT_BLOCK."""
-    if block is not None:
-        return block, block
-    compact = precision == "int4" and not protect and target == "ort-cpu"
-    return (COMPACT_BLOCK if compact else DEFAULT_BLOCK), CPU_8BIT_BLOCK
-
-
-def cpu_block(precision: str, block: int, *, block8: int = CPU_8BIT_BLOCK, lm_head: bool = False) -> int:
-    """The MatMulNBits block of a CPU linear stored at `precision` (its own): block8 for 8-bit layer
-    projections, `block` for 4-bit ones and the output layer (see resolve_blocks)."""
-    return block8 if precision == "int8" and not lm_head else block
-
-
 def fake_quant_act_blocks(x: np.ndarray, block: int) -> np.ndarray:
     """What MatMulNBits at accuracy_level 4 multiplies instead of x [N, K]: each row's blocks of
     `block` along K rounded to int8 with a symmetric scale amax / 127 (round to nearest; the last
-    block zero-padded). Matches ONNX Runtime 1.32's CPU output to float rounding (test_quantize)."""
+    block zero-padded). Matches ONNX Runtime's CPU output to float rounding (test_quantize)."""
     N, K = x.shape
     nb = -(-K // block)
     xb = np.zeros((N, nb * block), np.float32)
@@ -387,51 +359,14 @@ def fake_quant_act_blocks(x: np.ndarray, block: int) -> np.ndarray:
     return (q * scale).reshape(N, nb * block)[:, :K]
 
 
-def fake_quant(w_t: np.ndarray, *, precision: str, target: str, block: int, block8: int = CPU_8BIT_BLOCK,
-               imp: np.ndarray | None = None, model_precision: str | None = None) -> np.ndarray:
-    """Quantize and dequantize w_t [K, N] exactly as the export would (for AWQ's search and the
-    bias correction). precision: the tensor's own (see tensor_precision); model_precision: see
-    cpu_matmul_nbits."""
+def fake_quant(w_t: np.ndarray, form: QuantForm, *, imp: np.ndarray | None = None) -> np.ndarray:
+    """Quantize and dequantize w_t [K, N] exactly as the export stores it in `form` (for AWQ's
+    search and the bias correction)."""
     K, N = w_t.shape
-    if precision in ("fp32", "fp16"):
-        return w_t
-    if target == "ort-cpu":
-        block = cpu_block(precision, block, block8=block8)  # a layer projection's (AWQ searches those)
-        bits, blob, scale, zp = cpu_matmul_nbits(w_t, precision=precision, block=block, imp=imp,
-                                                 model_precision=model_precision)
-        return dequant_matmul_nbits(blob, scale, zp, K=K, N=N, bits=bits, block=block)
-    b = portable_int4_block(K, block) if precision == "int4" else None
-    if b is not None:
-        q, scale = int4_blockwise(w_t, b, imp)
-        return (q.reshape(K // b, b, N) * scale[:, None, :]).reshape(K, N)
-    q, scale = int8_per_channel(w_t, imp)
+    if form.nbits:
+        blob, scale, zp = nbits_tensors(w_t, form, imp=imp)
+        return dequant_matmul_nbits(blob, scale, zp, K=K, N=N, bits=form.bits, block=form.block)
+    q, scale, block = portable_tensors(w_t, form, imp=imp)
+    if block is not None:
+        return (q.reshape(K // block, block, N) * scale[:, None, :]).reshape(K, N)
     return q * scale
-
-
-# int4 keeps the most sensitive projections at 8 bits, as llama.cpp's Q4_K_M keeps attn_v and
-# ffn_down at 6: the fused QKV (it holds V) and the down projection. On SmolLM2 (AWQ, weighted
-# rounding, bias correction) the ONNX Runtime CPU graph's mean KL is 0.068 with all four at 4 bits,
-# 0.047 with down at 8 bits and 0.038 with QKV + down (check, budget 0.05). TensorRT's INT4 is
-# symmetric (no zero points), which costs more: QKV + down gives 0.060 there, so the portable
-# graph keeps o_proj at 8 bits too (0.042); gate/up, half the weights of a layer, stay 4-bit.
-INT4_8BIT_ROLES = {"ort-cpu": ("qkv_proj", "down_proj"), "portable": ("qkv_proj", "o_proj", "down_proj")}
-
-
-# w8a8 quantizes the activations of QKV and gate/up (the large GEMMs of prefill) with one static
-# int8 scale each; o_proj and down_proj get int8 weights with float activations. The down
-# projection's input silu(gate) * up has tails that one static scale cannot cover: on SmolLM2 the
-# mean KL is 0.096 with all four W8A8, 0.023 with down weight-only, 0.018 with o and down (those
-# two still smoothed; unsmoothed weight-only o/down, as built: 0.009).
-W8A8_ACTIVATION_ROLES = ("qkv_proj", "gate_up_proj")
-
-
-def tensor_precision(precision: str, role: str, target: str, protect: bool = True) -> str:
-    """The precision a linear of this role (qkv_proj, o_proj, gate_up_proj, down_proj) gets.
-    protect=False: int4 quantizes all four to 4 bits (the compact recipe: `--int4-recipe compact`,
-    and the planner's fallback when the 8-bit roles do not fit the device; the bigger the model,
-    the less 4 bits cost it)."""
-    if precision == "int4" and protect and role in INT4_8BIT_ROLES[target]:
-        return "int8"
-    if precision == "w8a8" and role not in W8A8_ACTIVATION_ROLES:
-        return "int8"
-    return precision

@@ -1,13 +1,10 @@
 """The torch-free runtime: load an artifact, prefill, decode with the KV cache, sample, stream.
 
-Backends share one small interface (Polygraphy-style runners):
-    backend.empty_cache(batch) -> cache
-    backend.take_cache(batch) -> cache, backend.give_back_cache(batch, cache): a generation's cache,
-      which a backend may recycle from the previous generation (else take_cache = empty_cache)
-    backend.forward(input_ids, attention_mask, position_ids, cache, last_only=False) -> (logits [B, S, V], cache)
-      last_only: the caller needs the last position's logits only; a backend may then return [B, 1, V]
-The ONNX Runtime backend keeps the cache as OrtValues bound through I/O binding: the present
-tensors of one step are bound as the past of the next without a copy through numpy.
+Every backend (ONNX Runtime here, TensorRT in trt_runtime.py, the PyTorch reference in model.py)
+implements the `Backend` protocol, and `LlamaModel.steps` is the one decode loop over it that
+`run`, the Python API, `bench` and `check` drive. The ONNX Runtime backend keeps the cache as
+OrtValues bound through I/O binding: the present tensors of one step are bound as the past of
+the next without a copy through numpy.
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ import mmap
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -24,6 +22,29 @@ from . import LlamaExportError
 from .config import LlamaConfig
 from .manifest import read_manifest
 from .sampling import Sampler, SamplingConfig
+
+
+class Backend(Protocol):
+    """What the decode loop needs of a runtime (Polygraphy-style runner)."""
+
+    threads: int | None  # CPU threads it runs with, None where that does not apply
+
+    def empty_cache(self, batch: int):
+        """A fresh, empty KV cache for `batch` rows."""
+
+    def take_cache(self, batch: int):
+        """A cache for a new generation; may recycle one given back (else = empty_cache)."""
+
+    def give_back_cache(self, batch: int, cache) -> None:
+        """A finished (or abandoned) generation's cache, for take_cache to recycle."""
+
+    def forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
+        """input_ids, position_ids [B, S], attention_mask [B, past + S] -> (logits [B, S, V] float32
+        numpy, cache). last_only: the caller needs the last position's logits only; a backend may
+        then return [B, 1, V]."""
+
+    def close(self) -> None:
+        """Release what the backend holds (sessions, engines, device memory)."""
 
 
 def default_threads() -> int:
@@ -37,7 +58,7 @@ def _lazy_zeros(shape, dtype) -> np.ndarray:
     """np.zeros whose pages become memory only when written, and go back to the OS when freed. A
     max-length KV buffer is mostly never touched; np.zeros gets that from glibc only while its
     mmap threshold is low: once a freed buffer has raised it, the next generation's buffers come
-    from the heap, zeroed in full (the 1.1B model's RSS grew by 140 MB over 4 generations)."""
+    from the heap, zeroed in full, and RSS grows with every generation."""
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if n < 1 << 20:
         return np.zeros(shape, dtype)
@@ -47,7 +68,7 @@ def _lazy_zeros(shape, dtype) -> np.ndarray:
 
 
 class OnnxRuntimeBackend:
-    """Runs `model.onnx` with ONNX Runtime on the CPU."""
+    """Runs `model.onnx` with ONNX Runtime on the CPU (a Backend)."""
 
     def __init__(self, model_path: Path, cfg: LlamaConfig, io: dict, *, threads: int | None = None,
                  shared_kv: bool = False):
@@ -94,8 +115,8 @@ class OnnxRuntimeBackend:
     def take_cache(self, batch: int):
         """A cache for a new generation, reusing a finished one's buffers (give_back_cache) when
         they have this batch size: their pages are already mapped (a fresh max-length cache costs
-        SmolLM2 60 maps and ~1000 page faults, ~2 ms of a 30 ms prefill), and their binding is
-        kept unless another cache was bound since. Stale entries past the new sequence are never
+        two maps per layer and a page fault per page written), and their binding is kept unless
+        another cache was bound since. Stale entries past the new sequence are never
         read: GroupQueryAttention attends to each row's seqlens_k + 1 positions only. Only one
         generation holds the spare; others get a fresh cache."""
         if self.shared_kv and self._spare is not None and self._spare[0] == batch:
@@ -106,6 +127,11 @@ class OnnxRuntimeBackend:
     def give_back_cache(self, batch: int, cache):
         if self.shared_kv:
             self._spare = (batch, cache)  # one spare in all: a cache of another batch size is let go
+
+    def close(self):
+        self._io = self._io_cache = self._spare = None
+        self._bound = {}
+        self.sess = None
 
     def _binding(self, cache):
         """An IOBinding with the cache bound. A shared cache is bound once per generation (its buffers never
@@ -130,7 +156,7 @@ class OnnxRuntimeBackend:
         """Bind an input unless this very object (same shape) is bound already. On the CPU provider
         (the only one this backend uses) a binding points at the array's memory, so a caller that
         updates its arrays in place between steps (steps() does, for input_ids and position_ids)
-        costs no rebinding (~10 us an input on this VM). _bound also keeps the arrays alive."""
+        costs no rebinding. _bound also keeps the arrays alive."""
         shape = value.shape if isinstance(value, np.ndarray) else None
         prev = self._bound.get(name)
         if prev is not None and prev[0] is value and prev[1] == shape:
@@ -156,7 +182,7 @@ class OnnxRuntimeBackend:
         self._bind(io, "position_ids", position_ids)
         if self.shared_kv:
             # The logits go straight into a fresh array: get_outputs() would wrap every present buffer
-            # too (~40 us a step for 30 layers), and a fresh array stays valid after the next step.
+            # too (two OrtValues per layer per step), and a fresh array stays valid after the next step.
             B, S = input_ids.shape
             logits = np.empty((B, 1 if last_only else S, self.cfg.vocab_size), self.logits_dtype)
             io.bind_output("logits", "cpu", 0, self.logits_dtype, logits.shape, logits.ctypes.data)
@@ -188,11 +214,14 @@ class LlamaModel:
     @classmethod
     def load(cls, artifact_dir, *, threads: int | None = None, backend: str | None = None) -> "LlamaModel":
         """backend: None = the manifest's; "onnxruntime" also runs the ONNX graph of a TensorRT
-        artifact (e.g. to check an --export-only build before compiling it on the target)."""
+        artifact (e.g. to check an --export-only build before compiling it on the target).
+        threads: CPU threads (None: the profile's, recorded at build; 0 there = all available)."""
         d = Path(artifact_dir)
         m = read_manifest(d)
         cfg = LlamaConfig.from_dict(m["model"])
         backend_name = backend or m.get("backend", "onnxruntime")
+        if threads is None:
+            threads = (m.get("runtime") or {}).get("threads") or None
         if backend_name == "onnxruntime":
             backend = OnnxRuntimeBackend(d / m["files"]["onnx"], cfg, m["io"], threads=threads,
                                          shared_kv=m["kv_cache"].get("form") == "past_present_shared")
@@ -206,6 +235,16 @@ class LlamaModel:
             from .tokenizer import load_tokenizer
             tok = load_tokenizer(d)
         return cls(d, m, backend, tok)
+
+    def close(self):
+        """Release the backend (its session or engine and KV buffers)."""
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # ------------------------------------------------------------------ prompts
     def require_tokenizer(self):
@@ -232,9 +271,13 @@ class LlamaModel:
 
     # ------------------------------------------------------------------ core loop
     def steps(self, prompts: list[list[int]], *, max_new_tokens: int = 128,
-              sampling: SamplingConfig | None = None, eos_ids=None) -> Iterator[np.ndarray]:
+              sampling: SamplingConfig | None = None, eos_ids=None,
+              on_logits: Callable[[np.ndarray], None] | None = None) -> Iterator[np.ndarray]:
         """Generate for a batch of token-id prompts (left-padded together), yielding the new
-        token of every row [B] after each step. Rows that reached EOS keep yielding EOS."""
+        token of every row [B] after each step. Rows that reached EOS keep yielding EOS.
+
+        on_logits: receives each forward's logits (`check` collects them): the prefill's for every
+        prompt position [B, S, V], then each decode step's [B, 1, V]."""
         sampling = sampling or SamplingConfig()
         if eos_ids is None:
             eos_ids = self.tokenizer.eos_ids if self.tokenizer else []
@@ -244,6 +287,8 @@ class LlamaModel:
         if B == 0 or min(lens) == 0:
             raise LlamaExportError("empty prompt: give at least one token")
         if len(set(lens)) > 1 and not self.manifest.get("left_padding", True):
+            if on_logits is not None:
+                raise LlamaExportError("on_logits needs prompts of one length on this graph (no left padding)")
             # this graph's fused attention (GroupQueryAttention) assumes unpadded rows: run each
             # row alone, in lockstep, so the batch API keeps its meaning
             yield from self._lockstep(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
@@ -269,9 +314,11 @@ class LlamaModel:
         done = np.zeros(B, bool)
         cache = self.backend.take_cache(B)
         try:
-            logits, cache = self.backend.forward(ids, mask, pos, cache, last_only=True)
+            logits, cache = self.backend.forward(ids, mask, pos, cache, last_only=on_logits is None)
+            if on_logits is not None:
+                on_logits(logits)
             # Decode steps reuse their input arrays, updated in place (the backend then keeps its bindings),
-            # and the mask is a growing view of one buffer: Python's share of a step stays ~0.1 ms.
+            # and the mask is a growing view of one buffer: Python's share of a step stays small.
             full_mask = np.ones((B, S + max_new_tokens), np.int64)
             full_mask[:, :S] = mask
             cur = np.empty((B, 1), np.int64)
@@ -288,6 +335,8 @@ class LlamaModel:
                     return
                 cur[:, 0] = tok
                 logits, cache = self.backend.forward(cur, full_mask[:, :S + step + 1], next_pos, cache, last_only=True)
+                if on_logits is not None:
+                    on_logits(logits)
                 next_pos += 1
         finally:  # the generation is over (or abandoned): its cache may serve the next one
             self.backend.give_back_cache(B, cache)

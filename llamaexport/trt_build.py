@@ -179,6 +179,9 @@ def build_engine(artifact_dir, manifest: dict, profile, *, progress: bool = True
     if manifest["model"]["max_seq_len"] < 2:
         raise LlamaExportError("the decode profile needs a context of at least 2 tokens; rebuild with --max-seq-len")
     t0 = time.time()
+    mismatch = gpu_mismatch(profile.compute_capability, _gpu_archs())
+    if mismatch:
+        log(f"warning: profile {profile.name} is for {mismatch}; an engine runs only on the GPU model it was built on")
     logger = make_logger(trt)
     plugin_lib = load_plugins(trt)
     builder = trt.Builder(logger)
@@ -206,7 +209,7 @@ def build_engine(artifact_dir, manifest: dict, profile, *, progress: bool = True
 
     config = builder.create_builder_config()
     opts = profile.builder or {}
-    workspace_gb = float(opts.get("workspace_gb", 4.0))
+    workspace_gb = profile.workspace_gb  # what the planner counted
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
     if opts.get("builder_optimization_level") is not None:
         config.builder_optimization_level = int(opts["builder_optimization_level"])
@@ -292,6 +295,19 @@ def compile_artifact(artifact_dir, *, profile: str | None = None, force: bool = 
 
 
 # ---------------------------------------------------------------------------------------------- plugins build
+def gpu_mismatch(compute_capability: str | None, archs: str | None) -> str | None:
+    """A description of how the profile's GPU (compute capability "8.9") differs from this machine's
+    (archs as _gpu_archs gives them, "89" or "80;90"), or None when they agree or either is unknown."""
+    if not compute_capability or not archs:
+        return None
+    want = compute_capability.replace(".", "")
+    have = archs.split(";")
+    if want in have:
+        return None
+    return (f"compute capability {compute_capability}, this machine's GPU has "
+            f"{', '.join(a[:-1] + '.' + a[-1] for a in have)}")
+
+
 def _gpu_archs() -> str | None:
     """This machine's GPU architectures ("89", "80;90"), from nvidia-smi; None if unknown."""
     smi = shutil.which("nvidia-smi")

@@ -28,7 +28,7 @@ def _torch_dtypes(trt, torch) -> dict:
 
 
 class TensorRTBackend:
-    """Runs `engine.plan` on the GPU; `forward` returns host logits and a GPU cache."""
+    """Runs `engine.plan` on the GPU (a runtime.Backend); `forward` returns host logits and a GPU cache."""
 
     threads = None
 
@@ -106,6 +106,14 @@ class TensorRTBackend:
 
     def give_back_cache(self, batch: int, cache):
         pass
+
+    def close(self):
+        """Release the execution contexts, the engine and the runtime (device memory), in that order."""
+        if getattr(self, "stream", None) is not None:
+            self.stream.synchronize()
+        self.contexts = {}
+        self.engine = self.runtime = None
+        self._dummy = None
 
     def _profile_for(self, B: int, S: int, P: int) -> str:
         name = "prefill" if P == 0 else "decode"

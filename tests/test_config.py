@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 
 from llamaexport import LlamaExportError
-from llamaexport.config import (LlamaConfig, config_for_size, config_from_hf, config_from_params_json,
-                                rope_inv_freq, size_names)
+from llamaexport.config import (
+    LlamaConfig,
+    config_for_size,
+    config_from_hf,
+    config_from_params_json,
+    rope_inv_freq,
+    size_names,
+)
 
 
 @pytest.mark.parametrize("size,layers,heads,dim,ffn", [
@@ -93,3 +99,14 @@ def test_llama3_rope_matches_transformers():
                   rope_scaling=dict(c.rope_scaling), max_position_embeddings=131072)
     inv, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, torch.device("cpu"))
     np.testing.assert_allclose(rope_inv_freq(c), inv.double().numpy(), rtol=1e-6)
+
+
+def test_config_is_frozen_and_replace_revalidates():
+    import dataclasses
+
+    cfg = config_for_size("tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.max_seq_len = 8
+    assert dataclasses.replace(cfg, max_seq_len=8).max_seq_len == 8 and cfg.max_seq_len == 256
+    with pytest.raises(LlamaExportError, match="max_seq_len must be positive"):
+        dataclasses.replace(cfg, max_seq_len=0)

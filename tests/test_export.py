@@ -9,13 +9,14 @@ import torch
 from llamaexport.checkpoint import load_checkpoint
 from llamaexport.export import export_onnx
 from llamaexport.model import build_reference
+from llamaexport.recipe import Recipe
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-mha", "tiny-llama3"])
 def exported(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     ck = load_checkpoint(size=request.param, seed=3)
-    spec = export_onnx(ck, d, progress=False)
+    spec = export_onnx(ck, d, Recipe.resolve(precision="fp32", target="portable"), progress=False)
     sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
     return ck, spec, d, sess
 

@@ -1,6 +1,7 @@
 """The memory planner: the paper sizes on our profiles, refusals with numbers, build integration."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,21 @@ from llamaexport.build import build
 from llamaexport.config import config_for_size
 from llamaexport.planner import GiB, choose, plan, plan_all
 from llamaexport.profiles import load_profile, profile_names
+from llamaexport.recipe import Recipe
+
+
+def _plan(size_or_cfg, profile, precision, **kw):
+    """planner.plan for a precision (the recipe's request in kw: int4_recipe, block_size)."""
+    cfg = config_for_size(size_or_cfg) if isinstance(size_or_cfg, str) else size_or_cfg
+    prof = load_profile(profile)
+    request = {k: kw.pop(k) for k in ("int4_recipe", "block_size") if k in kw}
+    return plan(cfg, prof, Recipe.for_profile(prof, precision, **request), **kw)
+
+
+def _choose(size_or_cfg, profile, precision, **kw):
+    cfg = config_for_size(size_or_cfg) if isinstance(size_or_cfg, str) else size_or_cfg
+    prof = load_profile(profile)
+    return choose(cfg, prof, Recipe.candidates(prof, precision), **kw)
 
 
 def test_bundled_profiles_load():
@@ -23,8 +39,7 @@ def test_bundled_profiles_load():
 
 
 def test_7b_fp16_weights_are_13_5_gb_and_fit_a_4090():
-    cfg = config_for_size("7B")
-    p = plan(cfg, load_profile("rtx4090"), "fp16", context=2048)
+    p = _plan("7B", "rtx4090", "fp16", context=2048)
     assert abs(p.weights / 1e9 - 13.5) < 0.1 and p.fits
     # the decode ceiling is bandwidth / bytes per token
     assert abs(p.decode_ceiling - 1008e9 / p.bytes_per_token) < 1e-6
@@ -32,24 +47,23 @@ def test_7b_fp16_weights_are_13_5_gb_and_fit_a_4090():
 
 
 def test_13b_fp16_refused_on_a_4090_with_what_fits():
-    cfg = config_for_size("13B")
     with pytest.raises(LlamaExportError) as e:
-        choose(cfg, load_profile("rtx4090"), "fp16", context=2048)
+        _choose("13B", "rtx4090", "fp16", context=2048)
     msg = str(e.value)
     assert "fp16 needs" in msg and "GiB" in msg and "budget is 22.5 GiB" in msg and "int8, int4, w8a8 fit" in msg
-    assert choose(cfg, load_profile("rtx4090"), "auto", context=2048).precision == "int8"
+    assert _choose("13B", "rtx4090", "auto", context=2048).precision == "int8"
 
 
 def test_65b_fits_nowhere_on_a_4090_but_on_thor_in_int8():
     with pytest.raises(LlamaExportError, match="does not fit rtx4090 at any supported precision"):
-        choose(config_for_size("65B"), load_profile("rtx4090"), "auto", context=2048)
-    assert choose(config_for_size("65B"), load_profile("jetson-thor"), "auto", context=2048).precision == "int8"
+        _choose("65B", "rtx4090", "auto", context=2048)
+    assert _choose("65B", "jetson-thor", "auto", context=2048).precision == "int8"
 
 
 def test_kv_cache_scales_with_context_and_batch():
     cfg = config_for_size("llama2-70B")
-    a = plan(cfg, load_profile("jetson-thor"), "int4", context=1024, batch=1)
-    b = plan(cfg, load_profile("jetson-thor"), "int4", context=4096, batch=2)
+    a = _plan(cfg, "jetson-thor", "int4", context=1024, batch=1)
+    b = _plan(cfg, "jetson-thor", "int4", context=4096, batch=2)
     assert b.kv_cache == pytest.approx(8 * a.kv_cache)
     assert a.kv_cache == 2 * 80 * 8 * 128 * 1024 * 2  # GQA: 8 KV heads, fp16
     assert [q.precision for q in plan_all(cfg, load_profile("cpu"))] == ["fp32", "int8", "int4"]
@@ -78,7 +92,7 @@ def test_w8a8_is_planned_like_int8_but_never_chosen_by_auto():
     for name in profile_names():
         for size in ("tiny", "1.1B", "7B", "13B"):
             try:
-                assert choose(config_for_size(size), load_profile(name), "auto").precision != "w8a8"
+                assert _choose(size, name, "auto").precision != "w8a8"
             except LlamaExportError as e:
                 assert "does not fit" in str(e)
 
@@ -87,12 +101,12 @@ def test_int4_falls_back_to_compact_when_the_8_bit_projections_do_not_fit():
     """13B on the 16 GB cpu profile: int4 with 8-bit QKV/down needs more than the budget, the
     compact recipe (all 4-bit) fits; the plan says which, and the build's manifest records each
     role's precision."""
-    prof = load_profile("cpu")
-    p = choose(config_for_size("13B"), prof, "int4")
-    assert p.precision == "int4" and not p.protect and p.label == "int4 (compact)"
-    small = choose(config_for_size("1.1B"), prof, "int4")
-    assert small.protect and small.label == "int4"
-    assert small.weights == plan(config_for_size("1.1B"), prof, "int4").weights
+    p = _choose("13B", "cpu", "int4")
+    assert p.precision == "int4" and p.recipe.compact and p.label == "int4 (compact)"
+    assert p.recipe.block == 64 and p.recipe.quant_method == "rtn"  # resolved as compact, not accurate's block
+    small = _choose("1.1B", "cpu", "int4")
+    assert not small.recipe.compact and small.label == "int4"
+    assert small.weights == _plan("1.1B", "cpu", "int4").weights
 
 
 def test_manifest_records_tensor_precisions(tmp_path):
@@ -108,8 +122,7 @@ def test_compact_int4_recipe_is_all_4_bit_and_smaller(tmp_path):
     onnxruntime-genai's int4); the planner counts it, the graph has no 8-bit MatMulNBits left."""
     import onnx
 
-    prof, cfg = load_profile("cpu"), config_for_size("1.1B")
-    acc, com = plan(cfg, prof, "int4"), plan(cfg, prof, "int4", compact=True)
+    acc, com = _plan("1.1B", "cpu", "int4"), _plan("1.1B", "cpu", "int4", int4_recipe="compact")
     assert com.label == "int4 (compact)" and acc.label == "int4"
     # 4-bit (5.125 bits/weight with the fp32 scale and 4-bit zero point per 32) vs 8-bit (9.25) on QKV, down, lm_head
     assert 0.6 * acc.weights < com.weights < 0.85 * acc.weights
@@ -140,6 +153,7 @@ def test_planned_weight_bytes_match_the_built_cpu_graph(tmp_path, precision, rec
     8-bit weights without zero points in an int8 model, with them in an int4 model, 4-bit packed."""
     import onnx
     from onnx import numpy_helper
+
     from llamaexport.build import build
     from llamaexport.config import config_for_size
     from llamaexport.planner import weight_bytes
@@ -147,5 +161,29 @@ def test_planned_weight_bytes_match_the_built_cpu_graph(tmp_path, precision, rec
     out = build(out=tmp_path / "a", size="tiny", precision=precision, int4_recipe=recipe, progress=False)
     m = onnx.load(str(out / "model.onnx"))
     actual = sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer)
-    planned, _ = weight_bytes(config_for_size("tiny"), precision, target="ort-cpu", protect=recipe == "accurate")
+    planned, _ = weight_bytes(config_for_size("tiny"), Recipe.resolve(precision=precision, target="ort-cpu",
+                                                                      int4_recipe=recipe))
     assert abs(planned - actual) <= 0.005 * actual, (planned, actual)  # zero points alone are 1.3-1.9%
+
+
+def test_workspace_is_planned_as_built(tmp_path):
+    """A TensorRT profile without [builder] is planned with the workspace the engine build uses."""
+    from llamaexport.profiles import DEFAULT_WORKSPACE_GB
+
+    rtx = (Path(__file__).parents[1] / "llamaexport/profiles/rtx4090.toml").read_text()
+    p = tmp_path / "bare.toml"
+    p.write_text(rtx.split("[builder]")[0])
+    bare = load_profile(str(p))
+    assert bare.builder == {} and bare.workspace_gb == DEFAULT_WORKSPACE_GB
+    assert _plan("7B", str(p), "fp16").workspace == DEFAULT_WORKSPACE_GB * GiB
+    assert load_profile("cpu").workspace_gb == 0
+    p.write_text(rtx.replace("workspace_gb = 4.0", "workspace_gb = -1"))
+    with pytest.raises(LlamaExportError, match="workspace_gb must be a positive number"):
+        load_profile(str(p))
+
+
+def test_gpu_mismatch_is_named():
+    from llamaexport.trt_build import gpu_mismatch
+
+    assert gpu_mismatch("8.9", "89") is None and gpu_mismatch("8.9", None) is None and gpu_mismatch(None, "90") is None
+    assert gpu_mismatch("8.9", "80;90") == "compute capability 8.9, this machine's GPU has 8.0, 9.0"

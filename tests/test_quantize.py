@@ -9,6 +9,11 @@ from onnx import TensorProto, helper, numpy_helper
 from llamaexport import quantize as Q
 from llamaexport.awq import LayerwiseCalibrator, apply_awq
 from llamaexport.checkpoint import load_checkpoint
+from llamaexport.quantize import QuantForm
+from llamaexport.recipe import Recipe
+
+INT4_PORTABLE = QuantForm(bits=4, block=32, symmetric=True, nbits=False)
+INT8_PER_CHANNEL = QuantForm(bits=8, block=None, symmetric=True, nbits=False)
 
 
 def _run(nodes, inits, x, n_out, opsets=(("", 21), ("com.microsoft", 1))):
@@ -59,7 +64,7 @@ def test_portable_int4_and_int8_dequantize_like_onnxruntime():
              helper.make_node("MatMul", ["x", "W"], ["y"])]
     deq = (q.reshape(K // 32, 32, N) * s[:, None, :]).reshape(K, N)
     np.testing.assert_allclose(_run(nodes, [qt, numpy_helper.from_array(s, "S")], x, N), x @ deq, atol=1e-4)
-    np.testing.assert_allclose(Q.fake_quant(w, precision="int4", target="portable", block=32), deq)
+    np.testing.assert_allclose(Q.fake_quant(w, INT4_PORTABLE), deq)
     q8, s8 = Q.int8_per_channel(w)
     nodes = [helper.make_node("DequantizeLinear", ["Q", "S"], ["W"], axis=1), helper.make_node("MatMul", ["x", "W"], ["y"])]
     out = _run(nodes, [numpy_helper.from_array(q8, "Q"), numpy_helper.from_array(s8, "S")], x, N)
@@ -89,7 +94,8 @@ def test_awq_folding_preserves_the_float_function(size):
     h0 = cal.h.clone()
     acts = cal.layer(w)
     # 4 bits in blocks of 16: coarse enough that the search picks alpha > 0 on these random weights
-    folded, stats = apply_awq(cfg, w, acts, lambda wt, imp, group: Q.fake_quant(wt, precision="int4", target="ort-cpu", block=16, imp=imp))
+    form = QuantForm(bits=4, block=16, symmetric=False, nbits=True)
+    folded, stats = apply_awq(cfg, w, acts, lambda wt, imp, group: Q.fake_quant(wt, form, imp=imp))
     assert set(stats) == {"qkv", "o", "gate_up", "down"}
     for k in ("attention_norm.weight", "ffn_norm.weight", "feed_forward.w3.weight", "attention.wv.weight"):
         assert not np.allclose(folded[k], w[k]), f"{k} was not rescaled"
@@ -135,23 +141,24 @@ def test_importance_weighted_rounding_lowers_the_weighted_error():
         assert weighted <= plain * (1 + 1e-6), name
         if name != "int8":  # 8-bit per-channel has little room to choose
             assert weighted < 0.95 * plain, (name, weighted, plain)
-        np.testing.assert_array_equal(deq(imp), Q.fake_quant(w, precision=name.replace("nbits4", "int4"),
-                                                             target="ort-cpu" if name == "nbits4" else "portable",
-                                                             block=32, imp=imp))
+        form = {"nbits4": QuantForm(bits=4, block=32, symmetric=False, nbits=True), "int4": INT4_PORTABLE,
+                "int8": INT8_PER_CHANNEL}[name]
+        np.testing.assert_array_equal(deq(imp), Q.fake_quant(w, form, imp=imp))
 
 
 def _exported_linear_error(d, w, precision, target, stats, rows):
     """Export one linear as the model would (_Emitter.linear, with `stats`), run it with ONNX
-    Runtime, and return x -> its output minus x @ w (x: [rows, K] float32)."""
-    from llamaexport.export import OPSET, _Emitter
-    from llamaexport.onnx_graph import GraphBuilder
+    Runtime, and return x -> its output minus x @ w (x: [rows, K] float32). The role is gate_up_proj,
+    which is stored at the model's precision in every recipe."""
+    from llamaexport.export import _Emitter
+    from llamaexport.onnx_graph import OPSET, GraphBuilder
 
     d.mkdir()
     K, N = w.shape
     g = GraphBuilder(d / "model.onnx.data", opset=OPSET)
-    e = _Emitter(g, precision, target, 32)
+    e = _Emitter(g, Recipe.resolve(precision=precision, target=target))
     g.input("x", TensorProto.FLOAT if e.act == "float32" else TensorProto.FLOAT16, [rows, K])
-    y = e.cast(e.linear("x", w, "w", "/lin", stats=stats), True, "/out")
+    y = e.cast(e.linear("x", w, wname="w", name="/lin", role="gate_up_proj", stats=stats), True, "/out")
     g.op("Identity", [y], name="/y", outputs=["y"])
     g.output("y", TensorProto.FLOAT, [rows, N])
     g.save(d / "model.onnx", producer="test")
@@ -195,15 +202,14 @@ def test_smoothquant_folding_preserves_the_float_function():
     cal.h[..., 5] *= 30  # an outlier channel, as real LLM activations have
     h0 = cal.h.clone()
     acts = cal.layer(w)
-    folded, stats = apply_smoothquant(cfg, w, acts, lambda wt, imp: Q.fake_quant(wt, precision="int8", target="portable",
-                                                                                  block=32, imp=imp))
+    folded, stats = apply_smoothquant(cfg, w, acts, lambda wt, imp, group: Q.fake_quant(wt, INT8_PER_CHANNEL, imp=imp))
     x = acts["qkv"]
     spread = lambda a: np.abs(a).max(axis=0).max() / np.median(np.abs(a).max(axis=0))  # noqa: E731
     s = w["attention_norm.weight"] / folded["attention_norm.weight"]
     assert spread(x / s) < spread(x) / 2
     for g in ("qkv", "o", "gate_up", "down"):
         assert 0 < stats[g]["amax"] <= stats[g]["absmax"] * (1 + 1e-6)
-    _, st = apply_smoothquant(cfg, w, acts, lambda wt, imp: wt, groups=("qkv",))
+    _, st = apply_smoothquant(cfg, w, acts, lambda wt, imp, group: wt, groups=("qkv",))
     assert "amax" in st["qkv"] and "amax" not in st["down"]
 
     torch.testing.assert_close(_run_block(cfg, folded, h0, cal), _run_block(cfg, w, h0, cal), atol=1e-4, rtol=1e-4)
@@ -222,13 +228,15 @@ def test_w8a8_graph_quantizes_every_linear_input(tmp_path):
 
     ck = load_checkpoint(size="tiny", seed=4)
     cfg = ck.config
-    export_onnx(ck, tmp_path, precision="w8a8", calibration=calibration_ids(None, cfg.vocab_size), progress=False)
+    export_onnx(ck, tmp_path, Recipe.resolve(precision="w8a8", target="portable"),
+                calibration=calibration_ids(None, cfg.vocab_size), progress=False)
     m = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
     q = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
     assert len(q) == 2 * cfg.n_layers
     roles = sorted({n.name.split("/")[-3] for n in q})
     assert roles == ["gate_up_proj", "qkv_proj"], roles
-    assert sum(n.op_type == "DequantizeLinear" and n.name.endswith("proj/DequantizeLinear") for n in m.graph.node) == 4 * cfg.n_layers
+    weight_dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("proj/DequantizeLinear")]
+    assert len(weight_dq) == 4 * cfg.n_layers
     init = {i.name: i for i in m.graph.initializer}
     assert init["model.layers.0.attn.qkv_proj.weight.qweight"].data_type == TensorProto.INT8
     assert init["model.layers.0.attn.qkv_proj.weight.input_scale"].data_type == TensorProto.FLOAT16
@@ -242,7 +250,8 @@ def test_w8a8_graph_quantizes_every_linear_input(tmp_path):
     got = torch.from_numpy(sess.run(["logits"], feed)[0]).double()
     ref = build_reference(cfg, {k: ck.weights[k] for k in ck.weights})
     with torch.no_grad():
-        want = ref(torch.from_numpy(ids), torch.ones(1, 16, dtype=torch.long), torch.arange(16)[None], ref.empty_cache(1))[0].double()
+        want = ref(torch.from_numpy(ids), torch.ones(1, 16, dtype=torch.long), torch.arange(16)[None],
+                   ref.empty_cache(1))[0].double()
     kl = (want.softmax(-1) * (want.log_softmax(-1) - got.log_softmax(-1))).sum(-1).mean().item()
     assert kl < 0.01, kl
 
@@ -391,14 +400,18 @@ def test_quant_method_auto_and_the_manifest(tmp_path):
     an explicit gptq builds (here on random ids: tiny has no tokenizer) and says so in the manifest."""
     import json
 
-    from llamaexport.build import _quant_method, build
+    from llamaexport.build import build
 
-    tok = object()
-    assert _quant_method("auto", "int4", tok, compact=True) == "gptq"
-    assert _quant_method("auto", "int4", tok) == "awq"
-    assert _quant_method("auto", "int8", tok, compact=False) == "awq"
-    assert _quant_method("auto", "int4", None, compact=True) == "rtn"
-    assert _quant_method("auto", "fp32", tok) is None
+    def method(precision, calibration, **kw):
+        return Recipe.resolve(precision=precision, target="ort-cpu", calibration=calibration, **kw).quant_method
+
+    assert method("int4", True, int4_recipe="compact") == "gptq"
+    assert method("int4", True) == "awq"
+    assert method("int8", True) == "awq"
+    assert method("int4", False, int4_recipe="compact") == "rtn"
+    assert method("fp32", True) is None
+    assert method("int4", True, quant_method="rtn") == "rtn"
+    assert Recipe.resolve(precision="w8a8", target="portable").quant_method == "smoothquant"
     out = build(out=tmp_path / "a", size="tiny", precision="int4", quant_method="gptq", progress=False)
     assert json.loads((out / "manifest.json").read_text())["quantization"] == "awq+gptq"
 
@@ -442,9 +455,8 @@ def test_awq_search_that_models_int8_activations_lowers_the_kernels_error():
     fit, held = ((rng.normal(size=(n, K)) * gain).astype(np.float32) for n in (512, 512))
     xm = np.abs(fit).mean(axis=0).astype(np.float64) + 1e-8
 
-    def fq(w_t, imp):
-        return Q.fake_quant(w_t, precision="int8", target="ort-cpu", block=block, block8=block, imp=imp,
-                            model_precision="int4")
+    def fq(w_t, imp):  # an int4 model's 8-bit tensor: with zero points
+        return Q.fake_quant(w_t, QuantForm(bits=8, block=block, symmetric=False, nbits=True), imp=imp)
 
     errs = {}
     for aware in (False, True):
@@ -457,7 +469,7 @@ def test_awq_search_that_models_int8_activations_lowers_the_kernels_error():
 @pytest.mark.parametrize("precision,block_size", [("int8", None), ("int4", None), ("int8", 32), ("int4", 64)])
 def test_cpu_graph_blocks_per_role(tmp_path, precision, block_size):
     """By default the CPU graph's 8-bit layer projections use 128-wide blocks, the 4-bit ones and the
-    output layer 32 (quantize.cpu_block); an explicit --block-size sets every block; the manifest says
+    output layer 32 (Recipe.form); an explicit --block-size sets every block; the manifest says
     which."""
     import json
 
@@ -501,7 +513,8 @@ def test_awq_models_the_activation_blocks_the_graph_uses(tmp_path, monkeypatch, 
     monkeypatch.setattr(Q, "fake_quant_act_blocks", spy)
     ck = load_checkpoint(size="tiny", seed=3)
     ids = np.random.default_rng(0).integers(0, ck.config.vocab_size, (2, 32))
-    export_onnx(ck, tmp_path, precision=precision, target="ort-cpu", calibration=ids, progress=False)
+    export_onnx(ck, tmp_path, Recipe.resolve(precision=precision, target="ort-cpu", calibration=True),
+                calibration=ids, progress=False)
     m = onnx.load(tmp_path / "model.onnx", load_external_data=False)
     built = {(a["K"], a["block_size"]) for n in m.graph.node if n.op_type == "MatMulNBits"
              for a in [{x.name: helper.get_attribute_value(x) for x in n.attribute}]}

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_hf_model
+
 from llamaexport.checkpoint import load_checkpoint
 from llamaexport.model import build_reference
 

@@ -9,7 +9,7 @@ import torch
 
 from llamaexport import LlamaExportError
 from llamaexport.checkpoint import load_checkpoint
-from llamaexport.model import build_reference, greedy
+from llamaexport.model import build_reference
 from llamaexport.runtime import LlamaModel
 from llamaexport.sampling import Sampler, SamplingConfig
 
@@ -28,10 +28,21 @@ def reference():
 PROMPTS = [[5, 17, 99, 3, 250], [400, 2], [7, 7, 7, 8, 9, 10, 11, 12, 13]]
 
 
+def _greedy_without_cache(reference, prompt, n):
+    """The oracle: each next token from one full forward over everything so far (no KV cache)."""
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            t = torch.tensor([ids])
+            logits, _ = reference(t, torch.ones_like(t), torch.arange(len(ids))[None], reference.empty_cache(1))
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 def test_greedy_tokens_equal_reference(model, reference):
     for p in PROMPTS:
         got = model.generate_ids([p], max_new_tokens=24, eos_ids=[])[0]
-        assert got == greedy(reference, p, 24)
+        assert got == _greedy_without_cache(reference, p, 24)
 
 
 def test_left_padded_batch_equals_single_runs(model):
@@ -59,8 +70,12 @@ def test_sampling_is_seeded_and_filters_like_hf(model):
 
 
 def test_sampler_distribution_matches_transformers_warpers():
-    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 3, (2, 50)).astype(np.float32)
@@ -193,3 +208,40 @@ def test_kv_buffers_are_zero_pages_until_written():
         b[0, :, :4] = 1.0  # the first positions only, as a short generation writes them
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB: far below 256 MiB
     assert bufs[0][0, 0, :4].all() and not bufs[0][0, 0, 4:].any()
+
+
+def test_the_profiles_threads_reach_the_runtime(tmp_path):
+    """A profile's [runtime] threads is recorded at build and used when --threads is not given."""
+    from pathlib import Path
+
+    from llamaexport.build import build
+
+    cpu = (Path(__file__).parents[1] / "llamaexport/profiles/cpu.toml").read_text()
+    prof = tmp_path / "one-thread.toml"
+    prof.write_text(cpu.replace('name = "cpu"', 'name = "one-thread"').replace("threads = 0 ", "threads = 1 "))
+    out = build(out=tmp_path / "a", size="tiny", profile=str(prof), progress=False)
+    with LlamaModel.load(out) as m:
+        assert m.manifest["runtime"] == {"threads": 1} and m.backend.threads == 1
+    with LlamaModel.load(out, threads=2) as m:
+        assert m.backend.threads == 2
+
+
+def test_check_drives_the_runtime_decode_loop(tiny_artifact, monkeypatch):
+    """check's artifact logits come from LlamaModel.steps (what run uses): the prefill over the whole
+    prompt, then single-token decode steps asking for the last position only, on the recycled cache."""
+    from llamaexport.parity import check
+    from llamaexport.runtime import OnnxRuntimeBackend
+
+    calls = []
+    real = OnnxRuntimeBackend.forward
+
+    def spy(self, input_ids, attention_mask, position_ids, cache, last_only=False):
+        calls.append((np.shape(input_ids)[1], last_only))
+        return real(self, input_ids, attention_mask, position_ids, cache, last_only)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "forward", spy)
+    r = check(tiny_artifact, n_tokens=6, progress=False, write=False)
+    assert r["passed"] and r["greedy_identical"]
+    decode = [c for c in calls if c[0] == 1]
+    assert decode and all(last_only for _, last_only in decode)
+    assert sum(1 for c in calls if c[0] > 1 and not c[1]) >= r["prompts"]  # each prompt's full prefill

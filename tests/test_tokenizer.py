@@ -8,8 +8,8 @@ written with gguf.GGUFWriter from that model.
 import json
 
 import pytest
-
 from conftest import train_tiny_spm
+
 from llamaexport import LlamaExportError
 from llamaexport.tokenizer import StreamDecoder, load_tokenizer, tokenizer_from_gguf
 

@@ -1,0 +1,78 @@
+"""The Recipe: every build rule resolved once, each bad request refused with one message."""
+
+import json
+
+import pytest
+
+from llamaexport import LlamaExportError
+from llamaexport.config import config_for_size
+from llamaexport.profiles import load_profile
+from llamaexport.recipe import LM_HEAD, ROLES, Recipe
+
+
+@pytest.mark.parametrize("request_,message", [
+    (dict(precision="int9", target="ort-cpu"), "unknown precision 'int9'; choose one of fp32, fp16, int8, int4, w8a8"),
+    (dict(precision="int8", target="gpu"), "unknown export target 'gpu'"),
+    (dict(precision="int8", target="ort-cpu", int4_recipe="tiny"), "unknown --int4-recipe 'tiny'"),
+    (dict(precision="int8", target="ort-cpu", int4_recipe="compact"), "applies to int4 only"),
+    (dict(precision="int8", target="ort-cpu", block_size=48), "--block-size 48 is not supported; choose 16, 32"),
+    (dict(precision="int8", target="ort-cpu", quant_method="hqq"), "unknown quantization method 'hqq'"),
+    (dict(precision="w8a8", target="ort-cpu"), "w8a8 (SmoothQuant) is for TensorRT profiles"),
+    (dict(precision="w8a8", target="portable", quant_method="gptq"), "does not apply to w8a8"),
+])
+def test_each_bad_request_gets_one_message(request_, message):
+    with pytest.raises(LlamaExportError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Recipe.resolve(**request_)
+
+
+def test_profile_precisions_are_checked_once():
+    with pytest.raises(LlamaExportError, match="fp16 is not supported by profile cpu; choose one of fp32, int8, int4"):
+        Recipe.candidates(load_profile("cpu"), "fp16")
+    assert [str(r.precision) for r in Recipe.candidates(load_profile("rtx4090"))] == ["fp16", "int8", "int4"]
+    assert [str(r.precision) for r in Recipe.every(load_profile("rtx4090"))] == ["fp16", "int8", "int4", "w8a8"]
+    with pytest.raises(LlamaExportError, match="applies to int4 only"):
+        Recipe.candidates(load_profile("cpu"), "auto", int4_recipe="compact")
+
+
+def test_per_role_answers_cpu_and_portable():
+    """int4 keeps QKV and down (portable: o too) 8-bit; the CPU int8 model's 8-bit tensors are symmetric,
+    an int4 model's keep zero points; CPU 8-bit layer projections use 128-wide blocks, the output layer 32."""
+    cpu8 = Recipe.resolve(precision="int8", target="ort-cpu")
+    assert {r: (f.bits, f.block, f.symmetric) for r in (*ROLES.values(), LM_HEAD) if (f := cpu8.form(r))} == {
+        "qkv_proj": (8, 128, True), "o_proj": (8, 128, True), "gate_up_proj": (8, 128, True),
+        "down_proj": (8, 128, True), "lm_head": (8, 32, True)}
+    cpu4 = Recipe.resolve(precision="int4", target="ort-cpu")
+    assert {r: cpu4.tensor_precision(r) for r in (*ROLES.values(), LM_HEAD)} == {
+        "qkv_proj": "int8", "o_proj": "int4", "gate_up_proj": "int4", "down_proj": "int8", "lm_head": "int8"}
+    assert not cpu4.form("qkv_proj").symmetric and cpu4.form("o_proj").block == 32
+    gpu4 = Recipe.resolve(precision="int4", target="portable")
+    assert gpu4.tensor_precision("o_proj") == "int8" and gpu4.form(LM_HEAD) is None
+    assert gpu4.form("gate_up_proj").block == 32 and not gpu4.form("gate_up_proj").nbits
+    assert gpu4.activation_dtype == "float16" and cpu4.activation_dtype == "float32"
+    w8a8 = Recipe.resolve(precision="w8a8", target="portable")
+    assert [r for r in ROLES.values() if w8a8.quantized_input(r)] == ["qkv_proj", "gate_up_proj"]
+    assert Recipe.resolve(precision="fp32", target="ort-cpu").form("qkv_proj") is None
+
+
+def test_blocks_resolve_once_and_the_compact_fallback_resolves_as_compact():
+    acc = Recipe.resolve(precision="int4", target="ort-cpu", calibration=True)
+    assert (acc.block, acc.block8, acc.quant_method) == (32, 128, "awq")
+    com = acc.as_compact()
+    assert (com.block, com.quant_method, com.label) == (64, "gptq", "int4 (compact)")
+    assert {f.bits for r in (*ROLES.values(), LM_HEAD) if (f := com.form(r))} == {4}
+    explicit = Recipe.resolve(precision="int4", target="ort-cpu", block_size=128, quant_method="awq")
+    assert (explicit.as_compact().block, explicit.as_compact().quant_method) == (128, "awq")
+    assert Recipe.resolve(precision="int4", target="portable", int4_recipe="compact").block == 32
+    assert acc.with_precision("int8").precision == "int8" and acc.with_precision("int8").block8 == 128
+
+
+def test_manifest_fields_are_plain_json():
+    cfg = config_for_size("tiny")
+    fields = Recipe.resolve(precision="int4", target="ort-cpu", int4_recipe="compact").manifest_fields(cfg)
+    again = json.loads(json.dumps(fields))
+    assert again == fields and type(again["precision"]) is str
+    assert fields["kv_cache"] == {"form": "past_present_shared", "dtype": "float32"} and not fields["left_padding"]
+    assert fields["tensor_blocks"] == {"qkv_proj": 64, "o_proj": 64, "gate_up_proj": 64, "down_proj": 64, "lm_head": 64}
+    portable = Recipe.resolve(precision="fp16", target="portable").manifest_fields(cfg)
+    assert portable["kv_cache"] == {"form": "past_present", "dtype": "float16"} and portable["tensor_blocks"] is None
+    assert portable["tensor_precisions"]["embedding"] == "fp16" and portable["block_size"] is None
