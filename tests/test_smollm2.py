@@ -1,18 +1,18 @@
-"""The real model: SmolLM2-135M-Instruct (GGUF, GQA, tied embeddings) end to end on the CPU."""
+"""The real model: SmolLM2-135M-Instruct (GGUF, GQA, tied embeddings) end to end on the CPU.
+
+Builds are shared through conftest's smol_build (each distinct build once per session); the tests
+marked slow are the slow tier (see conftest)."""
 
 import numpy as np
 import pytest
 
-from llamaexport.build import build
 from llamaexport.parity import check
 from llamaexport.runtime import LlamaModel
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
-def smol_artifact(smollm2_gguf, tmp_path_factory):
-    return build(out=tmp_path_factory.mktemp("smol") / "art", checkpoint=smollm2_gguf, progress=False)
+def smol_artifact(smol_build):
+    return smol_build()
 
 
 def test_parity_fp32_meets_the_budget(smol_artifact):
@@ -51,63 +51,92 @@ def test_chat_answer_is_right(smol_artifact):
     assert m.tokenizer.decode(g.token_ids[-1:], skip_special=False) == "<|im_end|>"
 
 
-@pytest.mark.parametrize("profile,precision,backend", [
-    ("rtx4090", "fp16", "onnxruntime"),   # the TensorRT graph, checked with ONNX Runtime
-    ("rtx4090", "int8", "onnxruntime"),   # per-channel int8 DequantizeLinear -> MatMul
-    ("cpu", "int8", None),                # MatMulNBits 8-bit, int8 compute
-    ("rtx4090", "w8a8", "onnxruntime"),   # SmoothQuant: int8 Q/DQ activations into QKV and gate/up
-    ("rtx4090", "int4", "onnxruntime"),   # symmetric block INT4 DequantizeLinear (gate/up), int8 rest
-    ("cpu", "int4", None),                # MatMulNBits 4-bit (o, gate/up) and 8-bit (QKV, down)
-])
-def test_precisions_meet_their_budgets(smollm2_gguf, tmp_path, profile, precision, backend):
-    out = build(out=tmp_path / "a", checkpoint=smollm2_gguf, profile=profile, precision=precision,
-                export_only=True, progress=False)
-    r = check(out, n_tokens=32, progress=False, backend=backend)
-    assert r["passed"], r["failures"]
-    assert r["mean_kl"] <= r["thresholds"]["max_mean_kl"]
-
-
-def test_int4_awq_beats_round_to_nearest(smollm2_gguf, tmp_path):
-    """INT4 on a 135M model is hard: calibration (AWQ, importance-weighted rounding, bias
-    correction) must cut round-to-nearest's KL by a third or more and raise top-1 agreement."""
-    r = {}
-    for method in ("rtn", "awq"):
-        out = build(out=tmp_path / method, checkpoint=smollm2_gguf, precision="int4", quant_method=method,
-                    progress=False)
-        r[method] = check(out, n_tokens=32, progress=False, write=False)
-    assert r["awq"]["mean_kl"] < r["rtn"]["mean_kl"] * 2 / 3, {k: v["mean_kl"] for k, v in r.items()}
-    assert r["awq"]["top1_agreement"] > r["rtn"]["top1_agreement"]
-
-
-def test_compact_int4_gptq_beats_awq_on_held_out_text(smollm2_gguf, tmp_path):
-    """The compact recipe (every linear 4-bit) gets GPTQ rounding by default (quant method auto):
-    on the held-out text, fed whole to both artifacts (the same tokens, unlike check's greedy
-    continuations, which each artifact picks for itself), it must cut AWQ-with-RTN's mean KL by
-    a tenth or more (measured at compact's default block 64: 0.167 -> 0.122; at block 32 0.119 -> 0.094)."""
-    import json
-
+@pytest.fixture(scope="session")
+def heldout_reference(smollm2_gguf, smol_build):
+    """(ids, reference logits [T, V]) of the float32 reference on the shipped held-out text (400 tokens)."""
     import torch
 
     from llamaexport.checkpoint import load_checkpoint
     from llamaexport.model import build_reference
-    from llamaexport.parity import compare_logits, heldout_text
+    from llamaexport.parity import heldout_text
 
     ck = load_checkpoint(smollm2_gguf)
-    ref = build_reference(ck.config, ck.weights)
-    kl, top1 = {}, {}
-    for method in ("auto", "awq"):
-        out = build(out=tmp_path / method, checkpoint=smollm2_gguf, precision="int4", int4_recipe="compact",
-                    quant_method=method, progress=False)
-        assert json.loads((out / "manifest.json").read_text())["quantization"] == ("awq+gptq" if method == "auto" else "awq")
-        m = LlamaModel.load(out)
+    with LlamaModel.load(smol_build()) as m:
         ids = m.encode(heldout_text())[:400]
+    ref = build_reference(ck.config, ck.weights)
+    with torch.inference_mode():
+        t = torch.tensor([ids])
+        want, _ = ref(t, torch.ones_like(t), torch.arange(len(ids))[None], ref.empty_cache(1))
+    return ids, want[0].numpy()
+
+
+def heldout_kl(artifact, heldout_reference) -> tuple[float, float]:
+    """(mean KL, top-1 agreement) of the artifact against the reference, teacher-forced on the held-out
+    text: the same tokens for every artifact and every machine (check's figure follows each artifact's
+    own greedy continuation, so one token flipped by a CPU's float rounding changes what it measures)."""
+    from llamaexport.parity import compare_logits
+
+    ids, want = heldout_reference
+    with LlamaModel.load(artifact, backend="onnxruntime") as m:
         be, T = m.backend, len(ids)
         got, _ = be.forward(np.array([ids]), np.ones((1, T), np.int64), np.arange(T)[None], be.empty_cache(1))
-        with torch.inference_mode():
-            t = torch.tensor([ids])
-            want, _ = ref(t, torch.ones_like(t), torch.arange(T)[None], ref.empty_cache(1))
-        c = compare_logits(want[0].numpy(), got[0])
-        kl[method], top1[method] = float(c["kl"].mean()), float(c["top1"].mean())
+    c = compare_logits(want, got[0])
+    return float(c["kl"].mean()), float(c["top1"].mean())
+
+
+TENSORRT_GRAPH = pytest.mark.slow  # the portable graph, run by ONNX Runtime on the CPU
+
+
+@pytest.mark.parametrize("profile,precision,backend", [
+    pytest.param("rtx4090", "fp16", "onnxruntime", marks=TENSORRT_GRAPH),  # the TensorRT graph, checked with ORT
+    pytest.param("rtx4090", "int8", "onnxruntime", marks=TENSORRT_GRAPH),  # per-channel int8 DequantizeLinear -> MatMul
+    ("cpu", "int8", None),                                                  # MatMulNBits 8-bit, int8 compute
+    pytest.param("rtx4090", "w8a8", "onnxruntime", marks=TENSORRT_GRAPH),  # SmoothQuant: int8 Q/DQ into QKV, gate/up
+    pytest.param("rtx4090", "int4", "onnxruntime", marks=TENSORRT_GRAPH),  # block INT4 (gate/up), int8 rest
+    ("cpu", "int4", None),                                                  # MatMulNBits 4-bit (o, gate/up), 8-bit (QKV, down)
+])
+def test_precisions_meet_their_budgets(smol_build, smol_check, heldout_reference, profile, precision, backend):
+    """The CPU artifacts pass `check` as users run it. A TensorRT graph's float16 arithmetic is only
+    emulated by ONNX Runtime on a CPU, with rounding that differs between CPUs (AVX-512 vs AVX2
+    kernels), so its `check` figure here is a proxy of varying trajectory; its budget is held on the
+    teacher-forced held-out KL and perplexity instead (the gate of record is `check --backend
+    tensorrt` on the GPU: test_tensorrt.py)."""
+    out = smol_build(profile=profile, precision=precision, export_only=profile != "cpu")
+    r = smol_check(out, n_tokens=32, backend=backend)
+    th = r["thresholds"]
+    if profile == "cpu":
+        assert r["passed"], r["failures"]
+        assert r["mean_kl"] <= th["max_mean_kl"]
+    else:
+        kl, top1 = heldout_kl(out, heldout_reference)
+        assert kl <= th["max_mean_kl"] and top1 >= th["min_top1_agreement"], (kl, top1)
+        assert abs(r["ppl_delta_rel"]) <= th["max_ppl_delta_rel"], r["ppl_delta_rel"]
+
+
+@pytest.mark.slow
+def test_int4_awq_beats_round_to_nearest(smol_build, smol_check):
+    """INT4 on a 135M model is hard: calibration (AWQ, importance-weighted rounding, bias
+    correction) must cut round-to-nearest's KL by a third or more and raise top-1 agreement."""
+    r = {}
+    for method, options in (("rtn", {"quant_method": "rtn"}), ("awq", {})):  # AWQ by default: the budget test's build
+        r[method] = smol_check(smol_build(profile="cpu", precision="int4", export_only=False, **options), n_tokens=32)
+    assert r["awq"]["mean_kl"] < r["rtn"]["mean_kl"] * 2 / 3, {k: v["mean_kl"] for k, v in r.items()}
+    assert r["awq"]["top1_agreement"] > r["rtn"]["top1_agreement"]
+
+
+@pytest.mark.slow
+def test_compact_int4_gptq_beats_awq_on_held_out_text(smol_build, heldout_reference):
+    """The compact recipe (every linear 4-bit) gets GPTQ rounding by default (quant method auto):
+    on the held-out text, fed whole to both artifacts (the same tokens, unlike check's greedy
+    continuations, which each artifact picks for itself), it must cut AWQ-with-RTN's mean KL by
+    a tenth or more (the measured gain is in docs/quantization.md)."""
+    import json
+
+    kl, top1 = {}, {}
+    for method in ("auto", "awq"):
+        out = smol_build(precision="int4", int4_recipe="compact", quant_method=method)
+        assert json.loads((out / "manifest.json").read_text())["quantization"] == ("awq+gptq" if method == "auto" else "awq")
+        kl[method], top1[method] = heldout_kl(out, heldout_reference)
     assert kl["auto"] < 0.9 * kl["awq"], kl
     assert top1["auto"] >= top1["awq"] - 0.01, top1
 
