@@ -4,6 +4,7 @@ from llamaexport import LlamaExportError
 from llamaexport.config import config_for_size
 from llamaexport.planner import GiB, choose
 from llamaexport.profiles import load_profile
+from llamaexport.recipe import Recipe
 
 SIZES = ["7B", "13B", "33B", "65B", "llama2-70B", "llama3-8B", "llama3.2-3B"]
 PROFILES = ["rtx4090", "rtx3090", "jetson-orin-agx-64gb", "jetson-orin-nx-16gb", "jetson-orin-nano-8gb",
@@ -15,7 +16,7 @@ def cell(size, prof):
     p = load_profile(prof)
     ctx = min(cfg.max_seq_len, p.default_context)
     try:
-        c = choose(cfg, p, "auto", context=ctx)
+        c = choose(cfg, p, Recipe.candidates(p), context=ctx)
         return f"{c.label} {c.total / GiB:.1f} GiB, {c.decode_ceiling:.0f} tok/s"
     except LlamaExportError:
         return "does not fit"

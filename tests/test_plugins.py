@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from llamaexport.onnx_graph import OPSET
+
 REPO = Path(__file__).resolve().parents[1]
 PLUGINS = REPO / "plugins"
 # One architecture keeps the test build to seconds on 2 cores; "80" also embeds compute_80 PTX,
@@ -256,7 +258,7 @@ def _rope_model(B, H, S, hd, rd, *, interleaved, elem_type, with_function, dynam
          helper.make_tensor_value_info("sin", elem_type, [b, s, rd // 2])],
         [helper.make_tensor_value_info("y", elem_type, [b, H, s, hd])])
     functions = [custom_ops.rope_function(head_dim=hd, rotary_dim=rd, interleaved=interleaved)] if with_function else []
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("llamaexport", 1)],
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("llamaexport", 1)],
                              functions=functions, ir_version=10)
 
 
@@ -272,7 +274,7 @@ def _swiglu_model(shape, *, elem_type, with_function, dynamic=True):
     graph = helper.make_graph([node], "swiglu", [helper.make_tensor_value_info("x", elem_type, lead + [shape[-1]])],
                               [helper.make_tensor_value_info("y", elem_type, lead + [shape[-1] // 2])])
     functions = [custom_ops.swiglu_function()] if with_function else []
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("llamaexport", 1)],
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("llamaexport", 1)],
                              functions=functions, ir_version=10)
 
 

@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from llamaexport import quantize as Q
 from llamaexport.awq import LayerwiseCalibrator, apply_awq
 from llamaexport.checkpoint import load_checkpoint
+from llamaexport.onnx_graph import IR_VERSION, OPSET
 from llamaexport.quantize import QuantForm
 from llamaexport.recipe import Recipe
 
@@ -16,13 +17,13 @@ INT4_PORTABLE = QuantForm(bits=4, block=32, symmetric=True, nbits=False)
 INT8_PER_CHANNEL = QuantForm(bits=8, block=None, symmetric=True, nbits=False)
 
 
-def _run(nodes, inits, x, n_out, opsets=(("", 21), ("com.microsoft", 1))):
+def _run(nodes, inits, x, n_out, opsets=(("", OPSET), ("com.microsoft", 1))):
     """Run without graph optimizations: ORT would otherwise fuse DequantizeLinear + MatMul into
     MatMulNBits with int8 activations, and this test is about the exact dequantized values."""
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], n_out])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
-    m.ir_version = 10
+    m.ir_version = IR_VERSION
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
