@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 from . import LlamaExportError, __version__
-from .manifest import SCHEMA_VERSION, staging_dir, write_manifest
+from .manifest import SCHEMA_VERSION, write_manifest
 from .profiles import load_profile
 from .recipe import Recipe
+from .staging import staging_dir
 
 
 def log(msg: str):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 from . import LlamaExportError
@@ -36,29 +34,3 @@ def write_manifest(artifact_dir, manifest: dict):
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
-
-
-@contextmanager
-def staging_dir(out: Path, *, force: bool):
-    """Yield a temporary sibling of `out`; on success rename it to `out`, on failure delete it.
-
-    Nothing half-written ever appears at `out`."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise LlamaExportError(f"{out} already exists; choose another --out or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

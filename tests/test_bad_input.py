@@ -1,0 +1,124 @@
+"""Bad input and hostile conditions, one place: each case runs the command and asserts the exit code,
+the one-line message, and what is (not) left on disk. Add a case by adding a test here.
+
+Data loss and overwrites: `--force` replaces only an artifact; one build per --out at a time;
+SIGTERM cleans up like Ctrl-C; what a SIGKILLed build left is cleaned up by the next build."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_cli import assert_clean_error, cli
+
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    """The staging files of builds of `parent/name`: partial, old and lock entries."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def start_build(out: Path, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llamaexport.cli", "build", "--out", str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, timeout=120.0):
+    t0 = time.time()
+    while not predicate():
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def test_force_never_deletes_a_directory_that_is_not_an_artifact(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "important.txt").write_text("keep")
+    assert_clean_error(cli("build", "--size", "tiny", "--out", d, "--force"), "is not a llamaexport artifact",
+                       "--force replaces only an artifact")
+    assert (d / "important.txt").read_text() == "keep" and sorted(p.name for p in d.iterdir()) == ["important.txt"]
+    assert leftovers(tmp_path, "d") == []
+
+
+def test_force_never_replaces_a_file(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep")
+    assert_clean_error(cli("build", "--size", "tiny", "--out", f, "--force"), "is not a directory")
+    assert f.read_text() == "keep" and leftovers(tmp_path, "notes.txt") == []
+
+
+def test_out_must_name_a_directory_to_create(tmp_path):
+    assert_clean_error(cli("build", "--size", "tiny", "--out", "/"), "is not a directory a build can create")
+    assert not Path("/..partial-0").exists() and not any(p.name.startswith("..partial") for p in Path("/").iterdir())
+
+
+def test_force_replaces_an_artifact(tmp_path):
+    out = tmp_path / "a"
+    assert cli("build", "--size", "tiny", "--out", out).returncode == 0
+    first = json.loads((out / "manifest.json").read_text())["built_at"]
+    r = cli("build", "--size", "tiny", "--seed", "3", "--out", out, "--force")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["source"] == {"kind": "random", "seed": 3} and m["built_at"] >= first
+    assert leftovers(tmp_path, "a") == []
+
+
+def test_a_second_build_of_the_same_out_is_refused_naming_the_first(tmp_path):
+    """While one build holds --out, another is refused at once with the holder's process id, and the
+    holder's work is untouched."""
+    out = tmp_path / "a"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from llamaexport.staging import target_lock\n"
+        f"with target_lock(Path({str(out)!r})):\n    print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert_clean_error(cli("build", "--size", "tiny", "--out", out), f"another build (process {holder.pid})",
+                           str(out))
+        assert not out.exists() and leftovers(tmp_path, "a") == [".a.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli("build", "--size", "tiny", "--out", out).returncode == 0  # the lock went with its process
+    assert leftovers(tmp_path, "a") == []
+
+
+def test_sigterm_removes_the_partial_build(tmp_path):
+    out = tmp_path / "a"
+    p = start_build(out, "--size", "135M", "--precision", "fp32", "--max-seq-len", "64")
+    wait_for(lambda: any(n.startswith(".a.partial-") for n in leftovers(tmp_path, "a")) or p.poll() is not None)
+    assert p.poll() is None, p.communicate()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, err)
+    assert not out.exists() and leftovers(tmp_path, "a") == []
+
+
+def test_the_next_build_cleans_up_after_a_killed_one(tmp_path):
+    out = tmp_path / "a"
+    p = start_build(out, "--size", "135M", "--precision", "fp32", "--max-seq-len", "64")
+    wait_for(lambda: any(n.startswith(".a.partial-") for n in leftovers(tmp_path, "a")) or p.poll() is not None)
+    assert p.poll() is None, p.communicate()
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert f".a.partial-{p.pid}" in leftovers(tmp_path, "a")
+    r = cli("build", "--size", "tiny", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert f"removed {tmp_path / f'.a.partial-{p.pid}'}, left by a build that did not finish" in r.stderr
+    assert leftovers(tmp_path, "a") == [] and (out / "manifest.json").is_file()
+
+
+def test_an_artifact_being_replaced_when_the_build_died_is_restored(tmp_path):
+    """Killed between moving the old artifact aside and moving the new one in: the next build puts the
+    old one back (and then refuses to overwrite it without --force)."""
+    out = tmp_path / "a"
+    assert cli("build", "--size", "tiny", "--out", out).returncode == 0
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.replace(out, tmp_path / f".a.old-{dead.pid}")
+    r = cli("build", "--size", "tiny", "--out", out)
+    assert_clean_error(r, "already exists")
+    assert f"restored {out} from .a.old-{dead.pid}" in r.stderr
+    assert (out / "manifest.json").is_file() and leftovers(tmp_path, "a") == []
