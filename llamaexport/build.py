@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from . import LlamaExportError, __version__
-from .manifest import SCHEMA_VERSION, write_manifest
+from .manifest import SCHEMA_VERSION, file_checksums, write_manifest
 from .profiles import load_profile
 from .recipe import Recipe
 from .staging import staging_dir
@@ -73,6 +73,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
         if prof.backend == "onnxruntime" and tok is not None:
             _write_genai_config(tmp, cfg, tok, shared_kv=chosen.recipe.fused_attention(cfg))
             manifest["files"]["genai_config"] = "genai_config.json"
+        manifest["checksums"] = file_checksums(tmp)  # verify / check compare them, run checks the sizes
         manifest["build_seconds"] = round(time.time() - t0, 1)
         write_manifest(tmp, manifest)
     log(f"built {out} in {time.time() - t0:.1f}s")

@@ -192,6 +192,22 @@ def inspect(artifact):
 
 
 @main.command()
+@click.argument("artifact", type=click.Path())
+def verify(artifact):
+    """Compare every file of an artifact with the checksums its build recorded."""
+    from .manifest import damaged_files, read_manifest, require_intact
+
+    m = read_manifest(artifact)
+    if not m.get("checksums"):
+        raise LlamaExportError(f"{artifact} records no checksums (built by an older llamaexport); rebuild it to verify it")
+    problems = damaged_files(artifact, m)
+    for line in problems:
+        click.echo(f"DAMAGED  {line}")
+    require_intact(artifact, m)
+    click.echo(f"ok: {len(m['checksums'])} files match the build's sha256")
+
+
+@main.command()
 def profiles():
     """List the bundled hardware profiles."""
     from .profiles import load_profile, profile_names

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import LlamaExportError
-from .manifest import read_manifest, write_manifest
+from .manifest import read_manifest, require_intact, write_manifest
 
 DEFAULT_PROMPTS = [
     "The capital of France is",
@@ -97,6 +97,7 @@ def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progres
 
     d = Path(artifact)
     manifest = read_manifest(d)
+    require_intact(d, manifest)  # a flipped byte in the weights is named here, not found through the numbers
     model = LlamaModel.load(d, backend=backend)
     cfg = model.config
     need = cfg.n_params() * 4
@@ -109,11 +110,12 @@ def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progres
     n_tokens = max(1, min(n_tokens, cfg.max_seq_len - max(len(p) for p in prompt_ids) - 1))
     say = (lambda s: print(s, flush=True, file=sys.stderr)) if progress else (lambda s: None)
 
-    per_prompt, kls, top1s, abs_max, abs_sum, abs_n = [], [], [], 0.0, 0.0, 0
+    per_prompt, kls, top1s, abs_maxes, abs_sum, abs_n = [], [], [], [], 0.0, 0
     for i, ids in enumerate(prompt_ids):
         say(f"check: prompt {i + 1}/{len(prompt_ids)} ({len(ids)} tokens, {n_tokens} greedy tokens)")
         c, row = _compare_prompt(model, ref, ids, n_tokens)
-        abs_max, abs_sum, abs_n = max(abs_max, c["max_abs"]), abs_sum + c["sum_abs"], abs_n + c["n_abs"]
+        abs_maxes.append(c["max_abs"])  # np.max keeps a NaN (Python's max would drop it)
+        abs_sum, abs_n = abs_sum + c["sum_abs"], abs_n + c["n_abs"]
         kls.append(c["kl"])
         top1s.append(c["top1"])
         per_prompt.append(row)
@@ -125,7 +127,7 @@ def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progres
         "artifact": str(d), "precision": manifest["precision"], "reference": ref_desc,
         "backend": backend or manifest.get("backend"),
         "prompts": len(prompt_ids), "greedy_tokens": n_tokens,
-        "max_abs_logit": abs_max, "mean_abs_logit": abs_sum / abs_n,
+        "max_abs_logit": float(np.max(abs_maxes)), "mean_abs_logit": abs_sum / abs_n,
         "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
         "top1_agreement": float(np.concatenate(top1s).mean()),
         "greedy_agreement": float(min(r["greedy_agreement"] for r in per_prompt)),
@@ -174,14 +176,18 @@ GATES = (("max_abs_logit", "max_abs_logit", True), ("max_mean_kl", "mean_kl", Tr
          ("max_ppl_delta_rel", "ppl_delta_rel", True))  # (threshold key, report metric, is an upper bound)
 
 
+REPORTED = ("max_abs_logit", "mean_abs_logit", "mean_kl", "max_kl", "top1_agreement", "ppl_artifact", "ppl_delta_rel")
+
+
 def _failures(report: dict, th: dict) -> list[str]:
-    failures = []
+    # a NaN compares false with every budget, and an ungated metric has none: any NaN fails
+    failures = [f"{m} is {report[m]}" for m in REPORTED if not np.isfinite(report[m])]
     for key, metric, upper in GATES:
         lim = th.get(key)
         if lim is None:
             continue
         val = abs(report[metric]) if key == "max_ppl_delta_rel" else report[metric]
-        if (val > lim) if upper else (val < lim):
+        if np.isfinite(val) and ((val > lim) if upper else (val < lim)):
             failures.append(f"{metric} {val:.4g} {'>' if upper else '<'} {lim:g}")
     return failures
 

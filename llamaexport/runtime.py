@@ -20,7 +20,7 @@ import numpy as np
 
 from . import LlamaExportError
 from .config import LlamaConfig
-from .manifest import read_manifest
+from .manifest import read_manifest, require_intact
 from .sampling import Sampler, SamplingConfig
 
 
@@ -52,6 +52,31 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def check_threads(threads) -> int | None:
+    """None or 0: every CPU this process may use; else 1 .. that many (more threads than CPUs only
+    thrash, and ONNX Runtime makes a thread pool of whatever it is given)."""
+    if threads is None or threads == 0:
+        return None
+    cpus = default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+        raise LlamaExportError(f"threads {threads!r} is not possible here: give 1 to {cpus} (the CPUs this process "
+                               "may use), or 0 / nothing for all of them")
+    return threads
+
+
+def check_generation(*, max_new_tokens, stop=(), prompt: str | None = None):
+    """The one validation of a generation request's own arguments (sampling: SamplingConfig)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise LlamaExportError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+    if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
+        raise LlamaExportError(f"stop strings must be a list of non-empty strings, got {stop!r}")
+    if prompt is not None:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LlamaExportError("the prompt is not valid UTF-8 text; pass it as UTF-8") from None
 
 
 def _lazy_zeros(shape, dtype) -> np.ndarray:
@@ -218,10 +243,12 @@ class LlamaModel:
         threads: CPU threads (None: the profile's, recorded at build; 0 there = all available)."""
         d = Path(artifact_dir)
         m = read_manifest(d)
+        require_intact(d, m, hashes=False)  # sizes on every load; `verify` and `check` compare the hashes
         cfg = LlamaConfig.from_dict(m["model"])
         backend_name = backend or m.get("backend", "onnxruntime")
         if threads is None:
             threads = (m.get("runtime") or {}).get("threads") or None
+        threads = check_threads(threads)
         if backend_name == "onnxruntime":
             backend = OnnxRuntimeBackend(d / m["files"]["onnx"], cfg, m["io"], threads=threads,
                                          shared_kv=m["kv_cache"].get("form") == "past_present_shared")
@@ -363,6 +390,7 @@ class LlamaModel:
     def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int = 128,
                      sampling: SamplingConfig | None = None, eos_ids=None) -> list[list[int]]:
         """New token ids per row, each cut after its first EOS (EOS included)."""
+        check_generation(max_new_tokens=max_new_tokens)
         if eos_ids is None:
             eos_ids = self.tokenizer.eos_ids if self.tokenizer else []
         out = [[] for _ in prompts]
@@ -382,6 +410,9 @@ class LlamaModel:
         If `result` is a list, the final `Generation` is appended to it."""
         from .tokenizer import StreamDecoder
 
+        check_generation(max_new_tokens=max_new_tokens, stop=stop, prompt=prompt)
+        if system is not None:
+            check_generation(max_new_tokens=max_new_tokens, prompt=system)
         tok = self.require_tokenizer()
         if chat and not stop:
             from .chat import default_stop_strings

@@ -8,6 +8,7 @@ top-k keeps the k largest; top-p keeps the smallest set whose probability reache
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -23,14 +24,22 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
+        """The one validation of sampling settings (the CLI, the Python API and the server build one)."""
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise LlamaExportError(f"{name} must be a finite number, got {v!r}")
         if self.temperature < 0:
             raise LlamaExportError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise LlamaExportError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise LlamaExportError(f"top_k must be a whole number >= 0 (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise LlamaExportError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise LlamaExportError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise LlamaExportError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
 
 
 class Sampler:

@@ -6,8 +6,8 @@ user's lost.
 left beside it (`.NAME.partial-PID` / `.NAME.old-PID` of processes that no longer run), yields a
 temporary sibling directory to write into, and renames it to `out` when the build completes.
 `--force` replaces only an existing llamaexport artifact (a directory whose manifest.json says
-so), never another directory or a file. SIGTERM ends a build like Ctrl-C: the temporary
-directory is removed before the process exits.
+so), never another directory or a file. SIGTERM ends a build cleanly: the temporary directory
+and the lock are removed before the process exits (143).
 """
 
 from __future__ import annotations
@@ -67,13 +67,17 @@ def clean_up_after_dead_builds(out: Path) -> list[str]:
     return done
 
 
+def lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
 @contextlib.contextmanager
 def target_lock(out: Path):
     """An exclusive lock on building `out`, held until the block exits. A second build of the same
     `out` is refused at once, naming the process that holds it."""
     import fcntl
 
-    lock = out.parent / f".{out.name}.lock"
+    lock = lock_path(out)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -100,24 +104,27 @@ def target_lock(out: Path):
 
 
 @contextlib.contextmanager
-def terminate_like_interrupt():
-    """SIGTERM raises KeyboardInterrupt while the block runs (in the main thread), so cleanup runs."""
-    if sys.platform == "win32" or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
+def on_terminate(cleanup):
+    """While the block runs, SIGTERM runs cleanup() and exits 143. The handler cleans up itself
+    instead of raising into whatever runs (an exception raised from a signal handler can surface
+    inside a C extension's callback and abort the process). Only where SIGTERM has its default
+    action and in the main thread; elsewhere the block runs as is."""
+    def handler(signum, frame):
+        cleanup()
+        os.write(2, b"interrupted (SIGTERM); the partial build was removed\n")
+        os._exit(128 + signum)
+
     try:
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-    except ValueError:  # not the main thread
-        yield
-        return
+        installed = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        if installed:
+            signal.signal(signal.SIGTERM, handler)
+    except (ValueError, AttributeError):  # not the main thread; no SIGTERM (Windows)
+        installed = False
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -129,25 +136,31 @@ def staging_dir(out, *, force: bool):
     if out.parent == out or not out.name or out.name in (".", ".."):
         raise LlamaExportError(f"--out {out} is not a directory a build can create; name a new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with target_lock(out), terminate_like_interrupt():
+    with target_lock(out):
         for line in clean_up_after_dead_builds(out):
             log(line)
         _check_target(out, force=force)
         tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        try:
-            yield tmp
-        except BaseException:
+
+        def remove_partial():
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+            lock_path(out).unlink(missing_ok=True)  # ours: the kernel drops the flock at exit
+
+        with on_terminate(remove_partial):
+            try:
+                yield tmp
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
 
 
 def _check_target(out: Path, *, force: bool):

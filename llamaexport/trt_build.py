@@ -288,6 +288,9 @@ def compile_artifact(artifact_dir, *, profile: str | None = None, force: bool = 
     trt = require_tensorrt(f"run it there, on the GPU the engine is for ({d} stays as it is)",
                            what="`llamaexport compile`")
     m["engine"] = build_engine(d, m, prof, progress=True)
+    if "checksums" in m:
+        from .manifest import file_checksums
+        m["checksums"] = file_checksums(d)
     m["profile"], m["parity"] = prof.name, None  # an earlier check ran another backend
     m.setdefault("tool_versions", {})["tensorrt"] = trt.__version__
     write_manifest(d, m)

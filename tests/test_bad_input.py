@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from test_cli import assert_clean_error, cli
 
 
@@ -92,7 +93,7 @@ def test_sigterm_removes_the_partial_build(tmp_path):
     assert p.poll() is None, p.communicate()
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, err)
+    assert p.returncode == 143 and "interrupted (SIGTERM)" in err and "Traceback" not in err, (p.returncode, err)
     assert not out.exists() and leftovers(tmp_path, "a") == []
 
 
@@ -122,3 +123,86 @@ def test_an_artifact_being_replaced_when_the_build_died_is_restored(tmp_path):
     assert_clean_error(r, "already exists")
     assert f"restored {out} from .a.old-{dead.pid}" in r.stderr
     assert (out / "manifest.json").is_file() and leftovers(tmp_path, "a") == []
+
+
+# ---- runtime arguments: one validation (SamplingConfig, runtime.check_generation / check_threads) shared
+# by the CLI, the Python API and (later) the server
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--threads", "-1"], "threads -1 is not possible here"),
+    (["--threads", "100000"], "threads 100000 is not possible here"),
+    (["--temperature", "nan"], "temperature must be a finite number"),
+    (["--repetition-penalty", "nan"], "repetition_penalty must be a finite number"),
+    (["--top-p", "inf"], "top_p must be a finite number"),
+    (["--stop", ""], "stop strings must be a list of non-empty strings"),
+    (["--max-new-tokens", "-1"], "max_new_tokens must be a whole number >= 1"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be a whole number >= 1"),
+    (["--seed", "-1"], "seed must be a whole number from 0"),
+])
+def test_bad_runtime_arguments_are_one_line(tiny_artifact, args, fragment):
+    assert_clean_error(cli("run", tiny_artifact, "--prompt", "hello", *args), fragment)
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(tiny_artifact):
+    r = subprocess.run([sys.executable, "-m", "llamaexport.cli", "run", str(tiny_artifact), "--prompt", b"caf\xe9"],
+                       capture_output=True, text=True, timeout=300)
+    assert_clean_error(r, "the prompt is not valid UTF-8")
+
+
+def test_the_python_api_validates_the_same_way(tiny_artifact):
+    from llamaexport import LlamaExportError
+    from llamaexport.runtime import LlamaModel
+    from llamaexport.sampling import SamplingConfig
+
+    for bad in (dict(temperature=float("nan")), dict(seed=-1), dict(top_k=1.5), dict(repetition_penalty=float("inf"))):
+        with pytest.raises(LlamaExportError):
+            SamplingConfig(**bad)
+    with LlamaModel.load(tiny_artifact) as m:
+        with pytest.raises(LlamaExportError, match="max_new_tokens"):
+            m.generate("hello", max_new_tokens=0)
+        with pytest.raises(LlamaExportError, match="stop strings"):
+            m.generate("hello", stop=[""])
+        with pytest.raises(LlamaExportError, match="max_new_tokens"):
+            m.generate_ids([[1, 2]], max_new_tokens=-1)
+    with pytest.raises(LlamaExportError, match="threads 0.5"):
+        LlamaModel.load(tiny_artifact, threads=0.5)
+
+
+# ---- integrity: the build records every file's sha256; verify and check compare them, run checks sizes
+
+def test_flipped_bytes_are_named_by_verify_and_check(tmp_path):
+    out = tmp_path / "a"
+    assert cli("build", "--size", "tiny", "--out", out).returncode == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert {"model.onnx", "model.onnx.data"} <= set(m["checksums"])
+    r = cli("verify", out)
+    assert r.returncode == 0 and "files match" in r.stdout, r.stderr
+    data = out / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    r = cli("verify", out)
+    assert_clean_error(r, "model.onnx.data changed since the build")
+    assert "DAMAGED  model.onnx.data" in r.stdout
+    assert_clean_error(cli("check", out), "is damaged: model.onnx.data changed since the build")
+    assert not (out / "parity.json").exists()
+
+
+def test_a_truncated_weight_file_stops_run(tmp_path):
+    out = tmp_path / "a"
+    assert cli("build", "--size", "tiny", "--out", out).returncode == 0
+    data = out / "model.onnx.data"
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.truncate(size - 4096)
+    assert_clean_error(cli("run", out, "--prompt", "x"), f"model.onnx.data is {size - 4096} bytes, the build wrote {size}")
+
+
+def test_nan_metrics_fail_the_check():
+    from llamaexport.parity import _failures, thresholds
+
+    report = {"max_abs_logit": float("nan"), "mean_abs_logit": 0.1, "mean_kl": 1e-3, "max_kl": 1e-2,
+              "top1_agreement": 0.99, "greedy_agreement": 1.0, "ppl_artifact": 10.0, "ppl_delta_rel": 0.0}
+    assert _failures(report, thresholds("int8")) == ["max_abs_logit is nan"]  # int8 does not gate max |dlogit|
+    report.update(max_abs_logit=0.5, mean_kl=float("nan"))
+    assert "mean_kl is nan" in _failures(report, thresholds("int8"))
