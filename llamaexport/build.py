@@ -53,7 +53,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
         from .trt_build import require_tensorrt
         require_tensorrt()
     ckpt = load_checkpoint(checkpoint, size=size, seed=seed, max_seq_len=max_seq_len)
-    if not max_seq_len:  # the profile's default context, capped by what the model was trained for
+    if max_seq_len is None:  # the profile's default context, capped by what the model was trained for
         ckpt = dataclasses.replace(ckpt, config=dataclasses.replace(
             ckpt.config, max_seq_len=min(ckpt.config.max_seq_len, prof.default_context)))
     cfg = ckpt.config

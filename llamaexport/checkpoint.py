@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import pickle
 import re
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -23,6 +24,7 @@ import numpy as np
 
 from . import LlamaExportError
 from .config import LlamaConfig, config_for_size, config_from_hf, config_from_params_json
+from .manifest import inside
 
 
 def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -142,9 +144,16 @@ def _torch_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
+        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):
+            # the file is a complete pickle, but it holds objects or code beyond tensors, which
+            # weights_only loading refuses to run (torch.load would execute them otherwise)
+            raise LlamaExportError(
+                f"{path.name} holds Python objects or code besides tensors, which weights-only loading refuses "
+                "to run; if you trust its source, convert it to safetensors (load it yourself and save the "
+                "state dict with safetensors.torch.save_file) and build from that") from None
         raise LlamaExportError(
-            f"cannot read {path.name}: {type(e).__name__}: {str(e).splitlines()[0][:120]}; "
-            "the file is corrupt or truncated, download it again") from None
+            f"cannot read {path.name} ({type(e).__name__}); the file is corrupt or truncated, "
+            "download it again") from None
 
 
 def load_meta(directory: Path, *, vocab_size: int | None = None) -> Checkpoint:
@@ -237,6 +246,12 @@ def _safetensors_files(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise LlamaExportError(f"{index} is not a valid safetensors index ({e}); download it again") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise LlamaExportError(f"{index}: weight_map must map tensor names to file names; download it again")
+        outside = [f for f in weight_map.values() if not inside(directory, f)]
+        if outside:
+            raise LlamaExportError(f"{index} names the shard {outside[0]!r}, outside {directory}; a checkpoint's "
+                                   "files must be in its directory")
         files = [directory / f for f in sorted(set(weight_map.values()))]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
@@ -331,6 +346,12 @@ def load_gguf(path: Path) -> Checkpoint:
         f = reader.fields.get(key)
         return default if f is None else f.contents()
 
+    need = [k for k in ("llama.attention.head_count", "llama.embedding_length", "llama.block_count",
+                        "llama.feed_forward_length") if reader.fields.get(k) is None]
+    if need and meta("general.architecture") == "llama":
+        raise LlamaExportError(f"{path.name}: the GGUF metadata lacks {', '.join(need)}; the file is not a complete "
+                               "llama GGUF (convert it again)")
+
     arch = meta("general.architecture")
     if arch != "llama":
         raise LlamaExportError(f"{path.name}: GGUF architecture {arch!r} is not supported; only llama")
@@ -346,7 +367,7 @@ def load_gguf(path: Path) -> Checkpoint:
                    "factors": [float(v) for v in dequantize(freqs.data, freqs.tensor_type).reshape(-1)]}
     elif meta("llama.rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": float(meta("llama.rope.scaling.factor"))}
-    cfg = LlamaConfig(
+    cfg = _gguf_config(path, lambda: LlamaConfig(
         dim=dim, n_layers=int(meta("llama.block_count")), n_heads=n_heads,
         n_kv_heads=int(meta("llama.attention.head_count_kv", n_heads)),
         vocab_size=int(meta("llama.vocab_size", len(tokens) if tokens else 32000)),
@@ -357,7 +378,7 @@ def load_gguf(path: Path) -> Checkpoint:
         rope_dim=int(meta("llama.rope.dimension_count")) if meta("llama.rope.dimension_count") else None,
         max_seq_len=int(meta("llama.context_length", 2048)),
         tie_embeddings="output.weight" not in tensors,
-    )
+    ))
     shapes = expected_shapes(cfg)
     _check_keys(set(tensors), shapes, path.name, "the GGUF tensors do not match its metadata")
     for t in tensors.values():
@@ -375,6 +396,16 @@ def load_gguf(path: Path) -> Checkpoint:
 
 
 # ----------------------------------------------------------------------------- entry point
+
+def _gguf_config(path: Path, make) -> LlamaConfig:
+    """make() -> the LlamaConfig of a GGUF's metadata, its errors naming the file."""
+    try:
+        return make()
+    except LlamaExportError as e:
+        raise LlamaExportError(f"{path.name}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise LlamaExportError(f"{path.name}: a GGUF metadata field has the wrong type ({e})") from None
+
 
 def load_checkpoint(source: str | Path | None = None, *, size: str | None = None, seed: int = 0,
                     max_seq_len: int | None = None) -> Checkpoint:
@@ -401,6 +432,6 @@ def load_checkpoint(source: str | Path | None = None, *, size: str | None = None
             raise LlamaExportError(
                 f"{p} holds no checkpoint: expected params.json + consolidated.*.pth (Meta), "
                 "config.json + *.safetensors (Hugging Face), or one .gguf file")
-    if max_seq_len:
-        ckpt = dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, max_seq_len=int(max_seq_len)))
+    if max_seq_len is not None:  # validated by LlamaConfig (a positive whole number)
+        ckpt = dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, max_seq_len=max_seq_len))
     return ckpt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
@@ -24,7 +25,11 @@ class _Group(click.Group):
             click.echo("error: out of memory; use a smaller model, precision or --max-seq-len", err=True)
             sys.exit(1)
         except OSError as e:
-            click.echo(f"error: {e.strerror or e} ({e.filename or ''}); check the path and free disk space", err=True)
+            if e.errno == errno.ENOMEM:
+                click.echo("error: out of memory; use a smaller model, precision or --max-seq-len", err=True)
+            else:
+                where = f" ({e.filename})" if e.filename else ""
+                click.echo(f"error: {e.strerror or e}{where}; check the path and free disk space", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -172,8 +177,8 @@ def plan(size, checkpoint, profile, max_seq_len, batch, precision, memory_gb):
     prof = load_profile(profile, memory_gb=memory_gb)
     recipes = Recipe.candidates(prof, precision)
     cfg = load_checkpoint(checkpoint, size=size).config
-    ctx = max_seq_len or min(cfg.max_seq_len, prof.default_context)
-    b = batch or prof.default_batch
+    ctx = min(cfg.max_seq_len, prof.default_context) if max_seq_len is None else max_seq_len
+    b = prof.default_batch if batch is None else batch
     plans = plan_all(cfg, prof, context=ctx, batch=b)
     click.echo(format_plans(cfg, prof, plans, None, context=ctx, batch=b).rsplit("\n", 1)[0])
     chosen = choose(cfg, prof, recipes, context=ctx, batch=b)  # raises with the numbers if nothing fits

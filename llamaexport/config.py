@@ -93,6 +93,7 @@ class LlamaConfig:
         def derive(name, value):
             object.__setattr__(self, name, value)
 
+        self._check_types()
         if self.n_kv_heads is None:
             derive("n_kv_heads", self.n_heads)
         if self.head_dim is None:
@@ -121,6 +122,34 @@ class LlamaConfig:
                     f"rope scaling type {kind!r} is not supported; supported: llama3, linear")
             else:
                 derive("rope_scaling", dict(self.rope_scaling, rope_type=kind))
+
+    def _check_types(self):
+        """Types, ranges and finiteness of the given fields, before anything is derived from them."""
+        def bad(name, want):
+            raise LlamaExportError(f"config field {name} must be {want}, got {getattr(self, name)!r}")
+
+        def whole(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def positive_number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "multiple_of"):
+            if not whole(getattr(self, name)) or getattr(self, name) <= 0:
+                bad(name, "a whole number >= 1")
+        for name in ("n_kv_heads", "ffn_dim", "head_dim", "rope_dim"):
+            v = getattr(self, name)
+            if v is not None and (not whole(v) or v <= 0):
+                bad(name, "a whole number >= 1")
+        for name in ("norm_eps", "rope_theta"):
+            if not positive_number(getattr(self, name)):
+                bad(name, "a finite number > 0")
+        if self.ffn_dim_multiplier is not None and not positive_number(self.ffn_dim_multiplier):
+            bad("ffn_dim_multiplier", "a finite number > 0")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            bad("rope_scaling", "an object")
+        if not isinstance(self.tie_embeddings, bool):
+            bad("tie_embeddings", "true or false")
 
     @property
     def n_rep(self) -> int:
@@ -156,6 +185,22 @@ def config_for_size(size: str, **overrides) -> LlamaConfig:
     return LlamaConfig(**fields)
 
 
+def _in_file(fn):
+    """A config reader whose one-line errors name the file they come from."""
+    def reader(path_or_dict, *args, **kw):
+        try:
+            return fn(path_or_dict, *args, **kw)
+        except LlamaExportError as e:
+            if isinstance(path_or_dict, dict) or str(path_or_dict) in str(e):
+                raise
+            raise LlamaExportError(f"{path_or_dict}: {e}") from None
+        except (TypeError, ValueError) as e:  # a field of the wrong JSON type met float() or a comparison
+            raise LlamaExportError(f"{path_or_dict}: a config field has the wrong type ({e})") from None
+    reader.__doc__, reader.__name__ = fn.__doc__, fn.__name__
+    return reader
+
+
+@_in_file
 def config_from_params_json(path: str | Path, *, vocab_size: int | None = None) -> LlamaConfig:
     """Meta's `params.json` (dim, n_layers, n_heads, n_kv_heads, multiple_of, ffn_dim_multiplier,
     norm_eps, rope_theta, use_scaled_rope, vocab_size; vocab_size -1 means "from the tokenizer")."""
@@ -163,6 +208,8 @@ def config_from_params_json(path: str | Path, *, vocab_size: int | None = None) 
         p = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise LlamaExportError(f"cannot read {path}: {e}; it must be Meta's params.json") from None
+    if not isinstance(p, dict):
+        raise LlamaExportError(f"params.json must be a JSON object, got {type(p).__name__}")
     missing = [k for k in ("dim", "n_layers", "n_heads") if k not in p]
     if missing:
         raise LlamaExportError(f"{path} lacks {', '.join(missing)}; is this a LLaMA params.json?")
@@ -181,6 +228,7 @@ def config_from_params_json(path: str | Path, *, vocab_size: int | None = None) 
     )
 
 
+@_in_file
 def config_from_hf(path_or_dict: str | Path | dict) -> LlamaConfig:
     """Hugging Face `config.json` of a LlamaForCausalLM (also Mistral-style llama configs)."""
     if isinstance(path_or_dict, dict):
@@ -190,6 +238,12 @@ def config_from_hf(path_or_dict: str | Path | dict) -> LlamaConfig:
             c = json.loads(Path(path_or_dict).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise LlamaExportError(f"cannot read {path_or_dict}: {e}; it must be a HF config.json") from None
+    if not isinstance(c, dict):
+        raise LlamaExportError(f"config.json must be a JSON object, got {type(c).__name__}")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                           "intermediate_size") if k not in c]
+    if missing:
+        raise LlamaExportError(f"config.json lacks {', '.join(missing)}; is this a LlamaForCausalLM config?")
     archs = c.get("architectures") or []
     if c.get("model_type") not in (None, "llama") and not any("Llama" in a for a in archs):
         raise LlamaExportError(
@@ -203,16 +257,18 @@ def config_from_hf(path_or_dict: str | Path | dict) -> LlamaConfig:
     scaling = c.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
     theta = c.get("rope_theta", rp.get("rope_theta", 10000.0))
     partial = c.get("partial_rotary_factor", rp.get("partial_rotary_factor", 1.0))
-    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    return LlamaConfig(
+    if not isinstance(partial, (int, float)) or isinstance(partial, bool) or not 0 < partial <= 1:
+        raise LlamaExportError(f"config field partial_rotary_factor must be in (0, 1], got {partial!r}")
+    cfg = LlamaConfig(
         dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
         n_kv_heads=c.get("num_key_value_heads"), vocab_size=c["vocab_size"],
         ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta), rope_scaling=scaling, head_dim=head_dim,
-        rope_dim=int(head_dim * partial) if partial != 1.0 else None,
+        rope_theta=float(theta) if isinstance(theta, int) and not isinstance(theta, bool) else theta,
+        rope_scaling=scaling, head_dim=c.get("head_dim") or None,  # None: hidden_size // num_attention_heads
         max_seq_len=c.get("max_position_embeddings", 2048),
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
     )
+    return cfg if partial == 1.0 else dataclasses.replace(cfg, rope_dim=int(cfg.head_dim * partial))
 
 
 def rope_inv_freq(cfg: LlamaConfig):

@@ -20,13 +20,84 @@ def read_manifest(artifact_dir) -> dict:
         raise LlamaExportError(f"{d} is not a llamaexport artifact (no {MANIFEST}); build one with `llamaexport build`")
     try:
         m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LlamaExportError(f"{path} is corrupt ({e}); rebuild the artifact") from None
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise LlamaExportError(
-            f"{path} has schema version {m.get('schema_version')}, this llamaexport reads {SCHEMA_VERSION}; "
-            "rebuild the artifact with this version")
+    problem = manifest_problem(m, d)
+    if problem:
+        raise LlamaExportError(f"{path}: {problem}; rebuild the artifact with this llamaexport")
     return m
+
+
+# The manifest's schema: key -> (JSON types it may have, required). Nested objects are checked below.
+SCHEMA = {
+    "schema_version": ((int,), True), "model": ((dict,), True), "source": ((dict,), True),
+    "profile": ((str,), True), "backend": ((str,), True), "precision": ((str,), True),
+    "io": ((dict,), True), "files": ((dict,), True), "kv_cache": ((dict,), True),
+    "tokenizer": ((list, type(None)), False), "left_padding": ((bool,), False), "plan": ((dict, type(None)), False),
+    "runtime": ((dict,), False), "checksums": ((dict,), False), "engine": ((dict, type(None)), False),
+    "parity": ((dict, type(None)), False),
+}
+
+
+def _type_names(types) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", int: "a whole number", bool: "true or false",
+             type(None): "null"}
+    return " or ".join(names[t] for t in types)
+
+
+def manifest_problem(m, d: Path) -> str | None:
+    """What is wrong with a manifest (naming the key), or None. File names it holds must stay inside d."""
+    if not isinstance(m, dict):
+        return f"the manifest must be a JSON object, got {type(m).__name__}"
+    v = m.get("schema_version")
+    if v != SCHEMA_VERSION or isinstance(v, bool):
+        return f"schema_version is {v!r}, this llamaexport reads the number {SCHEMA_VERSION}"
+    for key, (types, required) in SCHEMA.items():
+        if key not in m:
+            if required:
+                return f"key {key!r} is missing"
+            continue
+        if not isinstance(m[key], types) or (int in types and isinstance(m[key], bool)):
+            return f"key {key!r} must be {_type_names(types)}, got {type(m[key]).__name__}"
+    from .config import LlamaConfig
+
+    try:
+        LlamaConfig.from_dict(m["model"])
+    except LlamaExportError as e:
+        return f"key model: {e}"
+    except TypeError as e:  # a required field missing
+        return f"key model: {e}"
+    if m["backend"] not in ("onnxruntime", "tensorrt"):
+        return f"key 'backend' is {m['backend']!r}, not onnxruntime or tensorrt"
+    for key, sub in (("io", ("inputs", "outputs")), ("kv_cache", ("form", "dtype"))):
+        for k in sub:
+            if k not in m[key]:
+                return f"key {key}.{k} is missing"
+    if not isinstance(m["io"]["inputs"], dict) or not isinstance(m["io"]["outputs"], dict):
+        return "keys io.inputs and io.outputs must be objects"
+    if m["source"].get("kind") == "random" and not (isinstance(m["source"].get("seed"), int)
+                                                    and not isinstance(m["source"].get("seed"), bool)):
+        return f"key source.seed must be a whole number, got {m['source'].get('seed')!r}"
+    if "onnx" not in m["files"]:
+        return "key files.onnx is missing"
+    names = [("files", v) for v in m["files"].values()] + [("tokenizer", v) for v in m.get("tokenizer") or []]
+    names += [("checksums", k) for k in m.get("checksums") or {}]
+    if m.get("engine"):
+        names.append(("engine.file", m["engine"].get("file")))
+    for key, name in names:
+        if not isinstance(name, str) or not name:
+            return f"key {key} holds {name!r}, not a file name"
+        if not inside(d, name):
+            return f"key {key} names {name!r}, which is outside the artifact directory"
+    return None
+
+
+def inside(directory: Path, name: str) -> bool:
+    """Whether `name`, taken relative to `directory`, stays inside it (no absolute path, no ..)."""
+    if Path(name).is_absolute():
+        return False
+    root = Path(directory).resolve()
+    return (root / name).resolve().is_relative_to(root)
 
 
 UNHASHED = {MANIFEST, "parity.json"}  # files that change after the build

@@ -105,8 +105,11 @@ def plan(cfg: LlamaConfig, profile: Profile, recipe: Recipe, *, context: int | N
 
 
 def _plan(cfg: LlamaConfig, profile: Profile, recipe: Recipe, *, context, batch) -> Plan:
-    ctx = context or cfg.max_seq_len
-    b = batch or profile.default_batch
+    ctx = cfg.max_seq_len if context is None else context
+    b = profile.default_batch if batch is None else batch
+    for name, v in (("context (--max-seq-len)", ctx), ("batch", b)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise LlamaExportError(f"{name} must be a whole number >= 1, got {v!r}")
     act = recipe.activation_bytes
     stored, read = weight_bytes(cfg, recipe)
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * ctx * b * act

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from pathlib import Path
 
@@ -14,6 +15,11 @@ BACKENDS = ("onnxruntime", "tensorrt")
 DEFAULT_WORKSPACE_GB = 4.0  # TensorRT's builder and runtime workspace when [builder] sets none
 RUNTIME_KEYS = {"threads"}
 BUILDER_KEYS = {"workspace_gb", "builder_optimization_level"}
+
+
+def _number(v) -> bool:
+    """A finite int or float (TOML's nan, inf and true are not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclasses.dataclass
@@ -47,9 +53,18 @@ class Profile:
         if not [p for p in self.precisions if p != "w8a8"]:
             raise LlamaExportError(f"profile {where}: precisions need at least one of fp32, fp16, int8, int4 "
                                    "besides w8a8 (the one --precision auto may choose)")
-        for f in ("memory_gb", "memory_bandwidth_gbs", "default_context", "default_batch"):
-            if not isinstance(getattr(self, f), (int, float)) or getattr(self, f) <= 0:
+        for f in ("memory_gb", "memory_bandwidth_gbs"):
+            if not _number(getattr(self, f)) or getattr(self, f) <= 0:
                 raise LlamaExportError(f"profile {where}: {f} must be a positive number, got {getattr(self, f)!r}")
+        for f in ("default_context", "default_batch"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise LlamaExportError(f"profile {where}: {f} must be a whole number >= 1, got {v!r}")
+        if not _number(self.reserved_gb) or not 0 <= self.reserved_gb < self.memory_gb:
+            raise LlamaExportError(f"profile {where}: reserved_gb must be a number from 0 to memory_gb "
+                                   f"({self.memory_gb:g}), got {self.reserved_gb!r}")
+        if not isinstance(self.shared_memory, bool):
+            raise LlamaExportError(f"profile {where}: shared_memory must be true or false, got {self.shared_memory!r}")
         for table, keys in (("runtime", RUNTIME_KEYS), ("builder", BUILDER_KEYS)):
             unknown = sorted(set(getattr(self, table)) - keys)
             if unknown:
@@ -60,7 +75,7 @@ class Profile:
             raise LlamaExportError(f"profile {where}: [runtime] threads must be a whole number >= 0 "
                                    f"(0 = all cores), got {threads!r}")
         ws = self.builder.get("workspace_gb", DEFAULT_WORKSPACE_GB)
-        if not isinstance(ws, (int, float)) or isinstance(ws, bool) or not ws > 0:
+        if not _number(ws) or not ws > 0:
             raise LlamaExportError(f"profile {where}: [builder] workspace_gb must be a positive number, got {ws!r}")
 
     @property

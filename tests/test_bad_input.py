@@ -206,3 +206,138 @@ def test_nan_metrics_fail_the_check():
     assert _failures(report, thresholds("int8")) == ["max_abs_logit is nan"]  # int8 does not gate max |dlogit|
     report.update(max_abs_logit=0.5, mean_kl=float("nan"))
     assert "mean_kl is nan" in _failures(report, thresholds("int8"))
+
+
+# ---- checkpoint configs and profiles: validated when read, one line naming the field, value and file
+
+@pytest.mark.parametrize("change,fragments", [
+    ({"num_attention_heads": 0}, ["n_heads must be a whole number >= 1, got 0"]),
+    ({"hidden_size": "64"}, ["dim must be a whole number >= 1, got '64'"]),
+    ({"hidden_size": None}, ["dim must be a whole number >= 1, got None"]),
+    ({"num_attention_heads": 6, "head_dim": None}, ["dim 64 is not divisible by n_heads 6"]),
+    ({"rms_norm_eps": float("nan")}, ["norm_eps must be a finite number > 0, got nan"]),
+    ({"rope_theta": "big"}, ["rope_theta must be a finite number > 0"]),
+    ("delete:hidden_size", ["config.json lacks hidden_size"]),
+    ("not-an-object", ["config.json must be a JSON object, got list"]),
+])
+def test_bad_hf_configs_are_one_line_naming_the_file(tmp_path, change, fragments):
+    from conftest import make_hf_model
+
+    make_hf_model(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    c = json.loads(path.read_text())
+    if change == "not-an-object":
+        c = [c]
+    elif isinstance(change, str):
+        del c[change.split(":")[1]]
+    else:
+        c.update(change)
+    path.write_text(json.dumps(c))  # NaN as JSON's NaN, which Python's json reads back as nan
+    line = assert_clean_error(cli("build", "--checkpoint", tmp_path / "hf", "--tokenizer", tmp_path / "none",
+                                  "--out", tmp_path / "o"), *fragments)
+    assert str(path) in line or "config.json" in line
+    assert not (tmp_path / "o").exists() and leftovers(tmp_path, "o") == []
+
+
+def test_max_seq_len_and_batch_must_be_positive(tmp_path):
+    assert_clean_error(cli("build", "--size", "tiny", "--max-seq-len", "-5", "--out", tmp_path / "o"),
+                       "max_seq_len must be a whole number >= 1, got -5")
+    assert not (tmp_path / "o").exists()
+    assert_clean_error(cli("plan", "--size", "7B", "--batch", "-3"), "batch must be a whole number >= 1, got -3")
+    assert_clean_error(cli("plan", "--size", "7B", "--max-seq-len", "0"), "must be a whole number >= 1, got 0")
+
+
+@pytest.mark.parametrize("line,fragment", [
+    ("memory_gb = nan", "memory_gb must be a positive number, got nan"),
+    ("memory_gb = inf", "memory_gb must be a positive number, got inf"),
+    ("memory_gb = true", "memory_gb must be a positive number, got True"),
+    ("reserved_gb = -1.0", "reserved_gb must be a number from 0 to memory_gb"),
+    ("default_context = 2048.5", "default_context must be a whole number >= 1, got 2048.5"),
+    ("shared_memory = 1", "shared_memory must be true or false"),
+])
+def test_bad_profile_values_are_one_line(tmp_path, line, fragment):
+    import re
+
+    cpu = (Path(__file__).parents[1] / "llamaexport/profiles/cpu.toml").read_text()
+    key = line.split(" = ")[0]
+    p = tmp_path / "mine.toml"
+    p.write_text(re.sub(rf"(?m)^{key} = .*$", line, cpu))
+    assert_clean_error(cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "mine.toml", fragment)
+
+
+def test_a_pickle_that_holds_code_is_named_as_such(tmp_path):
+    """weights_only loading refuses a checkpoint that carries objects besides tensors: the message says so
+    (not "corrupt or truncated") and how to convert it."""
+    import pickle
+
+    import torch
+
+    d = tmp_path / "meta"
+    d.mkdir()
+    (d / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 512}))
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would run",))
+
+    torch.save({"x": torch.zeros(2), "payload": Payload()}, d / "consolidated.00.pth", pickle_module=pickle)
+    r = cli("build", "--checkpoint", d, "--tokenizer", tmp_path / "none", "--out", tmp_path / "o")
+    assert_clean_error(r, "consolidated.00.pth holds Python objects or code besides tensors", "safetensors")
+    assert "this would run" not in r.stdout + r.stderr
+
+
+def test_a_gguf_without_head_count_is_one_line(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(160)
+    w.add_tensor("token_embd.weight", np.zeros((512, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_clean_error(cli("build", "--checkpoint", path, "--out", tmp_path / "o"),
+                       "m.gguf", "lacks llama.attention.head_count")
+    assert not (tmp_path / "o").exists()
+
+
+# ---- manifests: one schema on load, messages naming the key; file references stay inside
+
+@pytest.mark.parametrize("tamper,fragment", [
+    (lambda m: [m], "the manifest must be a JSON object, got list"),
+    (lambda m: {k: v for k, v in m.items() if k != "io"}, "key 'io' is missing"),
+    (lambda m: {k: v for k, v in m.items() if k != "kv_cache"}, "key 'kv_cache' is missing"),
+    (lambda m: {**m, "files": "model.onnx"}, "key 'files' must be an object, got str"),
+    (lambda m: {**m, "schema_version": "1"}, "schema_version is '1', this llamaexport reads the number 1"),
+    (lambda m: {**m, "source": {"kind": "random", "seed": "7"}}, "key source.seed must be a whole number"),
+    (lambda m: {**m, "model": {**m["model"], "n_heads": 0}}, "key model: config field n_heads must be"),
+    (lambda m: {**m, "files": {**m["files"], "onnx": "../../../../etc/passwd"}}, "outside the artifact directory"),
+    (lambda m: {**m, "files": {**m["files"], "onnx": "/etc/passwd"}}, "outside the artifact directory"),
+])
+def test_bad_manifests_are_one_line_naming_the_key(tiny_artifact, tmp_path, tamper, fragment):
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    m = json.loads((art / "manifest.json").read_text())
+    (art / "manifest.json").write_text(json.dumps(tamper(m)))
+    for args in (["run", art, "--prompt", "x"], ["inspect", art], ["verify", art]):
+        assert_clean_error(cli(*args), "manifest.json", fragment)
+
+
+def test_a_safetensors_index_pointing_outside_is_refused(tmp_path):
+    from conftest import make_hf_model
+
+    make_hf_model(tmp_path / "hf", shard="20KB")
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    name = next(iter(data["weight_map"]))
+    (tmp_path / "outside.safetensors").write_bytes((tmp_path / "hf" / data["weight_map"][name]).read_bytes())
+    data["weight_map"][name] = "../outside.safetensors"
+    index.write_text(json.dumps(data))
+    assert_clean_error(cli("build", "--checkpoint", tmp_path / "hf", "--tokenizer", tmp_path / "none",
+                           "--out", tmp_path / "o"), "'../outside.safetensors', outside")

@@ -108,5 +108,5 @@ def test_config_is_frozen_and_replace_revalidates():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.max_seq_len = 8
     assert dataclasses.replace(cfg, max_seq_len=8).max_seq_len == 8 and cfg.max_seq_len == 256
-    with pytest.raises(LlamaExportError, match="max_seq_len must be positive"):
+    with pytest.raises(LlamaExportError, match="max_seq_len must be a whole number >= 1, got 0"):
         dataclasses.replace(cfg, max_seq_len=0)
