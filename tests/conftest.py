@@ -9,6 +9,8 @@ dozen calibrated SmolLM2 builds) run with `--slow` or LLAMAEXPORT_SLOW_TESTS=1."
 import importlib.util
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,21 @@ def smol_check():
         return reports[key]
 
     return get
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "llamaexport.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def assert_clean_error(r, *fragments):
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr
+    for f in fragments:
+        assert f in errors[0], errors[0]
+    return errors[0]
 
 
 def make_hf_model(tmp_dir: Path, *, seed=0, shard=None, **overrides):

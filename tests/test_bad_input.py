@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import assert_clean_error, cli
+from conftest import assert_clean_error, cli, make_hf_model
 
 
 def leftovers(parent: Path, name: str) -> list[str]:
@@ -125,6 +125,72 @@ def test_an_artifact_being_replaced_when_the_build_died_is_restored(tmp_path):
     assert (out / "manifest.json").is_file() and leftovers(tmp_path, "a") == []
 
 
+# ---- inputs covered since the first sessions
+
+def test_build_writes_nothing_half_done(tmp_path):
+    """A shape mismatch found mid-export: error, and no output or staging directory left behind."""
+    make_hf_model(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["intermediate_size"] = 80
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    r = cli("build", "--checkpoint", tmp_path / "hf", "--tokenizer", tmp_path / "hf", "--out", tmp_path / "out")
+    assert r.returncode == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["build", "--size", "8x7B", "--out", "{tmp}/o"], ["unknown size '8x7B'", "7B", "llama3-8B"]),
+    (["build", "--size", "tiny", "--profile", "nope", "--out", "{tmp}/o"], ["unknown profile 'nope'", "rtx4090"]),
+    (["build", "--checkpoint", "{tmp}/missing", "--out", "{tmp}/o"], ["does not exist"]),
+    (["build", "--size", "tiny", "--checkpoint", "{tmp}", "--out", "{tmp}/o"], ["exactly one of"]),
+    (["build", "--size", "tiny", "--profile", "rtx4090", "--out", "{tmp}/o"], ["needs TensorRT", "--export-only"]),
+    (["build", "--size", "tiny", "--profile", "cpu", "--precision", "fp16", "--out", "{tmp}/o"],
+     ["fp16 is not supported by profile cpu"]),
+    (["build", "--size", "tiny", "--precision", "int8", "--block-size", "48", "--out", "{tmp}/o"],
+     ["--block-size 48 is not supported", "16, 32, 64, 128 or 256"]),
+    (["run", "{tmp}/none", "--prompt", "x"], ["not a llamaexport artifact"]),
+    (["check", "{tmp}/none"], ["not a llamaexport artifact"]),
+])
+def test_bad_input_is_one_line(tmp_path, args, fragments):
+    r = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert_clean_error(r, *fragments)
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_checkpoint_and_missing_tokenizer(tmp_path):
+    make_hf_model(tmp_path / "hf")
+    r = cli("build", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "o")
+    assert_clean_error(r, "no tokenizer found", "--tokenizer")
+    f = tmp_path / "hf" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    r = cli("build", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "o")
+    assert_clean_error(r, "model.safetensors", "corrupt or truncated")
+    assert not (tmp_path / "o").exists()
+
+
+def test_malformed_profile(tmp_path):
+    p = tmp_path / "mine.toml"
+    p.write_text('name = "mine"\nbackend = "onnxruntime"\nmemory_gb = -1\n')
+    r = cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o")
+    assert_clean_error(r, "mine.toml", "missing field(s)")
+    p.write_text("name = [")
+    assert_clean_error(cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "not valid TOML")
+    cpu = (Path(__file__).parents[1] / "llamaexport/profiles/cpu.toml").read_text()
+    p.write_text(cpu.replace('precisions = ["fp32", "int8", "int4"]', 'precisions = ["fp32", "w8a8"]'))
+    assert_clean_error(cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "w8a8", "tensorrt profiles")
+    rtx = (Path(__file__).parents[1] / "llamaexport/profiles/rtx4090.toml").read_text()
+    p.write_text(rtx.replace('precisions = ["fp16", "int8", "w8a8", "int4"]', 'precisions = ["w8a8"]'))
+    assert_clean_error(cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "besides w8a8")
+
+
+def test_prompt_longer_than_context_and_existing_out(tiny_artifact, tmp_path):
+    r = cli("run", tiny_artifact, "--prompt", "hello " * 400)
+    assert_clean_error(r, "context is 256", "shorten the prompt")
+    r = cli("build", "--size", "tiny", "--out", tiny_artifact)
+    assert_clean_error(r, "already exists", "--force")
+
+
+
 # ---- runtime arguments: one validation (SamplingConfig, runtime.check_generation / check_threads) shared
 # by the CLI, the Python API and (later) the server
 
@@ -221,7 +287,6 @@ def test_nan_metrics_fail_the_check():
     ("not-an-object", ["config.json must be a JSON object, got list"]),
 ])
 def test_bad_hf_configs_are_one_line_naming_the_file(tmp_path, change, fragments):
-    from conftest import make_hf_model
 
     make_hf_model(tmp_path / "hf")
     path = tmp_path / "hf" / "config.json"
@@ -330,7 +395,6 @@ def test_bad_manifests_are_one_line_naming_the_key(tiny_artifact, tmp_path, tamp
 
 
 def test_a_safetensors_index_pointing_outside_is_refused(tmp_path):
-    from conftest import make_hf_model
 
     make_hf_model(tmp_path / "hf", shard="20KB")
     index = tmp_path / "hf" / "model.safetensors.index.json"
@@ -341,3 +405,9 @@ def test_a_safetensors_index_pointing_outside_is_refused(tmp_path):
     index.write_text(json.dumps(data))
     assert_clean_error(cli("build", "--checkpoint", tmp_path / "hf", "--tokenizer", tmp_path / "none",
                            "--out", tmp_path / "o"), "'../outside.safetensors', outside")
+
+
+def test_an_absurd_context_is_out_of_memory_not_a_traceback(tmp_path):
+    r = cli("build", "--size", "tiny", "--max-seq-len", "4000000000", "--memory-gb", "1e15", "--out", tmp_path / "o")
+    assert_clean_error(r, "out of memory", "--max-seq-len")
+    assert not (tmp_path / "o").exists() and leftovers(tmp_path, "o") == []
