@@ -144,7 +144,7 @@ def _torch_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
-        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):
+        if isinstance(e, pickle.UnpicklingError) and ("not an allowed global" in str(e) or "is blocked" in str(e)):
             # the file is a complete pickle, but it holds objects or code beyond tensors, which
             # weights_only loading refuses to run (torch.load would execute them otherwise)
             raise LlamaExportError(
@@ -357,28 +357,31 @@ def load_gguf(path: Path) -> Checkpoint:
         raise LlamaExportError(f"{path.name}: GGUF architecture {arch!r} is not supported; only llama")
     tensors = {gguf_to_canonical(t.name): t for t in reader.tensors}
     freqs = tensors.pop("rope_freqs.weight", None)  # llama3-style scaling stored as divisors
-    n_heads = int(meta("llama.attention.head_count"))
-    dim = int(meta("llama.embedding_length"))
     tokens = meta("tokenizer.ggml.tokens")
-    head_dim = meta("llama.attention.key_length")
-    scaling = None
-    if freqs is not None:
-        scaling = {"rope_type": "freq_factors",
-                   "factors": [float(v) for v in dequantize(freqs.data, freqs.tensor_type).reshape(-1)]}
-    elif meta("llama.rope.scaling.type") == "linear":
-        scaling = {"rope_type": "linear", "factor": float(meta("llama.rope.scaling.factor"))}
-    cfg = _gguf_config(path, lambda: LlamaConfig(
-        dim=dim, n_layers=int(meta("llama.block_count")), n_heads=n_heads,
-        n_kv_heads=int(meta("llama.attention.head_count_kv", n_heads)),
-        vocab_size=int(meta("llama.vocab_size", len(tokens) if tokens else 32000)),
-        ffn_dim=int(meta("llama.feed_forward_length")),
-        norm_eps=float(meta("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(meta("llama.rope.freq_base", 10000.0)), rope_scaling=scaling,
-        head_dim=int(head_dim) if head_dim else None,
-        rope_dim=int(meta("llama.rope.dimension_count")) if meta("llama.rope.dimension_count") else None,
-        max_seq_len=int(meta("llama.context_length", 2048)),
-        tie_embeddings="output.weight" not in tensors,
-    ))
+
+    def make():
+        n_heads = int(meta("llama.attention.head_count"))
+        head_dim = meta("llama.attention.key_length")
+        scaling = None
+        if freqs is not None:
+            scaling = {"rope_type": "freq_factors",
+                       "factors": [float(v) for v in dequantize(freqs.data, freqs.tensor_type).reshape(-1)]}
+        elif meta("llama.rope.scaling.type") == "linear":
+            scaling = {"rope_type": "linear", "factor": float(meta("llama.rope.scaling.factor"))}
+        return LlamaConfig(
+            dim=int(meta("llama.embedding_length")), n_layers=int(meta("llama.block_count")), n_heads=n_heads,
+            n_kv_heads=int(meta("llama.attention.head_count_kv", n_heads)),
+            vocab_size=int(meta("llama.vocab_size", len(tokens) if tokens else 32000)),
+            ffn_dim=int(meta("llama.feed_forward_length")),
+            norm_eps=float(meta("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(meta("llama.rope.freq_base", 10000.0)), rope_scaling=scaling,
+            head_dim=int(head_dim) if head_dim else None,
+            rope_dim=int(meta("llama.rope.dimension_count")) if meta("llama.rope.dimension_count") else None,
+            max_seq_len=int(meta("llama.context_length", 2048)),
+            tie_embeddings="output.weight" not in tensors,
+        )
+
+    cfg = _gguf_config(path, make)
     shapes = expected_shapes(cfg)
     _check_keys(set(tensors), shapes, path.name, "the GGUF tensors do not match its metadata")
     for t in tensors.values():

@@ -200,7 +200,7 @@ def inspect(artifact):
 @click.argument("artifact", type=click.Path())
 def verify(artifact):
     """Compare every file of an artifact with the checksums its build recorded."""
-    from .manifest import damaged_files, read_manifest, require_intact
+    from .manifest import damage_message, damaged_files, read_manifest
 
     m = read_manifest(artifact)
     if not m.get("checksums"):
@@ -208,7 +208,8 @@ def verify(artifact):
     problems = damaged_files(artifact, m)
     for line in problems:
         click.echo(f"DAMAGED  {line}")
-    require_intact(artifact, m)
+    if problems:
+        raise LlamaExportError(damage_message(artifact, problems))
     click.echo(f"ok: {len(m['checksums'])} files match the build's sha256")
 
 

@@ -84,6 +84,10 @@ def manifest_problem(m, d: Path) -> str | None:
     names += [("checksums", k) for k in m.get("checksums") or {}]
     if m.get("engine"):
         names.append(("engine.file", m["engine"].get("file")))
+    for name, c in (m.get("checksums") or {}).items():
+        if not (isinstance(c, dict) and isinstance(c.get("bytes"), int) and isinstance(c.get("sha256"), str)
+                and len(c["sha256"]) == 64):
+            return f"key checksums.{name} must be an object with bytes and sha256"
     for key, name in names:
         if not isinstance(name, str) or not name:
             return f"key {key} holds {name!r}, not a file name"
@@ -93,11 +97,11 @@ def manifest_problem(m, d: Path) -> str | None:
 
 
 def inside(directory: Path, name: str) -> bool:
-    """Whether `name`, taken relative to `directory`, stays inside it (no absolute path, no ..)."""
-    if Path(name).is_absolute():
-        return False
-    root = Path(directory).resolve()
-    return (root / name).resolve().is_relative_to(root)
+    """Whether the file name `name` stays inside `directory`: not absolute, no `..` out of it. Read as
+    text, not resolved: a file that is a symlink (the Hugging Face cache's snapshots, deduplicated
+    artifacts) is still the directory's own file."""
+    norm = os.path.normpath(name)
+    return not os.path.isabs(norm) and norm != ".." and not norm.startswith(".." + os.sep)
 
 
 UNHASHED = {MANIFEST, "parity.json"}  # files that change after the build
@@ -143,9 +147,13 @@ def require_intact(artifact_dir, manifest: dict, *, hashes: bool = True):
     """Raise one line naming the first damaged file (see damaged_files)."""
     problems = damaged_files(artifact_dir, manifest, hashes=hashes)
     if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise LlamaExportError(f"{artifact_dir} is damaged: {problems[0]}{more}; rebuild the artifact "
-                               "(`llamaexport verify DIR` lists every file)")
+        raise LlamaExportError(damage_message(artifact_dir, problems))
+
+
+def damage_message(artifact_dir, problems: list[str]) -> str:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return (f"{artifact_dir} is damaged: {problems[0]}{more}; rebuild the artifact "
+            "(`llamaexport verify DIR` lists every file)")
 
 
 def write_manifest(artifact_dir, manifest: dict):

@@ -62,7 +62,7 @@ class Profile:
                 raise LlamaExportError(f"profile {where}: {f} must be a whole number >= 1, got {v!r}")
         if not _number(self.reserved_gb) or not 0 <= self.reserved_gb < self.memory_gb:
             raise LlamaExportError(f"profile {where}: reserved_gb must be a number from 0 to memory_gb "
-                                   f"({self.memory_gb:g}), got {self.reserved_gb!r}")
+                                   f"({self.memory_gb:g}, which --memory-gb overrides), got {self.reserved_gb!r}")
         if not isinstance(self.shared_memory, bool):
             raise LlamaExportError(f"profile {where}: shared_memory must be true or false, got {self.shared_memory!r}")
         for table, keys in (("runtime", RUNTIME_KEYS), ("builder", BUILDER_KEYS)):

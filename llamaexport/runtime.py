@@ -13,6 +13,7 @@ import dataclasses
 import mmap
 import os
 from collections.abc import Callable, Iterator
+from numbers import Integral
 from pathlib import Path
 from typing import Protocol
 
@@ -60,15 +61,15 @@ def check_threads(threads) -> int | None:
     if threads is None or threads == 0:
         return None
     cpus = default_threads()
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+    if isinstance(threads, bool) or not isinstance(threads, Integral) or not 1 <= threads <= cpus:
         raise LlamaExportError(f"threads {threads!r} is not possible here: give 1 to {cpus} (the CPUs this process "
                                "may use), or 0 / nothing for all of them")
-    return threads
+    return int(threads)
 
 
 def check_generation(*, max_new_tokens, stop=(), prompt: str | None = None):
     """The one validation of a generation request's own arguments (sampling: SamplingConfig)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
         raise LlamaExportError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
     if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
         raise LlamaExportError(f"stop strings must be a list of non-empty strings, got {stop!r}")
@@ -246,9 +247,11 @@ class LlamaModel:
         require_intact(d, m, hashes=False)  # sizes on every load; `verify` and `check` compare the hashes
         cfg = LlamaConfig.from_dict(m["model"])
         backend_name = backend or m.get("backend", "onnxruntime")
-        if threads is None:
-            threads = (m.get("runtime") or {}).get("threads") or None
-        threads = check_threads(threads)
+        if threads is None:  # the profile's, recorded at build, on whatever machine runs it now
+            recorded = (m.get("runtime") or {}).get("threads") or 0
+            threads = min(recorded, default_threads()) if isinstance(recorded, int) and recorded > 0 else None
+        else:
+            threads = check_threads(threads)
         if backend_name == "onnxruntime":
             backend = OnnxRuntimeBackend(d / m["files"]["onnx"], cfg, m["io"], threads=threads,
                                          shared_kv=m["kv_cache"].get("form") == "past_present_shared")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from numbers import Integral, Real
 
 import numpy as np
 
@@ -27,17 +28,17 @@ class SamplingConfig:
         """The one validation of sampling settings (the CLI, the Python API and the server build one)."""
         for name in ("temperature", "top_p", "repetition_penalty"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
                 raise LlamaExportError(f"{name} must be a finite number, got {v!r}")
         if self.temperature < 0:
             raise LlamaExportError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, Integral) or self.top_k < 0:
             raise LlamaExportError(f"top_k must be a whole number >= 0 (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise LlamaExportError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise LlamaExportError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)
                                       or not 0 <= self.seed < 2**63):
             raise LlamaExportError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
 

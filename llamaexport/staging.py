@@ -79,7 +79,7 @@ def target_lock(out: Path):
 
     lock = lock_path(out)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -141,8 +141,6 @@ def staging_dir(out, *, force: bool):
             log(line)
         _check_target(out, force=force)
         tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
 
         def remove_partial():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -150,17 +148,37 @@ def staging_dir(out, *, force: bool):
 
         with on_terminate(remove_partial):
             try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
                 yield tmp
+                _check_target(out, force=force)  # again: something may have appeared at `out` meanwhile
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
+        _move_into_place(tmp, out)
+
+
+def _move_into_place(tmp: Path, out: Path):
+    """tmp -> out, replacing an artifact at out, with SIGINT and SIGTERM held off so that neither the
+    finished build nor the artifact it replaces is lost between the two renames."""
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        if not out.exists():
+            os.replace(tmp, out)
+            return
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)  # put the artifact back; tmp is removed below
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _check_target(out: Path, *, force: bool):

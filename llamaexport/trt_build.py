@@ -287,13 +287,17 @@ def compile_artifact(artifact_dir, *, profile: str | None = None, force: bool = 
                                f"({', '.join(prof.precisions)}); rebuild the artifact for this profile")
     trt = require_tensorrt(f"run it there, on the GPU the engine is for ({d} stays as it is)",
                            what="`llamaexport compile`")
-    m["engine"] = build_engine(d, m, prof, progress=True)
-    if "checksums" in m:
-        from .manifest import file_checksums
-        m["checksums"] = file_checksums(d)
-    m["profile"], m["parity"] = prof.name, None  # an earlier check ran another backend
-    m.setdefault("tool_versions", {})["tensorrt"] = trt.__version__
-    write_manifest(d, m)
+    from .manifest import file_checksums, require_intact
+    from .staging import target_lock
+
+    with target_lock(d.absolute()):  # no build or other compile writes this artifact meanwhile
+        require_intact(d, m)  # new checksums must not bless a damaged model.onnx
+        m["engine"] = build_engine(d, m, prof, progress=True)
+        if "checksums" in m:
+            m["checksums"] = file_checksums(d)
+        m["profile"], m["parity"] = prof.name, None  # an earlier check ran another backend
+        m.setdefault("tool_versions", {})["tensorrt"] = trt.__version__
+        write_manifest(d, m)
     return m["engine"]
 
 
