@@ -81,7 +81,6 @@ reserved_gb = 1.0
 memory_bandwidth_gbs = 1000.0
 compute_capability = "{props.major}.{props.minor}"
 precisions = ["fp32", "fp16", "int8", "int4"]
-default_precision = "fp16"
 default_context = 256
 default_batch = {batch}
 
