@@ -165,10 +165,11 @@ def bench(artifact, prompt_len, new_tokens, batch, threads, repeat, as_json, bac
 @click.option("--precision", default="auto", show_default=True,
               type=click.Choice(["auto", *PRECISIONS]))
 @click.option("--memory-gb", type=float, help="Override the profile's device memory (GiB).")
-def plan(size, checkpoint, profile, max_seq_len, batch, precision, memory_gb):
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (every term, the budget, the choice).")
+def plan(size, checkpoint, profile, max_seq_len, batch, precision, memory_gb, as_json):
     """Memory plan per precision on a profile, the choice, and the decode ceiling."""
     from .checkpoint import load_checkpoint
-    from .planner import choose, format_plans, plan_all
+    from .planner import choose, format_plans, plan_all, plans_json
     from .profiles import load_profile
     from .recipe import Recipe
 
@@ -180,6 +181,15 @@ def plan(size, checkpoint, profile, max_seq_len, batch, precision, memory_gb):
     ctx = min(cfg.max_seq_len, prof.default_context) if max_seq_len is None else max_seq_len
     b = prof.default_batch if batch is None else batch
     plans = plan_all(cfg, prof, context=ctx, batch=b)
+    if as_json:
+        try:
+            chosen, error = choose(cfg, prof, recipes, context=ctx, batch=b), None
+        except LlamaExportError as e:
+            chosen, error = None, str(e)
+        click.echo(json.dumps(plans_json(cfg, prof, plans, chosen, context=ctx, batch=b, error=error), indent=2))
+        if error:
+            raise LlamaExportError(error)
+        return
     click.echo(format_plans(cfg, prof, plans, None, context=ctx, batch=b).rsplit("\n", 1)[0])
     chosen = choose(cfg, prof, recipes, context=ctx, batch=b)  # raises with the numbers if nothing fits
     click.echo(f"choice: {chosen.label} ({chosen.total / 2**30:.2f} GiB of {chosen.budget / 2**30:.1f} GiB, "

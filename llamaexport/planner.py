@@ -158,6 +158,28 @@ def _nothing_fits(cfg, profile, plans, **kw) -> str:
     return "use a smaller model or a profile with more memory"
 
 
+def plans_json(cfg: LlamaConfig, profile: Profile, plans: list[Plan], chosen: Plan | None, *, context: int,
+               batch: int, error: str | None = None) -> dict:
+    """The plan as plain data (`llamaexport plan --json`): every memory term of each precision in GiB,
+    the budget, whether it fits, the decode ceiling, and the choice (None, with `error`, if none fits)."""
+    def gib(v):
+        return round(v / GiB, 4)
+
+    return {
+        "profile": profile.name, "backend": profile.backend, "memory_gib": profile.memory_gb,
+        "reserved_gib": profile.reserved_gb, "budget_gib": gib(profile.budget_bytes),
+        "bandwidth_gb_s": profile.memory_bandwidth_gbs, "parameters": cfg.n_params(),
+        "context": context, "batch": batch,
+        "plans": [{"precision": str(p.precision), "label": p.label, "weights_gib": gib(p.weights),
+                   "kv_cache_gib": gib(p.kv_cache), "activations_gib": gib(p.activations),
+                   "workspace_gib": gib(p.workspace), "runtime_gib": gib(p.overhead), "total_gib": gib(p.total),
+                   "fits": p.fits, "bytes_per_token": p.bytes_per_token,
+                   "decode_ceiling_tok_s": round(p.decode_ceiling, 2)} for p in plans],
+        "choice": None if chosen is None else chosen.label,
+        "error": error,
+    }
+
+
 def format_plans(cfg: LlamaConfig, profile: Profile, plans: list[Plan], chosen: Plan | None, *, context: int,
                  batch: int) -> str:
     head = (f"{profile.name}: {profile.backend}, budget {profile.budget_bytes / GiB:.1f} GiB "

@@ -187,3 +187,23 @@ def test_gpu_mismatch_is_named():
 
     assert gpu_mismatch("8.9", "89") is None and gpu_mismatch("8.9", None) is None and gpu_mismatch(None, "90") is None
     assert gpu_mismatch("8.9", "80;90") == "compute capability 8.9, this machine's GPU has 8.0, 9.0"
+
+
+def test_plan_json_has_every_term_the_budget_and_the_choice():
+    from conftest import cli
+
+    r = cli("plan", "--size", "13B", "--profile", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["profile"] == "cpu" and d["budget_gib"] == 14.0 and d["context"] == 2048 and d["batch"] == 1
+    by = {p["label"]: p for p in d["plans"]}
+    assert set(by) == {"fp32", "int8", "int4 (compact)"} and d["choice"] == "int4 (compact)" and d["error"] is None
+    want = _plan("13B", "cpu", "int8", context=2048)
+    got = by["int8"]
+    assert got["weights_gib"] == round(want.weights / GiB, 4) and got["fits"] == want.fits
+    terms = ("weights_gib", "kv_cache_gib", "activations_gib", "workspace_gib", "runtime_gib")
+    assert abs(sum(got[k] for k in terms) - got["total_gib"]) < 1e-3
+    r = cli("plan", "--size", "65B", "--profile", "rtx4090", "--json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    d = json.loads(r.stdout)
+    assert d["choice"] is None and "does not fit rtx4090" in d["error"] and all(not p["fits"] for p in d["plans"])
