@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import LlamaExportError
-from .config import LlamaConfig, config_for_size, config_from_hf, config_from_params_json
+from .config import LlamaConfig, config_for_size, config_from_hf, config_from_params_json, read_config
 from .manifest import inside
 
 
@@ -381,7 +381,7 @@ def load_gguf(path: Path) -> Checkpoint:
             tie_embeddings="output.weight" not in tensors,
         )
 
-    cfg = _gguf_config(path, make)
+    cfg = read_config(path.name, make)
     shapes = expected_shapes(cfg)
     _check_keys(set(tensors), shapes, path.name, "the GGUF tensors do not match its metadata")
     for t in tensors.values():
@@ -399,16 +399,6 @@ def load_gguf(path: Path) -> Checkpoint:
 
 
 # ----------------------------------------------------------------------------- entry point
-
-def _gguf_config(path: Path, make) -> LlamaConfig:
-    """make() -> the LlamaConfig of a GGUF's metadata, its errors naming the file."""
-    try:
-        return make()
-    except LlamaExportError as e:
-        raise LlamaExportError(f"{path.name}: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise LlamaExportError(f"{path.name}: a GGUF metadata field has the wrong type ({e})") from None
-
 
 def load_checkpoint(source: str | Path | None = None, *, size: str | None = None, seed: int = 0,
                     max_seq_len: int | None = None) -> Checkpoint:

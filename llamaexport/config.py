@@ -185,17 +185,23 @@ def config_for_size(size: str, **overrides) -> LlamaConfig:
     return LlamaConfig(**fields)
 
 
+def read_config(where: str, make) -> LlamaConfig:
+    """make() -> a LlamaConfig read from `where` (a file), its one-line errors naming that file: a
+    validation error, or a field of the wrong type that met int(), float() or a comparison."""
+    try:
+        return make()
+    except LlamaExportError as e:
+        raise e if where in str(e) else LlamaExportError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise LlamaExportError(f"{where}: a config field has the wrong type ({e})") from None
+
+
 def _in_file(fn):
-    """A config reader whose one-line errors name the file they come from."""
+    """A config reader (path or dict, ...) whose errors name the file it reads (read_config)."""
     def reader(path_or_dict, *args, **kw):
-        try:
+        if isinstance(path_or_dict, dict):
             return fn(path_or_dict, *args, **kw)
-        except LlamaExportError as e:
-            if isinstance(path_or_dict, dict) or str(path_or_dict) in str(e):
-                raise
-            raise LlamaExportError(f"{path_or_dict}: {e}") from None
-        except (TypeError, ValueError) as e:  # a field of the wrong JSON type met float() or a comparison
-            raise LlamaExportError(f"{path_or_dict}: a config field has the wrong type ({e})") from None
+        return read_config(str(path_or_dict), lambda: fn(path_or_dict, *args, **kw))
     reader.__doc__, reader.__name__ = fn.__doc__, fn.__name__
     return reader
 

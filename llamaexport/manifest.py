@@ -63,9 +63,7 @@ def manifest_problem(m, d: Path) -> str | None:
 
     try:
         LlamaConfig.from_dict(m["model"])
-    except LlamaExportError as e:
-        return f"key model: {e}"
-    except TypeError as e:  # a required field missing
+    except (LlamaExportError, TypeError) as e:  # TypeError: a required field missing
         return f"key model: {e}"
     if m["backend"] not in ("onnxruntime", "tensorrt"):
         return f"key 'backend' is {m['backend']!r}, not onnxruntime or tensorrt"
@@ -114,7 +112,7 @@ def file_checksums(artifact_dir) -> dict:
     out = {}
     for p in sorted(d.rglob("*")):
         if p.is_file() and p.name not in UNHASHED and not p.name.endswith(".tmp"):
-            out[p.relative_to(d).as_posix()] = {"bytes": p.stat().st_size, "sha256": file_checksums_of(p)}
+            out[p.relative_to(d).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
     return out
 
 
@@ -129,12 +127,12 @@ def damaged_files(artifact_dir, manifest: dict, *, hashes: bool = True) -> list[
             problems.append(f"{name} is missing")
         elif p.stat().st_size != want["bytes"]:
             problems.append(f"{name} is {p.stat().st_size} bytes, the build wrote {want['bytes']}")
-        elif hashes and file_checksums_of(p) != want["sha256"]:
+        elif hashes and sha256_of(p) != want["sha256"]:
             problems.append(f"{name} changed since the build (sha256 differs)")
     return problems
 
 
-def file_checksums_of(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     """The sha256 of one file, read in 16 MiB pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
