@@ -154,6 +154,10 @@ class OnnxRuntimeBackend:
         if self.shared_kv:
             self._spare = (batch, cache)  # one spare in all: a cache of another batch size is let go
 
+    def slots(self, n: int) -> SharedSlots | None:
+        """n serving slots over one in-place buffer (the GroupQueryAttention graph), else None."""
+        return SharedSlots(self, n) if self.shared_kv else None
+
     def close(self):
         self._io = self._io_cache = self._spare = None
         self._bound = {}
@@ -168,7 +172,12 @@ class OnnxRuntimeBackend:
         io = self.sess.io_binding()
         io.bind_output("logits")  # first: get_outputs() lists outputs in the order they were first bound
         for name, v in zip(self.past_names, cache):
-            io.bind_ortvalue_input(name, v)
+            if isinstance(v, np.ndarray):  # a cache PaddedSlots assembled
+                v = np.ascontiguousarray(v)
+                io.bind_cpu_input(name, v)
+                self._bound[name] = (v, None)  # kept alive until the next binding
+            else:
+                io.bind_ortvalue_input(name, v)
         if self.shared_kv:
             for name, v in zip(self.present_names, cache):
                 io.bind_ortvalue_output(name, v)
@@ -217,6 +226,90 @@ class OnnxRuntimeBackend:
         self.sess.run_with_iobinding(io)
         outs = io.get_outputs()
         return outs[0].numpy(), outs[1:]
+
+
+class SharedSlots:
+    """KV-cache slots for the serving engine on the GroupQueryAttention graph: one
+    [n, kv_heads, ctx, head_dim] buffer per cache tensor, written in place, each row a slot.
+
+    GroupQueryAttention reads row b's length from attention_mask (seqlens_k = its sum - 1) and
+    writes the new token of row b at that position, so a decode step binds rows 0..k-1 (k = the
+    highest decoding slot + 1) and every row keeps its own length. A row in that range that is
+    not decoding (idle, or between prefill chunks) is fed a dummy token at its first free
+    position, which its next write overwrites; a full idle row gives up its last cached position
+    for it. Prefill chunks run with batch 1 on one row (the kernel takes a chunk on top of a past
+    only for batch 1)."""
+
+    def __init__(self, backend: OnnxRuntimeBackend, n: int):
+        c = backend.cfg
+        self.backend, self.n, self.ctx = backend, n, c.max_seq_len
+        shape = (n, c.n_kv_heads, c.max_seq_len, c.head_dim)
+        self.kv = [_lazy_zeros(shape, backend.kv_dtype) for _ in backend.past_names]
+        self.length = [0] * n
+        self._bindings = {}  # (first row, rows) -> IOBinding with the cache rows bound
+
+    def _binding(self, lo: int, k: int):
+        key = (lo, k)
+        io = self._bindings.get(key)
+        if io is None:
+            b = self.backend
+            io = b.sess.io_binding()
+            io.bind_output("logits")
+            for past, present, buf in zip(b.past_names, b.present_names, self.kv):
+                v = b._ort.OrtValue.ortvalue_from_numpy(buf[lo:lo + k])  # a view: no copy on the CPU
+                io.bind_ortvalue_input(past, v)
+                io.bind_ortvalue_output(present, v)
+            if b.keep_input:
+                io.bind_ortvalue_input("num_logits_to_keep", b._one)
+            self._bindings[key] = io
+        return io
+
+    def _run(self, io, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        b = self.backend
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", pos)
+        logits = np.empty((ids.shape[0], 1, b.cfg.vocab_size), b.logits_dtype)
+        io.bind_output("logits", "cpu", 0, b.logits_dtype, logits.shape, logits.ctypes.data)
+        b.sess.run_with_iobinding(io)
+        return logits[:, -1].astype(np.float32, copy=False)
+
+    def truncate(self, slot: int, n: int):
+        self.length[slot] = min(self.length[slot], n)
+
+    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
+        start, n = self.length[slot], len(ids)
+        if start + n > self.ctx:
+            raise LlamaExportError(f"slot {slot} would hold {start + n} tokens, more than the context {self.ctx}")
+        io = self._binding(slot, 1)
+        logits = self._run(io, np.array([ids], np.int64), np.ones((1, start + n), np.int64),
+                           np.arange(start, start + n, dtype=np.int64)[None])
+        self.length[slot] = start + n
+        return logits[0]
+
+    def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
+        k = max(slots) + 1
+        row_of = {s: r for r, s in enumerate(slots)}
+        ids = np.zeros((k, 1), np.int64)
+        lens = []
+        for s in range(k):
+            if s in row_of:
+                ids[s, 0] = tokens[row_of[s]]
+                if self.length[s] >= self.ctx:
+                    raise LlamaExportError(f"slot {s} is full ({self.ctx} tokens)")
+            elif self.length[s] >= self.ctx:
+                self.length[s] = self.ctx - 1  # a full idle row: its last position takes the dummy token
+            lens.append(self.length[s])
+        T = max(lens) + 1
+        mask = (np.arange(T)[None] <= np.array(lens)[:, None]).astype(np.int64)
+        logits = self._run(self._binding(0, k), ids, mask, np.array(lens, np.int64)[:, None])
+        for s in slots:
+            self.length[s] += 1
+        return logits[[s for s in slots]]
+
+    def close(self):
+        self._bindings = {}
+        self.kv = []
 
 
 @dataclasses.dataclass

@@ -1,0 +1,449 @@
+"""The serving engine: continuous batching over KV-cache slots, chunked prefill, prefix reuse.
+
+    engine = Engine(model, max_batch=4)          # model: a loaded LlamaModel
+    req = engine.submit(ids, max_new_tokens=64)  # from any thread; QueueFull past max_queue
+    for event in engine.events(req): ...         # TextEvent pieces, then one DoneEvent
+
+The engine owns `max_batch` KV-cache slots. Each call of `step()`:
+  1. admits queued requests into free slots. A request takes the idle slot whose cached tokens
+     share the longest prefix with its prompt (llama.cpp's cache_prompt): those positions are not
+     computed again, so a conversation that resends its history only prefills the new turn;
+  2. runs at most one prefill chunk (`prefill_chunk` tokens, batch 1) of the oldest request still
+     prefilling; with nobody decoding, the whole rest of its prompt;
+  3. runs ONE batched forward that feeds every decoding sequence its last token, then samples
+     each row with its own settings.
+A decoding stream therefore waits at most one chunk's prefill between two of its tokens.
+ONNX Runtime's GroupQueryAttention takes a prompt chunk on top of a cache only for batch 1 (it
+refuses batch > 1 with sequence length > 1 and a past), hence prefill chunks and decode steps are
+separate forwards.
+
+Slots. The ONNX Runtime CPU graph (GroupQueryAttention over a max-length buffer written in place)
+gets `runtime.SharedSlots`: one [max_batch, kv_heads, ctx, head_dim] buffer per tensor, each row a
+slot; a decode step binds rows 0..k-1 and passes each row's own length. Every other backend (the
+portable graph with a Concat cache, TensorRT) gets `PaddedSlots`: per-slot caches, left-padded
+into one batch per decode step.
+
+Threads: `start()` runs `step()` in a background thread (the server); without it, `events()`
+drives the steps itself (the chat REPL, tests). Events are delivered through each request's
+`on_event` callback, called on the engine's thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from . import LlamaExportError
+from .sampling import Sampler, SamplingConfig
+
+
+class QueueFull(LlamaExportError):
+    """More requests are waiting than --max-queue allows."""
+
+
+@dataclasses.dataclass
+class TextEvent:
+    text: str          # newly printable text (may be empty when only a token arrived)
+    token_id: int
+
+
+@dataclasses.dataclass
+class DoneEvent:
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" | "cancelled" | "error"
+    text: str           # the whole completion
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from an earlier request
+    error: str | None = None
+
+
+_ids = itertools.count(1)
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop: tuple[str, ...] = ()
+    eos_ids: frozenset[int] = frozenset()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    on_event: Callable[[TextEvent | DoneEvent], None] | None = None
+    id: int = dataclasses.field(default_factory=lambda: next(_ids))
+    submitted: float = dataclasses.field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    done: bool = False
+
+
+class TextStream:
+    """Generated ids -> printable text, cut at the first stop string. Text that could still grow
+    into a stop string is held back until it cannot."""
+
+    def __init__(self, tokenizer, *, context=(), stop=()):
+        from .tokenizer import StreamDecoder
+
+        self.dec = StreamDecoder(tokenizer, context=context)
+        self.stop = tuple(stop)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; return the text now safe to show. Sets `stopped` at a stop string."""
+        self.text += self.dec.push(token_id)
+        hits = [j for j in (self.text.find(s) for s in self.stop) if j >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+            return self._take(len(self.text))
+        return self._take(len(self.text) - self.hold)
+
+    def finish(self) -> str:
+        """The rest of the text (after EOS, the length limit or a stop string)."""
+        if not self.stopped:
+            self.text += self.dec.flush()
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        piece, self.emitted = self.text[self.emitted:upto], upto
+        return piece
+
+
+class PaddedSlots:
+    """Slots for a backend whose cache grows by Concat (the portable graph; TensorRT): each slot
+    keeps its own [1, kv_heads, length, head_dim] tensors, and a decode step left-pads the rows to
+    one length (the graph masks the padding through attention_mask and takes explicit positions)."""
+
+    def __init__(self, backend, n: int, ctx: int):
+        self.backend, self.n, self.ctx = backend, n, ctx
+        self.cache: list[list | None] = [None] * n
+        self.length = [0] * n
+
+    def truncate(self, slot: int, n: int):
+        if n < self.length[slot]:
+            self.length[slot] = n
+            self.cache[slot] = [c[:, :, :n] for c in self.cache[slot]] if n else None
+
+    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
+        start = self.length[slot]
+        past = self.cache[slot] if start else self.backend.empty_cache(1)
+        n = len(ids)
+        logits, present = self.backend.forward(np.array([ids], np.int64), np.ones((1, start + n), np.int64),
+                                               np.arange(start, start + n, dtype=np.int64)[None], past, last_only=True)
+        self.cache[slot], self.length[slot] = [_as_array(p) for p in present], start + n
+        return np.asarray(logits[0, -1], np.float32)
+
+    def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
+        lens = [self.length[s] for s in slots]
+        L = max(lens)
+        mask = np.zeros((len(slots), L + 1), np.int64)
+        for r, n in enumerate(lens):
+            mask[r, L - n:] = 1
+        past = [_cat([_left_pad(self.cache[s][i], L) for s in slots]) for i in range(len(self.cache[slots[0]]))]
+        logits, present = self.backend.forward(np.array(tokens, np.int64)[:, None], mask,
+                                               np.array(lens, np.int64)[:, None], past, last_only=True)
+        present = [_as_array(p) for p in present]
+        for r, s in enumerate(slots):
+            self.cache[s] = [p[r:r + 1, :, L - lens[r]:] for p in present]
+            self.length[s] += 1
+        return np.asarray(logits[:, -1], np.float32)
+
+    def close(self):
+        self.cache = [None] * self.n
+
+
+def _as_array(x):
+    """A cache tensor as something that slices and concatenates: numpy, or torch on the GPU."""
+    return x.numpy() if hasattr(x, "numpy") and not isinstance(x, np.ndarray) and not hasattr(x, "device") else x
+
+
+def _left_pad(x, L: int):
+    x = _as_array(x)
+    n = x.shape[2]
+    if n == L:
+        return x
+    if isinstance(x, np.ndarray):
+        pad = np.zeros(x.shape[:2] + (L - n,) + x.shape[3:], x.dtype)
+        return np.concatenate([pad, x], axis=2)
+    import torch
+    return torch.cat([x.new_zeros(x.shape[:2] + (L - n,) + x.shape[3:]), x], dim=2)
+
+
+def _cat(rows):
+    if isinstance(rows[0], np.ndarray):
+        return np.concatenate(rows, axis=0)
+    import torch
+    return torch.cat(rows, dim=0)
+
+
+def make_slots(backend, n: int, ctx: int):
+    """The backend's own slots where it has them (in-place GroupQueryAttention), else PaddedSlots."""
+    own = getattr(backend, "slots", None)
+    if own is not None:
+        slots = own(n)
+        if slots is not None:
+            return slots
+    return PaddedSlots(backend, n, ctx)
+
+
+@dataclasses.dataclass(eq=False)
+class _Seq:
+    req: Request
+    slot: int
+    pending: list[int]        # prompt ids still to prefill
+    cached: int               # prompt ids found in the slot's cache
+    stream: TextStream
+    sampler: Sampler
+    next_token: int | None = None  # sampled, emitted, not yet in the cache
+    generated: list[int] = dataclasses.field(default_factory=list)
+    counts: dict[int, int] = dataclasses.field(default_factory=dict)
+
+
+class Engine:
+    """Continuous batching over `max_batch` slots of one LlamaModel (see the module docstring)."""
+
+    def __init__(self, model, *, max_batch: int = 4, max_queue: int = 16, prefill_chunk: int = 128):
+        for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("prefill_chunk", prefill_chunk, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise LlamaExportError(f"{name} must be a whole number >= {lo}, got {v!r}")
+        self.model = model
+        self.tokenizer = model.require_tokenizer()
+        self.ctx = model.config.max_seq_len
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.slots = make_slots(model.backend, max_batch, self.ctx)
+        self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # ids whose KV each slot holds
+        self.slot_used = [0.0] * max_batch
+        self.active: dict[int, _Seq] = {}      # slot -> sequence
+        self.queue: collections.deque[Request] = collections.deque()
+        self.cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0  # batched decode forwards run (tests read it)
+        self.error: str | None = None
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingConfig | None = None,
+               stop=(), eos_ids=None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               on_event=None) -> Request:
+        """Queue a generation. Raises LlamaExportError for a request that cannot run, QueueFull when
+        --max-queue requests are already waiting."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise LlamaExportError("empty prompt: give at least one token")
+        if n >= self.ctx:
+            raise LlamaExportError(f"the prompt is {n} tokens but the model's context is {self.ctx}; shorten it")
+        if n + max_new_tokens > self.ctx:
+            raise LlamaExportError(f"the prompt ({n} tokens) plus max_tokens ({max_new_tokens}) is more than the "
+                                   f"model's context ({self.ctx}); ask for at most {self.ctx - n} tokens")
+        req = Request(list(map(int, prompt_ids)), max_new_tokens, sampling or SamplingConfig(), tuple(stop),
+                      frozenset(self.tokenizer.eos_ids if eos_ids is None else eos_ids),
+                      presence_penalty, frequency_penalty, on_event)
+        with self.cond:
+            if self._stopping:
+                raise LlamaExportError("the engine is shutting down")
+            if len(self.active) + len(self.queue) >= self.max_batch + self.max_queue:
+                raise QueueFull(f"{len(self.active)} requests are running and {len(self.queue)} waiting "
+                                f"(--max-batch {self.max_batch}, --max-queue {self.max_queue}); retry shortly")
+            self.queue.append(req)
+            self.cond.notify_all()
+        return req
+
+    def cancel(self, req: Request):
+        """Stop a request (a client went away); its slot is freed at the next step."""
+        req.cancelled = True
+        with self.cond:
+            self.cond.notify_all()
+
+    def counts(self) -> tuple[int, int]:
+        """(sequences in slots, requests waiting)."""
+        return len(self.active), len(self.queue)
+
+    # ------------------------------------------------------------------ driving
+    def start(self):
+        """Run the steps in a background thread."""
+        self._thread = threading.Thread(target=self._loop, name="llamaexport-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while True:
+            with self.cond:
+                while not self._stopping and not self.queue and not self.active:
+                    self.cond.wait()
+                if self._stopping and not self.queue and not self.active:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - the backend failed: fail what runs, keep serving
+                self._fail_all(f"the model failed to run: {str(e).splitlines()[0][:300]}")
+
+    def shutdown(self, grace: float = 5.0):
+        """Stop taking requests; let running ones finish for `grace` seconds, then cancel them."""
+        with self.cond:
+            self._stopping = True
+            self.cond.notify_all()
+        deadline = time.monotonic() + grace
+        while (self.active or self.queue) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with self.cond:
+            for r in [*self.queue, *(s.req for s in self.active.values())]:
+                r.cancelled = True
+            self.cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=grace + 5)
+        else:
+            while self.active or self.queue:
+                self.step()
+
+    def close(self):
+        self.shutdown(grace=0)
+        self.slots.close()
+
+    def stream(self, prompt_ids: list[int], **kw) -> Iterator[TextEvent | DoneEvent]:
+        """submit() and yield the request's events in order, ending with its DoneEvent. Drives the
+        steps itself when no thread runs them. Closing the iterator early cancels the request."""
+        import queue as q
+
+        box: q.Queue = q.Queue()
+        req = self.submit(prompt_ids, on_event=box.put, **kw)
+        try:
+            while True:
+                if self._thread is None:
+                    while box.empty():
+                        self.step()
+                ev = box.get()
+                yield ev
+                if isinstance(ev, DoneEvent):
+                    return
+        finally:
+            if not req.done:
+                self.cancel(req)
+                if self._thread is None:
+                    self.step()  # frees the slot now
+
+    # ------------------------------------------------------------------ one step
+    def step(self):
+        """Admit, one prefill chunk, one batched decode step (see the module docstring)."""
+        self._drop_cancelled()
+        self._admit()
+        decoding = [s for s in self.active.values() if s.next_token is not None]
+        prefilling = [s for s in self.active.values() if s.pending]
+        if prefilling:
+            seq = min(prefilling, key=lambda s: s.req.submitted)
+            chunk = seq.pending if not decoding else seq.pending[:self.prefill_chunk]
+            seq.pending = seq.pending[len(chunk):]
+            logits = self.slots.prefill(seq.slot, chunk)
+            self.slot_tokens[seq.slot] += chunk
+            if not seq.pending:
+                self._sample(seq, logits)
+        if decoding:
+            decoding.sort(key=lambda s: s.slot)
+            tokens = [s.next_token for s in decoding]
+            logits = self.slots.decode([s.slot for s in decoding], tokens)
+            self.steps += 1
+            for seq, tok, row in zip(decoding, tokens, logits):
+                self.slot_tokens[seq.slot].append(tok)
+                self._sample(seq, row)
+        self._sync_lengths()
+
+    def _sync_lengths(self):
+        """A slot may have lost cached positions (SharedSlots writes a dummy token into idle rows
+        below the highest decoding one, and truncates a full row to make room)."""
+        for s in range(self.max_batch):
+            n = self.slots.length[s]
+            if len(self.slot_tokens[s]) > n:
+                del self.slot_tokens[s][n:]
+
+    def _drop_cancelled(self):
+        with self.cond:
+            gone = [r for r in self.queue if r.cancelled]
+            for r in gone:
+                self.queue.remove(r)
+        for r in gone:
+            self._finish_request(r, DoneEvent("cancelled", "", len(r.prompt_ids), 0, 0))
+        for seq in [s for s in self.active.values() if s.req.cancelled]:
+            self._finish(seq, "cancelled")
+
+    def _admit(self):
+        while len(self.active) < self.max_batch:
+            with self.cond:
+                if not self.queue:
+                    return
+                req = self.queue.popleft()
+            slot, common = self._pick_slot(req.prompt_ids)
+            self.slots.truncate(slot, common)
+            del self.slot_tokens[slot][common:]
+            self.slot_used[slot] = time.monotonic()
+            self.active[slot] = _Seq(req, slot, req.prompt_ids[common:], common,
+                                     TextStream(self.tokenizer, context=req.prompt_ids, stop=req.stop),
+                                     Sampler(req.sampling))
+
+    def _pick_slot(self, ids: list[int]) -> tuple[int, int]:
+        """The idle slot sharing the longest prefix with `ids` (at most len - 1 tokens, so the
+        last prompt token is computed for its logits); ties and no match: least recently used."""
+        best, best_key = None, None
+        for s in range(self.max_batch):
+            if s in self.active:
+                continue
+            have = self.slot_tokens[s]
+            n = min(len(have), len(ids) - 1)
+            common = next((i for i in range(n) if have[i] != ids[i]), n)
+            key = (common, -self.slot_used[s])
+            if best_key is None or key > best_key:
+                best, best_key = s, key
+        return best, best_key[0]
+
+    def _sample(self, seq: _Seq, logits: np.ndarray):
+        req = seq.req
+        row = logits
+        if seq.counts and (req.presence_penalty or req.frequency_penalty):
+            row = logits.astype(np.float32, copy=True)
+            ids = np.fromiter(seq.counts, np.int64)
+            c = np.fromiter(seq.counts.values(), np.float32)
+            row[ids] -= c * req.frequency_penalty + req.presence_penalty
+        seen = None
+        if req.sampling.repetition_penalty != 1.0:
+            seen = [np.asarray(req.prompt_ids + seq.generated, np.int64)]
+        tok = int(seq.sampler(row[None], seen)[0])
+        seq.generated.append(tok)
+        seq.counts[tok] = seq.counts.get(tok, 0) + 1
+        if tok in req.eos_ids:
+            return self._finish(seq, "stop")
+        piece = seq.stream.push(tok)
+        self._emit(req, TextEvent(piece, tok))
+        if seq.stream.stopped:
+            return self._finish(seq, "stop")
+        if len(seq.generated) >= req.max_new_tokens:
+            return self._finish(seq, "length")
+        seq.next_token = tok
+
+    def _emit(self, req: Request, ev):
+        if req.on_event is not None and not req.cancelled:
+            req.on_event(ev)
+
+    def _finish(self, seq: _Seq, reason: str, error: str | None = None):
+        del self.active[seq.slot]
+        self.slot_used[seq.slot] = time.monotonic()
+        tail = seq.stream.finish() if reason != "cancelled" else ""
+        if tail:
+            self._emit(seq.req, TextEvent(tail, -1))
+        self._finish_request(seq.req, DoneEvent(reason, seq.stream.text, len(seq.req.prompt_ids),
+                                                len(seq.generated), seq.cached, error))
+
+    def _finish_request(self, req: Request, ev: DoneEvent):
+        req.done = True
+        if req.on_event is not None:
+            req.on_event(ev)
+
+    def _fail_all(self, message: str):
+        self.error = message
+        for seq in list(self.active.values()):
+            self._finish(seq, "error", message)
+            self.slots.truncate(seq.slot, 0)  # its cache may be half-written
+            self.slot_tokens[seq.slot] = []
