@@ -119,6 +119,57 @@ def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_
     click.echo()
 
 
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-batch", type=int, default=4, show_default=True, help="Sequences decoded together (KV slots).")
+@click.option("--max-queue", type=int, default=16, show_default=True,
+              help="Requests that may wait for a slot; beyond that the server answers 429.")
+@click.option("--prefill-chunk", type=int, default=128, show_default=True,
+              help="Prompt tokens per prefill forward while others decode (bounds their stall).")
+@click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
+@click.option("--api-key", envvar="LLAMAEXPORT_API_KEY", help="Require 'Authorization: Bearer KEY' (env LLAMAEXPORT_API_KEY).")
+@click.option("--chat-format", default=None, help="Chat format for /v1/chat/completions (default: auto, the model's template).")
+@click.option("--model-name", help="The model id clients send (default: the artifact directory's name).")
+@BACKEND
+def serve(artifact, host, port, max_batch, max_queue, prefill_chunk, threads, api_key, chat_format, model_name, backend):
+    """Serve an artifact over the OpenAI API (continuous batching; needs the serve extra)."""
+    from .server import serve as run_server
+
+    run_server(artifact, host=host, port=port, max_batch=max_batch, max_queue=max_queue, threads=threads,
+               api_key=api_key, prefill_chunk=prefill_chunk, chat_format=chat_format, model_name=model_name,
+               backend=backend)
+
+
+@main.command("chat")
+@click.argument("artifact", type=click.Path())
+@click.option("--system", help="System prompt.")
+@click.option("--chat-format", default="auto", show_default=True,
+              help="auto (the model's own template), chatml, llama2, llama3, alpaca, vicuna.")
+@click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Longest answer.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
+@BACKEND
+def chat_cmd(artifact, system, chat_format, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+             threads, backend):
+    """Chat with an artifact in the terminal (multi-turn; /help lists the commands)."""
+    from . import repl
+    from .runtime import LlamaModel, check_generation
+    from .sampling import SamplingConfig
+
+    check_generation(max_new_tokens=max_new_tokens)
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+    with LlamaModel.load(artifact, threads=threads, backend=backend) as model:
+        model.require_tokenizer()
+        repl.main(model, fmt=chat_format, system=system, sampling=sampling, max_new_tokens=max_new_tokens)
+
+
 def _check(artifact, reference, as_json, backend=None):
     from .parity import check, format_report
 

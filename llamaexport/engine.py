@@ -47,6 +47,10 @@ class QueueFull(LlamaExportError):
     """More requests are waiting than --max-queue allows."""
 
 
+class ShuttingDown(LlamaExportError):
+    """The engine takes no new requests (shutdown() was called)."""
+
+
 @dataclasses.dataclass
 class TextEvent:
     text: str          # newly printable text (may be empty when only a token arrived)
@@ -247,7 +251,7 @@ class Engine:
                       presence_penalty, frequency_penalty, on_event)
         with self.cond:
             if self._stopping:
-                raise LlamaExportError("the engine is shutting down")
+                raise ShuttingDown("the server is shutting down; retry on another instance")
             if len(self.active) + len(self.queue) >= self.max_batch + self.max_queue:
                 raise QueueFull(f"{len(self.active)} requests are running and {len(self.queue)} waiting "
                                 f"(--max-batch {self.max_batch}, --max-queue {self.max_queue}); retry shortly")
