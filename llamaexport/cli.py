@@ -319,7 +319,7 @@ def plugins_build(tensorrt_root, cuda_arch, kernels_only):
     click.echo(f"built {out}")
 
 
-MODEL_COMMANDS = ("run", "bench", "check")  # the ones that load an artifact to run it
+MODEL_COMMANDS = ("run", "bench", "check", "serve", "chat")  # the ones that load an artifact to run it
 
 
 def entry():

@@ -1,0 +1,387 @@
+"""The serving engine (continuous batching, chunked prefill, prefix reuse), `llamaexport serve`
+against real clients (the openai package, httpx), and the `llamaexport chat` REPL."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from llamaexport.engine import DoneEvent, Engine, QueueFull, TextEvent
+from llamaexport.runtime import LlamaModel
+
+httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install 'llamaexport[serve]')")
+openai = pytest.importorskip("openai", reason="the serve tests need the openai package")
+pytest.importorskip("uvicorn", reason="serving needs the serve extra")
+
+
+def _ids(events):
+    return [e.token_id for e in events if isinstance(e, TextEvent) and e.token_id >= 0]
+
+
+def _prompts(vocab, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, min(vocab, 400), n).tolist() for n in lengths]
+
+
+def _run_all(engine, prompts, **kw):
+    """Submit every prompt at once and step until all are done: {index: (token ids, DoneEvent)}."""
+    got = {i: [] for i in range(len(prompts))}
+    done = {}
+    for i, p in enumerate(prompts):
+        def on_event(ev, i=i):
+            if isinstance(ev, DoneEvent):
+                done[i] = ev
+            elif ev.token_id >= 0:
+                got[i].append(ev.token_id)
+        engine.submit(p, on_event=on_event, **kw)
+    while len(done) < len(prompts):
+        engine.step()
+    return {i: (got[i], done[i]) for i in got}
+
+
+@pytest.fixture(scope="module")
+def tiny_portable(tmp_path_factory, tiny_artifact):
+    """The tiny model's portable graph (a TensorRT profile's ONNX, Concat KV cache), run by ONNX Runtime."""
+    from llamaexport.build import build
+
+    d = tmp_path_factory.mktemp("portable")
+    return build(out=d / "art", size="tiny", seed=7, profile="rtx4090", precision="fp16", export_only=True,
+                 tokenizer=str(tiny_artifact / "tokenizer.model"), progress=False)
+
+
+@pytest.mark.parametrize("graph", ["gqa", "portable"])
+def test_batched_equals_alone(graph, tiny_artifact, tiny_portable):
+    """Five requests through three slots, prompts longer than the prefill chunk: each request's
+    greedy tokens equal the same prompt generated alone, and decoding really was batched."""
+    art, backend = (tiny_artifact, None) if graph == "gqa" else (tiny_portable, "onnxruntime")
+    with LlamaModel.load(art, backend=backend) as m:
+        prompts = _prompts(m.config.vocab_size, (5, 17, 40, 9, 23))
+        alone = [m.generate_ids([p], max_new_tokens=24, eos_ids=[])[0] for p in prompts]
+        engine = Engine(m, max_batch=3, prefill_chunk=8)
+        out = _run_all(engine, prompts, max_new_tokens=24, eos_ids=[])
+        for i in range(len(prompts)):
+            assert out[i][0] == alone[i], f"request {i} differs when batched"
+            assert out[i][1].finish_reason == "length" and out[i][1].completion_tokens == 24
+        # 5 x 23 single-token decodes ran in far fewer batched forwards
+        assert engine.steps < 0.6 * 5 * 23, engine.steps
+        engine.close()
+
+
+def test_prefix_reuse_never_changes_output(tiny_artifact):
+    """A follow-up that resends prompt + answer + more reuses the cached prefix (only the new
+    tokens are prefilled) and still generates exactly what a fresh run does."""
+    with LlamaModel.load(tiny_artifact) as m:
+        engine = Engine(m, max_batch=2, prefill_chunk=16)
+        p1 = _prompts(m.config.vocab_size, (30,))[0]
+        first = list(engine.stream(p1, max_new_tokens=12, eos_ids=[]))
+        a1 = _ids(first)
+        assert first[-1].cached_tokens == 0
+        p2 = p1 + a1 + [5, 6, 7]
+        second = list(engine.stream(p2, max_new_tokens=12, eos_ids=[]))
+        assert second[-1].cached_tokens == len(p1) + len(a1) - 1  # the last answer token never went in
+        assert _ids(second) == m.generate_ids([p2], max_new_tokens=12, eos_ids=[])[0]
+        # an unrelated prompt in the other slot keeps the first conversation's cache
+        other = _prompts(m.config.vocab_size, (20,), seed=3)[0]
+        assert _ids(engine.stream(other, max_new_tokens=5, eos_ids=[])) == m.generate_ids([other], max_new_tokens=5,
+                                                                                            eos_ids=[])[0]
+        third = list(engine.stream(p2 + [9], max_new_tokens=4, eos_ids=[]))
+        assert third[-1].cached_tokens >= len(p2)
+        assert _ids(third) == m.generate_ids([p2 + [9]], max_new_tokens=4, eos_ids=[])[0]
+        engine.close()
+
+
+def test_engine_limits_and_cancel(tiny_artifact):
+    with LlamaModel.load(tiny_artifact) as m:
+        engine = Engine(m, max_batch=1, max_queue=1)
+        p = _prompts(m.config.vocab_size, (10,))[0]
+        a = engine.submit(p, max_new_tokens=50, eos_ids=[])
+        engine.submit(p, max_new_tokens=5, eos_ids=[])
+        with pytest.raises(QueueFull, match="max-queue 1"):
+            engine.submit(p, max_new_tokens=5)
+        with pytest.raises(Exception, match="context"):
+            engine.submit(p, max_new_tokens=m.config.max_seq_len)
+        engine.step()
+        engine.cancel(a)
+        engine.step()
+        assert a.done and engine.counts() == (1, 0)  # the waiting one took the freed slot
+        engine.close()
+
+
+# ---------------------------------------------------------------------- the HTTP server
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, artifact, *args):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "llamaexport.cli", "serve", str(artifact), "--port",
+                                      str(self.port), *map(str, args)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise AssertionError("server did not start")
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM; the exit status and stderr."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        return self.proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_artifact):
+    s = Server(tiny_artifact, "--chat-format", "chatml", "--max-batch", "4", "--model-name", "tiny")
+    yield s
+    rc, err = s.stop()
+    assert rc == 0, err
+    assert "Traceback" not in err, err
+
+
+def test_openai_client_matches_the_runtime(tiny_server, tiny_artifact):
+    """Non-streamed and streamed, chat and completions, through the openai package: the greedy text
+    equals LlamaModel.generate (what `llamaexport run` prints) and usage adds up."""
+    c = tiny_server.client()
+    with LlamaModel.load(tiny_artifact) as m:
+        want = m.generate("the quick brown", max_new_tokens=12)
+        want_chat = m.generate("hello there", max_new_tokens=12, chat="chatml")
+    r = c.completions.create(model="tiny", prompt="the quick brown", max_tokens=12, temperature=0)
+    assert r.choices[0].text == want.text
+    assert r.choices[0].finish_reason == {"length": "length"}.get(want.finish_reason, "stop")
+    assert r.usage.prompt_tokens == want.prompt_tokens
+    assert r.usage.completion_tokens == len(want.token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    stream = c.completions.create(model="tiny", prompt="the quick brown", max_tokens=12, temperature=0, stream=True)
+    assert "".join(ch.choices[0].text for ch in stream) == want.text
+
+    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello there"}],
+                                  max_tokens=12, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want_chat.text
+    chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello there"}],
+                                            max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want_chat.text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens == len(want_chat.token_ids)
+    assert [mdl.id for mdl in c.models.list()] == ["tiny"]
+
+    # seeded sampling repeats itself
+    kw = dict(model="tiny", prompt="the quick", max_tokens=10, temperature=0.9, top_p=0.9, seed=11)
+    assert c.completions.create(**kw).choices[0].text == c.completions.create(**kw).choices[0].text
+
+
+def test_concurrent_streams_and_metrics(tiny_server):
+    """Six concurrent streaming clients (more than --max-batch 4): every stream equals its
+    sequential result, ends with [DONE], and /metrics is back at zero active sequences."""
+    prompts = [f"the quick {w} fox" for w in ("brown", "lazy", "red", "old", "new", "big")]
+    body = dict(model="tiny", max_tokens=20, temperature=0, ignore_eos=True)
+    want = [httpx.post(tiny_server.url + "/v1/completions", json={**body, "prompt": p}, timeout=60).json()
+            ["choices"][0]["text"] for p in prompts]
+    got = [None] * len(prompts)
+
+    def client(i):
+        text, lines = "", []
+        with httpx.stream("POST", tiny_server.url + "/v1/completions", json={**body, "prompt": prompts[i],
+                                                                               "stream": True}, timeout=60) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line[6:])
+        assert lines[-1] == "[DONE]"
+        for d in lines[:-1]:
+            text += json.loads(d)["choices"][0]["text"]
+        got[i] = text
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want
+    metrics = httpx.get(tiny_server.url + "/metrics").text
+    assert "llamaexport_active_sequences 0.0" in metrics
+    assert "llamaexport_queued_requests 0.0" in metrics
+    assert 'llamaexport_requests_total{endpoint="completions",status="200"}' in metrics
+    assert "llamaexport_time_to_first_token_seconds_count" in metrics
+    assert "llamaexport_inter_token_latency_seconds_bucket" in metrics
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    ({"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens must be a whole number"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens must be a whole number >= 1"),
+    ({"prompt": "hi", "model": "gpt-4"}, 400, "unknown model 'gpt-4'"),
+    ({"prompt": "hi", "temperature": "hot"}, 400, "temperature must be a number"),
+    ({"prompt": "hi", "n": 2}, 400, "n must be 1"),
+    ({"prompt": "hi", "logprobs": 2}, 400, "logprobs are not supported"),
+    ({"prompt": "hi", "stop": [1]}, 400, "stop must be"),
+    ({"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty must be a number from -2.0 to 2.0"),
+    ({"prompt": 42}, 400, "prompt must be"),
+    ({"prompt": [1, 999999]}, 400, "token ids must be in"),
+    ({"prompt": "word " * 400}, 400, "context"),
+    ({"prompt": "hi", "max_tokens": 10000}, 400, "ask for at most"),
+])
+def test_bad_completions_requests(tiny_server, body, status, fragment):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(tiny_server.url + "/v1/completions", timeout=30, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["type"] == "invalid_request_error"
+    assert httpx.get(tiny_server.url + "/health").status_code == 200  # still serving
+
+
+def test_bad_chat_requests_and_routes(tiny_server):
+    url = tiny_server.url
+    for body, fragment in [({"messages": []}, "non-empty list"),
+                           ({"messages": [{"role": "wizard", "content": "x"}]}, "role must be one of"),
+                           ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text"),
+                           ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+                            "tool calls are not supported")]:
+        r = httpx.post(url + "/v1/chat/completions", json=body)
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+    r = httpx.get(url + "/v1/nothing")
+    assert r.status_code == 404 and "no such endpoint" in r.json()["error"]["message"]
+    r = httpx.get(url + "/v1/chat/completions")
+    assert r.status_code == 405 and "not allowed" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="unknown model"):
+        tiny_server.client().chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+
+
+def test_api_key(tiny_artifact):
+    s = Server(tiny_artifact, "--api-key", "sekret", "--model-name", "tiny")
+    try:
+        assert httpx.get(s.url + "/health").status_code == 200  # no key needed
+        for path in ("/v1/models", "/metrics"):
+            r = httpx.get(s.url + path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi"}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            s.client().models.list()
+        assert [m.id for m in s.client(api_key="sekret").models.list()] == ["tiny"]
+        assert s.client(api_key="sekret").completions.create(model="tiny", prompt="hi", max_tokens=2).usage
+    finally:
+        rc, err = s.stop()
+    assert rc == 0, err
+
+
+# ---------------------------------------------------------------------- SmolLM2: real text
+@pytest.fixture(scope="module")
+def smol_art(smol_build):
+    return smol_build()
+
+
+@pytest.fixture(scope="module")
+def smol_server(smol_art):
+    s = Server(smol_art, "--max-batch", "1", "--max-queue", "0")
+    yield s
+    rc, err = s.stop()
+    assert rc == 0, err
+
+
+def test_smollm2_chat_equals_run_and_reuses_history(smol_art, smol_server):
+    r = subprocess.run([sys.executable, "-m", "llamaexport.cli", "run", str(smol_art), "--prompt",
+                        "What is the capital of France?", "--chat", "--max-new-tokens", "24"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    c = smol_server.client()
+    name = c.models.list().data[0].id
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    a = c.chat.completions.create(model=name, messages=msgs, max_tokens=24, temperature=0)
+    assert a.choices[0].message.content == r.stdout.rstrip("\n")
+    assert "Paris" in a.choices[0].message.content
+    msgs += [{"role": "assistant", "content": a.choices[0].message.content},
+             {"role": "user", "content": "And of Germany?"}]
+    b = c.chat.completions.create(model=name, messages=msgs, max_tokens=24, temperature=0)
+    # the second turn prefilled only what was new ...
+    assert b.usage.prompt_tokens_details.cached_tokens >= a.usage.prompt_tokens
+    with LlamaModel.load(smol_art) as m:  # ... and says what a fresh run says
+        from llamaexport.chat import format_chat
+        ids = m.encode(format_chat(msgs, tokenizer=m.tokenizer))
+        want = m.tokenizer.decode(m.generate_ids([ids], max_new_tokens=24)[0])
+    assert b.choices[0].message.content == want
+    assert "Berlin" in b.choices[0].message.content
+
+
+def test_queue_limit_and_disconnect(smol_server):
+    """One slot, no queue: while a long stream runs another request gets 429 with Retry-After;
+    a client that leaves mid-stream frees the slot at once."""
+    url = smol_server.url
+    long = {"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=long, timeout=60) as r:
+        lines = r.iter_lines()  # kept: a dropped line iterator closes the response
+        while not next(lines).startswith("data: "):  # wait until it runs
+            pass
+        busy = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert busy.status_code == 429, busy.text
+        assert busy.headers["Retry-After"] == "1" and busy.json()["error"]["code"] == "rate_limit_exceeded"
+    t0 = time.monotonic()  # left after a token or two of 1000
+    while httpx.get(url + "/health").json()["active"]:
+        assert time.monotonic() - t0 < 5, "the abandoned generation still holds its slot"
+        time.sleep(0.05)
+    ok = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+    metrics = httpx.get(url + "/metrics").text
+    assert 'llamaexport_requests_total{endpoint="completions",status="429"} 1.0' in metrics
+
+
+def test_chat_repl(smol_art):
+    """`llamaexport chat`: the answer equals `run --chat`, the second turn reuses the first's
+    cache, /system and /reset work, Ctrl-D exits 0."""
+    r = subprocess.run([sys.executable, "-m", "llamaexport.cli", "run", str(smol_art), "--prompt",
+                        "What is the capital of France?", "--chat", "--max-new-tokens", "24"],
+                       capture_output=True, text=True, timeout=300)
+    lines = ["What is the capital of France?", "/stats", "And of Germany?", "/stats", "/system Be brief.",
+             "/reset", "/bogus", "/help"]
+    p = subprocess.run([sys.executable, "-m", "llamaexport.cli", "chat", str(smol_art), "--max-new-tokens", "24"],
+                       input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert ">>> " + r.stdout.rstrip("\n") + "\n" in out
+    stats = [line for line in out.splitlines() if "last answer:" in line]
+    assert len(stats) == 2 and "(0 reused from the cache)" in stats[0]
+    reused = int(stats[1].split("(")[1].split()[0])
+    assert reused > 20, stats[1]
+    assert "(system prompt set; conversation cleared)" in out and "(conversation cleared)" in out
+    assert "unknown command /bogus" in out and "/reset" in out
+
+
+def test_chat_repl_ctrl_c_stops_the_answer_not_the_program(smol_art):
+    p = subprocess.Popen([sys.executable, "-m", "llamaexport.cli", "chat", str(smol_art), "--max-new-tokens", "400"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=0)
+    p.stdin.write("Write a very long story about a dragon.\n")
+    p.stdin.flush()
+    seen = ""
+    while ">>> " not in seen or len(seen.split(">>> ", 1)[1]) < 20:  # the answer has started
+        seen += p.stdout.read(1)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate("/stats\n", timeout=120)
+    assert p.returncode == 0, err
+    assert "(stopped)" in out and "interrupted" in out, out
