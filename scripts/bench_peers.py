@@ -101,7 +101,17 @@ MODELS = {
     "1.1b": dict(size="1.1B", hf=dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
                                      num_key_value_heads=4, intermediate_size=5632, vocab_size=32000,
                                      max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)),
-    # Seconds-long smoke test of the script itself (not a meaningful benchmark).
+    # The same shape with SmolLM2's real BPE tokenizer (its vocabulary of 49152, so 1.14B parameters): for
+    # benchmarks that send text, which the dummy vocabulary of "1.1b" cannot carry through llama.cpp's tokenizer.
+    "1.1b-bpe": dict(tokenizer_gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+                     hf=dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                             intermediate_size=5632, vocab_size=49152, max_position_embeddings=2048,
+                             rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    # Seconds-long smoke tests of the scripts themselves (not meaningful benchmarks).
+    "tiny-bpe": dict(tokenizer_gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+                     hf=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=160, vocab_size=49152, max_position_embeddings=1024,
+                             tie_word_embeddings=False)),
     "tiny": dict(size="tiny", hf=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=2, intermediate_size=160, vocab_size=512,
                                      max_position_embeddings=256, tie_word_embeddings=False)),
@@ -163,6 +173,8 @@ def ensure_hf_dir(model: str, wd: Path) -> Path:
         log(f"{model}: writing the HF fp32 checkpoint {out}")
         spec = MODELS[model]
         src = dict(gguf=str(smollm2_gguf())) if "gguf" in spec else dict(config=spec["hf"])
+        if "tokenizer_gguf" in spec:
+            src["tokenizer_gguf"] = str(smollm2_gguf())
         worker("hf_export", dict(out=str(out), **src), wd / "logs" / f"hf-export-{model}.log")
     return out
 
@@ -180,6 +192,11 @@ def worker_hf_export(a):
         cd.pop("quantization_config", None)
         plain = LlamaForCausalLM(LlamaConfig.from_dict(cd)).to(torch.float32)
         plain.load_state_dict(m.state_dict(), strict=True)
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    elif "tokenizer_gguf" in a:  # random weights, a real tokenizer
+        torch.manual_seed(0)
+        plain = LlamaForCausalLM(LlamaConfig(**a["config"], bos_token_id=1, eos_token_id=2)).to(torch.float32)
+        d, name = os.path.split(a["tokenizer_gguf"])
         tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
     else:
         torch.manual_seed(0)
@@ -408,7 +425,9 @@ def ensure_gguf(model: str, gtype: str, py: str, wd: Path) -> Path:
         if not src.exists():
             hf = ensure_hf_dir(model, wd)
             log(f"llamacpp: writing {src} from {hf}")
-            worker("hf_to_gguf", dict(dir=str(hf), out=str(src)), wd / "logs" / f"llamacpp-gguf-{model}.log", python=py)
+            extra = {"tokenizer_gguf": str(smollm2_gguf())} if "tokenizer_gguf" in MODELS[model] else {}
+            worker("hf_to_gguf", dict(dir=str(hf), out=str(src), **extra), wd / "logs" / f"llamacpp-gguf-{model}.log",
+                   python=py)
         if gtype == "F32":
             return src
     log(f"llamacpp: llama_model_quantize {src.name} -> {out}")
@@ -419,7 +438,9 @@ def ensure_gguf(model: str, gtype: str, py: str, wd: Path) -> Path:
 
 def worker_hf_to_gguf(a):
     """An F32 llama GGUF of an HF Llama checkpoint (what llama.cpp's convert_hf_to_gguf.py writes, minus the real
-    tokenizer): Q/K rows permuted back to llama.cpp's rotary layout; a dummy SentencePiece-style vocab."""
+    tokenizer): Q/K rows permuted back to llama.cpp's rotary layout; a dummy SentencePiece-style vocab, or with
+    a["tokenizer_gguf"] that GGUF's tokenizer (for benchmarks that send text: llama.cpp cannot tokenize text
+    with the dummy vocab)."""
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
@@ -444,14 +465,19 @@ def worker_hf_to_gguf(a):
     w.add_vocab_size(cfg["vocab_size"])
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     V = cfg["vocab_size"]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, V)])
-    w.add_token_scores([0.0] * V)
-    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-                      + [gguf.TokenType.NORMAL] * (V - 3))
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    if "tokenizer_gguf" in a:  # a real tokenizer: every tokenizer.* key of that GGUF, as it is
+        for key, field in gguf.GGUFReader(a["tokenizer_gguf"]).fields.items():
+            if key.startswith("tokenizer.") and key != "tokenizer.chat_template":
+                w.add_key_value(key, field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None)
+    else:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, V)])
+        w.add_token_scores([0.0] * V)
+        w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+                          + [gguf.TokenType.NORMAL] * (V - 3))
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
 
     def permute(t, heads):  # HF's rotate-half row order -> the interleaved pairs llama.cpp's LLAMA rope expects
         return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
