@@ -504,7 +504,7 @@ class LlamaModel:
                result: list | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated; stops at EOS, a stop string or the length.
         If `result` is a list, the final `Generation` is appended to it."""
-        from .tokenizer import StreamDecoder
+        from .engine import TextStream
 
         check_generation(max_new_tokens=max_new_tokens, stop=stop, prompt=prompt)
         if system is not None:
@@ -514,29 +514,25 @@ class LlamaModel:
             from .chat import default_stop_strings
             stop = default_stop_strings(chat if isinstance(chat, str) else "auto")
         ids = self.encode(self.format_prompt(prompt, chat=chat, system=system))
-        dec = StreamDecoder(tok, context=ids)
-        hold = max((len(s) for s in stop), default=1) - 1  # a tail that could still become a stop string
-        text, emitted, reason, new_ids = "", 0, "length", []
+        text = TextStream(tok, context=ids, stop=stop)
+        reason, new_ids = "length", []
         for t in self.steps([ids], max_new_tokens=max_new_tokens, sampling=sampling):
             tid = int(t[0])
             new_ids.append(tid)
             if tid in tok.eos_ids:
                 reason = "eos"
                 break
-            text += dec.push(tid)
-            hits = [j for j in (text.find(s) for s in stop) if j >= 0]
-            if hits:
-                text, reason = text[:min(hits)], "stop"
+            piece = text.push(tid)
+            if piece:
+                yield piece
+            if text.stopped:
+                reason = "stop"
                 break
-            if len(text) - hold > emitted:
-                yield text[emitted:len(text) - hold]
-                emitted = len(text) - hold
-        if reason != "stop":
-            text += dec.flush()
-        if len(text) > emitted:
-            yield text[emitted:]
+        piece = text.finish()
+        if piece:
+            yield piece
         if result is not None:
-            result.append(Generation(text=text, token_ids=new_ids, prompt_tokens=len(ids), finish_reason=reason))
+            result.append(Generation(text=text.text, token_ids=new_ids, prompt_tokens=len(ids), finish_reason=reason))
 
     def generate(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                  stop: list[str] | tuple = (), chat: bool | str = False, system: str | None = None,

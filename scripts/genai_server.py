@@ -1,26 +1,31 @@
 #!/usr/bin/env python
-"""An OpenAI-style completions server over onnxruntime-genai 0.18's `og.Engine` (a benchmark peer).
+"""An OpenAI-style completions server over onnxruntime-genai 0.18's `og.Engine` (a peer for scripts/bench_serve.py).
 
-    python scripts/genai_server.py MODEL_DIR --port P [--host 127.0.0.1] [--threads N] [--max-batch N]
+    python scripts/genai_server.py MODEL_DIR --port P [--host 127.0.0.1] [--threads N] [--max-batch N] [--gather-ms 5]
 
-MODEL_DIR is a folder with genai_config.json (onnxruntime_genai.models.builder's output). Endpoints:
-GET /health, GET /v1/models, POST /v1/completions ({"prompt": text or token ids, "max_tokens", "temperature",
-"top_p", "top_k", "stream", "ignore_eos", "min_tokens"}; stream: SSE text_completion chunks, one per generated
-token, a final chunk with finish_reason, then [DONE]).
+MODEL_DIR holds genai_config.json (onnxruntime_genai.models.builder's output). GET /health, GET /v1/models,
+POST /v1/completions {"prompt": text or token ids, "max_tokens", "temperature", "top_p", "top_k", "stream",
+"ignore_eos", "min_tokens"}: streamed, SSE text_completion chunks (one per generated token, then one with the
+finish_reason, then [DONE]); else one JSON with choices[0].text and usage. --threads: the decoder session's
+intra-op threads, set by a Config.overlay of model.decoder.session_options (genai_config.json is not touched).
 
-How the engine is driven (the 0.18 Engine API; docs/engine_c_api_spec.md and docs/paged_attention_engine.md
-of microsoft/onnxruntime-genai): one thread owns the Engine (it must: every Engine and Request call is
-owner-thread-only). Handlers hand it commands through a queue; it creates a Request per HTTP request
-(`engine.create_request(options=RequestOptions)` with `set_max_session_tokens(prompt + max_tokens)`),
-starts it with `request.begin_turn(ids, TurnOptions)` (greedy: `set_do_sample(False)`; `ignore_eos`:
-`set_min_generated_tokens(max_tokens)`, which masks EOS), and pumps `engine.run(buffer)` while
-`engine.has_pending_requests()`. Each run executes one batched step over every admitted Request and returns
-events (TOKEN / TURN_FINISHED flags, token, finish_reason, usage), which go to the request's asyncio.Queue via
-`loop.call_soon_threadsafe`. A client that goes away gets `request.cancel_turn(turn_id)`.
-Batching: with `engine.dynamic_batching` in genai_config.json (paged-attention builds: CUDA/WebGPU only)
-the Engine batches continuously. A CPU build has no engine section, so 0.18 uses its static batch scheduler:
-queued Requests are admitted together (at most 4 per batch, whatever engine.static_batching.max_batch_size
-says) and decode as one batch; a Request arriving mid-batch waits until that whole batch has finished.
+How the Engine is driven (0.18's API, per docs/engine_c_api_spec.md and docs/paged_attention_engine.md of
+microsoft/onnxruntime-genai): every Engine and Request call must come from the thread that created the Engine,
+so one engine thread owns it and handlers send it commands through a queue. Per HTTP request it calls
+`engine.create_request(options=RequestOptions)` (`set_max_session_tokens(prompt + max_tokens)`, which sizes the
+KV cache) and `request.begin_turn(ids, TurnOptions)` (`set_max_generated_tokens`; greedy `set_do_sample(False)`;
+ignore_eos: `set_min_generated_tokens(max_tokens)`, which masks EOS until then). It then pumps
+`engine.run(buffer)` while `engine.has_pending_requests()`: each call runs one step over every admitted Request
+and returns events (flags TOKEN / TURN_FINISHED, token, finish_reason, usage) that go to the request's
+asyncio.Queue through `loop.call_soon_threadsafe`. A client that goes away gets `request.cancel_turn(turn_id)`;
+a finished Request is `close()`d.
+
+Batching: the Engine batches continuously only with `engine.dynamic_batching` in genai_config.json, which
+needs a paged-attention build (the 0.18 builder allows it for CUDA fp16/bf16 and WebGPU only). A CPU build has
+no engine section, so 0.18 runs its static batch scheduler: queued Requests start together, at most 4 per
+batch (hard-coded; engine.static_batching.max_batch_size does not raise it), and a Request that arrives while
+a batch runs waits until that whole batch has finished. So an idle engine waits --gather-ms after a request for
+simultaneous ones to join its batch.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ try:
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse
     from starlette.routing import Route
-except ImportError as e:  # the genai venv of bench_peers may lack them: run with a Python that has both
+except ImportError as e:  # run it with a Python that has both onnxruntime-genai and these
     raise SystemExit(f"genai_server needs starlette, uvicorn and sse-starlette ({e.name} is missing)") from None
 
 F = og.EngineEventFlags
@@ -52,17 +57,17 @@ LENGTH = {og.FinishReason.MAX_GENERATED_TOKENS, og.FinishReason.MAX_SESSION_TOKE
 
 
 class Job:
-    """One HTTP request: what the engine thread needs, and the queue its events go to."""
+    """One HTTP request: its prompt and options for the engine thread, and the queue its events come back on."""
     _ids = itertools.count()
 
-    def __init__(self, ids, opts: dict, loop, max_tokens: int):
-        self.ids, self.opts, self.loop, self.max_tokens = ids, opts, loop, max_tokens
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.rid = f"cmpl-genai-{next(self._ids)}"
+    def __init__(self, ids: list[int], max_tokens: int, opts: dict):
+        self.ids, self.max_tokens, self.opts = ids, max_tokens, opts
+        self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
+        self.rid, self.t0 = f"cmpl-genai-{next(self._ids)}", time.perf_counter()
         self.request = self.turn = None
         self.cancelled = self.done = False
 
-    def put(self, item):  # engine thread -> event loop
+    def put(self, item):  # on the engine thread
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
         except RuntimeError:  # the loop is closed
@@ -70,88 +75,84 @@ class Job:
 
 
 class EngineThread(threading.Thread):
-    """Owns og.Engine: every Engine/Request call happens here (the 0.18 owner-thread rule)."""
+    """Creates og.Engine and makes every Engine/Request call (0.18's owner-thread rule)."""
 
-    def __init__(self, model, max_batch: int):
+    def __init__(self, model, max_batch: int, gather_ms: float):
         super().__init__(daemon=True, name="genai-engine")
-        self.model, self.max_batch = model, max_batch
-        self.commands: queue.SimpleQueue = queue.SimpleQueue()
-        self.waiting: list[Job] = []
-        self.active: dict = {}  # og.Request -> Job (begun, not finished)
+        self.model, self.max_batch, self.gather = model, max_batch, gather_ms / 1000
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()  # ("submit" | "cancel", Job) from the handlers
+        self.waiting: list[Job] = []  # submitted, not begun (more than --max-batch at once)
+        self.active: dict = {}  # og.Request -> Job: begun, turn not finished
         self.ready = threading.Event()
 
-    def submit(self, job):
-        self.commands.put(("submit", job))
-
-    def cancel(self, job):
-        self.commands.put(("cancel", job))
+    def _command(self, cmd: str, job: Job):
+        if cmd == "submit" and not job.cancelled:
+            self.waiting.append(job)
+        elif cmd == "cancel" and job.request is not None and not job.done:
+            job.request.cancel_turn(job.turn)  # the engine answers with TURN_FINISHED, reason CANCELLED
+        elif cmd == "cancel" and job in self.waiting:
+            self.waiting.remove(job)
 
     def _begin(self, job: Job):
-        n, T, o = len(job.ids), job.max_tokens, job.opts
+        o, T = job.opts, job.max_tokens
         try:
             ro = og.RequestOptions()
-            ro.set_max_session_tokens(n + T)  # sizes the (static) KV cache of its batch
+            ro.set_max_session_tokens(len(job.ids) + T)
             req = self.engine.create_request(options=ro)
             to = og.TurnOptions(req)
             to.set_max_generated_tokens(T)
             if o["min_tokens"]:
-                to.set_min_generated_tokens(min(o["min_tokens"], T))  # masks EOS until then
-            if o["temperature"] == 0:
-                to.set_do_sample(False)
-            else:
-                to.set_do_sample(True)
+                to.set_min_generated_tokens(min(o["min_tokens"], T))
+            to.set_do_sample(o["temperature"] > 0)
+            if o["temperature"] > 0:
                 to.set_temperature(o["temperature"])
                 to.set_top_p(o["top_p"])
                 if o["top_k"] is not None:
                     to.set_top_k(o["top_k"])
             job.turn = req.begin_turn(np.asarray(job.ids, dtype=np.int32), to)
         except Exception as e:  # noqa: BLE001 - a rejected turn fails its own request only
-            job.put(("error", f"{type(e).__name__}: {e}"))
-            return
+            return job.put(("error", f"{type(e).__name__}: {e}"))
         job.request = req
         self.active[req] = job
 
-    def _command(self, cmd, job: Job):
-        if cmd == "submit":
-            if not job.cancelled:
-                self.waiting.append(job)
-        elif job.request is not None and not job.done:
-            job.request.cancel_turn(job.turn)  # the engine then sends TURN_FINISHED (CANCELLED)
-        elif job in self.waiting:
-            self.waiting.remove(job)
-
     def run(self):
-        self.engine = og.Engine(self.model)  # created here: this thread is its owner
+        self.engine = og.Engine(self.model)
         buf = self.engine.create_event_buffer(256)
-        self.caps = self.engine.get_capabilities()
+        self.engine_max_batch = self.engine.get_capabilities().configured_max_batch_size
         self.ready.set()
         while True:
-            busy = self.engine.has_pending_requests()
-            try:  # block for work when idle, else just drain what arrived
-                cmd = self.commands.get(timeout=None if not busy and not self.waiting else 0)
+            idle = not self.waiting and not self.engine.has_pending_requests()
+            try:  # block for work when idle, else take what has arrived
+                self._command(*self.commands.get(timeout=None if idle else 0))
                 while True:
-                    self._command(*cmd)
-                    cmd = self.commands.get_nowait()
+                    self._command(*self.commands.get_nowait())
             except queue.Empty:
                 pass
+            if self.waiting and not self.active and self.gather:  # let simultaneous arrivals share the batch
+                end = self.waiting[0].t0 + self.gather
+                while len(self.waiting) < self.max_batch and (left := end - time.perf_counter()) > 0:
+                    try:
+                        self._command(*self.commands.get(timeout=left))
+                    except queue.Empty:
+                        break
             while self.waiting and len(self.active) < self.max_batch:
                 self._begin(self.waiting.pop(0))
             if not self.engine.has_pending_requests():
                 continue
-            for ev in self.engine.run(buf):
-                flags = ev.flags
+            for ev in self.engine.run(buf):  # one batched step (or retained events)
                 job = self.active.get(ev.request) if ev.request is not None else None
                 if job is None:
-                    if flags & F.FAILED:  # engine-level failure: nothing can run any more
+                    if ev.flags & F.FAILED:  # an engine-level failure: nothing runs any more
                         for j in self.active.values():
-                            j.put(("error", f"engine failed: {ev.error_code.name}"))
+                            j.done = True
+                            j.put(("error", f"the engine failed ({ev.error_code.name})"))
                         self.active.clear()
                     continue
-                if flags & F.TOKEN:
+                if ev.flags & F.TOKEN:
                     job.put(("token", ev.token))
-                if flags & F.TURN_FINISHED:
+                if ev.flags & F.TURN_FINISHED:
                     job.done = True
-                    if flags & F.FAILED or ev.finish_reason in (og.FinishReason.FAILED, og.FinishReason.CANCELLED):
+                    if ev.finish_reason in (og.FinishReason.FAILED, og.FinishReason.CANCELLED):
                         job.put(("error", f"generation {ev.finish_reason.name.lower()} ({ev.error_code.name})"))
                     else:
                         job.put(("finish", "length" if ev.finish_reason in LENGTH else "stop",
@@ -160,78 +161,36 @@ class EngineThread(threading.Thread):
                     job.request.close()
 
 
-def bad(msg, status=400):
-    return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "param": None, "code": None}},
-                        status_code=status)
+def error(msg: str, status: int = 400, kind: str = "invalid_request_error"):
+    return JSONResponse({"error": {"message": msg, "type": kind, "param": None, "code": None}}, status_code=status)
 
 
-def create_app(engine: EngineThread, tokenizer, name: str, ctx: int, vocab: int):
-    async def health(request):
-        return JSONResponse({"status": "ok"})
-
-    async def models(request):
-        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "genai"}]})
-
-    async def completions(request):
-        try:
-            body = json.loads(await request.body())
-            assert isinstance(body, dict)
-        except (ValueError, AssertionError):
-            return bad("the request body must be a JSON object")
-        p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]
-        if isinstance(p, str) and p:
-            ids = [int(t) for t in tokenizer.encode(p)]
-        elif isinstance(p, list) and p and all(type(t) is int and 0 <= t < vocab for t in p):
-            ids = p
-        else:
-            return bad(f"prompt must be a non-empty string or a list of token ids in [0, {vocab})")
-        try:
-            T = int(body.get("max_tokens") or 16)
-            temp = float(body.get("temperature", 1.0))
-            opts = dict(temperature=temp, top_p=float(body.get("top_p", 1.0)),
-                        top_k=None if body.get("top_k") is None else int(body["top_k"]),
-                        min_tokens=T if body.get("ignore_eos") else int(body.get("min_tokens") or 0))
-        except (TypeError, ValueError) as e:
-            return bad(f"bad sampling field: {e}")
-        if T < 1 or temp < 0 or len(ids) + T > ctx:
-            return bad(f"need max_tokens >= 1, temperature >= 0 and prompt ({len(ids)}) + max_tokens <= {ctx}")
-        if body.get("stop"):
-            return bad("stop strings need genai's dynamic batching, which this (static-batch) engine lacks")
-        job = Job(ids, opts, asyncio.get_running_loop(), T)
-        engine.submit(job)
-        if body.get("stream"):
-            return EventSourceResponse(stream(job, name), ping=15, sep="\n")
-        return await whole(request, job, name)
-
-    app = Starlette(routes=[Route("/health", health), Route("/v1/models", models),
-                            Route("/v1/completions", completions, methods=["POST"])])
-
-    def chunk(job, text, reason=None):
+def create_app(engine: EngineThread, tokenizer, name: str, ctx: int, vocab: int) -> Starlette:
+    def chunk(job: Job, text: str, reason=None) -> str:
         return json.dumps({"id": job.rid, "object": "text_completion", "created": int(time.time()), "model": name,
                            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]})
 
-    async def stream(job: Job, name):
+    def give_up(job: Job):  # the response ended early (client gone): stop its generation
+        if not job.done:
+            job.cancelled = True
+            engine.commands.put(("cancel", job))
+
+    async def stream(job: Job):
         ts = tokenizer.create_stream()
         try:
             while True:
                 ev = await job.events.get()
                 if ev[0] == "token":
                     yield {"data": chunk(job, ts.decode(ev[1]))}
-                elif ev[0] == "finish":
-                    yield {"data": chunk(job, "", ev[1])}
-                    break
-                else:
-                    yield {"data": json.dumps({"error": {"message": ev[1], "type": "server_error"}})}
-                    break
+                    continue
+                yield {"data": chunk(job, "", ev[1]) if ev[0] == "finish" else
+                       json.dumps({"error": {"message": ev[1], "type": "server_error"}})}
+                break
             yield {"data": "[DONE]"}
-        finally:  # normal end, or the client went away (the generator is closed)
-            if not job.done:
-                job.cancelled = True
-                engine.cancel(job)
+        finally:  # also when sse_starlette closes the generator because the client disconnected
+            give_up(job)
 
-    async def whole(request, job: Job, name):
+    async def whole(request, job: Job):
         toks = []
         try:
             while True:
@@ -241,23 +200,60 @@ def create_app(engine: EngineThread, tokenizer, name: str, ctx: int, vocab: int)
                     if await request.is_disconnected():
                         return JSONResponse({}, status_code=499)
                     continue
-                if ev[0] == "token":
-                    toks.append(ev[1])
-                elif ev[0] == "error":
-                    return JSONResponse({"error": {"message": ev[1], "type": "server_error"}}, status_code=500)
-                else:
+                if ev[0] != "token":
                     break
+                toks.append(ev[1])
         finally:
-            if not job.done:
-                job.cancelled = True
-                engine.cancel(job)
+            give_up(job)
+        if ev[0] == "error":
+            return error(ev[1], 500, "server_error")
         text = tokenizer.decode(np.asarray(toks, dtype=np.int32)) if toks else ""
         return JSONResponse({"id": job.rid, "object": "text_completion", "created": int(time.time()), "model": name,
                              "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": ev[1]}],
                              "usage": {"prompt_tokens": ev[2], "completion_tokens": ev[3],
                                        "total_tokens": ev[2] + ev[3]}})
 
-    return app
+    async def completions(request):
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return error("the request body must be a JSON object")
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]  # a batch of one
+        if isinstance(p, str) and p:
+            ids = [int(t) for t in tokenizer.encode(p)]
+        elif isinstance(p, list) and p and all(type(t) is int and 0 <= t < vocab for t in p):
+            ids = p
+        else:
+            return error(f"prompt must be a non-empty string or a list of token ids in [0, {vocab})")
+        try:
+            T = int(body.get("max_tokens") or 16)
+            opts = dict(temperature=float(body.get("temperature", 1.0)), top_p=float(body.get("top_p", 1.0)),
+                        top_k=None if body.get("top_k") is None else int(body["top_k"]),
+                        min_tokens=T if body.get("ignore_eos") else int(body.get("min_tokens") or 0))
+        except (TypeError, ValueError) as e:
+            return error(f"bad sampling field: {e}")
+        if T < 1 or opts["temperature"] < 0 or len(ids) + T > ctx:
+            return error(f"need max_tokens >= 1, temperature >= 0, prompt ({len(ids)}) + max_tokens <= {ctx}")
+        if body.get("stop"):
+            return error("stop strings need genai's dynamic batching; this engine batches statically")
+        job = Job(ids, T, opts)
+        engine.commands.put(("submit", job))
+        if body.get("stream"):
+            return EventSourceResponse(stream(job), ping=15, sep="\n")
+        return await whole(request, job)
+
+    async def health(request):
+        return JSONResponse({"status": "ok"})
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "genai"}]})
+
+    return Starlette(routes=[Route("/health", health), Route("/v1/models", models),
+                             Route("/v1/completions", completions, methods=["POST"])])
 
 
 def main():
@@ -266,30 +262,29 @@ def main():
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads of the decoder session")
-    ap.add_argument("--max-batch", type=int, default=4, help="requests begun at once (the CPU engine batches <= 4)")
+    ap.add_argument("--max-batch", type=int, default=4, help="requests begun at once (a CPU engine batches <= 4)")
+    ap.add_argument("--gather-ms", type=float, default=5.0, help="an idle engine's wait for simultaneous requests")
     a = ap.parse_args()
     cfg_json = json.loads((a.model_dir / "genai_config.json").read_text())
-    cfg = og.Config(str(a.model_dir))
     overlay: dict = {}
-    if a.threads:  # Config.overlay: no patched copy of genai_config.json needed
+    if a.threads:
         overlay["model"] = {"decoder": {"session_options": {"intra_op_num_threads": a.threads}}}
     if "engine" not in cfg_json:
         overlay["engine"] = {"static_batching": {"max_batch_size": a.max_batch}}
+    cfg = og.Config(str(a.model_dir))
     if overlay:
         cfg.overlay(json.dumps(overlay))
     model = og.Model(cfg)
-    tokenizer = og.Tokenizer(model)
-    engine = EngineThread(model, a.max_batch)
+    engine = EngineThread(model, a.max_batch, a.gather_ms)
     engine.start()
     engine.ready.wait()
-    caps = engine.caps
-    ctx = min(cfg_json["search"].get("max_length") or 10**9, cfg_json["model"].get("context_length") or 10**9)
+    ctx = min(cfg_json["search"].get("max_length") or 1 << 30, cfg_json["model"].get("context_length") or 1 << 30)
     name = a.model_dir.resolve().name
     mode = "dynamic (continuous)" if "dynamic_batching" in cfg_json.get("engine", {}) else "static"
-    print(f"genai {og.__version__}: serving {a.model_dir} as {name!r} on http://{a.host}:{a.port}/v1 "
-          f"({mode} batching, engine max batch {caps.configured_max_batch_size}, begun at once {a.max_batch}, "
+    print(f"genai {og.__version__}: serving {a.model_dir} as {name!r} on http://{a.host}:{a.port}/v1 ({mode} batching, "
+          f"engine max batch {engine.engine_max_batch}, --max-batch {a.max_batch}, "
           f"threads {a.threads or 'default'})", file=sys.stderr, flush=True)
-    app = create_app(engine, tokenizer, name, ctx, cfg_json["model"]["vocab_size"])
+    app = create_app(engine, og.Tokenizer(model), name, ctx, cfg_json["model"]["vocab_size"])
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False, lifespan="off")
 
 
