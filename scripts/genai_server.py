@@ -1,31 +1,25 @@
 #!/usr/bin/env python
-"""An OpenAI-style completions server over onnxruntime-genai 0.18's `og.Engine` (a peer for scripts/bench_serve.py).
+"""OpenAI-style completions over onnxruntime-genai 0.18's `og.Engine`: the genai peer of scripts/bench_serve.py.
 
-    python scripts/genai_server.py MODEL_DIR --port P [--host 127.0.0.1] [--threads N] [--max-batch N] [--gather-ms 5]
+    python scripts/genai_server.py MODEL_DIR --port P [--host 127.0.0.1] [--threads N] [--max-batch N] [--gather-ms 10]
 
-MODEL_DIR holds genai_config.json (onnxruntime_genai.models.builder's output). GET /health, GET /v1/models,
-POST /v1/completions {"prompt": text or token ids, "max_tokens", "temperature", "top_p", "top_k", "stream",
-"ignore_eos", "min_tokens"}: streamed, SSE text_completion chunks (one per generated token, then one with the
-finish_reason, then [DONE]); else one JSON with choices[0].text and usage. --threads: the decoder session's
-intra-op threads, set by a Config.overlay of model.decoder.session_options (genai_config.json is not touched).
+MODEL_DIR holds genai_config.json (the genai model builder's output). GET /health. POST /v1/completions {"prompt":
+text or token ids, "max_tokens", "temperature", "top_p", "top_k", "stream", "ignore_eos", "min_tokens"}: SSE
+text_completion chunks (one per token, one with finish_reason, [DONE]), or one JSON with text and usage.
 
-How the Engine is driven (0.18's API, per docs/engine_c_api_spec.md and docs/paged_attention_engine.md of
-microsoft/onnxruntime-genai): every Engine and Request call must come from the thread that created the Engine,
-so one engine thread owns it and handlers send it commands through a queue. Per HTTP request it calls
-`engine.create_request(options=RequestOptions)` (`set_max_session_tokens(prompt + max_tokens)`, which sizes the
-KV cache) and `request.begin_turn(ids, TurnOptions)` (`set_max_generated_tokens`; greedy `set_do_sample(False)`;
-ignore_eos: `set_min_generated_tokens(max_tokens)`, which masks EOS until then). It then pumps
-`engine.run(buffer)` while `engine.has_pending_requests()`: each call runs one step over every admitted Request
-and returns events (flags TOKEN / TURN_FINISHED, token, finish_reason, usage) that go to the request's
-asyncio.Queue through `loop.call_soon_threadsafe`. A client that goes away gets `request.cancel_turn(turn_id)`;
-a finished Request is `close()`d.
+How the Engine is driven (0.18; microsoft/onnxruntime-genai docs/engine_c_api_spec.md, docs/paged_attention_engine.md):
+all Engine/Request calls must come from the thread that made the Engine, so one engine thread owns it and handlers
+queue commands to it. Per request: `engine.create_request(options=RequestOptions)` (`set_max_session_tokens`), then
+`request.begin_turn(ids, TurnOptions)` (`set_max_generated_tokens`; greedy `set_do_sample(False)`; ignore_eos:
+`set_min_generated_tokens(max_tokens)`, which masks EOS). The thread pumps `engine.run(buffer)` while
+`engine.has_pending_requests()`, each call one batched step over the admitted Requests; its events (TOKEN /
+TURN_FINISHED flags, token, finish_reason, usage) reach the request's asyncio.Queue by `loop.call_soon_threadsafe`.
+A client that leaves gets `request.cancel_turn(turn_id)`; a finished Request is `close()`d.
 
-Batching: the Engine batches continuously only with `engine.dynamic_batching` in genai_config.json, which
-needs a paged-attention build (the 0.18 builder allows it for CUDA fp16/bf16 and WebGPU only). A CPU build has
-no engine section, so 0.18 runs its static batch scheduler: queued Requests start together, at most 4 per
-batch (hard-coded; engine.static_batching.max_batch_size does not raise it), and a Request that arrives while
-a batch runs waits until that whole batch has finished. So an idle engine waits --gather-ms after a request for
-simultaneous ones to join its batch.
+Batching: continuous only under `engine.dynamic_batching` (paged-attention builds: the 0.18 builder allows CUDA and
+WebGPU only). A CPU build gets 0.18's static batch scheduler: queued Requests start together, at most 4 (hard-coded;
+engine.static_batching.max_batch_size does not raise it), and a Request arriving mid-batch waits for the whole batch
+to finish. Hence an idle engine waits --gather-ms after a request for simultaneous ones to join its batch.
 """
 
 from __future__ import annotations
@@ -68,10 +62,7 @@ class Job:
         self.cancelled = self.done = False
 
     def put(self, item):  # on the engine thread
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-        except RuntimeError:  # the loop is closed
-            pass
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
 class EngineThread(threading.Thread):
@@ -116,10 +107,12 @@ class EngineThread(threading.Thread):
         self.active[req] = job
 
     def run(self):
-        self.engine = og.Engine(self.model)
-        buf = self.engine.create_event_buffer(256)
-        self.engine_max_batch = self.engine.get_capabilities().configured_max_batch_size
-        self.ready.set()
+        try:
+            self.engine = og.Engine(self.model)
+            buf = self.engine.create_event_buffer(256)
+            self.engine_max_batch = self.engine.get_capabilities().configured_max_batch_size
+        finally:
+            self.ready.set()  # main() checks that the engine exists
         while True:
             idle = not self.waiting and not self.engine.has_pending_requests()
             try:  # block for work when idle, else take what has arrived
@@ -191,18 +184,21 @@ def create_app(engine: EngineThread, tokenizer, name: str, ctx: int, vocab: int)
             give_up(job)
 
     async def whole(request, job: Job):
-        toks = []
+        toks, check = [], time.monotonic() + 0.5
         try:
             while True:
                 try:
                     ev = await asyncio.wait_for(job.events.get(), timeout=0.5)
                 except TimeoutError:
+                    ev = ("wait",)
+                if time.monotonic() > check:  # every 0.5 s, tokens flowing or not: is the client still there?
+                    check = time.monotonic() + 0.5
                     if await request.is_disconnected():
                         return JSONResponse({}, status_code=499)
-                    continue
-                if ev[0] != "token":
+                if ev[0] == "token":
+                    toks.append(ev[1])
+                elif ev[0] != "wait":
                     break
-                toks.append(ev[1])
         finally:
             give_up(job)
         if ev[0] == "error":
@@ -249,11 +245,7 @@ def create_app(engine: EngineThread, tokenizer, name: str, ctx: int, vocab: int)
     async def health(request):
         return JSONResponse({"status": "ok"})
 
-    async def models(request):
-        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "genai"}]})
-
-    return Starlette(routes=[Route("/health", health), Route("/v1/models", models),
-                             Route("/v1/completions", completions, methods=["POST"])])
+    return Starlette(routes=[Route("/health", health), Route("/v1/completions", completions, methods=["POST"])])
 
 
 def main():
@@ -263,7 +255,7 @@ def main():
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads of the decoder session")
     ap.add_argument("--max-batch", type=int, default=4, help="requests begun at once (a CPU engine batches <= 4)")
-    ap.add_argument("--gather-ms", type=float, default=5.0, help="an idle engine's wait for simultaneous requests")
+    ap.add_argument("--gather-ms", type=float, default=10.0, help="an idle engine's wait for simultaneous requests")
     a = ap.parse_args()
     cfg_json = json.loads((a.model_dir / "genai_config.json").read_text())
     overlay: dict = {}
@@ -272,18 +264,18 @@ def main():
     if "engine" not in cfg_json:
         overlay["engine"] = {"static_batching": {"max_batch_size": a.max_batch}}
     cfg = og.Config(str(a.model_dir))
-    if overlay:
-        cfg.overlay(json.dumps(overlay))
+    cfg.overlay(json.dumps(overlay))
     model = og.Model(cfg)
     engine = EngineThread(model, a.max_batch, a.gather_ms)
     engine.start()
     engine.ready.wait()
+    if not hasattr(engine, "engine_max_batch"):
+        raise SystemExit("og.Engine could not be created (see the error above)")
     ctx = min(cfg_json["search"].get("max_length") or 1 << 30, cfg_json["model"].get("context_length") or 1 << 30)
     name = a.model_dir.resolve().name
     mode = "dynamic (continuous)" if "dynamic_batching" in cfg_json.get("engine", {}) else "static"
-    print(f"genai {og.__version__}: serving {a.model_dir} as {name!r} on http://{a.host}:{a.port}/v1 ({mode} batching, "
-          f"engine max batch {engine.engine_max_batch}, --max-batch {a.max_batch}, "
-          f"threads {a.threads or 'default'})", file=sys.stderr, flush=True)
+    print(f"genai {og.__version__}: serving {a.model_dir} as {name!r} on http://{a.host}:{a.port}/v1 ({mode} batching, engine "
+          f"max batch {engine.engine_max_batch}, --max-batch {a.max_batch}, threads {a.threads or 'default'})", file=sys.stderr)
     app = create_app(engine, og.Tokenizer(model), name, ctx, cfg_json["model"]["vocab_size"])
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False, lifespan="off")
 
