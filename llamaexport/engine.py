@@ -9,7 +9,8 @@ The engine owns `max_batch` KV-cache slots. Each call of `step()`:
      share the longest prefix with its prompt (llama.cpp's cache_prompt): those positions are not
      computed again, so a conversation that resends its history only prefills the new turn;
   2. runs at most one prefill chunk (`prefill_chunk` tokens, batch 1) of the oldest request still
-     prefilling; with nobody decoding, the whole rest of its prompt;
+     prefilling while others decode; with nobody decoding, every waiting prompt in full (new
+     requests in adjacent empty slots in one batched forward), so that they start together;
   3. runs ONE batched forward that feeds every decoding sequence its last token, then samples
      each row with its own settings.
 A decoding stream therefore waits at most one chunk's prefill between two of its tokens.
@@ -19,7 +20,8 @@ separate forwards.
 
 Slots. The ONNX Runtime CPU graph (GroupQueryAttention over a max-length buffer written in place)
 gets `runtime.SharedSlots`: one [max_batch, kv_heads, ctx, head_dim] buffer per tensor, each row a
-slot; a decode step binds rows 0..k-1 and passes each row's own length. Every other backend (the
+slot; a decode step binds the rows from the lowest to the highest decoding slot and passes each
+row's own length. Every other backend (the
 portable graph with a Concat cache, TensorRT) gets `PaddedSlots`: per-slot caches, left-padded
 into one batch per decode step.
 
@@ -68,6 +70,11 @@ class DoneEvent:
 
 
 _ids = itertools.count(1)
+
+# Cached prompt prefixes shorter than this are recomputed rather than reused (see Engine._pick_slot).
+MIN_REUSE = 8
+# An idle engine waits this long after a request for others to join its first (batched) prefill.
+GATHER_S = 0.005
 
 
 @dataclasses.dataclass(eq=False)
@@ -278,10 +285,15 @@ class Engine:
     def _loop(self):
         while True:
             with self.cond:
+                idle = not self.active
                 while not self._stopping and not self.queue and not self.active:
                     self.cond.wait()
                 if self._stopping and not self.queue and not self.active:
                     return
+                if idle:  # requests sent together arrive a few ms apart: let them start together
+                    deadline = time.monotonic() + GATHER_S
+                    while len(self.queue) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                        self.cond.wait(left)
             try:
                 self.step()
             except Exception as e:  # noqa: BLE001 - the backend failed: fail what runs, keep serving
@@ -338,9 +350,11 @@ class Engine:
         self._admit()
         decoding = [s for s in self.active.values() if s.next_token is not None]
         prefilling = [s for s in self.active.values() if s.pending]
-        if prefilling:
+        if prefilling and not decoding:
+            self._prefill_together(prefilling)  # nobody waits for a token: start them all now
+        elif prefilling:
             seq = min(prefilling, key=lambda s: s.req.submitted)
-            chunk = seq.pending if not decoding else seq.pending[:self.prefill_chunk]
+            chunk = seq.pending[:self.prefill_chunk]
             seq.pending = seq.pending[len(chunk):]
             logits = self.slots.prefill(seq.slot, chunk)
             self.slot_tokens[seq.slot] += chunk
@@ -355,6 +369,33 @@ class Engine:
                 self.slot_tokens[seq.slot].append(tok)
                 self._sample(seq, row)
         self._sync_lengths()
+
+    def _prefill_together(self, seqs: list[_Seq]):
+        """Prefill every waiting sequence, so that they start decoding together. Sequences in empty,
+        adjacent slots share batched forwards (SharedSlots.prefill_rows) over their common length;
+        the rest (reused prefixes, longer prompts' tails) go one by one."""
+        rows = getattr(self.slots, "prefill_rows", None)
+        fresh = sorted((s for s in seqs if self.slots.length[s.slot] == 0), key=lambda s: s.slot)
+        run: list[_Seq] = []
+        for seq in [*fresh, None]:
+            if seq is not None and (not run or seq.slot == run[-1].slot + 1):
+                run.append(seq)
+                continue
+            if rows is not None and len(run) > 1:
+                n = min(len(s.pending) for s in run)
+                logits = rows(run[0].slot, [s.pending[:n] for s in run])
+                for s, row in zip(run, logits):
+                    self.slot_tokens[s.slot] += s.pending[:n]
+                    s.pending = s.pending[n:]
+                    if not s.pending:
+                        self._sample(s, row)
+            run = [seq] if seq is not None else []
+        for seq in sorted(seqs, key=lambda s: s.req.submitted):
+            if seq.pending and seq.slot in self.active:
+                chunk, seq.pending = seq.pending, []
+                logits = self.slots.prefill(seq.slot, chunk)
+                self.slot_tokens[seq.slot] += chunk
+                self._sample(seq, logits)
 
     def _sync_lengths(self):
         """A slot may have lost cached positions (SharedSlots writes a dummy token into idle rows
@@ -390,7 +431,9 @@ class Engine:
 
     def _pick_slot(self, ids: list[int]) -> tuple[int, int]:
         """The idle slot sharing the longest prefix with `ids` (at most len - 1 tokens, so the
-        last prompt token is computed for its logits); ties and no match: least recently used."""
+        last prompt token is computed for its logits). A prefix under MIN_REUSE tokens (a shared
+        BOS) is not worth a slot's cache: then an empty slot, the lowest first (new requests in
+        adjacent slots prefill in one batch), else the least recently used."""
         best, best_key = None, None
         for s in range(self.max_batch):
             if s in self.active:
@@ -398,7 +441,9 @@ class Engine:
             have = self.slot_tokens[s]
             n = min(len(have), len(ids) - 1)
             common = next((i for i in range(n) if have[i] != ids[i]), n)
-            key = (common, -self.slot_used[s])
+            if common < MIN_REUSE:
+                common = 0
+            key = (common, not have, -self.slot_used[s], -s)
             if best_key is None or key > best_key:
                 best, best_key = s, key
         return best, best_key[0]

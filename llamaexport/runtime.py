@@ -233,8 +233,8 @@ class SharedSlots:
     [n, kv_heads, ctx, head_dim] buffer per cache tensor, written in place, each row a slot.
 
     GroupQueryAttention reads row b's length from attention_mask (seqlens_k = its sum - 1) and
-    writes the new token of row b at that position, so a decode step binds rows 0..k-1 (k = the
-    highest decoding slot + 1) and every row keeps its own length. A row in that range that is
+    writes the new token of row b at that position, so a decode step binds the rows from the lowest
+    to the highest decoding slot and every row keeps its own length. A row in that range that is
     not decoding (idle, or between prefill chunks) is fed a dummy token at its first free
     position, which its next write overwrites; a full idle row gives up its last cached position
     for it. Prefill chunks run with batch 1 on one row (the kernel takes a chunk on top of a past
@@ -287,14 +287,25 @@ class SharedSlots:
         self.length[slot] = start + n
         return logits[0]
 
+    def prefill_rows(self, lo: int, ids: list[list[int]]) -> np.ndarray:
+        """The prompts of empty slots lo, lo+1, ... (one length) in one batched forward: last logits [k, V]."""
+        k, n = len(ids), len(ids[0])
+        if any(self.length[s] for s in range(lo, lo + k)) or any(len(r) != n for r in ids) or n > self.ctx:
+            raise LlamaExportError("prefill_rows takes empty slots and prompts of one length")
+        logits = self._run(self._binding(lo, k), np.array(ids, np.int64), np.ones((k, n), np.int64),
+                           np.broadcast_to(np.arange(n, dtype=np.int64), (k, n)).copy())
+        for s in range(lo, lo + k):
+            self.length[s] = n
+        return logits
+
     def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
-        k = max(slots) + 1
+        lo, hi = min(slots), max(slots)
         row_of = {s: r for r, s in enumerate(slots)}
-        ids = np.zeros((k, 1), np.int64)
+        ids = np.zeros((hi - lo + 1, 1), np.int64)
         lens = []
-        for s in range(k):
+        for s in range(lo, hi + 1):
             if s in row_of:
-                ids[s, 0] = tokens[row_of[s]]
+                ids[s - lo, 0] = tokens[row_of[s]]
                 if self.length[s] >= self.ctx:
                     raise LlamaExportError(f"slot {s} is full ({self.ctx} tokens)")
             elif self.length[s] >= self.ctx:
@@ -302,10 +313,10 @@ class SharedSlots:
             lens.append(self.length[s])
         T = max(lens) + 1
         mask = (np.arange(T)[None] <= np.array(lens)[:, None]).astype(np.int64)
-        logits = self._run(self._binding(0, k), ids, mask, np.array(lens, np.int64)[:, None])
+        logits = self._run(self._binding(lo, hi - lo + 1), ids, mask, np.array(lens, np.int64)[:, None])
         for s in slots:
             self.length[s] += 1
-        return logits[[s for s in slots]]
+        return logits[[s - lo for s in slots]]
 
     def close(self):
         self._bindings = {}

@@ -306,13 +306,16 @@ class Api:
         from starlette.responses import JSONResponse
 
         try:
+            next_look = time.monotonic() + 0.5
             while True:
-                try:
-                    ev = await asyncio.wait_for(events.get(), timeout=0.5)
-                except TimeoutError:
+                if time.monotonic() >= next_look:  # tokens may flow without a pause: look on the clock
+                    next_look = time.monotonic() + 0.5
                     if await request.is_disconnected():
                         self.engine.cancel(req)
                         return JSONResponse({}, status_code=499)
+                try:
+                    ev = await asyncio.wait_for(events.get(), timeout=0.5)
+                except TimeoutError:
                     continue
                 if isinstance(ev, TextEvent):
                     if ev.token_id >= 0:

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Serving benchmark: `llamaexport serve` ("ours") vs onnxruntime-genai 0.18's Engine (continuous batching,
-served by scripts/genai_server.py) vs llama.cpp's server (`python -m llama_cpp.server`, llama-cpp-python),
-each a server process on 127.0.0.1 driven by N concurrent streaming clients. llama-cpp-python's server runs
-one request at a time (its default cancels the running stream when another arrives: --interrupt_requests
-False makes the others wait instead).
+"""Serving benchmark: `llamaexport serve` ("ours") vs onnxruntime-genai 0.18's Engine (served by
+scripts/genai_server.py; on the CPU its Engine batches statically: up to 4 requests that arrive together
+decode as one batch and later ones wait for the whole batch, since its dynamic batching needs paged attention,
+which is CUDA/WebGPU only; the server waits 10 ms for arrivals to join a batch) vs llama.cpp's server
+(`python -m llama_cpp.server`, llama-cpp-python), each a server process on 127.0.0.1
+driven by N concurrent streaming clients. llama-cpp-python's server runs one request at a time (its default
+cancels the running stream when another arrives: --interrupt_requests False makes the others wait).
 
     python scripts/bench_serve.py [--models smollm2:int8,1.1b-bpe:int4] [--systems ours,genai,llamacpp]
                                   [--concurrency 1,2,4,8] [--prompt-len 64] [--new-tokens 128] [--threads 2]
@@ -90,7 +92,10 @@ def server_command(system: str, model: str, precision: str, a, wd: Path, port: i
                 dict(dir=str(d), weights_mb=weights / 2**20, kv_bytes_per_token=kv_bytes_per_token(m)))
     if system == "genai":
         job = bp.prepare_genai(model, precision, knobs, wd)
-        return ([job["python"], str(HERE / "genai_server.py"), job["args"]["dir"], "--port", str(port),
+        # the server needs starlette/uvicorn too: this Python when it has genai (the test extra installs it)
+        py = sys.executable if subprocess.run([sys.executable, "-c", "import onnxruntime_genai, starlette"],
+                                              capture_output=True).returncode == 0 else job["python"]
+        return ([py, str(HERE / "genai_server.py"), job["args"]["dir"], "--port", str(port),
                  "--threads", str(a.threads), "--max-batch", str(a.max_batch)], dict(dir=job["args"]["dir"]))
     if system == "llamacpp":
         py = ensure_llamacpp_server(wd)
@@ -108,8 +113,10 @@ def prepare_ours(model: str, precision: str, wd: Path) -> Path:
     if bp._stale(out, precision, "accurate"):
         src = bp.smollm2_gguf() if "gguf" in bp.MODELS[model] else bp.ensure_hf_dir(model, wd)
         log(f"ours: llamaexport build {src} --precision {precision} -> {out}")
+        # random weights (the 1.1b shapes): calibration would measure nothing, so round-to-nearest as genai does
+        method = [] if "gguf" in bp.MODELS[model] else ["--quant-method", "rtn"]
         bp.sh([sys.executable, "-m", "llamaexport.cli", "build", "--checkpoint", str(src), "--profile", "cpu",
-               "--precision", precision, "--out", str(out), "--force"],
+               "--precision", precision, "--out", str(out), "--force", *method],
               wd / "logs" / f"serve-ours-build-{model}-{precision}.log", "llamaexport build")
     return out
 
