@@ -75,6 +75,8 @@ _ids = itertools.count(1)
 MIN_REUSE = 8
 # An idle engine waits this long after a request for others to join its first (batched) prefill.
 GATHER_S = 0.005
+# Tokens in one batched prefill forward of several new requests (bounds its activation memory).
+BATCH_PREFILL_TOKENS = 256
 
 
 @dataclasses.dataclass(eq=False)
@@ -372,8 +374,9 @@ class Engine:
 
     def _prefill_together(self, seqs: list[_Seq]):
         """Prefill every waiting sequence, so that they start decoding together. Sequences in empty,
-        adjacent slots share batched forwards (SharedSlots.prefill_rows) over their common length;
-        the rest (reused prefixes, longer prompts' tails) go one by one."""
+        adjacent slots share batched forwards (SharedSlots.prefill_rows) over their common length,
+        BATCH_PREFILL_TOKENS at most per forward; the rest (reused prefixes, longer prompts' tails,
+        prompts too long to share a forward) go one by one."""
         rows = getattr(self.slots, "prefill_rows", None)
         fresh = sorted((s for s in seqs if self.slots.length[s.slot] == 0), key=lambda s: s.slot)
         run: list[_Seq] = []
@@ -381,10 +384,12 @@ class Engine:
             if seq is not None and (not run or seq.slot == run[-1].slot + 1):
                 run.append(seq)
                 continue
-            if rows is not None and len(run) > 1:
-                n = min(len(s.pending) for s in run)
-                logits = rows(run[0].slot, [s.pending[:n] for s in run])
-                for s, row in zip(run, logits):
+            n = min((len(s.pending) for s in run), default=0)
+            k = BATCH_PREFILL_TOKENS // max(n, 1)  # rows per forward
+            groups = [run[i:i + k] for i in range(0, len(run), k)] if rows is not None and k > 1 else []
+            for group in (g for g in groups if len(g) > 1):
+                logits = rows(group[0].slot, [s.pending[:n] for s in group])
+                for s, row in zip(group, logits):
                     self.slot_tokens[s.slot] += s.pending[:n]
                     s.pending = s.pending[n:]
                     if not s.pending:

@@ -19,8 +19,12 @@ tokenize the text prompts), written once as an HF checkpoint that all three buil
 Requests: POST /v1/completions, stream, greedy (temperature 0), `ignore_eos` and `min_tokens` so every
 request generates exactly --new-tokens tokens. Each request has its own prompt (--prompt-len tokens of our
 tokenizer, decoded to text; no two requests share a prefix, so no server's prompt cache helps). For each N
-the clients start together; one warm-up round (N = 1) runs first.
+the clients start together. Interleaved: every system's server is up at once and warmed up; for each N,
+--rounds rounds (default 3) each run every system once, in turn, the order rotating; a figure is the median
+over the rounds (peak RSS: the largest).
 Figures per (system, N): aggregate generated tok/s = N * new tokens / (last stream's end - first send);
+decode tok/s = N * (new tokens - 1) / (last stream's end - the first streamed token of any stream), i.e.
+without the first prefill (x N=1 is its ratio to N = 1);
 TTFT = send to the first streamed token; ITL = gaps between a stream's streamed chunks (one chunk per token
 with text, so a token whose text is held back merges into the next gap); p50/p99 over all requests/gaps of
 the round; peak RSS = the server process's VmHWM after the round (peak since it started).
@@ -65,6 +69,22 @@ def peak_rss_mb(pid: int) -> float:
 
 # ---- the three servers ---------------------------------------------------------------------------------
 
+def _genai_python(wd: Path) -> str:
+    """This Python when it has onnxruntime-genai, its builder's imports (torch, onnx_ir) and the server's
+    (starlette): the test extra installs genai 0.18 here; else bench_peers' genai venv."""
+    probe = "import onnxruntime_genai, onnx_ir, torch, starlette, uvicorn, sse_starlette"
+    if subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0:
+        return sys.executable
+    py = _ensure_genai_venv(wd)
+    if subprocess.run([py, "-c", probe], capture_output=True).returncode != 0:
+        bp.sh([py, "-m", "pip", "install", "torch==2.13.0", "starlette", "uvicorn", "sse-starlette"],
+              wd / "logs" / "genai-serve-pip.log", "pip install the genai server's packages")
+    return py
+
+
+_ensure_genai_venv, bp.ensure_genai_venv = bp.ensure_genai_venv, _genai_python
+
+
 def ensure_llamacpp_server(wd: Path) -> str:
     """A Python with llama-cpp-python's server extra (compiled from source on first use: minutes)."""
     venv = wd / "llamacpp-server-venv"
@@ -92,10 +112,7 @@ def server_command(system: str, model: str, precision: str, a, wd: Path, port: i
                 dict(dir=str(d), weights_mb=weights / 2**20, kv_bytes_per_token=kv_bytes_per_token(m)))
     if system == "genai":
         job = bp.prepare_genai(model, precision, knobs, wd)
-        # the server needs starlette/uvicorn too: this Python when it has genai (the test extra installs it)
-        py = sys.executable if subprocess.run([sys.executable, "-c", "import onnxruntime_genai, starlette"],
-                                              capture_output=True).returncode == 0 else job["python"]
-        return ([py, str(HERE / "genai_server.py"), job["args"]["dir"], "--port", str(port),
+        return ([job["python"], str(HERE / "genai_server.py"), job["args"]["dir"], "--port", str(port),
                  "--threads", str(a.threads), "--max-batch", str(a.max_batch)], dict(dir=job["args"]["dir"]))
     if system == "llamacpp":
         py = ensure_llamacpp_server(wd)
@@ -210,7 +227,9 @@ def summarize(results: list[dict], new_tokens: int) -> dict:
     end = max(r["end"] for r in results)
     ttft = [r["stamps"][0] - r["t0"] for r in results if r["stamps"]]
     itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
-    return {"tok_s": len(results) * new_tokens / (end - t0), "ttft_p50_ms": pct(ttft, 50) * 1e3,
+    first = min(r["stamps"][0] for r in results if r["stamps"])
+    return {"tok_s": len(results) * new_tokens / (end - t0),
+            "decode_tok_s": len(results) * (new_tokens - 1) / (end - first), "ttft_p50_ms": pct(ttft, 50) * 1e3,
             "ttft_p99_ms": pct(ttft, 99) * 1e3, "itl_p50_ms": pct(itl, 50) * 1e3, "itl_p99_ms": pct(itl, 99) * 1e3,
             "wall_s": end - t0}
 
@@ -218,16 +237,76 @@ def summarize(results: list[dict], new_tokens: int) -> dict:
 # ---- main ----------------------------------------------------------------------------------------------
 
 def table(rows) -> str:
-    head = ["model", "system", "N", "tok/s", "x N=1", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "peak RSS MB"]
+    head = ["model", "system", "N", "tok/s", "decode tok/s", "x N=1", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99",
+            "peak RSS MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['system']} | {r.get('N', '')} | n/a ({r['error'][:60]}) |" + " |" * 6)
+            lines.append(f"| {r['model']} | {r['system']} | {r.get('N', '')} | n/a ({r['error'][:60]}) |" + " |" * 7)
             continue
-        lines.append(f"| {r['model']} | {r['system']} | {r['N']} | {r['tok_s']:.1f} | {r['scale']:.2f} | "
+        lines.append(f"| {r['model']} | {r['system']} | {r['N']} | {r['tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+                     f"{r['scale']:.2f} | "
                      f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | "
                      f"{r['rss_mb']:.0f} |")
     return "\n".join(lines)
+
+
+def measure_model(model: str, precision: str, Ns: list[int], a, wd: Path) -> list[dict]:
+    """Every system's server up at once (idle ones use no CPU), warmed up; then for each N, --rounds rounds,
+    each running every system in turn (the order rotating), so the machine's drift falls on all alike."""
+    name = f"{model} {precision}"
+    ours_dir = prepare_ours(model, precision, wd)
+    prompts = {N: [make_prompts(ours_dir, N, a.prompt_len, seed=1000 * r + N) for r in range(a.rounds)] for N in Ns}
+    warm = make_prompts(ours_dir, 1, a.prompt_len, seed=99)
+    servers, rows = {}, []
+    try:
+        for system in a.systems.split(","):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            try:
+                argv, facts = server_command(system, model, precision, a, wd, port)
+                log(f"{name} {system}: starting {' '.join(argv[:4])} ...")
+                proc = start(argv, wd / "logs" / f"serve-{system}-{model}-{precision}.log", url)
+                asyncio.run(round_(url, warm, a.new_tokens))
+                servers[system] = (proc, url, facts)
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run is a row saying why
+                log(f"{system}: unavailable: {e}")
+                rows.append(dict(model=name, system=system, error=str(e)))
+        results = {(sy, N): [] for sy in servers for N in Ns}
+        order = list(servers)
+        for N in Ns:
+            for r in range(a.rounds):
+                for system in order[r % len(order):] + order[:r % len(order)]:
+                    proc, url, _ = servers[system]
+                    try:
+                        s = summarize(asyncio.run(round_(url, prompts[N][r], a.new_tokens)), a.new_tokens)
+                    except Exception as e:  # noqa: BLE001
+                        s = {"error": str(e)}
+                    s["rss_mb"] = peak_rss_mb(proc.pid)
+                    results[system, N].append(s)
+                    log(f"{system} N={N} round {r + 1}: " + (f"{s['tok_s']:.1f} tok/s, TTFT p50 {s['ttft_p50_ms']:.0f} ms, "
+                        f"ITL p50/p99 {s['itl_p50_ms']:.1f}/{s['itl_p99_ms']:.1f} ms" if "error" not in s else s["error"]))
+        import numpy as np
+        for system, (_, _, facts) in servers.items():
+            base = None
+            for N in Ns:
+                runs = results[system, N]
+                bad = [x["error"] for x in runs if "error" in x]
+                if bad:
+                    rows.append(dict(model=name, system=system, N=N, error=bad[0]))
+                    continue
+                med = {k: float(np.median([x[k] for x in runs])) for k in runs[0] if k != "rss_mb"}
+                base = base or (med["decode_tok_s"] if N == 1 else None)
+                row = dict(model=name, system=system, N=N, **med, rss_mb=max(x["rss_mb"] for x in runs),
+                           scale=med["decode_tok_s"] / base if base else float("nan"), rounds=runs, **facts)
+                if system == "ours":
+                    row["rss_budget_mb"] = (facts["weights_mb"] + 400 + N * (a.prompt_len + a.new_tokens)
+                                            * facts["kv_bytes_per_token"] / 2**20)
+                rows.append(row)
+    finally:
+        for proc, _, _ in servers.values():
+            stop(proc)
+    return rows
 
 
 def main():
@@ -239,6 +318,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="Rounds per N; each figure is the median.")
     ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/llamaexport-bench"))
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -248,39 +328,7 @@ def main():
     rows = []
     for spec in a.models.split(","):
         model, precision = spec.split(":")
-        ours_dir = prepare_ours(model, precision, wd)
-        prompts = {N: make_prompts(ours_dir, N, a.prompt_len, seed=100 + N) for N in Ns}
-        warm = make_prompts(ours_dir, 1, a.prompt_len, seed=99)
-        for system in a.systems.split(","):
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            try:
-                argv, facts = server_command(system, model, precision, a, wd, port)
-                log(f"{model} {precision} {system}: starting {' '.join(argv[:4])} ...")
-                proc = start(argv, wd / "logs" / f"serve-{system}-{model}-{precision}.log", url)
-            except Exception as e:  # noqa: BLE001 - a peer that cannot run is a row saying why
-                log(f"{system}: unavailable: {e}")
-                rows.append(dict(model=f"{model} {precision}", system=system, error=str(e)))
-                continue
-            try:
-                asyncio.run(round_(url, warm, a.new_tokens))  # warm-up
-                base = None
-                for N in Ns:
-                    s = summarize(asyncio.run(round_(url, prompts[N], a.new_tokens)), a.new_tokens)
-                    base = base or (s["tok_s"] if N == 1 else None)
-                    row = dict(model=f"{model} {precision}", system=system, N=N, **s, rss_mb=peak_rss_mb(proc.pid),
-                               scale=s["tok_s"] / base if base else float("nan"), **facts)
-                    if system == "ours":
-                        row["rss_budget_mb"] = (facts["weights_mb"] + 400 + N * (a.prompt_len + a.new_tokens)
-                                                * facts["kv_bytes_per_token"] / 2**20)
-                    rows.append(row)
-                    log(f"{system} N={N}: {s['tok_s']:.1f} tok/s, TTFT p50 {s['ttft_p50_ms']:.0f} ms, "
-                        f"ITL p50/p99 {s['itl_p50_ms']:.1f}/{s['itl_p99_ms']:.1f} ms, RSS {row['rss_mb']:.0f} MB")
-            except Exception as e:  # noqa: BLE001
-                log(f"{system}: failed: {e}")
-                rows.append(dict(model=f"{model} {precision}", system=system, error=str(e)))
-            finally:
-                stop(proc)
+        rows += measure_model(model, precision, Ns, a, wd)
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), "?")
     print(f"CPU: {cpu}, {os.cpu_count()} CPUs, --threads {a.threads}, prompt {a.prompt_len} tokens, "

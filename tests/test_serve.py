@@ -348,6 +348,13 @@ def test_queue_limit_and_disconnect(smol_server):
         time.sleep(0.05)
     ok = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert ok.status_code == 200, ok.text
+    # a non-streamed client that gives up is noticed too, while tokens are still flowing
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json={**long, "stream": False}, timeout=1.0)
+    t0 = time.monotonic()
+    while httpx.get(url + "/health").json()["active"]:
+        assert time.monotonic() - t0 < 5, "the abandoned non-streamed generation still holds its slot"
+        time.sleep(0.05)
     metrics = httpx.get(url + "/metrics").text
     assert 'llamaexport_requests_total{endpoint="completions",status="429"} 1.0' in metrics
 
