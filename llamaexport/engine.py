@@ -8,12 +8,14 @@ The engine owns `max_batch` KV-cache slots. Each call of `step()`:
   1. admits queued requests into free slots. A request takes the idle slot whose cached tokens
      share the longest prefix with its prompt (llama.cpp's cache_prompt): those positions are not
      computed again, so a conversation that resends its history only prefills the new turn;
-  2. runs at most one prefill chunk (`prefill_chunk` tokens, batch 1) of the oldest request still
-     prefilling while others decode; with nobody decoding, every waiting prompt in full (new
-     requests in adjacent empty slots in one batched forward), so that they start together;
+  2. prefills: while others decode, ONE forward of at most `prefill_chunk` tokens (several new
+     requests in adjacent empty slots batched together, else a chunk of the oldest waiting
+     prompt); with nobody decoding, every waiting prompt in full (new requests batched), so that
+     they start decoding together;
   3. runs ONE batched forward that feeds every decoding sequence its last token, then samples
      each row with its own settings.
-A decoding stream therefore waits at most one chunk's prefill between two of its tokens.
+A decoding stream therefore waits at most one forward of `prefill_chunk` prompt tokens between two
+of its tokens.
 ONNX Runtime's GroupQueryAttention takes a prompt chunk on top of a cache only for batch 1 (it
 refuses batch > 1 with sequence length > 1 and a past), hence prefill chunks and decode steps are
 separate forwards.
@@ -352,16 +354,8 @@ class Engine:
         self._admit()
         decoding = [s for s in self.active.values() if s.next_token is not None]
         prefilling = [s for s in self.active.values() if s.pending]
-        if prefilling and not decoding:
-            self._prefill_together(prefilling)  # nobody waits for a token: start them all now
-        elif prefilling:
-            seq = min(prefilling, key=lambda s: s.req.submitted)
-            chunk = seq.pending[:self.prefill_chunk]
-            seq.pending = seq.pending[len(chunk):]
-            logits = self.slots.prefill(seq.slot, chunk)
-            self.slot_tokens[seq.slot] += chunk
-            if not seq.pending:
-                self._sample(seq, logits)
+        if prefilling:  # nobody waits for a token: start them all now; else one bounded forward
+            self._prefill(prefilling, budget=self.prefill_chunk if decoding else None)
         if decoding:
             decoding.sort(key=lambda s: s.slot)
             tokens = [s.next_token for s in decoding]
@@ -372,35 +366,49 @@ class Engine:
                 self._sample(seq, row)
         self._sync_lengths()
 
-    def _prefill_together(self, seqs: list[_Seq]):
-        """Prefill every waiting sequence, so that they start decoding together. Sequences in empty,
-        adjacent slots share batched forwards (SharedSlots.prefill_rows) over their common length,
-        BATCH_PREFILL_TOKENS at most per forward; the rest (reused prefixes, longer prompts' tails,
-        prompts too long to share a forward) go one by one."""
+    def _prefill(self, seqs: list[_Seq], budget: int | None):
+        """Prefill waiting sequences: all of them (budget None, when nobody decodes: they then start
+        decoding together), or one forward of at most `budget` tokens (others decode: this bounds their
+        stall). New requests in adjacent empty slots share batched forwards (SharedSlots.prefill_rows)
+        over their common length, at most BATCH_PREFILL_TOKENS (or `budget`) tokens each; the rest
+        (reused prefixes, longer prompts' tails) go one by one, oldest first."""
         rows = getattr(self.slots, "prefill_rows", None)
-        fresh = sorted((s for s in seqs if self.slots.length[s.slot] == 0), key=lambda s: s.slot)
-        run: list[_Seq] = []
-        for seq in [*fresh, None]:
-            if seq is not None and (not run or seq.slot == run[-1].slot + 1):
-                run.append(seq)
-                continue
-            n = min((len(s.pending) for s in run), default=0)
-            k = BATCH_PREFILL_TOKENS // max(n, 1)  # rows per forward
-            groups = [run[i:i + k] for i in range(0, len(run), k)] if rows is not None and k > 1 else []
-            for group in (g for g in groups if len(g) > 1):
+        cap = budget or BATCH_PREFILL_TOKENS
+        for run in (self._fresh_runs(seqs) if rows is not None else []):
+            n = min(min(len(s.pending) for s in run), cap)
+            k = cap // n  # rows per forward
+            for group in (run[i:i + k] for i in range(0, len(run), k)):
+                if len(group) < 2:
+                    break
                 logits = rows(group[0].slot, [s.pending[:n] for s in group])
                 for s, row in zip(group, logits):
                     self.slot_tokens[s.slot] += s.pending[:n]
                     s.pending = s.pending[n:]
                     if not s.pending:
                         self._sample(s, row)
-            run = [seq] if seq is not None else []
+                if budget is not None:
+                    return
         for seq in sorted(seqs, key=lambda s: s.req.submitted):
             if seq.pending and seq.slot in self.active:
-                chunk, seq.pending = seq.pending, []
+                chunk = seq.pending if budget is None else seq.pending[:budget]
+                seq.pending = seq.pending[len(chunk):]
                 logits = self.slots.prefill(seq.slot, chunk)
                 self.slot_tokens[seq.slot] += chunk
-                self._sample(seq, logits)
+                if not seq.pending:
+                    self._sample(seq, logits)
+                if budget is not None:
+                    return
+
+    def _fresh_runs(self, seqs: list[_Seq]) -> list[list[_Seq]]:
+        """Runs of two or more waiting sequences in adjacent, still empty slots."""
+        fresh = sorted((s for s in seqs if s.pending and self.slots.length[s.slot] == 0), key=lambda s: s.slot)
+        runs: list[list[_Seq]] = []
+        for seq in fresh:
+            if runs and seq.slot == runs[-1][-1].slot + 1:
+                runs[-1].append(seq)
+            else:
+                runs.append([seq])
+        return [r for r in runs if len(r) > 1]
 
     def _sync_lengths(self):
         """A slot may have lost cached positions (SharedSlots writes a dummy token into idle rows
@@ -437,8 +445,11 @@ class Engine:
     def _pick_slot(self, ids: list[int]) -> tuple[int, int]:
         """The idle slot sharing the longest prefix with `ids` (at most len - 1 tokens, so the
         last prompt token is computed for its logits). A prefix under MIN_REUSE tokens (a shared
-        BOS) is not worth a slot's cache: then an empty slot, the lowest first (new requests in
-        adjacent slots prefill in one batch), else the least recently used."""
+        BOS) is not worth a slot's cache: then the slot that keeps the running sequences packed
+        (a decode step computes every row from the lowest to the highest decoding slot; new
+        requests in adjacent slots prefill in one batched forward), among those an empty one,
+        then the least recently used (whose cached conversation is the least likely to return)."""
+        busy = list(self.active)
         best, best_key = None, None
         for s in range(self.max_batch):
             if s in self.active:
@@ -448,7 +459,8 @@ class Engine:
             common = next((i for i in range(n) if have[i] != ids[i]), n)
             if common < MIN_REUSE:
                 common = 0
-            key = (common, not have, -self.slot_used[s], -s)
+            span = max(busy + [s]) - min(busy + [s])
+            key = (common, -span, not have, -self.slot_used[s], -s)
             if best_key is None or key > best_key:
                 best, best_key = s, key
         return best, best_key[0]

@@ -116,9 +116,13 @@ def test_prompt_longer_than_context_is_an_error(model):
 
 
 def test_runtime_path_does_not_import_torch(tiny_artifact):
+    """Nor the serving stack: the engine is runtime, the HTTP server an optional extra."""
     code = ("import sys; from llamaexport.runtime import LlamaModel; m = LlamaModel.load(sys.argv[1]); "
             "print(m.generate('hello world', max_new_tokens=5).finish_reason); "
-            "import llamaexport.cli; assert 'torch' not in sys.modules and 'onnx' not in sys.modules, 'imported'")
+            "from llamaexport.engine import Engine; e = Engine(m); print(len(list(e.stream([5, 6], max_new_tokens=3)))); "
+            "import llamaexport.cli; "
+            "bad = [n for n in ('torch', 'onnx', 'starlette', 'uvicorn', 'sse_starlette', 'prometheus_client') "
+            "if n in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code, str(tiny_artifact)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 

@@ -96,6 +96,19 @@ def test_prefix_reuse_never_changes_output(tiny_artifact):
         engine.close()
 
 
+def test_penalties_follow_openai(tiny_artifact):
+    """presence/frequency penalties (OpenAI's: subtracted from the logits of tokens already generated)
+    make a greedy stream repeat itself less."""
+    with LlamaModel.load(tiny_artifact) as m:
+        engine = Engine(m, max_batch=1)
+        p = _prompts(m.config.vocab_size, (6,))[0]
+        plain = _ids(engine.stream(p, max_new_tokens=40, eos_ids=[]))
+        pen = _ids(engine.stream(p, max_new_tokens=40, eos_ids=[], frequency_penalty=2.0, presence_penalty=2.0))
+        assert len(set(pen)) > len(set(plain)), (plain, pen)
+        assert pen[0] == plain[0]  # nothing generated yet: nothing penalized
+        engine.close()
+
+
 def test_engine_limits_and_cancel(tiny_artifact):
     with LlamaModel.load(tiny_artifact) as m:
         engine = Engine(m, max_batch=1, max_queue=1)
