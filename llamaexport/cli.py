@@ -40,6 +40,18 @@ BACKEND = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"
                        help="Run with this backend instead of the manifest's (onnxruntime runs any artifact's ONNX).")
 
 
+def SAMPLING(f):
+    """The sampling options of `run` and `chat` (llamaexport.sampling.SamplingConfig's fields)."""
+    for option in reversed([
+            click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+            click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+            click.option("--top-p", type=float, default=1.0, show_default=True),
+            click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+            click.option("--seed", type=int, default=None)]):
+        f = option(f)
+    return f
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llamaexport")
 def main():
@@ -92,11 +104,7 @@ def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, ou
 @click.argument("artifact", type=click.Path())
 @click.option("--prompt", required=True, help="The prompt text.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None)
+@SAMPLING
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--chat", is_flag=True, help="Format the prompt as a chat turn.")
 @click.option("--chat-format", default="auto", show_default=True,
@@ -148,11 +156,7 @@ def serve(artifact, host, port, max_batch, max_queue, prefill_chunk, threads, ap
 @click.option("--chat-format", default="auto", show_default=True,
               help="auto (the model's own template), chatml, llama2, llama3, alpaca, vicuna.")
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Longest answer.")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None)
+@SAMPLING
 @click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
 @BACKEND
 def chat_cmd(artifact, system, chat_format, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,

@@ -1,8 +1,9 @@
 """The serving engine: continuous batching over KV-cache slots, chunked prefill, prefix reuse.
 
-    engine = Engine(model, max_batch=4)          # model: a loaded LlamaModel
-    req = engine.submit(ids, max_new_tokens=64)  # from any thread; QueueFull past max_queue
-    for event in engine.events(req): ...         # TextEvent pieces, then one DoneEvent
+    engine = Engine(model, max_batch=4)                   # model: a loaded LlamaModel
+    for event in engine.stream(ids, max_new_tokens=64):   # TextEvent pieces, then one DoneEvent
+        ...
+    engine.submit(ids, max_new_tokens=64, on_event=f)     # from any thread; QueueFull past max_queue
 
 The engine owns `max_batch` KV-cache slots. Each call of `step()`:
   1. admits queued requests into free slots. A request takes the idle slot whose cached tokens
@@ -231,6 +232,9 @@ class Engine:
         self.model = model
         self.tokenizer = model.require_tokenizer()
         self.ctx = model.config.max_seq_len
+        self.requested_batch = max_batch
+        limit = getattr(model.backend, "max_batch", None)  # a TensorRT engine's profiles bound its batch
+        max_batch = min(max_batch, limit) if limit else max_batch
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.slots = make_slots(model.backend, max_batch, self.ctx)
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # ids whose KV each slot holds
@@ -240,6 +244,7 @@ class Engine:
         self.cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._cancel_all = False
         self.steps = 0  # batched decode forwards run (tests read it)
         self.error: str | None = None
 
@@ -263,6 +268,8 @@ class Engine:
         with self.cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down; retry on another instance")
+            if self._thread is not None and not self._thread.is_alive():
+                raise ShuttingDown(self.error or "the engine has stopped")
             if len(self.active) + len(self.queue) >= self.max_batch + self.max_queue:
                 raise QueueFull(f"{len(self.active)} requests are running and {len(self.queue)} waiting "
                                 f"(--max-batch {self.max_batch}, --max-queue {self.max_queue}); retry shortly")
@@ -286,7 +293,20 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="llamaexport-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Serving: no thread (driven inline) or a live one, and not shutting down."""
+        return not self._stopping and (self._thread is None or self._thread.is_alive())
+
     def _loop(self):
+        try:
+            self._run_steps()
+        except BaseException as e:  # noqa: BLE001 - the thread is ending: nobody may be left waiting
+            self.error = f"the engine stopped: {_first_line(e)}"
+            self._fail_all(self.error, queued=True)
+            raise
+
+    def _run_steps(self):
         while True:
             with self.cond:
                 idle = not self.active
@@ -298,10 +318,14 @@ class Engine:
                     deadline = time.monotonic() + GATHER_S
                     while len(self.queue) < self.max_batch and (left := deadline - time.monotonic()) > 0:
                         self.cond.wait(left)
-            try:
-                self.step()
-            except Exception as e:  # noqa: BLE001 - the backend failed: fail what runs, keep serving
-                self._fail_all(f"the model failed to run: {str(e).splitlines()[0][:300]}")
+            self._guarded_step()
+
+    def _guarded_step(self):
+        """step(); a failure of the backend fails what is running, and the engine goes on serving."""
+        try:
+            self.step()
+        except Exception as e:  # noqa: BLE001 - any backend error: it goes into the requests' answers
+            self._fail_all(f"the model failed to run: {_first_line(e)}")
 
     def shutdown(self, grace: float = 5.0):
         """Stop taking requests; let running ones finish for `grace` seconds, then cancel them."""
@@ -309,17 +333,19 @@ class Engine:
             self._stopping = True
             self.cond.notify_all()
         deadline = time.monotonic() + grace
-        while (self.active or self.queue) and time.monotonic() < deadline:
+        while (self.active or self.queue) and time.monotonic() < deadline and self.alive_thread():
             time.sleep(0.02)
         with self.cond:
-            for r in [*self.queue, *(s.req for s in self.active.values())]:
-                r.cancelled = True
+            self._cancel_all = True  # the engine's own thread cancels at its next step (it owns `active`)
             self.cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=grace + 5)
         else:
             while self.active or self.queue:
-                self.step()
+                self._guarded_step()
+
+    def alive_thread(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def close(self):
         self.shutdown(grace=0)
@@ -336,7 +362,7 @@ class Engine:
             while True:
                 if self._thread is None:
                     while box.empty():
-                        self.step()
+                        self._guarded_step()
                 ev = box.get()
                 yield ev
                 if isinstance(ev, DoneEvent):
@@ -345,11 +371,11 @@ class Engine:
             if not req.done:
                 self.cancel(req)
                 if self._thread is None:
-                    self.step()  # frees the slot now
+                    self._guarded_step()  # frees the slot now
 
     # ------------------------------------------------------------------ one step
     def step(self):
-        """Admit, one prefill chunk, one batched decode step (see the module docstring)."""
+        """Admit, prefill (see _prefill), one batched decode step (see the module docstring)."""
         self._drop_cancelled()
         self._admit()
         decoding = [s for s in self.active.values() if s.next_token is not None]
@@ -364,7 +390,6 @@ class Engine:
             for seq, tok, row in zip(decoding, tokens, logits):
                 self.slot_tokens[seq.slot].append(tok)
                 self._sample(seq, row)
-        self._sync_lengths()
 
     def _prefill(self, seqs: list[_Seq], budget: int | None):
         """Prefill waiting sequences: all of them (budget None, when nobody decodes: they then start
@@ -410,16 +435,11 @@ class Engine:
                 runs.append([seq])
         return [r for r in runs if len(r) > 1]
 
-    def _sync_lengths(self):
-        """A slot may have lost cached positions (SharedSlots writes a dummy token into idle rows
-        below the highest decoding one, and truncates a full row to make room)."""
-        for s in range(self.max_batch):
-            n = self.slots.length[s]
-            if len(self.slot_tokens[s]) > n:
-                del self.slot_tokens[s][n:]
-
     def _drop_cancelled(self):
         with self.cond:
+            if self._cancel_all:
+                for r in [*self.queue, *(s.req for s in self.active.values())]:
+                    r.cancelled = True
             gone = [r for r in self.queue if r.cancelled]
             for r in gone:
                 self.queue.remove(r)
@@ -445,10 +465,10 @@ class Engine:
     def _pick_slot(self, ids: list[int]) -> tuple[int, int]:
         """The idle slot sharing the longest prefix with `ids` (at most len - 1 tokens, so the
         last prompt token is computed for its logits). A prefix under MIN_REUSE tokens (a shared
-        BOS) is not worth a slot's cache: then the slot that keeps the running sequences packed
-        (a decode step computes every row from the lowest to the highest decoding slot; new
-        requests in adjacent slots prefill in one batched forward), among those an empty one,
-        then the least recently used (whose cached conversation is the least likely to return)."""
+        BOS) is not worth a slot's cache: then an empty slot before one holding a cached
+        conversation, and among those the one that keeps the running sequences packed (a decode
+        step computes every row from the lowest to the highest decoding slot; new requests in
+        adjacent slots prefill in one batched forward), then the least recently used."""
         busy = list(self.active)
         best, best_key = None, None
         for s in range(self.max_batch):
@@ -460,7 +480,7 @@ class Engine:
             if common < MIN_REUSE:
                 common = 0
             span = max(busy + [s]) - min(busy + [s])
-            key = (common, -span, not have, -self.slot_used[s], -s)
+            key = (common, not have, -span, -self.slot_used[s], -s)
             if best_key is None or key > best_key:
                 best, best_key = s, key
         return best, best_key[0]
@@ -507,9 +527,19 @@ class Engine:
         if req.on_event is not None:
             req.on_event(ev)
 
-    def _fail_all(self, message: str):
+    def _fail_all(self, message: str, *, queued: bool = False):
+        """End every running request (and with `queued`, every waiting one) with an error event."""
         self.error = message
         for seq in list(self.active.values()):
             self._finish(seq, "error", message)
             self.slots.truncate(seq.slot, 0)  # its cache may be half-written
             self.slot_tokens[seq.slot] = []
+        if queued:
+            with self.cond:
+                waiting, self.queue = list(self.queue), collections.deque()
+            for r in waiting:
+                self._finish_request(r, DoneEvent("error", "", len(r.prompt_ids), 0, 0, message))
+
+
+def _first_line(e: BaseException) -> str:
+    return ((str(e).splitlines() or [""])[0] or type(e).__name__)[:300]

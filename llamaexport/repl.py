@@ -87,6 +87,9 @@ class Chat:
                     break
         finally:
             stream.close()  # cancels an interrupted answer and frees the slot
+        if done is not None and done.finish_reason == "error":
+            self.history.pop()  # the turn did not happen
+            raise LlamaExportError(f"the model failed on this message ({done.error}); try again or /reset")
         answer = "".join(pieces)
         self.history.append({"role": "assistant", "content": answer})
         end = time.perf_counter()

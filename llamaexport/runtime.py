@@ -236,9 +236,8 @@ class SharedSlots:
     writes the new token of row b at that position, so a decode step binds the rows from the lowest
     to the highest decoding slot and every row keeps its own length. A row in that range that is
     not decoding (idle, or between prefill chunks) is fed a dummy token at its first free
-    position, which its next write overwrites; a full idle row gives up its last cached position
-    for it. Prefill chunks run with batch 1 on one row (the kernel takes a chunk on top of a past
-    only for batch 1)."""
+    position, which its next write overwrites. Prefill chunks run with batch 1 on one row (the
+    kernel takes a chunk on top of a past only for batch 1)."""
 
     def __init__(self, backend: OnnxRuntimeBackend, n: int):
         c = backend.cfg
@@ -306,10 +305,8 @@ class SharedSlots:
         for s in range(lo, hi + 1):
             if s in row_of:
                 ids[s - lo, 0] = tokens[row_of[s]]
-                if self.length[s] >= self.ctx:
-                    raise LlamaExportError(f"slot {s} is full ({self.ctx} tokens)")
-            elif self.length[s] >= self.ctx:
-                self.length[s] = self.ctx - 1  # a full idle row: its last position takes the dummy token
+            # no row is ever full: a request holds at most prompt + max_tokens - 1 < context positions
+            # (Engine.submit), so the dummy token of an idle row also lands inside the buffer
             lens.append(self.length[s])
         T = max(lens) + 1
         mask = (np.arange(T)[None] <= np.array(lens)[:, None]).astype(np.int64)

@@ -69,8 +69,12 @@ def _number(body: dict, name: str, default, lo: float, hi: float):
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or not lo <= v <= hi:
-        raise _bad(f"{name} must be a number from {lo} to {hi}, got {v!r}", name)
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, Real) and math.isfinite(v) and lo <= v <= hi
+    except OverflowError:  # an integer too large for a float
+        ok = False
+    if not ok:
+        raise _bad(f"{name} must be a number from {lo} to {hi}, got {str(v)[:40]}", name)
     return float(v)
 
 
@@ -162,8 +166,8 @@ class Api:
         raw = await request.body()
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _bad(f"the request body is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise _bad(f"the request body is not valid JSON ({str(e)[:200] or type(e).__name__})") from None
         if not isinstance(body, dict):
             raise _bad("the request body must be a JSON object")
         model = body.get("model")
@@ -179,6 +183,9 @@ class Api:
             raise _bad("best_of must be 1", "best_of")
         if not isinstance(body.get("stream", False), bool):
             raise _bad("stream must be true or false", "stream")
+        opts = body.get("stream_options")
+        if opts is not None and (not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool)):
+            raise _bad('stream_options must be an object like {"include_usage": true}', "stream_options")
         return body
 
     def _generation(self, body: dict, prompt_ids: list[int], stop: list[str], default_max: int | None) -> dict:
@@ -271,12 +278,16 @@ class Api:
             raise ApiError(503, str(e), type_="server_error", headers={"Retry-After": "5"}) from None
         except LlamaExportError as e:
             raise _bad(str(e)) from None
-        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        timing = {"t0": t0, "last": None}
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return self._sse(self._chunks(req, events, rid, chat, include_usage, timing))
-        return await self._whole(request, req, events, rid, chat, timing)
+        try:
+            rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+            timing = {"t0": t0, "last": None}
+            if body.get("stream"):
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                return self._sse(self._chunks(req, events, rid, chat, include_usage, timing), req)
+            return await self._whole(request, req, events, rid, chat, timing)
+        except BaseException:
+            self.engine.cancel(req)  # whatever went wrong, the generation must not run on unread
+            raise
 
     def _timed(self, timing: dict):
         now = time.perf_counter()
@@ -376,14 +387,28 @@ class Api:
             if not req.done:
                 self.engine.cancel(req)
 
-    @staticmethod
-    def _sse(gen):
+    def _sse(self, gen, req):
+        """Server-sent events of `gen`'s strings. The generation is cancelled when the response ends
+        for any reason (even a client gone before the first event, when `gen` never started). On
+        shutdown the stream gets the engine's grace to finish, then its error chunk and [DONE]."""
+        import anyio
         from sse_starlette.sse import EventSourceResponse
+
+        engine = self.engine
+
+        class Response(EventSourceResponse):
+            async def __call__(self, scope, receive, send):
+                try:
+                    await super().__call__(scope, receive, send)
+                finally:
+                    if not req.done:
+                        engine.cancel(req)
 
         async def data():
             async for d in gen:
                 yield {"data": d}
-        return EventSourceResponse(data(), ping=15, sep="\n")
+        return Response(data(), ping=15, sep="\n", shutdown_event=anyio.Event(),
+                        shutdown_grace_period=SHUTDOWN_GRACE + 1)
 
     async def models(self, request):
         from starlette.responses import JSONResponse
@@ -406,6 +431,9 @@ class Api:
         from starlette.responses import JSONResponse
 
         active, queued = self.engine.counts()
+        if not self.engine.alive:
+            return JSONResponse({"status": "unavailable", "error": self.engine.error or "shutting down",
+                                 "active": active, "queued": queued}, status_code=503)
         return JSONResponse({"status": "ok", "active": active, "queued": queued})
 
     async def metrics(self, request):
@@ -496,6 +524,9 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
     except LlamaExportError as e:
         print(f"warning: /v1/chat/completions will answer 400 ({e})", file=sys.stderr)
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    if engine.max_batch < max_batch:
+        print(f"warning: the engine takes at most {engine.max_batch} sequences at once (its profiles' batch); "
+              f"--max-batch {max_batch} lowered to {engine.max_batch}", file=sys.stderr)
     name = model_name or model.dir.resolve().name
     app = create_app(engine, model_name=name, chat_format=fmt, api_key=api_key)
     engine.start()
@@ -516,14 +547,16 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run()
-    except OSError as e:
-        raise LlamaExportError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port") from None
+    except (OSError, SystemExit):  # uvicorn logs a bind failure and exits 1
+        if server.started:
+            raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         engine.close()
         model.close()
     if not server.started:
-        raise LlamaExportError(f"cannot listen on {host}:{port}; is the port in use? pick another --port")
+        raise LlamaExportError(f"cannot listen on {host}:{port} (in use, or not an address of this machine); "
+                               "pick another --port or --host")
     print("server stopped", file=sys.stderr)
 

@@ -115,6 +115,11 @@ class TensorRTBackend:
         self.engine = self.runtime = None
         self._dummy = None
 
+    @property
+    def max_batch(self) -> int:
+        """The most rows every optimization profile accepts (the serving engine's slot limit)."""
+        return min(p["batch"][1] for p in self.profiles.values())
+
     def _profile_for(self, B: int, S: int, P: int) -> str:
         name = "prefill" if P == 0 else "decode"
         p = self.profiles.get(name)

@@ -71,16 +71,22 @@ async def soak(a, url: str, pid: int, words: list[str]) -> dict:
                 "temperature": rng.choice([0, 0, 0.7]), "seed": rng.randint(0, 1000)}
         return body, stream and rng.random() < a.cancel
 
+    async def busy(r) -> bool:
+        """A 429: count it and wait its Retry-After (the caller sends again). Any other non-200 fails."""
+        if r.status_code == 429:
+            stats["retried_429"] += 1
+            await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
+            return True
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+        return False
+
     async def one(client, body, cancel):
         while True:
             if body["stream"]:
                 async with client.stream("POST", url + "/v1/completions", json=body) as r:
-                    if r.status_code == 429:
-                        stats["retried_429"] += 1
-                        await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
+                    if await busy(r):
                         continue
-                    if r.status_code != 200:
-                        raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
                     chunks, done = 0, False
                     async for line in r.aiter_lines():
                         if line == "data: [DONE]":
@@ -97,12 +103,8 @@ async def soak(a, url: str, pid: int, words: list[str]) -> dict:
                         raise RuntimeError("stream ended without [DONE]")
             else:
                 r = await client.post(url + "/v1/completions", json=body)
-                if r.status_code == 429:
-                    stats["retried_429"] += 1
-                    await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
+                if await busy(r):
                     continue
-                if r.status_code != 200:
-                    raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
                 r.json()["choices"][0]["text"]  # noqa: B018 - a complete answer
             stats["ok"] += 1
             return

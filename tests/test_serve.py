@@ -109,6 +109,46 @@ def test_penalties_follow_openai(tiny_artifact):
         engine.close()
 
 
+def test_idle_conversation_between_decoding_rows_is_reused_intact(tiny_artifact):
+    """Slot 1 holds a finished conversation while slots 0 and 2 decode around it (every decode step
+    writes a dummy token into row 1, past its cached prefix): its follow-up still reuses the cache and
+    generates what a fresh run does."""
+    with LlamaModel.load(tiny_artifact) as m:
+        engine = Engine(m, max_batch=3)
+        conv, a, b = _prompts(m.config.vocab_size, (25, 12, 14), seed=9)
+        first = _ids(engine.stream(conv, max_new_tokens=6, eos_ids=[]))  # in slot 0: move it to slot 1
+        for buf in engine.slots.kv:
+            buf[1] = buf[0]
+        engine.slot_tokens[1], engine.slot_tokens[0] = engine.slot_tokens[0], []
+        engine.slots.length[1], engine.slots.length[0] = engine.slots.length[0], 0
+        out = _run_all(engine, [a, b], max_new_tokens=30, eos_ids=[])
+        assert {s for s in range(3) if engine.slot_tokens[s]} == {0, 1, 2}  # a and b went around slot 1
+        assert out[0][0] == m.generate_ids([a], max_new_tokens=30, eos_ids=[])[0]
+        follow = conv + first + [7, 8, 9]
+        again = list(engine.stream(follow, max_new_tokens=8, eos_ids=[]))
+        assert again[-1].cached_tokens == len(conv) + len(first) - 1
+        assert _ids(again) == m.generate_ids([follow], max_new_tokens=8, eos_ids=[])[0]
+        engine.close()
+
+
+def test_backend_failure_ends_the_requests_not_the_engine(tiny_artifact):
+    with LlamaModel.load(tiny_artifact) as m:
+        engine = Engine(m, max_batch=2)
+        p = _prompts(m.config.vocab_size, (8,))[0]
+        real = engine.slots.decode
+
+        def broken(*a, **k):
+            raise RuntimeError("")  # an exception with no message
+        engine.slots.decode = broken
+        events = list(engine.stream(p, max_new_tokens=5, eos_ids=[]))
+        assert events[-1].finish_reason == "error" and "RuntimeError" in events[-1].error
+        engine.slots.decode = real
+        assert _ids(engine.stream(p, max_new_tokens=5, eos_ids=[])) == m.generate_ids([p], max_new_tokens=5, eos_ids=[])[0]
+        m.backend.max_batch = 1  # a backend that bounds its batch (a TensorRT engine's profiles) caps the slots
+        assert Engine(m, max_batch=4).max_batch == 1
+        engine.close()
+
+
 def test_engine_limits_and_cancel(tiny_artifact):
     with LlamaModel.load(tiny_artifact) as m:
         engine = Engine(m, max_batch=1, max_queue=1)
@@ -260,6 +300,10 @@ def test_concurrent_streams_and_metrics(tiny_server):
     ({"prompt": [1, 999999]}, 400, "token ids must be in"),
     ({"prompt": "word " * 400}, 400, "context"),
     ({"prompt": "hi", "max_tokens": 10000}, 400, "ask for at most"),
+    ({"prompt": "hi", "stream": True, "stream_options": True}, 400, "stream_options must be"),
+    ({"prompt": "hi", "temperature": 10 ** 400}, 400, "temperature must be a number"),
+    (b"[" * 100000 + b"]" * 100000, 400, "not valid JSON"),
+    (b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
 ])
 def test_bad_completions_requests(tiny_server, body, status, fragment):
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
@@ -267,7 +311,8 @@ def test_bad_completions_requests(tiny_server, body, status, fragment):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert fragment in err["message"] and err["type"] == "invalid_request_error"
-    assert httpx.get(tiny_server.url + "/health").status_code == 200  # still serving
+    health = httpx.get(tiny_server.url + "/health")
+    assert health.status_code == 200 and health.json()["active"] == 0  # still serving, nothing left running
 
 
 def test_bad_chat_requests_and_routes(tiny_server):
@@ -303,6 +348,13 @@ def test_api_key(tiny_artifact):
     finally:
         rc, err = s.stop()
     assert rc == 0, err
+
+
+def test_port_in_use_is_one_clear_error(tiny_server, tiny_artifact):
+    from conftest import assert_clean_error, cli
+
+    r = cli("serve", tiny_artifact, "--port", tiny_server.port)
+    assert_clean_error(r, f"cannot listen on 127.0.0.1:{tiny_server.port}", "pick another --port")
 
 
 # ---------------------------------------------------------------------- SmolLM2: real text
@@ -425,6 +477,39 @@ def test_queue_limit_and_disconnect(smol_server):
         time.sleep(0.05)
     metrics = httpx.get(url + "/metrics").text
     assert 'llamaexport_requests_total{endpoint="completions",status="429"} 1.0' in metrics
+
+
+def test_sigterm_gives_running_requests_a_grace_then_exits_0(smol_art):
+    """SIGTERM with a long stream and a long non-streamed request running: the stream goes on through
+    the grace period, then ends with an error chunk and [DONE]; the waiting request gets a 503; the
+    server exits 0 within seconds."""
+    s = Server(smol_art, "--max-batch", "2")
+    long = {"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    lines, whole = [], {}
+
+    def client():
+        with httpx.stream("POST", s.url + "/v1/completions", json=long, timeout=60) as r:
+            lines.extend(r.iter_lines())
+
+    def waiting_client():
+        whole["r"] = httpx.post(s.url + "/v1/completions", json={**long, "stream": False}, timeout=60)
+
+    threads = [threading.Thread(target=client), threading.Thread(target=waiting_client)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    before = len(lines)
+    rc, err = s.stop()
+    for t in threads:
+        t.join(timeout=30)
+    assert rc == 0 and "Traceback" not in err, err
+    assert time.monotonic() - t0 < 15
+    data = [line for line in lines if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]" and "shutting down" in data[-2], data[-3:]
+    assert len(lines) - before > 20  # it kept streaming through the grace period
+    r = whole["r"]
+    assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"], r.text
 
 
 def test_chat_repl(smol_art):

@@ -203,7 +203,7 @@ def test_serving_engine_batches_on_tensorrt(trt_setup):
         engine.step()
     for i, p in enumerate(prompts):
         assert got[i] == alone[i] or _first_divergence_is_a_near_tie(ort_model, p, got[i], alone[i]), (got[i], alone[i])
-    assert engine.steps < 3 * 15  # decoding was batched
+    assert engine.steps <= 32  # two rows decoded together: 15 + 15 steps, not 3 x 15
     engine.close()
 
 
