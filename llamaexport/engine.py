@@ -24,13 +24,13 @@ separate forwards.
 Slots. The ONNX Runtime CPU graph (GroupQueryAttention over a max-length buffer written in place)
 gets `runtime.SharedSlots`: one [max_batch, kv_heads, ctx, head_dim] buffer per tensor, each row a
 slot; a decode step binds the rows from the lowest to the highest decoding slot and passes each
-row's own length. Every other backend (the
-portable graph with a Concat cache, TensorRT) gets `PaddedSlots`: per-slot caches, left-padded
-into one batch per decode step.
+row's own length. Every other backend (the portable graph with a Concat cache, TensorRT) gets
+`PaddedSlots`: per-slot caches, left-padded into one batch per decode step.
 
-Threads: `start()` runs `step()` in a background thread (the server); without it, `events()`
+Threads: `start()` runs `step()` in a background thread (the server); without it, `stream()`
 drives the steps itself (the chat REPL, tests). Events are delivered through each request's
-`on_event` callback, called on the engine's thread.
+`on_event` callback, called on the engine's thread. Only that thread touches the slots and the
+running sequences; other threads submit, cancel and shut down through the queue, flags and `cond`.
 """
 
 from __future__ import annotations
