@@ -15,14 +15,16 @@ from datetime import datetime
 
 from llamaexport import LlamaExportError
 
-FORMATS = ("auto", "template", "chatml", "llama2", "llama3", "alpaca", "vicuna", "raw")
+FORMATS = ("auto", "template", "chatml", "llama2", "llama3", "alpaca", "gpt4-x-alpaca", "vicuna", "koala",
+           "wizardlm", "oasst", "raw")
 _NO_TEMPLATE = ("the tokenizer has no chat template; pick a format with --chat-format "
-                "(chatml, llama2, llama3, alpaca, vicuna, raw)")
+                f"({', '.join(FORMATS[2:])})")
 
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+KOALA_SYSTEM = "BEGINNING OF CONVERSATION:"
 
 # Text a model may write when it runs on past its turn. Markers that are special tokens are
 # listed too, so a caller can turn them into stop ids with `Tokenizer.token_to_id`.
@@ -31,7 +33,11 @@ _STOP_STRINGS = {
     "llama2": ["[INST]"],
     "llama3": ["<|eot_id|>"],
     "alpaca": ["### Instruction:"],
+    "gpt4-x-alpaca": ["### Instruction:"],
     "vicuna": ["USER:"],
+    "koala": ["USER:"],
+    "wizardlm": ["### Response:"],  # no user marker: a reply that runs on invents the next exchange
+    "oasst": ["<|prompter|>"],
 }
 
 
@@ -44,7 +50,7 @@ def format_chat(messages: list[dict], *, tokenizer=None, fmt: str = "auto", syst
     fixed formats (see FORMATS). `system` replaces a leading system message, or is put first.
     `add_generation_prompt` ends the text with the opening of the assistant's turn.
     """
-    _check_format(fmt)
+    check_format(fmt)
     messages = _normalized(messages, system)
     if fmt == "auto":
         fmt = _auto_format(tokenizer)
@@ -64,7 +70,7 @@ def format_chat(messages: list[dict], *, tokenizer=None, fmt: str = "auto", syst
 
 def default_stop_strings(fmt: str) -> list[str]:
     """Strings that end the assistant's reply in format `fmt` (empty for "auto"/"template"/"raw")."""
-    _check_format(fmt)
+    check_format(fmt)
     return list(_STOP_STRINGS.get(fmt, []))
 
 
@@ -104,7 +110,8 @@ def render_template(template: str, messages: list[dict], *, tokenizer=None,
                                "--chat-format") from None
 
 
-def _check_format(fmt):
+def check_format(fmt):
+    """Raise the one error for a name that is not in FORMATS."""
     if fmt not in FORMATS:
         raise LlamaExportError(f"unknown chat format {fmt!r}; choose one of: {', '.join(FORMATS)}")
 
@@ -127,7 +134,7 @@ def _auto_format(tokenizer):
     if getattr(tokenizer, "chat_template", None):
         return "template"
     if tokenizer is not None:  # no template, but the vocabulary tells which format it was made for
-        for marker, fmt in (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3")):
+        for marker, fmt in (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("<|prompter|>", "oasst")):
             if tokenizer.token_to_id(marker) is not None:
                 return fmt
     raise LlamaExportError(_NO_TEMPLATE)
@@ -137,6 +144,13 @@ def _split_system(messages, default=None):
     if messages and messages[0]["role"] == "system":
         return messages[0]["content"], messages[1:]
     return default, messages
+
+
+def _require_alternating(turns, fmt):
+    roles = [m["role"] for m in turns]
+    if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2):
+        raise LlamaExportError(f"{fmt} chat needs user/assistant turns in order after an optional "
+                               f"system message, got roles {roles}")
 
 
 def _chatml(messages, tokenizer, gen):
@@ -159,10 +173,7 @@ def _llama2(messages, tokenizer, gen):
     system, turns = _split_system(messages)
     if system is not None and turns:
         turns = [{**turns[0], "content": f"<<SYS>>\n{system}\n<</SYS>>\n\n{turns[0]['content']}"}] + turns[1:]
-    roles = [m["role"] for m in turns]
-    if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2):
-        raise LlamaExportError(f"llama2 chat needs user/assistant turns in order after an optional "
-                               f"system message, got roles {roles}")
+    _require_alternating(turns, "llama2")
     parts = []
     for i in range(0, len(turns), 2):
         part = f"[INST] {turns[i]['content'].strip()} [/INST]"
@@ -173,24 +184,74 @@ def _llama2(messages, tokenizer, gen):
 
 
 def _alpaca(messages, tokenizer, gen):
+    # Alpaca's blocks (tatsu-lab/stanford_alpaca train.py PROMPT_DICT["prompt_no_input"], which ends at
+    # "### Response:" where this adds a newline), turns in the same blocks. GPT4-x-Alpaca was fine-tuned
+    # on GPT-4 answers in Alpaca's format, so "gpt4-x-alpaca" is this same text.
     system, turns = _split_system(messages, ALPACA_SYSTEM)
     head = {"user": "### Instruction:\n", "assistant": "### Response:\n"}
     text = system + "\n\n" + "".join(head.get(m["role"], "") + m["content"] + "\n\n" for m in turns)
     return text + ("### Response:\n" if gen else "")
 
 
-def _vicuna(messages, tokenizer, gen):
-    # FastChat's vicuna_v1.1: system, then "USER: x " and "ASSISTANT: y</s>" in turn.
+def _colon_two(messages, tokenizer, gen, *, system, roles):
+    # FastChat's SeparatorStyle.ADD_COLON_TWO with sep " " and sep2 EOS: the system prompt (which
+    # replaces the default), then "USER: x " and "ROLE: y</s>" in turn, ending "ROLE:".
     eos = getattr(tokenizer, "eos_token", "") or "</s>"
-    system, turns = _split_system(messages, VICUNA_SYSTEM)
-    text = system + " " + "".join(f"USER: {m['content']} " if m["role"] == "user"
-                                  else f"ASSISTANT: {m['content']}{eos}" for m in turns)
-    return text + ("ASSISTANT:" if gen else "")
+    system, turns = _split_system(messages, system)
+    user, assistant = roles
+    text = system + " " + "".join(f"{user}: {m['content']} " if m["role"] == "user"
+                                  else f"{assistant}: {m['content']}{eos}" for m in turns)
+    return text + (f"{assistant}:" if gen else "")
+
+
+def _vicuna(messages, tokenizer, gen):
+    # FastChat's vicuna_v1.1 (lm-sys/FastChat fastchat/conversation.py).
+    return _colon_two(messages, tokenizer, gen, system=VICUNA_SYSTEM, roles=("USER", "ASSISTANT"))
+
+
+def _koala(messages, tokenizer, gen):
+    # FastChat's koala_v1 (lm-sys/FastChat fastchat/conversation.py): "BEGINNING OF CONVERSATION:" is its
+    # system message, so a system prompt replaces it. The first turn is exactly the prompt BAIR served Koala
+    # with (young-geng/EasyLM docs/koala.md, EasyLM/serving.py). For a past reply EasyLM's server writes
+    # "GPT:reply</s>" (the reply's text, decoded apart, lost its leading space); FastChat's "GPT: reply</s>"
+    # is kept: it gives the reply the leading "▁" token it has when encoded as a text field of its own, as
+    # EasyLM's TextProcessor (EasyLM/data.py) encodes training examples.
+    return _colon_two(messages, tokenizer, gen, system=KOALA_SYSTEM, roles=("USER", "GPT"))
+
+
+def _wizardlm(messages, tokenizer, gen):
+    # WizardLM-7B-V1.0 (LLaMA-1): "{instruction}\n\n### Response:", the reply right after the colon and
+    # then EOS (nlpxucan/WizardLM WizardLM/README.md, WizardLM/src/train_freeform.py PROMPT_DICT). It was
+    # trained on single exchanges and has no system prompt; here a system prompt goes before the first
+    # instruction ("{system}\n\n"), and each further exchange follows the EOS with a BOS, so every exchange
+    # tokenizes as one training example. WizardLM-13B-V1.0, -30B-V1.0 and the later WizardLM-13B-V1.1/V1.2
+    # and -70B-V1.0 use Vicuna's format (README.md, WizardLM/src/infer_wizardlm13b.py): pick "vicuna".
+    bos = getattr(tokenizer, "bos_token", "") or "<s>"
+    eos = getattr(tokenizer, "eos_token", "") or "</s>"
+    system, turns = _split_system(messages)
+    _require_alternating(turns, "wizardlm")
+    text = "" if system is None else f"{system}\n\n"  # before the first instruction
+    text += "".join((bos if i else "") + f"{m['content']}\n\n" if m["role"] == "user"
+                   else f"### Response:{m['content']}{eos}" for i, m in enumerate(turns))
+    return text + ("### Response:" if gen else "")
+
+
+def _oasst(messages, tokenizer, gen):
+    # OpenAssistant's SFT models (LLaMA-based oasst-sft-6/7-llama-30b): "<|prompter|>x</s><|assistant|>y</s>",
+    # an optional "<|system|>sys</s>" first (LAION-AI/Open-Assistant model/MESSAGE_AND_TOKEN_FORMAT.md,
+    # model/model_training/custom_datasets/formatting.py DatasetEntrySft; FastChat's oasst_llama is the same
+    # but puts a system prompt in front bare). EOS is the tokenizer's (</s>; <|endoftext|> for Pythia ones).
+    eos = getattr(tokenizer, "eos_token", "") or "</s>"
+    system, turns = _split_system(messages)
+    text = f"<|system|>{system}{eos}" if system else ""  # left out when empty, as OA does
+    text += "".join(f"<|prompter|>{m['content']}{eos}" if m["role"] == "user"
+                    else f"<|assistant|>{m['content']}{eos}" for m in turns)
+    return text + ("<|assistant|>" if gen else "")
 
 
 def _raw(messages, tokenizer, gen):
     return "\n".join(m["content"] for m in messages)
 
 
-_BUILTIN = {"chatml": _chatml, "llama2": _llama2, "llama3": _llama3, "alpaca": _alpaca,
-            "vicuna": _vicuna, "raw": _raw}
+_BUILTIN = {"chatml": _chatml, "llama2": _llama2, "llama3": _llama3, "alpaca": _alpaca, "gpt4-x-alpaca": _alpaca,
+            "vicuna": _vicuna, "koala": _koala, "wizardlm": _wizardlm, "oasst": _oasst, "raw": _raw}

@@ -2,6 +2,7 @@
 documented strings, and a LLaMA-2 chat tokenizes exactly as Meta's reference builds it."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 
@@ -129,7 +130,97 @@ def test_unknown_format_and_bad_messages():
 
 
 def test_default_stop_strings():
-    assert default_stop_strings("alpaca") == ["### Instruction:"]
-    assert default_stop_strings("vicuna") == ["USER:"]
+    assert default_stop_strings("alpaca") == default_stop_strings("gpt4-x-alpaca") == ["### Instruction:"]
+    assert default_stop_strings("vicuna") == default_stop_strings("koala") == ["USER:"]
+    assert default_stop_strings("oasst") == ["<|prompter|>"]
+    assert default_stop_strings("wizardlm") == ["### Response:"]
     assert default_stop_strings("chatml") == ["<|im_end|>"]
     assert default_stop_strings("raw") == default_stop_strings("auto") == []
+
+
+# ---- the LLaMA-1 fine-tunes: Koala, WizardLM-7B, OpenAssistant, GPT4-x-Alpaca
+
+def test_koala(spm_path):
+    # BAIR's serving prompt, first round (young-geng/EasyLM docs/koala.md, "Koala Chatbot Prompts")
+    assert format_chat([{"role": "user", "content": "Hello!"}], fmt="koala") == (
+        "BEGINNING OF CONVERSATION: USER: Hello! GPT:")
+    # FastChat's koala_v1 (lm-sys/FastChat fastchat/conversation.py: ADD_COLON_TWO, sep " ", sep2 "</s>";
+    # these are its get_prompt() strings, a system prompt set with set_system_message)
+    assert format_chat(CHAT[:1], fmt="koala") == "BEGINNING OF CONVERSATION: USER: Hi GPT:"
+    assert format_chat([SYSTEM] + CHAT[:1], fmt="koala") == "Be brief. USER: Hi GPT:"
+    assert format_chat(CHAT, fmt="koala") == (
+        "BEGINNING OF CONVERSATION: USER: Hi GPT: Hello!</s>USER: How are you? 😀 GPT:")
+    assert format_chat([SYSTEM] + CHAT, fmt="koala") == "Be brief. USER: Hi GPT: Hello!</s>USER: How are you? 😀 GPT:"
+    assert format_chat(CHAT[:2], fmt="koala", add_generation_prompt=False) == (
+        "BEGINNING OF CONVERSATION: USER: Hi GPT: Hello!</s>")
+    # EasyLM's second round writes the past reply as "GPT:Hi!..." (decoded apart, it lost its space); the
+    # space is kept here, so the reply's tokens are those of the reply encoded as a field of its own, as
+    # EasyLM's TextProcessor (EasyLM/data.py) encodes training examples
+    easylm = ("BEGINNING OF CONVERSATION: USER: Hello! GPT:Hi! How can I help you?</s>"
+              "USER: What is the largest animal on earth? GPT:")
+    two = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi! How can I help you?"},
+           {"role": "user", "content": "What is the largest animal on earth?"}]
+    assert format_chat(two, fmt="koala") == easylm.replace("GPT:Hi!", "GPT: Hi!")
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_path))
+    tok = load_tokenizer(spm_path)
+    fields = [sp.bos_id()] + sp.encode("BEGINNING OF CONVERSATION: USER: Hi GPT:") + sp.encode("Hello!") + [sp.eos_id()]
+    assert tok.encode(format_chat(CHAT[:2], tokenizer=tok, fmt="koala", add_generation_prompt=False)) == fields
+
+
+def test_wizardlm(spm_path):
+    # nlpxucan/WizardLM WizardLM/README.md, "For WizardLM-7B-V1.0": "{instruction}\n\n### Response:"
+    assert format_chat(CHAT[:1], fmt="wizardlm") == "Hi\n\n### Response:"
+    # no system prompt or multi-turn form was published for the 7B: the system text goes first, and each
+    # exchange is one training example (WizardLM/src/train_freeform.py: source + output + EOS, after BOS)
+    assert format_chat([SYSTEM] + CHAT[:1], fmt="wizardlm") == "Be brief.\n\nHi\n\n### Response:"
+    assert format_chat(CHAT, fmt="wizardlm") == "Hi\n\n### Response:Hello!</s><s>How are you? 😀\n\n### Response:"
+    assert format_chat([SYSTEM] + CHAT, fmt="wizardlm") == (
+        "Be brief.\n\nHi\n\n### Response:Hello!</s><s>How are you? 😀\n\n### Response:")
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_path))
+    tok = load_tokenizer(spm_path)
+    examples = ([sp.bos_id()] + sp.encode("Hi\n\n### Response:Hello!") + [sp.eos_id()]
+                + [sp.bos_id()] + sp.encode("How are you? 😀\n\n### Response:"))
+    assert tok.encode(format_chat(CHAT, tokenizer=tok, fmt="wizardlm")) == examples
+    with pytest.raises(LlamaExportError, match="wizardlm chat needs user/assistant turns"):
+        format_chat([CHAT[0], CHAT[0]], fmt="wizardlm")
+
+
+def test_oasst():
+    # the OpenAssistant LLaMA SFT model cards' "Prompting" example
+    meme = "What is a meme, and what's the history behind this word?"
+    assert format_chat([{"role": "user", "content": meme}], fmt="oasst") == f"<|prompter|>{meme}</s><|assistant|>"
+    # LAION-AI/Open-Assistant model/MESSAGE_AND_TOKEN_FORMAT.md, "Message Format v2-new" (its example closes
+    # the system part with a second <|system|>, a typo: the format above it and formatting.py have the EOS)
+    assert format_chat([{"role": "system", "content": "You are a large language model that wants to be helpful"},
+                        {"role": "user", "content": "What is red and round?"},
+                        {"role": "assistant", "content": "Hmm, a red balloon?"},
+                        {"role": "user", "content": "No, smaller"}], fmt="oasst") == (
+        "<|system|>You are a large language model that wants to be helpful</s><|prompter|>What is red and round?</s>"
+        "<|assistant|>Hmm, a red balloon?</s><|prompter|>No, smaller</s><|assistant|>")
+    # FastChat's oasst_llama (NO_COLON_SINGLE, sep "</s>") without a system prompt
+    assert format_chat(CHAT, fmt="oasst") == (
+        "<|prompter|>Hi</s><|assistant|>Hello!</s><|prompter|>How are you? 😀</s><|assistant|>")
+    assert format_chat([SYSTEM] + CHAT[:1], fmt="oasst") == "<|system|>Be brief.</s><|prompter|>Hi</s><|assistant|>"
+    assert format_chat([SYSTEM] + CHAT, fmt="oasst") == (
+        "<|system|>Be brief.</s><|prompter|>Hi</s><|assistant|>Hello!</s><|prompter|>How are you? 😀</s><|assistant|>")
+    # the EOS is the tokenizer's: FastChat's oasst_pythia for the Pythia models
+    pythia = SimpleNamespace(eos_token="<|endoftext|>", bos_token="<|endoftext|>", add_bos=False, chat_template=None)
+    assert format_chat(CHAT, tokenizer=pythia, fmt="oasst") == (
+        "<|prompter|>Hi<|endoftext|><|assistant|>Hello!<|endoftext|><|prompter|>How are you? 😀<|endoftext|>"
+        "<|assistant|>")
+    # "auto" picks it for a vocabulary with OpenAssistant's markers and no chat template
+    oa = SimpleNamespace(eos_token="</s>", bos_token="<s>", add_bos=True, chat_template=None,
+                         token_to_id=lambda t: 32000 if t == "<|prompter|>" else None)
+    assert format_chat(CHAT, tokenizer=oa) == format_chat(CHAT, fmt="oasst")
+
+
+def test_gpt4_x_alpaca_is_alpaca():
+    for messages in CONVERSATIONS + [[SYSTEM] + CHAT[:1]]:
+        for gen in (True, False):
+            assert (format_chat(messages, fmt="gpt4-x-alpaca", add_generation_prompt=gen)
+                    == format_chat(messages, fmt="alpaca", add_generation_prompt=gen))
+
