@@ -38,16 +38,21 @@ def tool_versions() -> dict:
 
 def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", tokenizer=None,
           max_seq_len=None, seed=0, force=False, export_only=False, block_size=None, memory_gb=None,
-          quant_method="auto", int4_recipe="accurate", calibration_files=None, progress=True) -> Path:
+          quant_method="auto", int4_recipe="accurate", calibration_files=None, chat_format=None,
+          progress=True) -> Path:
     """Build an artifact directory; returns its path. See the module docstring for the stages.
 
     precision: auto (the most accurate that fits the profile) or one of recipe.PRECISIONS;
     int4_recipe, block_size, quant_method: see recipe.Recipe.resolve; calibration_files: text to
-    calibrate AWQ / SmoothQuant on instead of the shipped text."""
+    calibrate AWQ / SmoothQuant on instead of the shipped text; chat_format: one of chat.FORMATS, recorded
+    in the manifest as the format `run --chat`, `chat` and `serve` use when not given one."""
+    from .chat import check_format
     from .checkpoint import load_checkpoint
     from .planner import choose
 
     t0 = time.time()
+    if chat_format is not None:
+        check_format(chat_format)
     prof = load_profile(profile, memory_gb=memory_gb)
     if prof.backend == "tensorrt" and not export_only:
         from .trt_build import require_tensorrt
@@ -67,7 +72,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     out = Path(out)
     with staging_dir(out, force=force) as tmp:
         io = _export(ckpt, tmp, chosen.recipe, tok, calibration_files, progress)
-        manifest = _manifest(ckpt, prof, chosen, io, tok.save(tmp) if tok else [])
+        manifest = _manifest(ckpt, prof, chosen, io, tok.save(tmp) if tok else [], chat_format)
         if prof.backend == "tensorrt":
             manifest["engine"] = None if export_only else _build_engine(tmp, manifest, prof, progress)
         if prof.backend == "onnxruntime" and tok is not None:
@@ -95,7 +100,7 @@ def _export(ckpt, out_dir: Path, recipe: Recipe, tok, calibration_files, progres
     return export_onnx(ckpt, out_dir, recipe, calibration=calib, progress=progress)
 
 
-def _manifest(ckpt, prof, chosen, io: dict, tok_files: list) -> dict:
+def _manifest(ckpt, prof, chosen, io: dict, tok_files: list, chat_format: str | None = None) -> dict:
     """manifest.json's content (DESIGN.md); the engine, genai config and build time are added after."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -109,6 +114,7 @@ def _manifest(ckpt, prof, chosen, io: dict, tok_files: list) -> dict:
         **chosen.recipe.manifest_fields(ckpt.config),
         "files": {"onnx": "model.onnx", "onnx_data": "model.onnx.data"},
         "tokenizer": tok_files or None,
+        "chat_format": chat_format,  # None: the tokenizer's template ("auto")
         "io": io,
         "runtime": {"threads": prof.threads},  # the profile's CPU threads (0 = all); `--threads` overrides
         "tool_versions": tool_versions(),

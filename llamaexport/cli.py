@@ -9,6 +9,7 @@ import sys
 import click
 
 from . import LlamaExportError, __version__
+from .chat import FORMATS as CHAT_FORMATS
 from .recipe import INT4_RECIPES, PRECISIONS, QUANT_METHOD_CHOICES
 
 
@@ -38,6 +39,11 @@ class _Group(click.Group):
 
 BACKEND = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]),
                        help="Run with this backend instead of the manifest's (onnxruntime runs any artifact's ONNX).")
+
+
+CHAT_FORMAT = click.option(
+    "--chat-format", help=f"{', '.join(CHAT_FORMATS)}. Default: the one recorded at build (build --chat-format), "
+                          "else auto (the model's own template).")
 
 
 def SAMPLING(f):
@@ -83,9 +89,11 @@ def main():
                    "linear and the output layer to 4 bits: the fewest bytes and fastest decode, less accurate.")
 @click.option("--calibration", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Text file(s) to calibrate AWQ / SmoothQuant on (default: the text shipped with llamaexport).")
+@click.option("--chat-format", help="Record the model's chat format in the manifest (run --chat, chat and serve "
+                                    f"use it when not given one): {', '.join(CHAT_FORMATS)}. Default: auto.")
 @click.option("--check", "run_check", is_flag=True, help="Run the parity check after building.")
 def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, out, force, export_only, block_size,
-          memory_gb, quant_method, int4_recipe, calibration, run_check):
+          memory_gb, quant_method, int4_recipe, calibration, chat_format, run_check):
     """Build an artifact directory from a checkpoint or a size."""
     from .build import build as do_build
 
@@ -95,7 +103,7 @@ def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, ou
                     tokenizer=tokenizer, max_seq_len=max_seq_len, seed=seed, force=force,
                     export_only=export_only, block_size=block_size, memory_gb=memory_gb,
                     quant_method=quant_method, int4_recipe=int4_recipe,
-                    calibration_files=list(calibration) or None)
+                    calibration_files=list(calibration) or None, chat_format=chat_format)
     if run_check:
         _check(path, None, False)
 
@@ -107,8 +115,7 @@ def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, ou
 @SAMPLING
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--chat", is_flag=True, help="Format the prompt as a chat turn.")
-@click.option("--chat-format", default="auto", show_default=True,
-              help="auto (the model's own template), chatml, llama2, llama3, alpaca, vicuna.")
+@CHAT_FORMAT
 @click.option("--system", help="System prompt for --chat.")
 @click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
 @BACKEND
@@ -122,7 +129,7 @@ def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_
                               repetition_penalty=repetition_penalty, seed=seed)
     model = LlamaModel.load(artifact, threads=threads, backend=backend)
     for piece in model.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop),
-                              chat=(chat_format if chat else False), system=system):
+                              chat=((chat_format or True) if chat else False), system=system):
         click.echo(piece, nl=False)
     click.echo()
 
@@ -138,7 +145,7 @@ def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_
               help="Prompt tokens per prefill forward while others decode (bounds their stall).")
 @click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
 @click.option("--api-key", envvar="LLAMAEXPORT_API_KEY", help="Require 'Authorization: Bearer KEY' (env LLAMAEXPORT_API_KEY).")
-@click.option("--chat-format", default=None, help="Chat format for /v1/chat/completions (default: auto, the model's template).")
+@CHAT_FORMAT
 @click.option("--model-name", help="The model id clients send (default: the artifact directory's name).")
 @BACKEND
 def serve(artifact, host, port, max_batch, max_queue, prefill_chunk, threads, api_key, chat_format, model_name, backend):
@@ -153,8 +160,7 @@ def serve(artifact, host, port, max_batch, max_queue, prefill_chunk, threads, ap
 @main.command("chat")
 @click.argument("artifact", type=click.Path())
 @click.option("--system", help="System prompt.")
-@click.option("--chat-format", default="auto", show_default=True,
-              help="auto (the model's own template), chatml, llama2, llama3, alpaca, vicuna.")
+@CHAT_FORMAT
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Longest answer.")
 @SAMPLING
 @click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")

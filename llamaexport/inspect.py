@@ -24,6 +24,7 @@ def format_manifest(m: dict) -> str:
         ("tied embeddings", "yes" if cfg["tie_embeddings"] else "no"),
         ("source", source),
         ("tokenizer", ", ".join(m["tokenizer"]) if m.get("tokenizer") else "none"),
+        ("chat format", m.get("chat_format") or "auto (not recorded)"),
         ("files", ", ".join(f"{k}: {v}" for k, v in m["files"].items())),
         ("kv cache", f"{m['kv_cache']['form']} ({m['kv_cache']['dtype']})"),
         ("quantization", f"{m.get('quantization') or 'none'}" + _blocks(m)),

@@ -35,7 +35,7 @@ SCHEMA = {
     "io": ((dict,), True), "files": ((dict,), True), "kv_cache": ((dict,), True),
     "tokenizer": ((list, type(None)), False), "left_padding": ((bool,), False), "plan": ((dict, type(None)), False),
     "runtime": ((dict,), False), "checksums": ((dict,), False), "engine": ((dict, type(None)), False),
-    "parity": ((dict, type(None)), False),
+    "parity": ((dict, type(None)), False), "chat_format": ((str, type(None)), False),
 }
 
 
@@ -67,6 +67,10 @@ def manifest_problem(m, d: Path) -> str | None:
         return f"key model: {e}"
     if m["backend"] not in ("onnxruntime", "tensorrt"):
         return f"key 'backend' is {m['backend']!r}, not onnxruntime or tensorrt"
+    from .chat import FORMATS
+
+    if m.get("chat_format") is not None and m["chat_format"] not in FORMATS:
+        return f"key 'chat_format' is {m['chat_format']!r}, not one of {', '.join(FORMATS)}"
     for key, sub in (("io", ("inputs", "outputs")), ("kv_cache", ("form", "dtype"))):
         for k in sub:
             if k not in m[key]:

@@ -27,10 +27,11 @@ HELP = """commands:
 class Chat:
     """The conversation state and one turn at a time; `main` wires it to a terminal."""
 
-    def __init__(self, model, *, fmt: str = "auto", system: str | None = None, sampling: SamplingConfig | None = None,
-                 max_new_tokens: int = 512):
+    def __init__(self, model, *, fmt: str | None = None, system: str | None = None,
+                 sampling: SamplingConfig | None = None, max_new_tokens: int = 512):
         from .chat import default_stop_strings, format_chat
 
+        fmt = fmt or model.chat_format  # None: the one recorded at build, else auto
         self.model, self.fmt, self.system = model, fmt, system
         self.sampling = sampling or SamplingConfig()
         self.max_new_tokens = max_new_tokens
@@ -121,7 +122,7 @@ class Chat:
         self.engine.close()
 
 
-def main(model, *, fmt="auto", system=None, sampling=None, max_new_tokens=512, stdin=None, stdout=None):
+def main(model, *, fmt=None, system=None, sampling=None, max_new_tokens=512, stdin=None, stdout=None):
     """The REPL on a terminal (or any text streams)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     chat = Chat(model, fmt=fmt, system=system, sampling=sampling, max_new_tokens=max_new_tokens)
@@ -139,7 +140,7 @@ def main(model, *, fmt="auto", system=None, sampling=None, max_new_tokens=512, s
         line = stdin.readline()
         return None if line == "" else line.rstrip("\n")
 
-    out(f"chatting with {model.dir.name} ({fmt} format); /help for commands, Ctrl-D to quit\n")
+    out(f"chatting with {model.dir.name} ({chat.fmt} format); /help for commands, Ctrl-D to quit\n")
     try:
         while True:
             try:

@@ -384,12 +384,18 @@ class LlamaModel:
                 f"{self.dir} has no tokenizer (built from random weights?); rebuild with --tokenizer PATH")
         return self.tokenizer
 
+    @property
+    def chat_format(self) -> str:
+        """The chat format recorded at build (`build --chat-format`), else "auto" (the tokenizer's template)."""
+        return self.manifest.get("chat_format") or "auto"
+
     def format_prompt(self, prompt: str, *, chat: bool | str = False, system: str | None = None) -> str:
+        """chat: False = the prompt as it is; True = a chat turn in `chat_format`; a name = in that format."""
         if not chat:
             return prompt
         from .chat import format_chat
 
-        fmt = chat if isinstance(chat, str) else "auto"
+        fmt = chat if isinstance(chat, str) else self.chat_format
         return format_chat([{"role": "user", "content": prompt}], tokenizer=self.require_tokenizer(),
                            fmt=fmt, system=system)
 
@@ -520,7 +526,7 @@ class LlamaModel:
         tok = self.require_tokenizer()
         if chat and not stop:
             from .chat import default_stop_strings
-            stop = default_stop_strings(chat if isinstance(chat, str) else "auto")
+            stop = default_stop_strings(chat if isinstance(chat, str) else self.chat_format)
         ids = self.encode(self.format_prompt(prompt, chat=chat, system=system))
         text = TextStream(tok, context=ids, stop=stop)
         reason, new_ids = "length", []

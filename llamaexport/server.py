@@ -508,16 +508,16 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
     _require_serve_deps()
     import uvicorn
 
-    from .chat import FORMATS
+    from .chat import check_format
     from .runtime import LlamaModel
 
     if not 1 <= port <= 65535:
         raise LlamaExportError(f"port must be 1 to 65535, got {port}")
-    fmt = chat_format or "auto"
-    if fmt not in FORMATS:
-        raise LlamaExportError(f"unknown chat format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if chat_format is not None:
+        check_format(chat_format)
     model = LlamaModel.load(artifact, threads=threads, backend=backend)
     model.require_tokenizer()
+    fmt = chat_format or model.chat_format  # the manifest's, else auto
     from .chat import format_chat
     try:
         format_chat([{"role": "user", "content": "hi"}], tokenizer=model.tokenizer, fmt=fmt)

@@ -149,6 +149,8 @@ def test_build_writes_nothing_half_done(tmp_path):
      ["fp16 is not supported by profile cpu"]),
     (["build", "--size", "tiny", "--precision", "int8", "--block-size", "48", "--out", "{tmp}/o"],
      ["--block-size 48 is not supported", "16, 32, 64, 128 or 256"]),
+    (["build", "--size", "tiny", "--chat-format", "mistral", "--out", "{tmp}/o"],
+     ["unknown chat format 'mistral'", "koala", "wizardlm", "oasst", "gpt4-x-alpaca"]),
     (["run", "{tmp}/none", "--prompt", "x"], ["not a llamaexport artifact"]),
     (["check", "{tmp}/none"], ["not a llamaexport artifact"]),
 ])
@@ -383,6 +385,8 @@ def test_a_gguf_without_head_count_is_one_line(tmp_path):
     (lambda m: {**m, "model": {**m["model"], "n_heads": 0}}, "key model: config field n_heads must be"),
     (lambda m: {**m, "files": {**m["files"], "onnx": "../../../../etc/passwd"}}, "outside the artifact directory"),
     (lambda m: {**m, "files": {**m["files"], "onnx": "/etc/passwd"}}, "outside the artifact directory"),
+    (lambda m: {**m, "chat_format": "mistral"}, "key 'chat_format' is 'mistral', not one of auto, template"),
+    (lambda m: {**m, "chat_format": 3}, "key 'chat_format' must be a string or null, got int"),
 ])
 def test_bad_manifests_are_one_line_naming_the_key(tiny_artifact, tmp_path, tamper, fragment):
     import shutil

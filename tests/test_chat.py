@@ -2,9 +2,13 @@
 documented strings, and a LLaMA-2 chat tokenizes exactly as Meta's reference builds it."""
 
 import copy
+import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
+from conftest import cli
 
 from llamaexport import LlamaExportError
 from llamaexport.chat import FORMATS, default_stop_strings, format_chat
@@ -223,4 +227,34 @@ def test_gpt4_x_alpaca_is_alpaca():
         for gen in (True, False):
             assert (format_chat(messages, fmt="gpt4-x-alpaca", add_generation_prompt=gen)
                     == format_chat(messages, fmt="alpaca", add_generation_prompt=gen))
+
+
+# ---- `build --chat-format`: recorded in the manifest, the default of run --chat, chat (serve: test_serve.py;
+# an unknown one: test_bad_input.py)
+
+def test_build_records_the_chat_format(tiny_artifact, tmp_path):
+    from llamaexport.build import build
+    from llamaexport.runtime import LlamaModel
+
+    art = build(out=tmp_path / "koala", size="tiny", seed=7, tokenizer=str(tiny_artifact / "tokenizer.model"),
+                chat_format="koala", progress=False)
+    assert json.loads((art / "manifest.json").read_text())["chat_format"] == "koala"
+    koala = "BEGINNING OF CONVERSATION: USER: Hi GPT:"
+    with LlamaModel.load(art) as m:
+        assert m.chat_format == "koala"
+        assert m.format_prompt("Hi", chat=True) == koala
+        assert m.format_prompt("Hi", chat="vicuna").endswith(" USER: Hi ASSISTANT:")  # a given format wins
+        want = m.generate(koala, max_new_tokens=8, stop=["USER:"])
+    with LlamaModel.load(tiny_artifact) as m:
+        assert m.chat_format == "auto"  # built without one
+    r = cli("run", art, "--prompt", "Hi", "--chat", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want.text + "\n"
+    r = cli("inspect", art)
+    assert r.returncode == 0 and "chat format      koala" in r.stdout, r.stdout
+    assert "chat format      auto (not recorded)" in cli("inspect", tiny_artifact).stdout
+    r = subprocess.run([sys.executable, "-m", "llamaexport.cli", "chat", str(art), "--max-new-tokens", "4"],
+                       input="/exit\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "(koala format)" in r.stdout
 

@@ -350,6 +350,25 @@ def test_api_key(tiny_artifact):
     assert rc == 0, err
 
 
+def test_serve_uses_the_chat_format_recorded_at_build(tiny_artifact, tmp_path):
+    """Without --chat-format, /v1/chat/completions renders messages in the manifest's format."""
+    from llamaexport.build import build
+
+    art = build(out=tmp_path / "koala", size="tiny", seed=7, tokenizer=str(tiny_artifact / "tokenizer.model"),
+                chat_format="koala", progress=False)
+    with LlamaModel.load(art) as m:
+        want = len(m.encode("BEGINNING OF CONVERSATION: USER: Hi GPT:"))
+    s = Server(art)
+    try:
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                            "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == want
+    finally:
+        rc, err = s.stop()
+    assert rc == 0 and "chat format koala" in err, err
+
+
 def test_port_in_use_is_one_clear_error(tiny_server, tiny_artifact):
     from conftest import assert_clean_error, cli
 
