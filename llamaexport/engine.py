@@ -222,13 +222,18 @@ class _Seq:
     counts: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
+def check_limits(*, max_batch, max_queue, prefill_chunk):
+    """The one validation of the engine's limits (the server calls it before loading the model)."""
+    for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("prefill_chunk", prefill_chunk, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise LlamaExportError(f"{name} must be a whole number >= {lo}, got {v!r}")
+
+
 class Engine:
     """Continuous batching over `max_batch` slots of one LlamaModel (see the module docstring)."""
 
     def __init__(self, model, *, max_batch: int = 4, max_queue: int = 16, prefill_chunk: int = 128):
-        for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("prefill_chunk", prefill_chunk, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise LlamaExportError(f"{name} must be a whole number >= {lo}, got {v!r}")
+        check_limits(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
         self.model = model
         self.tokenizer = model.require_tokenizer()
         self.ctx = model.config.max_seq_len

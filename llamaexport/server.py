@@ -26,7 +26,7 @@ import time
 from numbers import Integral, Real
 
 from . import LlamaExportError
-from .engine import DoneEvent, Engine, QueueFull, ShuttingDown, TextEvent
+from .engine import DoneEvent, Engine, QueueFull, ShuttingDown, TextEvent, check_limits
 from .sampling import SamplingConfig
 
 # Seconds that running generations get to finish after SIGTERM / Ctrl-C before they are cancelled.
@@ -501,6 +501,21 @@ def create_app(engine: Engine, *, model_name: str, chat_format: str = "auto", ap
     return app
 
 
+def _check_listen(host: str, port: int):
+    """Fail now, with one line, if (host, port) cannot be listened on (uvicorn binds it again later, with
+    SO_REUSEADDR as here)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+    except OSError as e:
+        raise LlamaExportError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port or "
+                               "--host") from None
+
+
 def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 4, max_queue: int = 16,
           threads: int | None = None, api_key: str | None = None, prefill_chunk: int = 128,
           chat_format: str | None = None, model_name: str | None = None, backend: str | None = None):
@@ -515,6 +530,8 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
         raise LlamaExportError(f"port must be 1 to 65535, got {port}")
     if chat_format is not None:
         check_format(chat_format)
+    check_limits(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    _check_listen(host, port)  # before the minutes a large model may take to load
     model = LlamaModel.load(artifact, threads=threads, backend=backend)
     model.require_tokenizer()
     fmt = chat_format or model.chat_format  # the manifest's, else auto

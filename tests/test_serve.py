@@ -374,6 +374,12 @@ def test_port_in_use_is_one_clear_error(tiny_server, tiny_artifact):
 
     r = cli("serve", tiny_artifact, "--port", tiny_server.port)
     assert_clean_error(r, f"cannot listen on 127.0.0.1:{tiny_server.port}", "pick another --port")
+    # the serving limits are checked before the model loads
+    for args, fragment in ((["--max-batch", "0"], "max_batch must be a whole number >= 1"),
+                           (["--prefill-chunk", "-3"], "prefill_chunk must be a whole number >= 1"),
+                           (["--port", "70000"], "port must be 1 to 65535"),
+                           (["--host", "name.invalid"], "cannot listen on name.invalid")):
+        assert_clean_error(cli("serve", tiny_artifact, "--port", _free_port(), *args), fragment)
 
 
 # ---------------------------------------------------------------------- SmolLM2: real text
