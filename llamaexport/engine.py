@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -72,8 +71,6 @@ class DoneEvent:
     error: str | None = None
 
 
-_ids = itertools.count(1)
-
 # Cached prompt prefixes shorter than this are recomputed rather than reused (see Engine._pick_slot).
 MIN_REUSE = 8
 # An idle engine waits this long after a request for others to join its first (batched) prefill.
@@ -92,7 +89,6 @@ class Request:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     on_event: Callable[[TextEvent | DoneEvent], None] | None = None
-    id: int = dataclasses.field(default_factory=lambda: next(_ids))
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: bool = False
     done: bool = False
@@ -137,8 +133,8 @@ class PaddedSlots:
     keeps its own [1, kv_heads, length, head_dim] tensors, and a decode step left-pads the rows to
     one length (the graph masks the padding through attention_mask and takes explicit positions)."""
 
-    def __init__(self, backend, n: int, ctx: int):
-        self.backend, self.n, self.ctx = backend, n, ctx
+    def __init__(self, backend, n: int):
+        self.backend = backend
         self.cache: list[list | None] = [None] * n
         self.length = [0] * n
 
@@ -172,7 +168,7 @@ class PaddedSlots:
         return np.asarray(logits[:, -1], np.float32)
 
     def close(self):
-        self.cache = [None] * self.n
+        self.cache = [None] * len(self.cache)
 
 
 def _as_array(x):
@@ -199,14 +195,14 @@ def _cat(rows):
     return torch.cat(rows, dim=0)
 
 
-def make_slots(backend, n: int, ctx: int):
+def make_slots(backend, n: int):
     """The backend's own slots where it has them (in-place GroupQueryAttention), else PaddedSlots."""
     own = getattr(backend, "slots", None)
     if own is not None:
         slots = own(n)
         if slots is not None:
             return slots
-    return PaddedSlots(backend, n, ctx)
+    return PaddedSlots(backend, n)
 
 
 @dataclasses.dataclass(eq=False)
@@ -237,11 +233,10 @@ class Engine:
         self.model = model
         self.tokenizer = model.require_tokenizer()
         self.ctx = model.config.max_seq_len
-        self.requested_batch = max_batch
         limit = getattr(model.backend, "max_batch", None)  # a TensorRT engine's profiles bound its batch
         max_batch = min(max_batch, limit) if limit else max_batch
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.slots = make_slots(model.backend, max_batch, self.ctx)
+        self.slots = make_slots(model.backend, max_batch)
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # ids whose KV each slot holds
         self.slot_used = [0.0] * max_batch
         self.active: dict[int, _Seq] = {}      # slot -> sequence
@@ -273,7 +268,7 @@ class Engine:
         with self.cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down; retry on another instance")
-            if self._thread is not None and not self._thread.is_alive():
+            if self._thread is not None and not self._thread_running():
                 raise ShuttingDown(self.error or "the engine has stopped")
             if len(self.active) + len(self.queue) >= self.max_batch + self.max_queue:
                 raise QueueFull(f"{len(self.active)} requests are running and {len(self.queue)} waiting "
@@ -301,7 +296,7 @@ class Engine:
     @property
     def alive(self) -> bool:
         """Serving: no thread (driven inline) or a live one, and not shutting down."""
-        return not self._stopping and (self._thread is None or self._thread.is_alive())
+        return not self._stopping and (self._thread is None or self._thread_running())
 
     def _loop(self):
         try:
@@ -338,7 +333,7 @@ class Engine:
             self._stopping = True
             self.cond.notify_all()
         deadline = time.monotonic() + grace
-        while (self.active or self.queue) and time.monotonic() < deadline and self.alive_thread():
+        while (self.active or self.queue) and time.monotonic() < deadline and self._thread_running():
             time.sleep(0.02)
         with self.cond:
             self._cancel_all = True  # the engine's own thread cancels at its next step (it owns `active`)
@@ -349,7 +344,7 @@ class Engine:
             while self.active or self.queue:
                 self._guarded_step()
 
-    def alive_thread(self) -> bool:
+    def _thread_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def close(self):

@@ -13,6 +13,7 @@ import threading
 import time
 
 from . import LlamaExportError
+from .chat import default_stop_strings, format_chat
 from .engine import DoneEvent, Engine
 from .sampling import SamplingConfig
 
@@ -29,15 +30,12 @@ class Chat:
 
     def __init__(self, model, *, fmt: str | None = None, system: str | None = None,
                  sampling: SamplingConfig | None = None, max_new_tokens: int = 512):
-        from .chat import default_stop_strings, format_chat
-
         fmt = fmt or model.chat_format  # None: the one recorded at build, else auto
         self.model, self.fmt, self.system = model, fmt, system
         self.sampling = sampling or SamplingConfig()
         self.max_new_tokens = max_new_tokens
         self.engine = Engine(model, max_batch=1, max_queue=0)
         self.stop = default_stop_strings(fmt)
-        self._format = format_chat
         format_chat([{"role": "user", "content": "x"}], tokenizer=model.tokenizer, fmt=fmt)  # the format works here
         self.history: list[dict] = []
         self.last: dict | None = None
@@ -51,8 +49,8 @@ class Chat:
         """The conversation as token ids, dropping the oldest turns if it outgrows the context."""
         ctx = self.model.config.max_seq_len
         while True:
-            ids = self.model.encode(self._format(self.history, tokenizer=self.model.tokenizer, fmt=self.fmt,
-                                                 system=self.system))
+            ids = self.model.encode(format_chat(self.history, tokenizer=self.model.tokenizer, fmt=self.fmt,
+                                                system=self.system))
             if len(ids) < ctx - 1 or len(self.history) <= 1:
                 break
             self.history = self.history[2:] if len(self.history) > 2 else self.history[1:]

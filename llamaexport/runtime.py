@@ -241,7 +241,7 @@ class SharedSlots:
 
     def __init__(self, backend: OnnxRuntimeBackend, n: int):
         c = backend.cfg
-        self.backend, self.n, self.ctx = backend, n, c.max_seq_len
+        self.backend, self.ctx = backend, c.max_seq_len
         shape = (n, c.n_kv_heads, c.max_seq_len, c.head_dim)
         self.kv = [_lazy_zeros(shape, backend.kv_dtype) for _ in backend.past_names]
         self.length = [0] * n

@@ -523,7 +523,7 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
     _require_serve_deps()
     import uvicorn
 
-    from .chat import check_format
+    from .chat import check_format, format_chat
     from .runtime import LlamaModel
 
     if not 1 <= port <= 65535:
@@ -535,7 +535,6 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
     model = LlamaModel.load(artifact, threads=threads, backend=backend)
     model.require_tokenizer()
     fmt = chat_format or model.chat_format  # the manifest's, else auto
-    from .chat import format_chat
     try:
         format_chat([{"role": "user", "content": "hi"}], tokenizer=model.tokenizer, fmt=fmt)
     except LlamaExportError as e:
@@ -558,7 +557,8 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
                             timeout_graceful_shutdown=int(SHUTDOWN_GRACE) + 2, lifespan="off")
     server = Server(config)
     print(f"serving {model.dir} as {name!r} on http://{host}:{port}/v1 (backend {model.manifest.get('backend')}, "
-          f"max batch {max_batch}, queue {max_queue}, chat format {fmt}); Ctrl-C stops", file=sys.stderr, flush=True)
+          f"max batch {engine.max_batch}, queue {max_queue}, chat format {fmt}); Ctrl-C stops", file=sys.stderr,
+          flush=True)
     # uvicorn re-raises the signal that stopped it once it is done, to whatever handler was there
     # before: these make that a clean exit 0 instead of death by SIGTERM / a KeyboardInterrupt
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
