@@ -51,6 +51,15 @@ class QueueFull(LlamaExportError):
     """More requests are waiting than --max-queue allows."""
 
 
+class ContextTooLong(LlamaExportError):
+    """The prompt, or the prompt plus max_new_tokens, does not fit the context. `param`: which of the
+    two to change ("prompt" or "max_tokens")."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 class ShuttingDown(LlamaExportError):
     """The engine takes no new requests (shutdown() was called)."""
 
@@ -258,10 +267,11 @@ class Engine:
         if n == 0:
             raise LlamaExportError("empty prompt: give at least one token")
         if n >= self.ctx:
-            raise LlamaExportError(f"the prompt is {n} tokens but the model's context is {self.ctx}; shorten it")
+            raise ContextTooLong(f"the prompt is {n} tokens but the model's context is {self.ctx} tokens; shorten it",
+                                 "prompt")
         if n + max_new_tokens > self.ctx:
-            raise LlamaExportError(f"the prompt ({n} tokens) plus max_tokens ({max_new_tokens}) is more than the "
-                                   f"model's context ({self.ctx}); ask for at most {self.ctx - n} tokens")
+            raise ContextTooLong(f"the prompt ({n} tokens) plus max_tokens ({max_new_tokens}) is more than the "
+                                 f"model's context ({self.ctx}); ask for at most {self.ctx - n} tokens", "max_tokens")
         req = Request(list(map(int, prompt_ids)), max_new_tokens, sampling or SamplingConfig(), tuple(stop),
                       frozenset(self.tokenizer.eos_ids if eos_ids is None else eos_ids),
                       presence_penalty, frequency_penalty, on_event)

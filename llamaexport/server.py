@@ -26,11 +26,12 @@ import time
 from numbers import Integral, Real
 
 from . import LlamaExportError
-from .engine import DoneEvent, Engine, QueueFull, ShuttingDown, TextEvent, check_limits
+from .engine import ContextTooLong, DoneEvent, Engine, QueueFull, ShuttingDown, TextEvent, check_limits
 from .sampling import SamplingConfig
 
 # Seconds that running generations get to finish after SIGTERM / Ctrl-C before they are cancelled.
 SHUTDOWN_GRACE = 3.0
+CANCELLED = "the server is shutting down; the generation was cancelled"
 
 
 def _require_serve_deps():
@@ -189,19 +190,13 @@ class Api:
         return body
 
     def _generation(self, body: dict, prompt_ids: list[int], stop: list[str], default_max: int | None) -> dict:
+        """The engine's arguments from the request's fields (whether they fit the context: Engine.submit)."""
         ctx = self.engine.ctx
-        n = len(prompt_ids)
-        if n >= ctx:
-            raise _bad(f"the prompt is {n} tokens but the model's context is {ctx} tokens; shorten it",
-                       "messages" if "messages" in body else "prompt", "context_length_exceeded")
         max_tokens = _integer(body, "max_completion_tokens", 1)
         if max_tokens is None:
             max_tokens = _integer(body, "max_tokens", 1)
         if max_tokens is None:
-            max_tokens = min(default_max or ctx, ctx - n)
-        if n + max_tokens > ctx:
-            raise _bad(f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) is more than the model's context "
-                       f"({ctx}); ask for at most {ctx - n} tokens", "max_tokens", "context_length_exceeded")
+            max_tokens = max(1, min(default_max or ctx, ctx - len(prompt_ids)))
         try:
             sampling = SamplingConfig(temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                                       top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
@@ -276,6 +271,9 @@ class Api:
                            headers={"Retry-After": "1"}) from None
         except ShuttingDown as e:
             raise ApiError(503, str(e), type_="server_error", headers={"Retry-After": "5"}) from None
+        except ContextTooLong as e:
+            param = "messages" if chat and e.param == "prompt" else e.param
+            raise _bad(str(e), param, "context_length_exceeded") from None
         except LlamaExportError as e:
             raise _bad(str(e)) from None
         try:
@@ -283,7 +281,7 @@ class Api:
             timing = {"t0": t0, "last": None}
             if body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                return self._sse(self._chunks(req, events, rid, chat, include_usage, timing), req)
+                return self._sse(self._chunks(events, rid, chat, include_usage, timing), req)
             return await self._whole(request, req, events, rid, chat, timing)
         except BaseException:
             self.engine.cancel(req)  # whatever went wrong, the generation must not run on unread
@@ -310,7 +308,7 @@ class Api:
         if done.finish_reason == "error":
             raise ApiError(500, done.error or "the model failed", type_="server_error")
         if done.finish_reason == "cancelled":
-            raise ApiError(503, "the server is shutting down; the generation was cancelled", type_="server_error")
+            raise ApiError(503, CANCELLED, type_="server_error")
         return "length" if done.finish_reason == "length" else "stop"
 
     async def _whole(self, request, req, events, rid, chat, timing):
@@ -321,8 +319,7 @@ class Api:
             while True:
                 if time.monotonic() >= next_look:  # tokens may flow without a pause: look on the clock
                     next_look = time.monotonic() + 0.5
-                    if await request.is_disconnected():
-                        self.engine.cancel(req)
+                    if await request.is_disconnected():  # (the finally below cancels)
                         return JSONResponse({}, status_code=499)
                 try:
                     ev = await asyncio.wait_for(events.get(), timeout=0.5)
@@ -345,7 +342,7 @@ class Api:
         choice = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": reason}
         return JSONResponse({**base, "object": "text_completion", "choices": [choice], "usage": self._usage(ev)})
 
-    async def _chunks(self, req, events, rid, chat, include_usage, timing):
+    async def _chunks(self, events, rid, chat, include_usage, timing):
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -362,30 +359,27 @@ class Api:
                 c["usage"] = usage
             return json.dumps(c, ensure_ascii=False)
 
-        try:
-            if chat:
-                yield chunk({"role": "assistant", "content": ""})
-            while True:
-                ev = await events.get()
-                if isinstance(ev, TextEvent):
-                    if ev.token_id >= 0:
-                        self._timed(timing)
-                    if ev.text:
-                        yield chunk({"content": ev.text} if chat else ev.text)
-                    continue
-                if ev.finish_reason in ("error", "cancelled"):
-                    msg = ev.error if ev.finish_reason == "error" else "the server is shutting down; the generation was cancelled"
-                    yield json.dumps({"error": {"message": msg, "type": "server_error", "param": None, "code": None}})
-                    break
-                usage = self._usage(ev)
-                yield chunk({} if chat else "", self._reason(ev))
-                if include_usage:
-                    yield chunk(None, usage=usage, choices=False)
+        # a client that goes away is cancelled by the response itself (_sse), even before this starts
+        if chat:
+            yield chunk({"role": "assistant", "content": ""})
+        while True:
+            ev = await events.get()
+            if isinstance(ev, TextEvent):
+                if ev.token_id >= 0:
+                    self._timed(timing)
+                if ev.text:
+                    yield chunk({"content": ev.text} if chat else ev.text)
+                continue
+            if ev.finish_reason in ("error", "cancelled"):
+                msg = ev.error if ev.finish_reason == "error" else CANCELLED
+                yield json.dumps({"error": {"message": msg, "type": "server_error", "param": None, "code": None}})
                 break
-            yield "[DONE]"
-        finally:  # the client went away (the generator is closed) or the stream ended
-            if not req.done:
-                self.engine.cancel(req)
+            usage = self._usage(ev)
+            yield chunk({} if chat else "", self._reason(ev))
+            if include_usage:
+                yield chunk(None, usage=usage, choices=False)
+            break
+        yield "[DONE]"
 
     def _sse(self, gen, req):
         """Server-sent events of `gen`'s strings. The generation is cancelled when the response ends
