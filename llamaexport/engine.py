@@ -95,8 +95,6 @@ class Request:
     sampling: SamplingConfig
     stop: tuple[str, ...] = ()
     eos_ids: frozenset[int] = frozenset()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     on_event: Callable[[TextEvent | DoneEvent], None] | None = None
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: bool = False
@@ -224,7 +222,6 @@ class _Seq:
     sampler: Sampler
     next_token: int | None = None  # sampled, emitted, not yet in the cache
     generated: list[int] = dataclasses.field(default_factory=list)
-    counts: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 def check_limits(*, max_batch, max_queue, prefill_chunk):
@@ -259,8 +256,7 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingConfig | None = None,
-               stop=(), eos_ids=None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-               on_event=None) -> Request:
+               stop=(), eos_ids=None, on_event=None) -> Request:
         """Queue a generation. Raises LlamaExportError for a request that cannot run, QueueFull when
         --max-queue requests are already waiting."""
         n = len(prompt_ids)
@@ -273,8 +269,7 @@ class Engine:
             raise ContextTooLong(f"the prompt ({n} tokens) plus max_tokens ({max_new_tokens}) is more than the "
                                  f"model's context ({self.ctx}); ask for at most {self.ctx - n} tokens", "max_tokens")
         req = Request(list(map(int, prompt_ids)), max_new_tokens, sampling or SamplingConfig(), tuple(stop),
-                      frozenset(self.tokenizer.eos_ids if eos_ids is None else eos_ids),
-                      presence_penalty, frequency_penalty, on_event)
+                      frozenset(self.tokenizer.eos_ids if eos_ids is None else eos_ids), on_event)
         with self.cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down; retry on another instance")
@@ -497,18 +492,11 @@ class Engine:
 
     def _sample(self, seq: _Seq, logits: np.ndarray):
         req = seq.req
-        row = logits
-        if seq.counts and (req.presence_penalty or req.frequency_penalty):
-            row = logits.astype(np.float32, copy=True)
-            ids = np.fromiter(seq.counts, np.int64)
-            c = np.fromiter(seq.counts.values(), np.float32)
-            row[ids] -= c * req.frequency_penalty + req.presence_penalty
         seen = None
         if req.sampling.repetition_penalty != 1.0:
             seen = [np.asarray(req.prompt_ids + seq.generated, np.int64)]
-        tok = int(seq.sampler(row[None], seen)[0])
+        tok = int(seq.sampler(logits[None], seen, [seq.generated])[0])
         seq.generated.append(tok)
-        seq.counts[tok] = seq.counts.get(tok, 0) + 1
         if tok in req.eos_ids:
             return self._finish(seq, "stop")
         piece = seq.stream.push(tok)

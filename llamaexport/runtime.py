@@ -448,6 +448,7 @@ class LlamaModel:
         sampler = Sampler(sampling)
         penalize = sampling.repetition_penalty != 1.0
         seen = [np.asarray(p, np.int64) for p in prompts]
+        generated = [[] for _ in prompts] if sampling.presence_penalty or sampling.frequency_penalty else None
         done = np.zeros(B, bool)
         cache = self.backend.take_cache(B)
         try:
@@ -461,11 +462,14 @@ class LlamaModel:
             cur = np.empty((B, 1), np.int64)
             next_pos = pos[:, -1:] + 1
             for step in range(max_new_tokens):
-                tok = sampler(logits[:, -1], seen if penalize else None)
+                tok = sampler(logits[:, -1], seen if penalize else None, generated)
                 if done.any():
                     tok = np.where(done, eos[0], tok)
                 if penalize:
                     seen = [np.append(s, t) for s, t in zip(seen, tok)]
+                if generated is not None:
+                    for g, t in zip(generated, tok.tolist()):
+                        g.append(t)
                 done |= (tok[:, None] == eos).any(1)
                 yield tok
                 if done.all() or step == max_new_tokens - 1:

@@ -202,15 +202,15 @@ class Api:
                                       top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
                                       top_k=_integer(body, "top_k", 0) or 0,
                                       repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10.0),
-                                      seed=_integer(body, "seed"))
+                                      seed=_integer(body, "seed"),
+                                      presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+                                      frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0))
         except LlamaExportError as e:
             raise _bad(str(e)) from None
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise _bad("ignore_eos must be true or false", "ignore_eos")
-        return dict(max_new_tokens=max_tokens, sampling=sampling, stop=stop, eos_ids=[] if ignore_eos else None,
-                    presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-                    frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0))
+        return dict(max_new_tokens=max_tokens, sampling=sampling, stop=stop, eos_ids=[] if ignore_eos else None)
 
     def _encode_checked(self, text: str) -> list[int]:
         try:

@@ -14,6 +14,7 @@ import pytest
 
 from llamaexport.engine import DoneEvent, Engine, QueueFull, TextEvent
 from llamaexport.runtime import LlamaModel
+from llamaexport.sampling import SamplingConfig
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install 'llamaexport[serve]')")
 openai = pytest.importorskip("openai", reason="the serve tests need the openai package")
@@ -103,7 +104,11 @@ def test_penalties_follow_openai(tiny_artifact):
         engine = Engine(m, max_batch=1)
         p = _prompts(m.config.vocab_size, (6,))[0]
         plain = _ids(engine.stream(p, max_new_tokens=40, eos_ids=[]))
-        pen = _ids(engine.stream(p, max_new_tokens=40, eos_ids=[], frequency_penalty=2.0, presence_penalty=2.0))
+        pen = _ids(engine.stream(p, max_new_tokens=40, eos_ids=[],
+                                 sampling=SamplingConfig(frequency_penalty=2.0, presence_penalty=2.0)))
+        # the run path applies them the same way
+        assert m.generate_ids([p], max_new_tokens=40, eos_ids=[],
+                              sampling=SamplingConfig(frequency_penalty=2.0, presence_penalty=2.0))[0] == pen
         assert len(set(pen)) > len(set(plain)), (plain, pen)
         assert pen[0] == plain[0]  # nothing generated yet: nothing penalized
         engine.close()
