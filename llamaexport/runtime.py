@@ -522,7 +522,7 @@ class LlamaModel:
                result: list | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated; stops at EOS, a stop string or the length.
         If `result` is a list, the final `Generation` is appended to it."""
-        from .engine import TextStream
+        from .tokenizer import TextStream
 
         check_generation(max_new_tokens=max_new_tokens, stop=stop, prompt=prompt)
         if system is not None:

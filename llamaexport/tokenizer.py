@@ -434,3 +434,35 @@ class StreamDecoder:
         text = self._text(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
         return text[len(done):]
+
+
+class TextStream:
+    """Generated ids -> printable text, cut at the first stop string. Text that could still grow
+    into a stop string is held back until it cannot."""
+
+    def __init__(self, tokenizer, *, context=(), stop=()):
+        self.dec = StreamDecoder(tokenizer, context=context)
+        self.stop = tuple(stop)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; return the text now safe to show. Sets `stopped` at a stop string."""
+        self.text += self.dec.push(token_id)
+        hits = [j for j in (self.text.find(s) for s in self.stop) if j >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+            return self._take(len(self.text))
+        return self._take(len(self.text) - self.hold)
+
+    def finish(self) -> str:
+        """The rest of the text (after EOS, the length limit or a stop string)."""
+        if not self.stopped:
+            self.text += self.dec.flush()
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        piece, self.emitted = self.text[self.emitted:upto], upto
+        return piece
