@@ -318,7 +318,8 @@ def plugins():
 
 @plugins.command("build")
 @click.option("--tensorrt-root", type=click.Path(exists=True, file_okay=False),
-              help="TensorRT install prefix holding include/NvInfer.h (default: $TensorRT_ROOT or /usr/include).")
+              help="TensorRT install prefix holding include/NvInfer.h (default: the headers in $TensorRT_ROOT or "
+                   "/usr/include whose major version is the installed tensorrt package's).")
 @click.option("--cuda-arch", help="CUDA architectures, e.g. 89 or 80,86,89 (default: this machine's GPUs).")
 @click.option("--kernels-only", is_flag=True, help="Build only the CUDA kernels and their tests (no TensorRT).")
 def plugins_build(tensorrt_root, cuda_arch, kernels_only):

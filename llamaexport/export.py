@@ -98,7 +98,7 @@ class _Emitter:
             return g.op("MatMul", [x, wname], name=f"{name}/MatMul")
         hess = None if stats is None else stats.get("hessian")  # GPTQ rounding (quantize._gptq)
         if self.recipe.quantized_input(role):  # w8a8: a static per-tensor QuantizeLinear/DequantizeLinear pair
-            sx = g.weight(wname + ".input_scale", np.array(max(stats["amax"], 1e-8) / 127.0, self.np_act))
+            sx = g.weight(wname + ".input_scale", np.array(quantize.activation_scale(stats["amax"]), self.np_act))
             zx = g.weight(wname + ".input_zero_point", np.array(0, np.int8))
             xq = g.op("QuantizeLinear", [x, sx, zx], name=f"{name}/input/QuantizeLinear")
             x = g.op("DequantizeLinear", [xq, sx, zx], name=f"{name}/input/DequantizeLinear")

@@ -3,8 +3,11 @@
 Adds up, for a batch and context length:
   weights      quantized matrices + their scales, embeddings, norms, rotary tables
   KV cache     2 x layers x KV heads x head_dim x context x batch x bytes
-  activations  the prefill peak: logits [B, S, V] fp32, one layer's attention scores
-               [B, H, S, T] fp32 and a few hidden-state buffers (S = T = the context)
+  activations  one region, the largest of the engine's optimization profiles (prefill at the full
+               context, decode of one token on it): logits [B, S, V] fp32, one layer's attention
+               scores [B, H, S, T] fp32 and a few hidden-state buffers. The TensorRT runtime gives
+               its prefill and decode contexts one shared activation region of that size
+               (trt_runtime), so it is the max over profiles, not their sum.
   workspace    the TensorRT builder/runtime workspace from the profile
   overhead     runtime itself: CUDA context, cuBLAS and TensorRT (GPU), ONNX Runtime (CPU)
 and compares the total with the profile's budget (memory - reserved for the OS/display).
@@ -92,6 +95,21 @@ def weight_bytes(cfg: LlamaConfig, recipe: Recipe) -> tuple[float, float]:
     return stored, read
 
 
+def profile_tokens(context: int) -> list[tuple[int, int]]:
+    """(new tokens, cached tokens) at the largest shape of each optimization profile the engine
+    has (trt_build.profile_shapes): prefill of the whole context, decode of one token after it."""
+    return [(context, 0), (1, max(context - 1, 0))]
+
+
+def activation_bytes(cfg: LlamaConfig, recipe: Recipe, *, batch: int, seq: int, past: int) -> float:
+    """The activation peak of one forward of `seq` new tokens on `past` cached ones: the logits
+    [B, S, V] fp32, one layer's attention scores [B, H, S, past + S] fp32 and four hidden-state
+    buffers [B, S, max(dim, 2 * ffn_dim)] in the activation dtype."""
+    t = past + seq
+    return (batch * seq * cfg.vocab_size * 4 + batch * cfg.n_heads * seq * t * 4
+            + 4 * batch * seq * max(cfg.dim, 2 * cfg.ffn_dim) * recipe.activation_bytes)
+
+
 def plan(cfg: LlamaConfig, profile: Profile, recipe: Recipe, *, context: int | None = None,
          batch: int | None = None) -> Plan:
     """The memory plan of one recipe. An accurate int4 recipe whose 8-bit projections do not fit
@@ -113,8 +131,7 @@ def _plan(cfg: LlamaConfig, profile: Profile, recipe: Recipe, *, context, batch)
     act = recipe.activation_bytes
     stored, read = weight_bytes(cfg, recipe)
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * ctx * b * act
-    acts = (b * ctx * cfg.vocab_size * 4 + b * cfg.n_heads * ctx * ctx * 4
-            + 4 * b * ctx * max(cfg.dim, 2 * cfg.ffn_dim) * act)
+    acts = max(activation_bytes(cfg, recipe, batch=b, seq=s, past=p) for s, p in profile_tokens(ctx))
     return Plan(recipe, stored, kv, acts, profile.workspace_gb * GiB, OVERHEAD[profile.backend], profile.budget_bytes,
                 read + kv, profile.memory_bandwidth_gbs)
 

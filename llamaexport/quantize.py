@@ -37,20 +37,31 @@ class QuantForm:
 
 CLIP_RATIOS = tuple(np.linspace(1.0, 0.6, 11))
 
+# The portable graph stores its DequantizeLinear scales in fp16 (recipe: every quantized portable
+# precision has fp16 activations), and TensorRT's ONNX parser refuses a zero scale ("Scale
+# coefficients must all be positive"). A row or block of tiny weights would have a scale below
+# fp16's range that rounds to 0 (or to a subnormal), so every portable scale is at least fp16's
+# smallest positive normal, 2^-14. The codes are rounded with the clamped scale, so they stay
+# consistent with it: such a group is then quantized on a coarser grid than its range allows, with
+# an absolute error of at most 2^-15 per weight.
+MIN_FP16_SCALE = float(np.finfo(np.float16).tiny)  # 6.1035e-05
+
 # Importance weights (`imp`, one per input channel K): the mean square of the input that multiplies
 # each weight row, from calibration text. The scale search then minimises sum_k imp_k (w_k - q_k)^2,
 # the expected output error, instead of the plain weight error (llama.cpp's imatrix does the same).
 # None = all channels equal.
 
 
-def _symmetric(wg: np.ndarray, qmin: int, qmax: int, axis: int, imp: np.ndarray | None = None):
+def _symmetric(wg: np.ndarray, qmin: int, qmax: int, axis: int, imp: np.ndarray | None = None,
+               min_scale: float = 0.0):
     """Symmetric quantization of groups along `axis`, with the scale chosen per group among
     clipped ranges (amax * r) to minimise the (importance-weighted) squared error (outliers
-    otherwise waste the grid). imp broadcasts against wg."""
+    otherwise waste the grid). imp broadcasts against wg. Every scale is at least min_scale, and
+    the codes are rounded with the scale as clamped."""
     amax = np.abs(wg).max(axis=axis, keepdims=True)
     best_err, best_scale = None, None
     for r in CLIP_RATIOS:
-        scale = np.where(amax > 0, amax * r / qmax, 1.0).astype(np.float32)
+        scale = np.maximum(np.where(amax > 0, amax * r / qmax, 1.0), min_scale).astype(np.float32)
         d2 = (np.clip(np.rint(wg / scale), qmin, qmax) * scale - wg) ** 2
         err = (d2 if imp is None else d2 * imp).sum(axis=axis, keepdims=True)
         if best_err is None:
@@ -66,22 +77,23 @@ def _imp_column(imp: np.ndarray | None, K: int) -> np.ndarray | None:
     return None if imp is None else np.asarray(imp, np.float32).reshape(K, 1)
 
 
-def int8_per_channel(w_t: np.ndarray, imp: np.ndarray | None = None):
-    """w_t [K, N] float32 -> (q int8 [K, N], scale float32 [N]); w ~ q * scale."""
+def int8_per_channel(w_t: np.ndarray, imp: np.ndarray | None = None, *, min_scale: float = 0.0):
+    """w_t [K, N] float32 -> (q int8 [K, N], scale float32 [N] >= min_scale); w ~ q * scale."""
     step = max(1, CHUNK_ELEMENTS // w_t.shape[0])
     ic = _imp_column(imp, w_t.shape[0])
-    parts = [_symmetric(w_t[:, i:i + step], -127, 127, axis=0, imp=ic) for i in range(0, w_t.shape[1], step)]
+    parts = [_symmetric(w_t[:, i:i + step], -127, 127, axis=0, imp=ic, min_scale=min_scale)
+             for i in range(0, w_t.shape[1], step)]
     return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts])
 
 
-def int4_blockwise(w_t: np.ndarray, block: int, imp: np.ndarray | None = None):
-    """w_t [K, N] -> (q int8 values in [-8, 7] [K, N], scale float32 [K/block, N]), symmetric."""
+def int4_blockwise(w_t: np.ndarray, block: int, imp: np.ndarray | None = None, *, min_scale: float = 0.0):
+    """w_t [K, N] -> (q int8 values in [-8, 7] [K, N], scale float32 [K/block, N] >= min_scale), symmetric."""
     K, N = w_t.shape
     if K % block:
         raise ValueError(f"K={K} is not a multiple of the block size {block}")
     step = max(1, CHUNK_ELEMENTS // K)
     ib = None if imp is None else np.asarray(imp, np.float32).reshape(K // block, block, 1)
-    parts = [_symmetric(w_t[:, i:i + step].reshape(K // block, block, -1), -8, 7, axis=1, imp=ib)
+    parts = [_symmetric(w_t[:, i:i + step].reshape(K // block, block, -1), -8, 7, axis=1, imp=ib, min_scale=min_scale)
              for i in range(0, N, step)]
     q = np.concatenate([p[0] for p in parts], axis=2)
     return q.reshape(K, N), np.concatenate([p[1] for p in parts], axis=1)
@@ -284,19 +296,20 @@ def gptq_matmul_nbits(w_t: np.ndarray, hessian: np.ndarray, *, bits: int, block:
     return _pack_nbits(codes.astype(np.uint8).reshape(N, nb, block), scale, zp, bits)
 
 
-def gptq_int4_blockwise(w_t: np.ndarray, hessian: np.ndarray, block: int):
+def gptq_int4_blockwise(w_t: np.ndarray, hessian: np.ndarray, block: int, *, min_scale: float = 0.0):
     """int4_blockwise's tensors (q [K, N] in [-8, 7], scale [K/block, N]) with GPTQ rounding."""
     codes, scale, _ = _gptq(w_t, hessian, group=block, qmin=-8, qmax=7,
-                            choose=lambda wg, ig: (_symmetric(wg, -8, 7, axis=2, imp=ig)[1], None))
+                            choose=lambda wg, ig: (_symmetric(wg, -8, 7, axis=2, imp=ig, min_scale=min_scale)[1], None))
     return codes.T.astype(np.int8), scale.T.copy()
 
 
-def gptq_int8_per_channel(w_t: np.ndarray, hessian: np.ndarray):
+def gptq_int8_per_channel(w_t: np.ndarray, hessian: np.ndarray, *, min_scale: float = 0.0):
     """int8_per_channel's tensors (q [K, N], scale [N]) with GPTQ rounding (one group: the scale
     is chosen from the whole row before any update)."""
     K = w_t.shape[0]
     codes, scale, _ = _gptq(w_t, hessian, group=K, qmin=-127, qmax=127,
-                            choose=lambda wg, ig: (_symmetric(wg, -127, 127, axis=2, imp=ig)[1], None))
+                            choose=lambda wg, ig: (_symmetric(wg, -127, 127, axis=2, imp=ig, min_scale=min_scale)[1],
+                                                   None))
     return codes.T.astype(np.int8), scale.reshape(-1).copy()
 
 
@@ -313,13 +326,23 @@ def portable_tensors(w_t: np.ndarray, form: QuantForm, *, imp: np.ndarray | None
                      hessian: np.ndarray | None = None):
     """The portable graph's DequantizeLinear tensors of w_t [K, N] in `form` -> (q, scale, block):
     INT4 values [K, N] with scale [K/block, N] (block-wise along K), or, for 8-bit forms and 4-bit
-    ones whose K no block divides, int8 [K, N] with scale [N] per output channel (block None)."""
+    ones whose K no block divides, int8 [K, N] with scale [N] per output channel (block None).
+    Every scale is >= MIN_FP16_SCALE and q is rounded with it (see MIN_FP16_SCALE)."""
     block = portable_int4_block(w_t.shape[0], form.block) if form.bits == 4 else None
+    lo = MIN_FP16_SCALE
     if block is not None:
-        q, scale = int4_blockwise(w_t, block, imp) if hessian is None else gptq_int4_blockwise(w_t, hessian, block)
+        q, scale = (int4_blockwise(w_t, block, imp, min_scale=lo) if hessian is None
+                    else gptq_int4_blockwise(w_t, hessian, block, min_scale=lo))
     else:
-        q, scale = int8_per_channel(w_t, imp) if hessian is None else gptq_int8_per_channel(w_t, hessian)
+        q, scale = (int8_per_channel(w_t, imp, min_scale=lo) if hessian is None
+                    else gptq_int8_per_channel(w_t, hessian, min_scale=lo))
     return q, scale, block
+
+
+def activation_scale(amax: float, qmax: int = 127) -> float:
+    """The static per-tensor scale of a QuantizeLinear on activations whose range is amax (w8a8's
+    input Q/DQ pairs), clamped like the weights' (MIN_FP16_SCALE): the graph stores it in fp16."""
+    return max(float(amax) / qmax, MIN_FP16_SCALE)
 
 
 def dequant_matmul_nbits(blob, scale, zp, *, K: int, N: int, bits: int, block: int) -> np.ndarray:

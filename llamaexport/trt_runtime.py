@@ -9,6 +9,16 @@ One execution context per optimization profile, created once (trt_build.py build
   prefill  empty cache (past_seq = 0), 1..L tokens
   decode   one token on a cache of 1..L-1 tokens
 A multi-token step on a non-empty cache (chunked prefill) runs as single-token decode steps.
+Each context keeps its profile (switching a context's profile makes TensorRT update layer
+resources on the next enqueue), and both share ONE activation region: they are created with
+ExecutionContextAllocationStrategy.USER_MANAGED and given the same buffer of
+engine.device_memory_size_v2 bytes, "the maximum device memory required by the context over all
+profiles". With the default (kSTATIC) each context would allocate that much for itself. Sharing is
+safe because the contexts run one after the other on one stream (setDeviceMemoryV2: only contexts
+"running in parallel" must not share). Sources: include/NvInferRuntime.h and
+python/src/infer/pyCore.cpp of NVIDIA/TensorRT release/10.3, 10.16, 11.0 and 11.1 (all bind
+create_execution_context(strategy), device_memory_size_v2 and set_device_memory(memory, size));
+10.0 has only device_memory_size and the `device_memory` property (setDeviceMemory).
 """
 
 from __future__ import annotations
@@ -27,13 +37,29 @@ def _torch_dtypes(trt, torch) -> dict:
     return {getattr(trt.DataType, n): t for n, t in pairs if hasattr(trt.DataType, n)}
 
 
+def _activation_size(engine) -> int:
+    """Bytes of activation memory the engine's largest profile needs (getDeviceMemorySizeV2, 10.1+;
+    10.0's getDeviceMemorySize)."""
+    size = getattr(engine, "device_memory_size_v2", None)
+    return int(engine.device_memory_size if size is None else size)
+
+
+def _set_device_memory(ctx, ptr: int, size: int):
+    """Give a USER_MANAGED context its activation memory: setDeviceMemoryV2(ptr, size) where the
+    bindings have it (10.1+), else 10.0's setDeviceMemory(ptr) through the `device_memory` property."""
+    if hasattr(ctx, "set_device_memory"):
+        ctx.set_device_memory(ptr, size)
+    else:
+        ctx.device_memory = ptr
+
+
 class TensorRTBackend:
     """Runs `engine.plan` on the GPU (a runtime.Backend); `forward` returns host logits and a GPU cache."""
 
     threads = None
 
     def __init__(self, artifact_dir, manifest: dict, cfg: LlamaConfig):
-        from .trt_build import find_plugin_library, load_plugins, make_logger, require_tensorrt
+        from .trt_build import Stage, find_plugin_library, load_plugins, make_logger, require_tensorrt
 
         d = Path(artifact_dir)
         eng = manifest.get("engine")
@@ -66,6 +92,17 @@ class TensorRTBackend:
 
         self.cfg, self._torch, self._trt = cfg, torch, trt
         self.logger = make_logger(trt)
+        stage = Stage(trt, self.logger)
+        try:
+            self._load(stage, d, plan, eng, manifest)
+        except LlamaExportError:
+            raise
+        except Exception as e:  # a binding raised: say which step, with TensorRT's own message
+            raise stage.error(e, f"if the engine is at fault, `llamaexport compile {d} --force` rebuilds it") from None
+
+    def _load(self, stage, d: Path, plan: Path, eng: dict, manifest: dict):
+        trt, torch = self._trt, self._torch
+        stage.now = f"loading {plan.name}"
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
@@ -86,11 +123,23 @@ class TensorRTBackend:
         self.stream = torch.cuda.Stream(self.device)
         self._dummy = torch.empty(256, dtype=torch.uint8, device=self.device)  # address for empty tensors
         self.profiles, self.contexts = {}, {}
+        stage.now = "allocating the activation memory"
+        size = _activation_size(self.engine)  # the largest profile's
+        try:
+            with torch.cuda.stream(self.stream):
+                self._activations = torch.empty(size, dtype=torch.uint8, device=self.device)
+        except torch.cuda.OutOfMemoryError:
+            raise LlamaExportError(f"not enough GPU memory for the engine's activations ({size / 2**20:.0f} MiB); "
+                                   "close other GPU programs, or rebuild with a smaller batch or --max-seq-len") from None
+        self.activation_bytes = size
         for p in eng["profiles"]:  # {name, index, batch, seq, past}: see trt_build.profile_shapes
-            ctx = self.engine.create_execution_context()
+            stage.now = f"creating the {p['name']} execution context"
+            ctx = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if ctx is None:
-                raise LlamaExportError(f"not enough GPU memory for the {p['name']} execution context "
-                                       f"({self.logger.last_error}); close other GPU programs")
+                raise LlamaExportError(f"TensorRT {trt.__version__} could not create the {p['name']} execution "
+                                       f"context ({self.logger.last_error}); close other GPU programs")
+            _set_device_memory(ctx, self._activations.data_ptr(), size)  # the region both contexts share
+            stage.now = f"selecting the {p['name']} optimization profile"
             ctx.set_optimization_profile_async(p["index"], self.stream.cuda_stream)
             self.profiles[p["name"]], self.contexts[p["name"]] = p, ctx
         self.stream.synchronize()
@@ -108,10 +157,11 @@ class TensorRTBackend:
         pass
 
     def close(self):
-        """Release the execution contexts, the engine and the runtime (device memory), in that order."""
+        """Release the execution contexts, their activation memory, the engine and the runtime, in that order."""
         if getattr(self, "stream", None) is not None:
             self.stream.synchronize()
         self.contexts = {}
+        self._activations = None
         self.engine = self.runtime = None
         self._dummy = None
 

@@ -69,6 +69,24 @@ def test_kv_cache_scales_with_context_and_batch():
     assert [q.precision for q in plan_all(cfg, load_profile("cpu"))] == ["fp32", "int8", "int4"]
 
 
+def test_activations_are_one_region_the_largest_profile_not_the_sum():
+    """The TensorRT runtime gives its prefill and decode contexts one shared activation region
+    (trt_runtime), so the plan counts the larger profile's peak once: prefill at the full context."""
+    from llamaexport.planner import activation_bytes, profile_tokens
+
+    cfg, prof = config_for_size("7B"), load_profile("rtx4090")
+    recipe = Recipe.for_profile(prof, "fp16")
+    p = plan(cfg, prof, recipe, context=2048, batch=2)
+    assert profile_tokens(2048) == [(2048, 0), (1, 2047)]
+    prefill = activation_bytes(cfg, recipe, batch=2, seq=2048, past=0)
+    decode = activation_bytes(cfg, recipe, batch=2, seq=1, past=2047)
+    assert p.activations == max(prefill, decode) == prefill and decode < prefill / 100
+    assert p.activations < prefill + decode
+    # logits [B, S, V] fp32 + one layer's scores [B, H, S, S] fp32 + 4 x [B, S, 2 * ffn] fp16
+    assert prefill == 2 * 2048 * 32000 * 4 + 2 * 32 * 2048 * 2048 * 4 + 4 * 2 * 2048 * 2 * 11008 * 2
+    assert round(_plan("7B", "rtx4090", "fp16", context=2048, batch=1).activations / GiB, 1) == 1.1  # planning.md
+
+
 def test_build_refuses_before_any_work(tmp_path):
     with pytest.raises(LlamaExportError, match="fp16 needs"):
         build(out=tmp_path / "o", size="13B", profile="rtx4090", precision="fp16", export_only=True)

@@ -140,6 +140,142 @@ def test_swiglu_reference_equals_the_onnx_function_body():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# the TensorRT version a plugin library is built for (no TensorRT needed)
+
+# The version lines of include/NvInferVersion.h, NVIDIA/TensorRT release/10.3 (numbers) and release/11.1
+# (10.15 and later: through the *_ENTERPRISE macros).
+NVINFER_VERSION_H = {
+    (10, 3, 0): """#define NV_TENSORRT_MAJOR 10 //!< TensorRT major version.
+#define NV_TENSORRT_MINOR 3 //!< TensorRT minor version.
+#define NV_TENSORRT_PATCH 0 //!< TensorRT patch version.
+#define NV_TENSORRT_BUILD 26 //!< TensorRT build number.
+""",
+    (11, 1, 0): """#define TRT_MAJOR_ENTERPRISE 11
+#define TRT_MINOR_ENTERPRISE 1
+#define TRT_PATCH_ENTERPRISE 0
+#define TRT_BUILD_ENTERPRISE 106
+#define NV_TENSORRT_MAJOR TRT_MAJOR_ENTERPRISE //!< TensorRT major version.
+#define NV_TENSORRT_MINOR TRT_MINOR_ENTERPRISE //!< TensorRT minor version.
+#define NV_TENSORRT_PATCH TRT_PATCH_ENTERPRISE //!< TensorRT patch version.
+""",
+}
+
+
+def _headers(root: Path, version: tuple[int, int, int]) -> Path:
+    inc = root / "include"
+    inc.mkdir(parents=True)
+    (inc / "NvInferVersion.h").write_text("#ifndef NV_INFER_VERSION_H\n" + NVINFER_VERSION_H[version] + "#endif\n")
+    (inc / "NvInferRuntime.h").write_text("")
+    return inc
+
+
+def test_tensorrt_header_version_reads_both_forms_of_the_header(tmp_path):
+    from llamaexport import LlamaExportError
+    from llamaexport.trt_build import find_tensorrt_headers, tensorrt_header_version
+
+    for v in NVINFER_VERSION_H:
+        assert tensorrt_header_version(_headers(tmp_path / f"trt-{v[0]}.{v[1]}", v)) == v
+    assert find_tensorrt_headers(tmp_path / "trt-11.1") == [(tmp_path / "trt-11.1" / "include", (11, 1, 0))]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "NvInferVersion.h").write_text("#define NV_TENSORRT_MAJOR SOMETHING_UNDEFINED\n")
+    with pytest.raises(LlamaExportError, match="does not define NV_TENSORRT_MAJOR"):
+        tensorrt_header_version(bad)
+    with pytest.raises(LlamaExportError, match="cannot read .*NvInferVersion.h"):
+        tensorrt_header_version(tmp_path)
+    with pytest.raises(LlamaExportError, match="no include/NvInferRuntime.h under"):
+        find_tensorrt_headers(tmp_path)
+
+
+def test_plugins_build_takes_the_headers_of_the_installed_tensorrt_major(tmp_path):
+    from llamaexport import LlamaExportError
+    from llamaexport.trt_build import select_tensorrt_headers
+
+    found = [(tmp_path / "a", (10, 16, 0)), (tmp_path / "b", (11, 1, 0))]
+    assert select_tensorrt_headers(found, "11.0.0.114") == found[1]
+    assert select_tensorrt_headers(found, "10.3.0") == found[0]  # same major: the interfaces match
+    assert select_tensorrt_headers(found, None) == found[0]      # no package here: the first, said so
+    with pytest.raises(LlamaExportError) as e:
+        select_tensorrt_headers(found[:1], "11.1.0")
+    assert str(e.value) == (f"the TensorRT headers found (10.16.0 in {tmp_path / 'a'}) do not match the installed "
+                            "tensorrt 11.1.0: a plugin library loads only into the TensorRT major it was built for; "
+                            "pass --tensorrt-root with TensorRT 11.x headers (its tar/zip install, or libnvinfer-dev)")
+    with pytest.raises(LlamaExportError, match="TensorRT headers not found"):
+        select_tensorrt_headers([], "10.16.0")
+
+
+def test_plugins_build_refuses_headers_without_a_version_in_one_line(tmp_path):
+    from conftest import assert_clean_error, cli
+
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not found")  # `plugins build` checks cmake and nvcc before the headers
+    try:
+        gk.find_nvcc()
+    except gk.SetupError as e:
+        pytest.skip(str(e))
+    inc = tmp_path / "include"
+    inc.mkdir()
+    (inc / "NvInferRuntime.h").write_text("")
+    (inc / "NvInferVersion.h").write_text("#define NV_TENSORRT_MAJOR\n")
+    assert_clean_error(cli("plugins", "build", "--tensorrt-root", tmp_path, "--cuda-arch", TEST_CUDA_ARCH),
+                       "NvInferVersion.h does not define NV_TENSORRT_MAJOR, _MINOR and _PATCH as numbers")
+
+
+def _shared_object(d: Path, source: str) -> Path:
+    """Compile `source` (C) into a real shared object with the system C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (cc) to build the test library")
+    src, lib = d / "lib.c", d / "libversion_test.so"
+    src.write_text(source)
+    _run([cc, "-shared", "-fPIC", "-o", lib, src])
+    return lib
+
+
+def test_a_library_built_for_another_tensorrt_major_is_refused_before_tensorrt_sees_it(tmp_path):
+    """The loader reads the version the library records (plugins/plugin_api.cpp exports it) with ctypes
+    and refuses a major mismatch in one line naming both versions, before IPluginRegistry::loadLibrary."""
+    from llamaexport import LlamaExportError
+    from llamaexport.trt_build import check_plugin_library
+
+    (tmp_path / "v").mkdir()
+    lib = _shared_object(tmp_path / "v", "int llamaexport_plugins_trt_major(void) { return 10; }\n"
+                                         "int llamaexport_plugins_trt_minor(void) { return 16; }\n")
+    assert check_plugin_library(lib, "10.3.0") == (10, 16)
+    with pytest.raises(LlamaExportError) as e:
+        check_plugin_library(lib, "11.1.0")
+    assert str(e.value) == (f"the plugin library {lib} was built against TensorRT 10.16 headers but this is TensorRT "
+                            "11.1.0: a plugin library loads only into the TensorRT major it was built for; rebuild it "
+                            "with `llamaexport plugins build` and the TensorRT 11.x headers")
+    (tmp_path / "old").mkdir()
+    old = _shared_object(tmp_path / "old", "int getCreators(void) { return 0; }\n")  # a library from before
+    with pytest.raises(LlamaExportError, match="does not say which TensorRT it was built for"):
+        check_plugin_library(old, "10.16.0")
+    with pytest.raises(LlamaExportError, match="cannot load the plugin library"):
+        check_plugin_library(tmp_path / "v" / "lib.c", "10.16.0")
+
+
+def test_the_plugin_library_records_the_version_of_its_headers(tmp_path_factory):
+    """The real libllamaexport_plugins.so, built against the TensorRT headers found here (TensorRT_ROOT),
+    exports their major and minor; needs only the headers (the library does not link libnvinfer)."""
+    from llamaexport import LlamaExportError
+    from llamaexport.trt_build import check_plugin_library, tensorrt_header_version
+
+    root = _trt_headers()
+    if root is None:
+        pytest.skip("TensorRT headers not found (the pip wheels ship none): set TensorRT_ROOT to a TensorRT install")
+    include = Path(root) / "include" if (Path(root) / "include" / "NvInferRuntime.h").is_file() else Path(root)
+    major, minor, _ = tensorrt_header_version(include)
+    build = _cmake_build(tmp_path_factory.mktemp("plugins-version"), f"-DTensorRT_INCLUDE_DIR={include}",
+                         f"-DCMAKE_CUDA_ARCHITECTURES={TEST_CUDA_ARCH}")
+    lib = build / "libllamaexport_plugins.so"
+    assert check_plugin_library(lib, f"{major}.{minor}.0") == (major, minor)
+    other = 11 if major == 10 else 10
+    with pytest.raises(LlamaExportError, match=f"built against TensorRT {major}.{minor} headers but this is TensorRT {other}"):
+        check_plugin_library(lib, f"{other}.0.0")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # GPU tier: kernels through the C API vs torch
 
 # (B, H, S, head_dim, rotary_dim): vector path, H not a multiple of 4, decode, partial rotary, scalar fallback
@@ -232,6 +368,9 @@ def trt_plugins(tmp_path_factory):
         build = _cmake_build(tmp_path_factory.mktemp("plugins-trt"), f"-DTensorRT_ROOT={root}",
                              f"-DCMAKE_CUDA_ARCHITECTURES={major}{minor}")
         lib = build / "libllamaexport_plugins.so"
+    from llamaexport.trt_build import check_plugin_library
+
+    check_plugin_library(lib, trt.__version__)
     handle = trt.get_plugin_registry().load_library(str(lib))
     assert handle is not None, f"IPluginRegistry::loadLibrary refused {lib}"
     return trt, Path(lib)

@@ -73,6 +73,54 @@ def test_portable_int4_and_int8_dequantize_like_onnxruntime():
     assert np.abs(q8 * s8 - w).max() < np.abs(w).max() / 100
 
 
+@pytest.mark.parametrize("form", ["int8", "int4", "int8_gptq", "int4_gptq"])
+def test_portable_scales_stay_positive_in_fp16_and_dequantize_correctly(form):
+    """A row (int8) or block (int4) of zeros or of tiny weights must still get a positive fp16 scale
+    (TensorRT's parser refuses a zero one), with the codes rounded to that scale: the weights the
+    graph dequantizes (q * fp16 scale) stay within half a step of the originals. Other groups are
+    quantized exactly as without the clamp."""
+    rng = np.random.default_rng(3)
+    K, N, B = 64, 6, 32
+    w = rng.normal(size=(K, N)).astype(np.float32) * 0.05
+    w[:, 1] = 0.0                                             # an all-zero output channel
+    w[:, 2] = rng.normal(size=K).astype(np.float32) * 1e-7    # its scale (~1e-9) rounds to 0 in fp16
+    w[:B, 3] = rng.normal(size=B).astype(np.float32) * 1e-6   # one tiny int4 block, the other one normal
+    bits, gptq = (8 if form.startswith("int8") else 4), form.endswith("gptq")
+    H = np.eye(K)  # uncorrelated inputs: GPTQ feeds no error forward, so half a step still bounds it
+    quant = {(8, False): lambda m: Q.int8_per_channel(w, min_scale=m),
+             (4, False): lambda m: Q.int4_blockwise(w, B, min_scale=m),
+             (8, True): lambda m: Q.gptq_int8_per_channel(w, H, min_scale=m),
+             (4, True): lambda m: Q.gptq_int4_blockwise(w, H, B, min_scale=m)}[bits, gptq]
+    q, scale, block = Q.portable_tensors(w, QuantForm(bits=bits, block=B, symmetric=True, nbits=False),
+                                         hessian=H if gptq else None)
+    q1, s1 = quant(Q.MIN_FP16_SCALE)
+    np.testing.assert_array_equal(q, q1)
+    np.testing.assert_array_equal(scale, s1)
+    s16 = scale.astype(np.float16)
+    assert (s16 >= np.finfo(np.float16).tiny).all()  # positive, and not a subnormal
+    s = s16.astype(np.float32)
+    deq = q * s if block is None else (q.reshape(K // block, block, N) * s[:, None, :]).reshape(K, N)
+    step = np.broadcast_to(s, (K, N)) if block is None else np.repeat(s, block, axis=0)
+    tiny = np.zeros((K, N), bool)
+    tiny[:, [1, 2]] = True
+    if block is not None:
+        tiny[:B, 3] = True
+    assert (np.abs(deq - w)[tiny] <= step[tiny] / 2).all()
+    assert (deq[:, 1] == 0).all()
+    q0, s0 = quant(0.0)  # without the clamp: the tiny groups' fp16 scales were 0, the other groups match
+    assert (s0.astype(np.float16) == 0).any()
+    tiny_group = tiny[0] if block is None else tiny.reshape(K // block, block, N)[:, 0, :]  # scale's shape
+    np.testing.assert_array_equal(scale[~tiny_group], s0[~tiny_group])
+    np.testing.assert_array_equal(q[~tiny], q0[~tiny])
+
+
+def test_w8a8_input_scale_is_positive_in_fp16():
+    for amax in (0.0, 1e-9, 3.0):
+        s = np.float16(Q.activation_scale(amax))
+        assert s > 0 and s >= np.finfo(np.float16).tiny
+    assert Q.activation_scale(3.0) == 3.0 / 127
+
+
 def test_clipping_search_never_loses_to_plain_rounding():
     rng = np.random.default_rng(1)
     w = rng.standard_t(3, size=(256, 64)).astype(np.float32)  # heavy tails: outliers

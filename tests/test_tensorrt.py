@@ -59,6 +59,27 @@ def test_compile_refuses_what_it_cannot_compile(tiny_artifact, tmp_path):
     assert "not a llamaexport artifact" in one_error_line(cli("compile", tmp_path / "none"))
 
 
+def test_tensorrt_messages_say_what_failed_and_which_version():
+    """Without TensorRT: the lines the build prints when the parser fails or makes no plugin layer."""
+    from llamaexport.trt_build import no_plugin_layers, parse_failure
+
+    assert no_plugin_layers("10.3.0.26", "/p/lib.so", {"RoPE": True, "SwiGLU": True}, None) == (
+        "note: TensorRT 10.3.0.26 expands the RoPE/SwiGLU function bodies instead of the plugins (its ONNX parser "
+        "prefers a node's local function to a plugin before 10.7)")
+    assert no_plugin_layers("10.16.0", "/p/lib.so", {"RoPE": False, "SwiGLU": True}, "W") == (
+        "warning: TensorRT 10.16.0 made no plugin layers although /p/lib.so is loaded: the creator RoPE (namespace "
+        "llamaexport, version 1) is not registered; last TensorRT warning: W; the engine runs the RoPE/SwiGLU "
+        "function bodies instead")
+    assert "its RoPE and SwiGLU creators are registered; the engine" in no_plugin_layers(
+        "11.1.0", "/p/lib.so", {"RoPE": True, "SwiGLU": True}, None)
+    errors = ["Scale coefficients must all be positive at node 7 '/q/DequantizeLinear' (DequantizeLinear)", "b", "c"]
+    line = parse_failure("10.16.0", "/a/model.onnx", errors, None)
+    assert line.startswith("TensorRT 10.16.0 cannot parse /a/model.onnx: Scale coefficients must all be positive at "
+                           "node 7 '/q/DequantizeLinear' (DequantizeLinear) | b (and 1 more); ")
+    assert parse_failure("11.1.0", "/a/model.onnx", [], "E").startswith(
+        "TensorRT 11.1.0 cannot parse /a/model.onnx (TensorRT said: E); ")
+
+
 # ------------------------------------------------------------------------------------------ GPU + TensorRT
 @pytest.fixture(scope="module")
 def gpu():
@@ -114,6 +135,7 @@ def test_engine_and_manifest(gpu, trt_setup):
     assert [(p["name"], p["index"]) for p in eng["profiles"]] == [("prefill", 0), ("decode", 1)]
     assert eng["profiles"][1]["past"] == [1, 255] and eng["profiles"][0]["batch"] == [1, 2]
     assert cache.is_file() and eng["timing_cache"] == str(cache)
+    assert eng["tf32"] is True  # an fp16 artifact keeps TensorRT's default for its few fp32 ops
     major, minor = (int(x) for x in trt.__version__.split(".")[:2])
     if eng["plugin_library"] and (major, minor) >= (10, 7):
         assert eng["plugin_layers"] == 3 * m["model"]["n_layers"]  # RoPE q, RoPE k, SwiGLU per layer
@@ -160,6 +182,20 @@ def test_greedy_tokens_match_onnxruntime_through_both_profiles(trt_setup):
     lo, _ = ort_model.backend.forward(*args, ort_model.backend.empty_cache(1))
     assert lt.shape == lo.shape and lt.dtype == np.float32
     assert np.abs(lt - lo).max() < 1e-2  # fp16 both; each is ~1e-3 from the fp32 reference
+
+
+def test_both_contexts_share_one_activation_region(trt_setup):
+    """The prefill and decode contexts run on one region sized for the larger profile (planner.py
+    counts it once), not one allocation each."""
+    from llamaexport.runtime import LlamaModel
+
+    be = LlamaModel.load(trt_setup[0]).backend
+    eng = be.engine
+    sizes = [eng.get_device_memory_size_for_profile_v2(p["index"]) for p in be.profiles.values()]
+    assert be.activation_bytes == eng.device_memory_size_v2 >= max(sizes) > 0
+    assert be._activations.numel() == be.activation_bytes and set(be.contexts) == {"prefill", "decode"}
+    be.close()
+    assert be._activations is None and be.contexts == {}
 
 
 def test_chunked_prefill_equals_one_prefill(trt_setup):
@@ -238,3 +274,17 @@ def test_compile_an_export_only_artifact(gpu, trt_setup, tmp_path):
     b = LlamaModel.load(built).backend
     np.testing.assert_allclose(a.forward(*args, a.empty_cache(1))[0], b.forward(*args, b.empty_cache(1))[0],
                                atol=1e-2, rtol=0)
+
+
+def test_fp32_engine_is_built_without_tf32_and_meets_the_fp32_budget(trt_setup, tmp_path):
+    """TF32 is on by default in TensorRT's builder; an fp32 artifact clears it (its parity budget is fp32's)."""
+    from llamaexport.build import build
+    from llamaexport.parity import check
+
+    _, prof, cache = trt_setup
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLAMAEXPORT_TIMING_CACHE", str(cache))
+        art = build(out=tmp_path / "art", size="tiny", seed=7, profile=str(prof), precision="fp32", progress=False)
+    assert json.loads((art / "manifest.json").read_text())["engine"]["tf32"] is False
+    report = check(art, progress=False)
+    assert report["passed"], report["failures"]

@@ -8,6 +8,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <climits>
 #include <cstdint>
 
 namespace llamaexport
@@ -79,20 +81,55 @@ inline bool isAligned(void const* p, int64_t bytes)
 
 constexpr int kBlock = 256;
 
+//! Multiprocessors of the current device, asked of the driver once per device: every enqueue of
+//! every plugin layer sizes its grid with it, and the count never changes. 0 when unknown.
+inline int smCount()
+{
+    constexpr int kMaxDevices = 64;
+    static std::atomic<int> sCache[kMaxDevices]; // zero-initialized (static storage): 0 = not asked yet
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || device < 0)
+    {
+        (void) cudaGetLastError(); // handled here (fallback grid); must not fail the launch status
+        return 0;
+    }
+    int sms = device < kMaxDevices ? sCache[device].load(std::memory_order_relaxed) : 0;
+    if (sms > 0)
+    {
+        return sms;
+    }
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0)
+    {
+        (void) cudaGetLastError();
+        return 0;
+    }
+    if (device < kMaxDevices)
+    {
+        sCache[device].store(sms, std::memory_order_relaxed);
+    }
+    return sms;
+}
+
 //! Blocks for a grid-stride loop over `work` items: enough to fill the GPU a few times over,
 //! no more (each thread then handles several items).
 inline int gridFor(int64_t work)
 {
-    int device = 0;
-    int sms = 0;
-    if (cudaGetDevice(&device) != cudaSuccess
-        || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0)
+    int sms = smCount();
+    if (sms <= 0)
     {
         sms = 128;
     }
     int64_t const want = (work + kBlock - 1) / kBlock;
     int64_t const cap = static_cast<int64_t>(sms) * 32;
     return static_cast<int>(want < cap ? (want > 0 ? want : 1) : cap);
+}
+
+//! True when a grid-stride loop over `work` items with `blocks` x kBlock threads can count in
+//! int32: the last index it forms, (work - 1) + blocks * kBlock, stays <= INT32_MAX. Larger loops
+//! count in int64 (a signed int32 index would overflow near 2^31 items).
+inline bool fitsInt32Loop(int64_t work, int blocks)
+{
+    return work + static_cast<int64_t>(blocks) * kBlock <= static_cast<int64_t>(INT32_MAX);
 }
 
 } // namespace llamaexport

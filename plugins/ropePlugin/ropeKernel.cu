@@ -25,23 +25,25 @@ constexpr int kHeadsPerThread = INTERLEAVED ? 4 : 2;
 //   interleaved: unit u < rotUnits covers d in [u*VEC, u*VEC+VEC), i.e. VEC/2 pairs;
 //   halves:      unit u < rotUnits covers d in [u*VEC, ..) and its partners d + rd/2;
 //   u >= rotUnits: passthrough of d in [rd + (u-rotUnits)*VEC, ..).
-template <typename T, typename TC, int VEC, bool INTERLEAVED>
+// Idx: int32_t when the whole loop fits (fitsInt32Loop: cheaper division), else int64_t.
+template <typename T, typename TC, int VEC, bool INTERLEAVED, typename Idx>
 __global__ void __launch_bounds__(kBlock) ropeVecKernel(T const* __restrict__ x, TC const* __restrict__ cosT,
     TC const* __restrict__ sinT, T* __restrict__ y, int32_t H, int32_t S, int32_t hd, int32_t rd,
-    int64_t tableBatchStride, int32_t unitsPerRow, int32_t rotUnits, int32_t headGroups, int32_t work)
+    int64_t tableBatchStride, int32_t unitsPerRow, int32_t rotUnits, int32_t headGroups, Idx work)
 {
     constexpr int kPairs = INTERLEAVED ? VEC / 2 : VEC; // cos/sin values per unit
     constexpr int kHeads = kHeadsPerThread<INTERLEAVED>;
     int32_t const half = rd / 2;
     int64_t const headStride = static_cast<int64_t>(S) * hd;
-    for (int32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < work; i += gridDim.x * blockDim.x)
+    Idx const stride = static_cast<Idx>(gridDim.x) * static_cast<Idx>(blockDim.x);
+    for (Idx i = static_cast<Idx>(blockIdx.x) * static_cast<Idx>(blockDim.x) + threadIdx.x; i < work; i += stride)
     {
-        int32_t const u = i % unitsPerRow;
-        int32_t t = i / unitsPerRow;
-        int32_t const s = t % S;
+        int32_t const u = static_cast<int32_t>(i % unitsPerRow);
+        Idx t = i / unitsPerRow;
+        int32_t const s = static_cast<int32_t>(t % S);
         t /= S;
-        int32_t const g = t % headGroups;
-        int32_t const b = t / headGroups;
+        int32_t const g = static_cast<int32_t>(t % headGroups);
+        int32_t const b = static_cast<int32_t>(t / headGroups);
         int32_t const h0 = g * kHeads;
         int32_t const nh = min(kHeads, H - h0);
         // x/y offset of (b, h0, s, 0)
@@ -209,11 +211,20 @@ cudaError_t launchTyped(cudaStream_t stream, void const* xp, void const* cp, voi
     int32_t const headGroups = (sh.heads + kHeads - 1) / kHeads;
     int64_t const work = static_cast<int64_t>(sh.batch) * headGroups * sh.seq * unitsPerRow;
 
-    if (vectorizable && work <= INT32_MAX)
+    if (vectorizable)
     {
-        ropeVecKernel<T, TC, VEC, INTERLEAVED><<<gridFor(work), kBlock, 0, stream>>>(x, c, s, y, sh.heads, sh.seq,
-            sh.headDim, sh.rotaryDim, tableBatchStride, unitsPerRow, rotUnits, headGroups,
-            static_cast<int32_t>(work));
+        int const blocks = gridFor(work);
+        if (fitsInt32Loop(work, blocks))
+        {
+            ropeVecKernel<T, TC, VEC, INTERLEAVED, int32_t><<<blocks, kBlock, 0, stream>>>(x, c, s, y, sh.heads,
+                sh.seq, sh.headDim, sh.rotaryDim, tableBatchStride, unitsPerRow, rotUnits, headGroups,
+                static_cast<int32_t>(work));
+        }
+        else
+        {
+            ropeVecKernel<T, TC, VEC, INTERLEAVED, int64_t><<<blocks, kBlock, 0, stream>>>(x, c, s, y, sh.heads,
+                sh.seq, sh.headDim, sh.rotaryDim, tableBatchStride, unitsPerRow, rotUnits, headGroups, work);
+        }
     }
     else
     {

@@ -20,13 +20,15 @@ __device__ __forceinline__ float silu(float g)
     return g / (1.0f + __expf(-g));
 }
 
-template <typename T, int VEC>
+// Idx: int32_t when the whole loop fits (fitsInt32Loop: cheaper division), else int64_t.
+template <typename T, int VEC, typename Idx>
 __global__ void __launch_bounds__(kBlock) swigluVecKernel(
-    T const* __restrict__ x, T* __restrict__ y, int32_t F, int32_t unitsPerRow, int32_t work)
+    T const* __restrict__ x, T* __restrict__ y, int32_t F, int32_t unitsPerRow, Idx work)
 {
-    for (int32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < work; i += gridDim.x * blockDim.x)
+    Idx const stride = static_cast<Idx>(gridDim.x) * static_cast<Idx>(blockDim.x);
+    for (Idx i = static_cast<Idx>(blockIdx.x) * static_cast<Idx>(blockDim.x) + threadIdx.x; i < work; i += stride)
     {
-        int32_t const u = i % unitsPerRow;
+        int32_t const u = static_cast<int32_t>(i % unitsPerRow);
         int64_t const r = i / unitsPerRow;
         int32_t const f = u * VEC;
         T const* xr = x + r * 2 * F;
@@ -65,9 +67,18 @@ cudaError_t launchTyped(cudaStream_t stream, void const* xp, void* yp, int64_t r
     constexpr int VEC = kVec16<T>;
     int32_t const unitsPerRow = F / VEC;
     int64_t const work = rows * unitsPerRow;
-    if (F % VEC == 0 && isAligned(x, 16) && isAligned(y, 16) && work <= INT32_MAX)
+    if (F % VEC == 0 && isAligned(x, 16) && isAligned(y, 16))
     {
-        swigluVecKernel<T, VEC><<<gridFor(work), kBlock, 0, stream>>>(x, y, F, unitsPerRow, static_cast<int32_t>(work));
+        int const blocks = gridFor(work);
+        if (fitsInt32Loop(work, blocks))
+        {
+            swigluVecKernel<T, VEC, int32_t>
+                <<<blocks, kBlock, 0, stream>>>(x, y, F, unitsPerRow, static_cast<int32_t>(work));
+        }
+        else
+        {
+            swigluVecKernel<T, VEC, int64_t><<<blocks, kBlock, 0, stream>>>(x, y, F, unitsPerRow, work);
+        }
     }
     else
     {
