@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_clean_error, cli, make_hf_model, train_tiny_spm
-from test_checkpoint import hf_to_meta_qk
+from test_checkpoint import _write_gguf, hf_to_meta_qk
 
 pytest.importorskip("peft", reason="the LoRA tests compare with peft: pip install 'llamaexport[test]'")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -37,8 +37,10 @@ def _quiet_peft():
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    """One tiny HF model saved as HF safetensors (untied and tied) and as a Meta fp32 consolidated.00.pth,
-    with a sentencepiece tokenizer in their parent directory."""
+    """One tiny HF model saved as HF safetensors (untied and tied), as a Meta fp32 consolidated.00.pth and as
+    an F32 GGUF, with a sentencepiece tokenizer in their parent directory."""
+    import gguf
+
     root = tmp_path_factory.mktemp("lora-bases")
     train_tiny_spm(root)
     hf = make_hf_model(root / "hf", vocab_size=VOCAB)
@@ -64,6 +66,7 @@ def bases(tmp_path_factory):
     (root / "meta" / "params.json").write_text(json.dumps({
         "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": -1, "multiple_of": 32,
         "norm_eps": 1e-6, "ffn_dim_multiplier": 0.565, "max_seq_len": 256}))
+    _write_gguf(root / "m.gguf", hf, gguf.GGMLQuantizationType.F32)
     return root
 
 
@@ -119,12 +122,12 @@ def our_build(tmp_path, checkpoint, adapters, **kw):
 
 # ----------------------------------------------------------------------------- parity with peft
 
-@pytest.mark.parametrize("base", ["hf", "meta"])
+@pytest.mark.parametrize("base", ["hf", "meta", "m.gguf"])
 def test_every_target_module_matches_peft_merge(bases, tmp_path, base):
-    """q/k/v/o/gate/up/down on an HF base and on the same weights as a Meta checkpoint: q and k deltas
-    come in HF's rotary order and must be permuted back whatever the base's format."""
+    """q/k/v/o/gate/up/down on an HF base and on the same weights as a Meta checkpoint and a GGUF: q and k
+    deltas come in HF's rotary order and must be permuted back whatever the base's format."""
     ad = make_adapter(bases / "hf", tmp_path / "ad", r=4, lora_alpha=8, target_modules=ALL)
-    art = our_build(tmp_path, bases / base, [ad])
+    art = our_build(tmp_path, bases / base, [ad], tokenizer=bases / "tokenizer.model")
     assert_matches_peft(art, peft_merged(bases / "hf", [ad]), base_dir=bases / "hf")
 
 
