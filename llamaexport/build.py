@@ -39,13 +39,14 @@ def tool_versions() -> dict:
 def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", tokenizer=None,
           max_seq_len=None, seed=0, force=False, export_only=False, block_size=None, memory_gb=None,
           quant_method="auto", int4_recipe="accurate", calibration_files=None, chat_format=None,
-          progress=True) -> Path:
+          lora=None, progress=True) -> Path:
     """Build an artifact directory; returns its path. See the module docstring for the stages.
 
     precision: auto (the most accurate that fits the profile) or one of recipe.PRECISIONS;
     int4_recipe, block_size, quant_method: see recipe.Recipe.resolve; calibration_files: text to
     calibrate AWQ / SmoothQuant on instead of the shipped text; chat_format: one of chat.FORMATS, recorded
-    in the manifest as the format `run --chat`, `chat` and `serve` use when not given one."""
+    in the manifest as the format `run --chat`, `chat` and `serve` use when not given one; lora: PEFT
+    LoRA adapter directories merged into the weights in order (lora.apply_lora), recorded in the manifest."""
     from .chat import check_format
     from .checkpoint import load_checkpoint
     from .planner import choose
@@ -58,6 +59,9 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
         from .trt_build import require_tensorrt
         require_tensorrt()
     ckpt = load_checkpoint(checkpoint, size=size, seed=seed, max_seq_len=max_seq_len)
+    if lora:
+        from .lora import apply_lora
+        ckpt = apply_lora(ckpt, lora)
     if max_seq_len is None:  # the profile's default context, capped by what the model was trained for
         ckpt = dataclasses.replace(ckpt, config=dataclasses.replace(
             ckpt.config, max_seq_len=min(ckpt.config.max_seq_len, prof.default_context)))

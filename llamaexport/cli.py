@@ -91,9 +91,11 @@ def main():
               help="Text file(s) to calibrate AWQ / SmoothQuant on (default: the text shipped with llamaexport).")
 @click.option("--chat-format", help="Record the model's chat format in the manifest (run --chat, chat and serve "
                                     f"use it when not given one): {', '.join(CHAT_FORMATS)}. Default: auto.")
+@click.option("--lora", multiple=True, type=click.Path(),
+              help="A PEFT LoRA adapter directory to merge into the weights (repeatable: applied in order).")
 @click.option("--check", "run_check", is_flag=True, help="Run the parity check after building.")
 def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, out, force, export_only, block_size,
-          memory_gb, quant_method, int4_recipe, calibration, chat_format, run_check):
+          memory_gb, quant_method, int4_recipe, calibration, chat_format, lora, run_check):
     """Build an artifact directory from a checkpoint or a size."""
     from .build import build as do_build
 
@@ -103,7 +105,7 @@ def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, ou
                     tokenizer=tokenizer, max_seq_len=max_seq_len, seed=seed, force=force,
                     export_only=export_only, block_size=block_size, memory_gb=memory_gb,
                     quant_method=quant_method, int4_recipe=int4_recipe,
-                    calibration_files=list(calibration) or None, chat_format=chat_format)
+                    calibration_files=list(calibration) or None, chat_format=chat_format, lora=list(lora))
     if run_check:
         _check(path, None, False)
 

@@ -23,6 +23,7 @@ def format_manifest(m: dict) -> str:
         ("context", str(cfg["max_seq_len"])),
         ("tied embeddings", "yes" if cfg["tie_embeddings"] else "no"),
         ("source", source),
+        *[("lora", _lora(a)) for a in src.get("lora") or []],
         ("tokenizer", ", ".join(m["tokenizer"]) if m.get("tokenizer") else "none"),
         ("chat format", m.get("chat_format") or "auto (not recorded)"),
         ("files", ", ".join(f"{k}: {v}" for k, v in m["files"].items())),
@@ -41,6 +42,14 @@ def format_manifest(m: dict) -> str:
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+
+
+def _lora(a: dict) -> str:
+    """One merged adapter: path, rank, alpha, what it adapts or replaces, fingerprint."""
+    what = ", ".join(a.get("modules") or []) + (f"; replaces {', '.join(a['replaced'])}" if a.get("replaced") else "")
+    changes = "".join(f", {k} {v[0]} -> {v[1]}" for k, v in (a.get("changes") or {}).items())
+    return (f"{a['path']} (r {a.get('r')}, alpha {a.get('alpha')}{', rslora' if a.get('use_rslora') else ''}: {what}"
+            f"{changes}) ({a['fingerprint']})")
 
 
 def _engine(m: dict) -> str:

@@ -80,6 +80,11 @@ def manifest_problem(m, d: Path) -> str | None:
     if m["source"].get("kind") == "random" and not (isinstance(m["source"].get("seed"), int)
                                                     and not isinstance(m["source"].get("seed"), bool)):
         return f"key source.seed must be a whole number, got {m['source'].get('seed')!r}"
+    lora = m["source"].get("lora")
+    if lora is not None and not (isinstance(lora, list) and all(
+            isinstance(a, dict) and isinstance(a.get("path"), str) and isinstance(a.get("fingerprint"), str)
+            for a in lora)):
+        return "key source.lora must be a list of objects with path and fingerprint (the merged LoRA adapters)"
     if "onnx" not in m["files"]:
         return "key files.onnx is missing"
     names = [("files", v) for v in m["files"].values()] + [("tokenizer", v) for v in m.get("tokenizer") or []]

@@ -68,25 +68,37 @@ def _available_bytes() -> int:
 
 
 def _reference_checkpoint(manifest: dict, reference):
+    """The checkpoint the artifact was built from (or `reference`), with the LoRA adapters its build
+    merged applied again, and a description of it."""
     from .checkpoint import load_checkpoint, random_checkpoint
     from .config import LlamaConfig
+    from .lora import adapter_fingerprint, apply_lora, base_config
 
     cfg = LlamaConfig.from_dict(manifest["model"])
     src = manifest["source"]
+    adapters = src.get("lora") or []
+    for a in adapters:  # before loading them: an adapter that changed would merge into another model
+        if adapter_fingerprint(a["path"]) != a["fingerprint"]:
+            raise LlamaExportError(f"the LoRA adapter at {a['path']} changed since the build (fingerprint differs); "
+                                   "rebuild with it, or restore the adapter the build used")
+    lora_desc = f" + {len(adapters)} LoRA adapter{'s' if len(adapters) > 1 else ''}" if adapters else ""
     if reference is None and src["kind"] == "random":
-        return random_checkpoint(cfg, src["seed"]), f"random weights, seed {src['seed']}"
+        ckpt = apply_lora(random_checkpoint(base_config(cfg, adapters), src["seed"]), [a["path"] for a in adapters])
+        ckpt.config = cfg
+        return ckpt, f"random weights, seed {src['seed']}{lora_desc}"
     path = reference or src.get("path")
     ckpt = load_checkpoint(path)
     if reference is None and ckpt.source.get("fingerprint") != src.get("fingerprint"):
         raise LlamaExportError(f"the checkpoint at {path} changed since the build (fingerprint differs); "
                                "rebuild, or pass --reference to compare against it anyway")
+    ckpt = apply_lora(ckpt, [a["path"] for a in adapters])  # a --reference is a base too: the build's adapters apply
     mine = {k: v for k, v in ckpt.config.to_dict().items() if k != "max_seq_len"}
     theirs = {k: v for k, v in cfg.to_dict().items() if k != "max_seq_len"}
     if mine != theirs:
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
         raise LlamaExportError(f"reference {path} is a different model (differs in {', '.join(diff)})")
     ckpt.config = cfg
-    return ckpt, f"{ckpt.source['kind']} {Path(path).resolve()}"
+    return ckpt, f"{ckpt.source['kind']} {Path(path).resolve()}{lora_desc}"
 
 
 def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progress: bool = True,
