@@ -76,6 +76,7 @@ def test_budgets_are_derived_from_the_kl_threshold():
 def test_fp32_every_layer_within_budget(artifact):
     """Exit 0, and every layer's four tensors (plus embedding and logits) compared and within budget."""
     art = artifact(precision="fp32")
+    before = {f.name: f.stat().st_mtime_ns for f in art.iterdir()}
     r = cli("check", art, "--layerwise", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
@@ -87,7 +88,33 @@ def test_fp32_every_layer_within_budget(artifact):
     for row in report["rows"]:  # fp32 against the fp32 reference: float rounding only
         assert row["onnxruntime"]["rel"] < 1e-5 and row["onnxruntime"]["ok"], row
     assert "/attn/GroupQueryAttention/" in report["rows"][1]["tensor"]  # the CPU graph's fused attention
-    assert not (art / "parity.json").exists()  # a diagnosis, not the parity verdict
+    # a diagnosis, not the parity verdict: no parity.json, the manifest untouched, nothing written there
+    assert {f.name: f.stat().st_mtime_ns for f in art.iterdir()} == before and "parity.json" not in before
+
+
+def test_reference_intermediates_add_up(ckpt):
+    """model.intermediates captures what its names say: each layer's output is its input plus the
+    attention's o_proj output plus the MLP output, and its logits are the forward's."""
+    import torch
+
+    from llamaexport.checkpoint import load_checkpoint
+    from llamaexport.model import build_reference, intermediates
+
+    ck = load_checkpoint(ckpt[0])
+    model = build_reference(ck.config, ck.weights)
+    ids = np.array([[1, 5, 9, 200, 7, 3]])
+    t = intermediates(model, ids)
+    h = t["embed"]
+    for i in range(N_LAYERS):
+        assert t[f"layers.{i}.attention"].shape == (1, 6, ck.config.n_heads * ck.config.head_dim)
+        np.testing.assert_allclose(t[f"layers.{i}"], h + t[f"layers.{i}.attention.wo"] + t[f"layers.{i}.feed_forward"],
+                                   rtol=1e-5, atol=1e-6)
+        h = t[f"layers.{i}"]
+    with torch.no_grad():
+        logits, _ = model(torch.as_tensor(ids), torch.ones(1, 6, dtype=torch.int64), torch.arange(6)[None],
+                          model.empty_cache(1))
+    np.testing.assert_array_equal(t["logits"], logits.numpy())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())  # hooks removed
 
 
 @pytest.mark.parametrize("weight,op", [("self_attn.v_proj", "attention"), ("self_attn.o_proj", "o_proj"),
