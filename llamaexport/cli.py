@@ -182,8 +182,13 @@ def chat_cmd(artifact, system, chat_format, max_new_tokens, temperature, top_k, 
         repl.main(model, fmt=chat_format, system=system, sampling=sampling, max_new_tokens=max_new_tokens)
 
 
-def _check(artifact, reference, as_json, backend=None):
-    from .parity import check, format_report
+def _check(artifact, reference, as_json, backend=None, layerwise=False):
+    if layerwise:
+        from .layerwise import format_layerwise
+        from .layerwise import layerwise as check
+        format_report = format_layerwise
+    else:
+        from .parity import check, format_report
 
     report = check(artifact, reference=reference, progress=not as_json, backend=backend)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
@@ -195,10 +200,12 @@ def _check(artifact, reference, as_json, backend=None):
 @click.argument("artifact", type=click.Path())
 @click.option("--reference", type=click.Path(), help="Reference checkpoint (default: the one in the manifest).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--layerwise", is_flag=True,
+              help="Compare every decoder layer's outputs instead, and name the first layer and op over the budget.")
 @BACKEND
-def check_cmd(artifact, reference, as_json, backend):
+def check_cmd(artifact, reference, as_json, layerwise, backend):
     """Compare an artifact with the eager PyTorch reference; exit 2 on a miss."""
-    _check(artifact, reference, as_json, backend)
+    _check(artifact, reference, as_json, backend, layerwise)
 
 
 @main.command()

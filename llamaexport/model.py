@@ -180,6 +180,41 @@ def build_reference(cfg: LlamaConfig, weights, *, dtype=torch.float32) -> Transf
     return model.eval()
 
 
+@torch.inference_mode()
+def intermediates(model: Transformer, input_ids) -> dict:
+    """One teacher-forced forward of input_ids [B, S] from an empty cache, returning the tensors
+    `check --layerwise` compares (float32 numpy), captured with forward hooks:
+      embed                    the embedding rows [B, S, D]
+      layers.{i}.attention     the attention output before wo [B, S, H*hd]
+      layers.{i}.attention.wo  ... after wo [B, S, D]
+      layers.{i}.feed_forward  the MLP output [B, S, D]
+      layers.{i}               the residual stream after the layer [B, S, D]
+      logits                   [B, S, V]"""
+    out, hooks = {}, []
+
+    def keep(key, pre=False):
+        def hook(module, args, result=None):
+            t = args[0] if pre else result[0] if isinstance(result, tuple) else result
+            out[key] = t.float().numpy().copy()
+        return hook
+
+    hooks.append(model.tok_embeddings.register_forward_hook(keep("embed")))
+    for i, layer in enumerate(model.layers):
+        hooks.append(layer.attention.wo.register_forward_pre_hook(keep(f"layers.{i}.attention", pre=True)))
+        hooks.append(layer.attention.wo.register_forward_hook(keep(f"layers.{i}.attention.wo")))
+        hooks.append(layer.feed_forward.register_forward_hook(keep(f"layers.{i}.feed_forward")))
+        hooks.append(layer.register_forward_hook(keep(f"layers.{i}")))
+    try:
+        ids = torch.as_tensor(input_ids, dtype=torch.int64)
+        B, S = ids.shape
+        logits, _ = model(ids, torch.ones(B, S, dtype=torch.int64), torch.arange(S).expand(B, S), model.empty_cache(B))
+    finally:
+        for h in hooks:
+            h.remove()
+    out["logits"] = logits.numpy()
+    return out
+
+
 class ReferenceBackend:
     """The reference model behind the runtime's Backend protocol (runtime.py), so that `check`
     drives the reference and the artifact through the same decode loop (LlamaModel.steps)."""

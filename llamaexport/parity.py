@@ -67,6 +67,14 @@ def _available_bytes() -> int:
     return 1 << 62
 
 
+def require_reference_memory(cfg):
+    """Refuse before loading when the float32 reference would not fit in the free RAM."""
+    need = cfg.n_params() * 4
+    if need > 0.8 * _available_bytes():
+        raise LlamaExportError(f"the float32 reference needs {need / 2**30:.1f} GiB of RAM, more than this machine "
+                               "has free; check a smaller model, or on a machine with more memory")
+
+
 def _reference_checkpoint(manifest: dict, reference):
     """The checkpoint the artifact was built from (or `reference`), with the LoRA adapters its build
     merged applied again, and a description of it."""
@@ -112,10 +120,7 @@ def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progres
     require_intact(d, manifest)  # a flipped byte in the weights is named here, not found through the numbers
     model = LlamaModel.load(d, backend=backend)
     cfg = model.config
-    need = cfg.n_params() * 4
-    if need > 0.8 * _available_bytes():
-        raise LlamaExportError(f"the float32 reference needs {need / 2**30:.1f} GiB of RAM, more than this machine "
-                               "has free; check a smaller model, or on a machine with more memory")
+    require_reference_memory(cfg)
     ckpt, ref_desc = _reference_checkpoint(manifest, reference)
     ref = LlamaModel(d, manifest, ReferenceBackend(build_reference(cfg, ckpt.weights)), model.tokenizer)
     prompt_ids = _prompt_ids(model, prompts or DEFAULT_PROMPTS)
