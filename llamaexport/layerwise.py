@@ -1,6 +1,6 @@
 """`llamaexport check DIR --layerwise`: where an artifact leaves the reference, layer by layer.
 
-One teacher-forced prefill of the first check prompt runs through the artifact's ONNX graph with
+One teacher-forced prefill of the start of check's held-out text runs through the artifact's ONNX graph with
 intermediate tensors marked as outputs (Polygraphy: ModifyOutputs, run by OnnxrtRunner; with
 TensorRT, ModifyNetworkOutputs on a debug engine run by TrtRunner), and through the float32
 PyTorch reference with the same tensors captured (model.intermediates). Per decoder layer:
@@ -42,6 +42,7 @@ from .manifest import read_manifest, require_intact
 
 STREAM = ("embedding", "residual", "logits")       # the residual stream and what it becomes; the rest are op outputs
 OP_FACTOR = 2.0                                    # an op output's budget: this times the stream's
+HELDOUT_TOKENS = 128                                # how much of check's held-out text one prefill runs
 QUIET = 51  # above Polygraphy's CRITICAL (50): it logs nothing; its errors still raise, with their message
 
 
@@ -241,7 +242,7 @@ def layerwise(artifact, *, reference=None, backend: str | None = None, progress:
     Runtime too (skipped with its reason where TensorRT is not installed)."""
     from .config import LlamaConfig
     from .model import build_reference, intermediates
-    from .parity import DEFAULT_PROMPTS, _prompt_ids, _reference_checkpoint, require_reference_memory
+    from .parity import _reference_checkpoint, heldout_text, require_reference_memory
     from .runtime import LlamaModel
 
     d = Path(artifact)
@@ -261,10 +262,16 @@ def layerwise(artifact, *, reference=None, backend: str | None = None, progress:
     if manifest.get("tokenizer"):
         from .tokenizer import load_tokenizer
         tok = load_tokenizer(d)
-    ids = _prompt_ids(LlamaModel(d, manifest, None, tok), DEFAULT_PROMPTS[:1])[0]
+    # the start of check's held-out text: a prompt of a few tokens would judge each tensor on a handful
+    # of rows; seeded random ids for an artifact without a tokenizer
+    n = min(HELDOUT_TOKENS, cfg.max_seq_len - 1)
+    if tok is not None:
+        ids = LlamaModel(d, manifest, None, tok).encode(heldout_text())[:n]
+    else:
+        ids = np.random.default_rng(0).integers(0, cfg.vocab_size, n).tolist()
     feed = _feed(manifest, ids)
 
-    say(f"layerwise: the reference on the first check prompt ({len(ids)} tokens)")
+    say(f"layerwise: the reference on the held-out text ({len(ids)} tokens)")
     ckpt, ref_desc = _reference_checkpoint(manifest, reference)
     ref = intermediates(build_reference(cfg, ckpt.weights), feed["input_ids"])
     del ckpt
