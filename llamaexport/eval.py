@@ -289,6 +289,7 @@ def evaluate(artifact, text_file, *, ctx: int | None = None, stride: int | None 
         "text": str(text_file), "text_sha256": text_sha, "tokens": int(len(tokens)),
         "tokens_sha256": _sha256(tokens.astype("<i4").tobytes()),
         "mode": "strided" if stride else "chunks", "ctx": ctx, "stride": stride, "window": L, "n_chunks": n_chunks,
+        "bos_first": bool(win["bos"] and tok.add_bos),
         "tokens_evaluated": n_chunks * L, "tokens_scored": int(len(nll)),
         "ppl": ppl, "ppl_se": ppl * se, "nll": mean,
         "seconds": secs, "tokens_per_s": n_chunks * L / secs, "scored_tokens_per_s": len(nll) / secs,
@@ -388,7 +389,7 @@ def _compare(base: dict, path, scored: dict, nll: np.ndarray, ppl: float, se: fl
 
 def format_report(r: dict) -> str:
     mode = (f"strided: windows of {r['window']} every {r['stride']} tokens, the last {r['stride']} scored"
-            if r["mode"] == "strided" else "llama.cpp chunks: BOS first, the second half scored")
+            if r["mode"] == "strided" else f"llama.cpp chunks: {'BOS first, ' if r['bos_first'] else ''}the second half scored")
     lines = [f"eval: {r['artifact']} ({r['precision']}, {r['backend']}) on {r['text']}",
              f"  {r['tokens']} tokens, ctx {r['ctx']}, {r['n_chunks']} chunks ({mode}), {r['tokens_scored']} scored",
              f"  perplexity          {r['ppl']:.4f} ± {r['ppl_se']:.4f}",
@@ -398,8 +399,8 @@ def format_report(r: dict) -> str:
     if b:
         lines += [f"  vs base {b['file']} ({b['precision']}; KL over its top-{b['top_k']} + rest, "
                   f"{100 * b['topk_mass']:.1f}% of its mass)",
-                  f"  mean KL             {b['mean_kl']:.6f} ± {b['mean_kl_se']:.6f}",
-                  f"  p99 KL              {b['p99_kl']:.6f}   (max {b['max_kl']:.6f})",
+                  f"  mean KL             {b['mean_kl']:.6g} ± {b['mean_kl_se']:.3g}",
+                  f"  p99 KL              {b['p99_kl']:.6g}   (max {b['max_kl']:.6g})",
                   f"  same top token      {100 * b['top1_agreement']:.3f} ± {100 * b['top1_agreement_se']:.3f} %",
                   f"  ppl base            {b['ppl_base']:.4f} ± {b['ppl_base_se']:.4f}",
                   f"  ppl delta           {b['ppl_delta']:+.4f} ± {b['ppl_delta_se']:.4f}   "
