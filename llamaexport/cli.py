@@ -226,6 +226,28 @@ def bench(artifact, prompt_len, new_tokens, batch, threads, repeat, as_json, bac
     click.echo(json.dumps(r) if as_json else format_bench(r))
 
 
+@main.command("eval")
+@click.argument("artifact", type=click.Path())
+@click.option("--text", "text_file", required=True, type=click.Path(), help="UTF-8 text file to score.")
+@click.option("--ctx", type=int, help="Window length in tokens (default: 512, or the artifact's context if smaller; "
+                                      "with --base-logits the base's).")
+@click.option("--stride", type=int, help="llama.cpp's --ppl-stride: windows of ctx + stride/2 every stride tokens, "
+                                         "each scoring its last stride tokens (default: llama.cpp's chunks).")
+@click.option("--chunks", type=int, help="Score only the first N windows (llama.cpp's --chunks).")
+@click.option("--save-logits", type=click.Path(), help="Write this run's top-32 log-probs to FILE (.npz) as a base.")
+@click.option("--base-logits", type=click.Path(), help="Compare with a base run's --save-logits FILE: KL, same top, Δppl.")
+@click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@BACKEND
+def eval_cmd(artifact, text_file, ctx, stride, chunks, save_logits, base_logits, threads, as_json, backend):
+    """Perplexity over a text as llama.cpp's llama-perplexity scores it; KL against a base run."""
+    from .eval import evaluate, format_report
+
+    r = evaluate(artifact, text_file, ctx=ctx, stride=stride, chunks=chunks, save_logits=save_logits,
+                 base_logits=base_logits, backend=backend, threads=threads)
+    click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
+
+
 @main.command()
 @click.option("--size", help="A named size (7B, 13B, llama3-8B, ...).")
 @click.option("--checkpoint", type=click.Path(), help="A checkpoint (only its config is read).")
@@ -339,7 +361,7 @@ def plugins_build(tensorrt_root, cuda_arch, kernels_only):
     click.echo(f"built {out}")
 
 
-MODEL_COMMANDS = ("run", "bench", "check", "serve", "chat")  # the ones that load an artifact to run it
+MODEL_COMMANDS = ("run", "bench", "check", "eval", "serve", "chat")  # the ones that load an artifact to run it
 
 
 def entry():
