@@ -111,6 +111,9 @@ def run_bench(artifact, *, prompt_len: int = 64, new_tokens: int = 128, batch: i
         "threads": getattr(model.backend, "threads", None),
         "repeat": repeat,
         "huge_pages_mb": huge_pages_mb(),   # memory in transparent huge pages (see hugepages.py)
+        # TensorRT: the engine's activation memory, per execution context (the KV cache and weights apart)
+        **({"device_memory_mb": round(model.backend.device_memory_bytes / MB, 1)}
+           if hasattr(model.backend, "device_memory_bytes") else {}),
         **memory_budget(artifact, model.manifest, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
                         peak_mb=peak),
     }
@@ -123,4 +126,5 @@ def format_bench(r: dict) -> str:
             f"  peak RSS {r['peak_rss_mb']:10.1f} MB   (budget {r['rss_budget_mb']:.1f} MB = weights "
             f"{r['weights_mb']:.1f} + KV cache {r['kv_cache_mb']:.1f} + {RSS_OVERHEAD_MB}: "
             f"{'within' if r['rss_within_budget'] else 'OVER'})"
-            + (f"\n  huge pages {r['huge_pages_mb']:8.1f} MB" if r.get("huge_pages_mb") is not None else ""))
+            + (f"\n  huge pages {r['huge_pages_mb']:8.1f} MB" if r.get("huge_pages_mb") is not None else "")
+            + (f"\n  engine device memory {r['device_memory_mb']:.1f} MB" if r.get("device_memory_mb") is not None else ""))

@@ -39,25 +39,30 @@ def tool_versions() -> dict:
 def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", tokenizer=None,
           max_seq_len=None, seed=0, force=False, export_only=False, block_size=None, memory_gb=None,
           quant_method="auto", int4_recipe="accurate", calibration_files=None, chat_format=None,
-          lora=None, progress=True) -> Path:
+          lora=None, kv_cache="auto", progress=True) -> Path:
     """Build an artifact directory; returns its path. See the module docstring for the stages.
 
     precision: auto (the most accurate that fits the profile) or one of recipe.PRECISIONS;
     int4_recipe, block_size, quant_method: see recipe.Recipe.resolve; calibration_files: text to
     calibrate AWQ / SmoothQuant on instead of the shipped text; chat_format: one of chat.FORMATS, recorded
     in the manifest as the format `run --chat`, `chat` and `serve` use when not given one; lora: PEFT
-    LoRA adapter directories merged into the weights in order (lora.apply_lora), recorded in the manifest."""
+    LoRA adapter directories merged into the weights in order (lora.apply_lora), recorded in the manifest;
+    kv_cache: auto, concat or inplace, the GPU graph's KV-cache form (recipe.kv_cache_for: auto follows the
+    TensorRT that builds the engine, or the profile's tensorrt_version for --export-only)."""
     from .chat import check_format
     from .checkpoint import load_checkpoint
     from .planner import choose
+    from .recipe import kv_cache_for
 
     t0 = time.time()
     if chat_format is not None:
         check_format(chat_format)
     prof = load_profile(profile, memory_gb=memory_gb)
+    installed = None  # the TensorRT that builds the engine now (None: --export-only, compiled on the target)
     if prof.backend == "tensorrt" and not export_only:
         from .trt_build import require_tensorrt
-        require_tensorrt()
+        installed = require_tensorrt().__version__
+    kv = kv_cache_for(prof, kv_cache, tensorrt=installed)
     ckpt = load_checkpoint(checkpoint, size=size, seed=seed, max_seq_len=max_seq_len)
     if lora:
         from .lora import apply_lora
@@ -69,7 +74,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
     tok = _load_tokenizer(tokenizer or ckpt.tokenizer_path, required=checkpoint is not None, vocab=cfg.vocab_size)
     # every rule of what to build, validated and resolved once; what cannot fit is refused before any work
     recipes = Recipe.candidates(prof, precision, int4_recipe=int4_recipe, block_size=block_size,
-                                quant_method=quant_method, calibration=tok is not None)
+                                quant_method=quant_method, calibration=tok is not None, kv_cache=kv)
     chosen = choose(cfg, prof, recipes, context=cfg.max_seq_len)
     log(f"plan: {chosen.label} on {prof.name}: {chosen.total / 2**30:.2f} GiB of {chosen.budget / 2**30:.1f} GiB, "
         f"decode ceiling {chosen.decode_ceiling:.1f} tok/s")
@@ -79,7 +84,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
         manifest = _manifest(ckpt, prof, chosen, io, tok.save(tmp) if tok else [], chat_format)
         if prof.backend == "tensorrt":
             manifest["engine"] = None if export_only else _build_engine(tmp, manifest, prof, progress)
-        if prof.backend == "onnxruntime" and tok is not None:
+        if chosen.recipe.cpu and tok is not None:
             _write_genai_config(tmp, cfg, tok, shared_kv=chosen.recipe.fused_attention(cfg))
             manifest["files"]["genai_config"] = "genai_config.json"
         manifest["checksums"] = file_checksums(tmp)  # verify / check compare them, run checks the sizes
@@ -120,7 +125,9 @@ def _manifest(ckpt, prof, chosen, io: dict, tok_files: list, chat_format: str | 
         "tokenizer": tok_files or None,
         "chat_format": chat_format,  # None: the tokenizer's template ("auto")
         "io": io,
-        "runtime": {"threads": prof.threads},  # the profile's CPU threads (0 = all); `--threads` overrides
+        # the profile's CPU threads (0 = all; `--threads` overrides) and, for ONNX Runtime on a GPU, device cuda
+        "runtime": {"threads": prof.threads, **({"device": "cuda"} if not chosen.recipe.cpu and
+                                                 prof.backend == "onnxruntime" else {})},
         "tool_versions": tool_versions(),
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": None,

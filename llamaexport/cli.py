@@ -10,7 +10,7 @@ import click
 
 from . import LlamaExportError, __version__
 from .chat import FORMATS as CHAT_FORMATS
-from .recipe import INT4_RECIPES, PRECISIONS, QUANT_METHOD_CHOICES
+from .recipe import INT4_RECIPES, KV_CACHE_CHOICES, PRECISIONS, QUANT_METHOD_CHOICES
 
 
 class _Group(click.Group):
@@ -93,9 +93,13 @@ def main():
                                     f"use it when not given one): {', '.join(CHAT_FORMATS)}. Default: auto.")
 @click.option("--lora", multiple=True, type=click.Path(),
               help="A PEFT LoRA adapter directory to merge into the weights (repeatable: applied in order).")
+@click.option("--kv-cache", default="auto", show_default=True, type=click.Choice(KV_CACHE_CHOICES),
+              help="GPU profiles: inplace (a max-length cache updated in place, fused Attention: TensorRT >= 10.15) "
+                   "or concat (every TensorRT 10.x, JetPack 6); auto: inplace when the TensorRT building the engine "
+                   "(with --export-only: the profile's tensorrt_version) is >= 10.15.")
 @click.option("--check", "run_check", is_flag=True, help="Run the parity check after building.")
 def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, out, force, export_only, block_size,
-          memory_gb, quant_method, int4_recipe, calibration, chat_format, lora, run_check):
+          memory_gb, quant_method, int4_recipe, calibration, chat_format, lora, kv_cache, run_check):
     """Build an artifact directory from a checkpoint or a size."""
     from .build import build as do_build
 
@@ -105,7 +109,8 @@ def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, ou
                     tokenizer=tokenizer, max_seq_len=max_seq_len, seed=seed, force=force,
                     export_only=export_only, block_size=block_size, memory_gb=memory_gb,
                     quant_method=quant_method, int4_recipe=int4_recipe,
-                    calibration_files=list(calibration) or None, chat_format=chat_format, lora=list(lora))
+                    calibration_files=list(calibration) or None, chat_format=chat_format, lora=list(lora),
+                    kv_cache=kv_cache)
     if run_check:
         _check(path, None, False)
 

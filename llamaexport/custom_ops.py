@@ -25,8 +25,9 @@ PLUGIN_VERSION = "1"
 _PLUGIN_ATTRS = ["plugin_version", "plugin_namespace"]
 
 
-def rope_function(*, head_dim: int, rotary_dim: int, interleaved: bool):
-    """The RoPE FunctionProto, specialised to this model's head_dim / rotary_dim / layout."""
+def rope_function(*, head_dim: int, rotary_dim: int, interleaved: bool, opset: int = OPSET):
+    """The RoPE FunctionProto, specialised to this model's head_dim / rotary_dim / layout; its body
+    imports the model's opset (runtimes want one version of the default domain per model)."""
     from onnx import helper
 
     n = []
@@ -70,11 +71,11 @@ def rope_function(*, head_dim: int, rotary_dim: int, interleaved: bool):
         node("Concat", [rot, "xp"], ["y"], axis=-1)
     return helper.make_function(
         DOMAIN, "RoPE", ["x", "cos", "sin"], ["y"], n,
-        opset_imports=[helper.make_opsetid("", OPSET)],
+        opset_imports=[helper.make_opsetid("", opset)],
         attributes=["interleaved", "rotary_dim"] + _PLUGIN_ATTRS)
 
 
-def swiglu_function():
+def swiglu_function(*, opset: int = OPSET):
     """The SwiGLU FunctionProto: silu(gate) * up on the two halves of the last axis."""
     from onnx import helper
 
@@ -85,7 +86,7 @@ def swiglu_function():
         helper.make_node("Mul", ["silu", "up"], ["y"]),
     ]
     return helper.make_function(DOMAIN, "SwiGLU", ["x"], ["y"], nodes,
-                                opset_imports=[helper.make_opsetid("", OPSET)], attributes=_PLUGIN_ATTRS)
+                                opset_imports=[helper.make_opsetid("", opset)], attributes=_PLUGIN_ATTRS)
 
 
 def plugin_attrs() -> dict:

@@ -21,10 +21,11 @@ ONNX Runtime's GroupQueryAttention takes a prompt chunk on top of a cache only f
 refuses batch > 1 with sequence length > 1 and a past), hence prefill chunks and decode steps are
 separate forwards.
 
-Slots. The ONNX Runtime CPU graph (GroupQueryAttention over a max-length buffer written in place)
-gets `runtime.SharedSlots`: one [max_batch, kv_heads, ctx, head_dim] buffer per tensor, each row a
-slot; a decode step binds the rows from the lowest to the highest decoding slot and passes each
-row's own length. Every other backend (the portable graph with a Concat cache, TensorRT) gets
+Slots. A graph whose cache is one max-length buffer written in place (kv_cache form
+past_present_shared: the ONNX Runtime CPU graph's GroupQueryAttention, the TensorRT >= 10.15 graph's
+TensorScatter, on either backend) gets `runtime.SharedSlots`: one [max_batch, kv_heads, ctx, head_dim]
+buffer per tensor, each row a slot; a decode step binds the rows from the lowest to the highest decoding
+slot and passes each row's own length. A Concat cache (the portable graph for TensorRT < 10.15) gets
 `PaddedSlots`: per-slot caches, left-padded into one batch per decode step.
 
 Threads: `start()` runs `step()` in a background thread (the server); without it, `stream()`
@@ -103,7 +104,7 @@ class Request:
 
 
 class PaddedSlots:
-    """Slots for a backend whose cache grows by Concat (the portable graph; TensorRT): each slot
+    """Slots for a backend whose cache grows by Concat (the portable concat graph): each slot
     keeps its own [1, kv_heads, length, head_dim] tensors, and a decode step left-pads the rows to
     one length (the graph masks the padding through attention_mask and takes explicit positions)."""
 
@@ -170,7 +171,7 @@ def _cat(rows):
 
 
 def make_slots(backend, n: int):
-    """The backend's own slots where it has them (in-place GroupQueryAttention), else PaddedSlots."""
+    """The backend's own slots where it has them (an in-place cache: SharedSlots), else PaddedSlots."""
     own = getattr(backend, "slots", None)
     if own is not None:
         slots = own(n)

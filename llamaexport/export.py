@@ -8,7 +8,14 @@ Graph (names follow DESIGN.md; node names are hierarchical for Netron):
   h = embed[input_ids]; cos/sin = tables[position_ids]; bias = causal & attention_mask
   per layer: x = RMSNorm(h); q,k,v = Split(x @ Wqkv); q,k = RoPE(q,k); present = past ++ k,v
              h += softmax(q k^T + bias) v @ Wo;  h += SwiGLU(RMSNorm(h) @ W13) @ W2
-  logits = RMSNorm(h) @ W_out^T  (float32)
+  logits = RMSNorm(h[:, -num_logits_to_keep:]) @ W_out^T  (float32; num_logits_to_keep 0 = every position)
+
+The cache and attention take one of three forms (recipe.KVCache, the manifest's `graph`):
+  CPU graph       GroupQueryAttention (com.microsoft) on a max-length buffer it writes in place
+  portable concat present = Concat(past, new); MatMul -> Add(bias) -> Softmax -> MatMul in the
+                  activation dtype (the pattern TensorRT fuses into one MHA kernel; no float32 scores)
+  portable inplace a max-length buffer updated by TensorScatter (-> TensorRT's IKVCacheUpdateLayer),
+                  the ONNX Attention op (-> IAttention) on its first T = attention_mask's width positions
 
 Precision lives in the graph, so TensorRT 11 (strongly typed), TensorRT 10 and ONNX Runtime
 read the same file:
@@ -34,29 +41,36 @@ import numpy as np
 from . import LlamaExportError, custom_ops, quantize
 from .checkpoint import Checkpoint
 from .config import LlamaConfig, rope_tables
-from .onnx_graph import OPSET, GraphBuilder
+from .onnx_graph import GraphBuilder
 from .recipe import EMBED_BLOCK, LM_HEAD, ROLES, Precision, Recipe
 
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (per block of K) and int8 dot products
+# The additive attention mask's "hidden" value. float16: -1e4, not the dtype's minimum: a score below
+# -16 plus -65504 rounds to -inf, and a query that sees no key at all (a left-padded prompt's padding
+# rows) would then give NaN, which reaches the real rows through the padding's K/V. exp(-1e4) is 0.
+MASK_VALUE = {"float32": float(np.finfo(np.float32).min), "float16": -1e4}
 
 
 def io_spec(cfg: LlamaConfig, recipe: Recipe) -> dict:
-    """The ONNX I/O contract (DESIGN.md) as data: name -> {dtype, shape}."""
+    """The ONNX I/O contract (DESIGN.md) as data: name -> {dtype, shape}. The in-place cache is a
+    static max_seq_len (TensorRT's KV-cache update needs a static sequence dimension)."""
     kv_dtype = recipe.activation_dtype
-    kv = ["batch", cfg.n_kv_heads, "past_seq", cfg.head_dim]
+    past = ["batch", cfg.n_kv_heads, cfg.max_seq_len if recipe.inplace_kv else "past_seq", cfg.head_dim]
+    present = past if recipe.inplace_kv else past[:2] + ["total_seq", past[3]]
+    keep = {"dtype": "int64", "shape": []}
+    if recipe.logits_keep_optional:
+        keep.update(optional=True, default=0)
     inputs = {
         "input_ids": {"dtype": "int64", "shape": ["batch", "seq"]},
         "attention_mask": {"dtype": "int64", "shape": ["batch", "total_seq"]},
         "position_ids": {"dtype": "int64", "shape": ["batch", "seq"]},
+        "num_logits_to_keep": keep,
     }
-    if recipe.last_logits_input:
-        inputs["num_logits_to_keep"] = {"dtype": "int64", "shape": [], "optional": True, "default": 0}
-    outputs = {"logits": {"dtype": "float32", "shape": ["batch", "logits_seq" if recipe.last_logits_input else "seq",
-                                                      cfg.vocab_size]}}
+    outputs = {"logits": {"dtype": "float32", "shape": ["batch", "logits_seq", cfg.vocab_size]}}
     for i in range(cfg.n_layers):
         for kind in ("key", "value"):
-            inputs[f"past_key_values.{i}.{kind}"] = {"dtype": kv_dtype, "shape": kv}
-            outputs[f"present.{i}.{kind}"] = {"dtype": kv_dtype, "shape": kv[:2] + ["total_seq", kv[3]]}
+            inputs[f"past_key_values.{i}.{kind}"] = {"dtype": kv_dtype, "shape": past}
+            outputs[f"present.{i}.{kind}"] = {"dtype": kv_dtype, "shape": present}
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -241,11 +255,12 @@ def export_onnx(ckpt: Checkpoint, out_dir, recipe: Recipe, *, calibration: np.nd
         raise LlamaExportError(f"{recipe.quantization} needs calibration ids; pass calibration= (awq.calibration_ids)")
     cfg, W = ckpt.config, ckpt.weights
     out_dir = Path(out_dir)
-    g = GraphBuilder(out_dir / "model.onnx.data", opset=OPSET)
+    g = GraphBuilder(out_dir / "model.onnx.data", opset=recipe.opset)
     e = _Emitter(g, recipe)
     g.use_domain(custom_ops.DOMAIN)
-    g.add_function(custom_ops.rope_function(head_dim=cfg.head_dim, rotary_dim=cfg.rope_dim, interleaved=True))
-    g.add_function(custom_ops.swiglu_function())
+    g.add_function(custom_ops.rope_function(head_dim=cfg.head_dim, rotary_dim=cfg.rope_dim, interleaved=True,
+                                            opset=recipe.opset))
+    g.add_function(custom_ops.swiglu_function(opset=recipe.opset))
     spec = io_spec(cfg, recipe)
     for name, s in spec["inputs"].items():
         if s.get("optional"):
@@ -274,10 +289,10 @@ def export_onnx(ckpt: Checkpoint, out_dir, recipe: Recipe, *, calibration: np.nd
     norm_w = W["norm.weight"]
     head_stats = calib.lm_head_stats(norm_w) if calib else None
     x, _ = e.add_norm(h, delta, norm_w, eps=cfg.norm_eps, name="/model/norm")
-    if recipe.last_logits_input:  # x[:, -n:] (n = 0: every position)
-        n = g.op("Neg", [g.op("Reshape", ["num_logits_to_keep", g.const([1])], name="/lm_head/keep/Reshape")],
-                 name="/lm_head/keep/Neg")
-        x = g.op("Slice", [x, n, g.const([np.iinfo(np.int64).max]), g.const([1])], name="/lm_head/keep/Slice")
+    # x[:, -n:] (n = 0: every position); on TensorRT n is a shape tensor (trt_build gives its profile values)
+    n = g.op("Neg", [g.op("Reshape", ["num_logits_to_keep", g.const([1])], name="/lm_head/keep/Reshape")],
+             name="/lm_head/keep/Neg")
+    x = g.op("Slice", [x, n, g.const([np.iinfo(np.int64).max]), g.const([1])], name="/lm_head/keep/Slice")
     _lm_head(g, e, x, W, cfg, head_stats)
     for name, s in spec["outputs"].items():
         g.output(name, TensorProto.FLOAT if s["dtype"] == "float32" else e.onnx_act, s["shape"])
@@ -313,11 +328,15 @@ def _attention_inputs(g: GraphBuilder, e: _Emitter, cfg: LlamaConfig) -> dict:
         gqa = _gqa_inputs(g)
         g.use_domain("com.microsoft")
         return {"gqa": gqa}
-    return {"gqa": None,
-            "cos": g.op("Gather", ["model.rotary.cos_cache", "position_ids"], name="/model/rotary/cos/Gather"),  # [B, S, rd/2]
-            "sin": g.op("Gather", ["model.rotary.sin_cache", "position_ids"], name="/model/rotary/sin/Gather"),
-            "bias": _attention_bias(g),
-            "rope_attrs": dict(domain=custom_ops.DOMAIN, interleaved=1, rotary_dim=cfg.rope_dim, **custom_ops.plugin_attrs())}
+    out = {"gqa": None,
+           "cos": g.op("Gather", ["model.rotary.cos_cache", "position_ids"], name="/model/rotary/cos/Gather"),  # [B, S, rd/2]
+           "sin": g.op("Gather", ["model.rotary.sin_cache", "position_ids"], name="/model/rotary/sin/Gather"),
+           "rope_attrs": dict(domain=custom_ops.DOMAIN, interleaved=1, rotary_dim=cfg.rope_dim, **custom_ops.plugin_attrs())}
+    if e.recipe.inplace_kv:
+        out.update(_inplace_inputs(g, e))
+    else:
+        out["bias"] = _attention_bias(g, e, rep=cfg.n_rep)
+    return out
 
 
 def _linear(e: _Emitter, x: str, w_t: np.ndarray, *, i: int, group: str, stats: dict | None) -> str:
@@ -342,6 +361,8 @@ def _layer(g: GraphBuilder, e: _Emitter, i: int, cfg: LlamaConfig, *, lw: dict, 
     del wqkv
     if attn["gqa"] is not None:
         o = _attention_gqa(g, qkv, i, cfg, gqa=attn["gqa"], pre=pre)
+    elif "write" in attn:
+        o = _attention_inplace(g, qkv, i, cfg, attn=attn, pre=pre)
     else:
         o = _attention_standard(g, e, qkv, i, cfg, attn=attn, pre=pre)
     o = _linear(e, o, lw["attention.wo.weight"].T, i=i, group="o", stats=stats.pop("o", None))
@@ -353,39 +374,68 @@ def _layer(g: GraphBuilder, e: _Emitter, i: int, cfg: LlamaConfig, *, lw: dict, 
     return h, _linear(e, a, lw["feed_forward.w2.weight"].T, i=i, group="down", stats=stats.pop("down", None))
 
 
-def _attention_standard(g: GraphBuilder, e: _Emitter, qkv: str, i: int, cfg: LlamaConfig, *, attn: dict,
-                        pre: str) -> str:
-    """Portable attention: our RoPE op, past ++ new K/V (the present outputs), softmax with the
-    shared mask bias (attn: see _attention_inputs). Returns the attention output [B, S, H*hd]
-    before o_proj."""
+def _qkv_heads(g: GraphBuilder, qkv: str, cfg: LlamaConfig, *, attn: dict, pre: str) -> tuple[str, str, str]:
+    """q [B, H, S, hd] and k [B, K, S, hd] rotated by our RoPE op, v [B, K, S, hd]."""
     H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    cos, sin, bias, rope_attrs = attn["cos"], attn["sin"], attn["bias"], attn["rope_attrs"]
     q, k, v = g.op("Split", [qkv, g.const([H * hd, K * hd, K * hd])], name=f"{pre}/attn/qkv/Split", n_out=3, axis=-1)
     heads = {}
     for nm, t, n in (("q", q, H), ("k", k, K), ("v", v, K)):
         t = g.op("Reshape", [t, g.const([0, 0, n, hd])], name=f"{pre}/attn/{nm}/Reshape")
         heads[nm] = g.op("Transpose", [t], name=f"{pre}/attn/{nm}/Transpose", perm=[0, 2, 1, 3])  # [B, n, S, hd]
+    cos, sin, rope_attrs = attn["cos"], attn["sin"], attn["rope_attrs"]
     q = g.op("RoPE", [heads["q"], cos, sin], name=f"{pre}/attn/q_rope/RoPE", **rope_attrs)
     k = g.op("RoPE", [heads["k"], cos, sin], name=f"{pre}/attn/k_rope/RoPE", **rope_attrs)
+    return q, k, heads["v"]
+
+
+def _merge_heads(g: GraphBuilder, o: str, cfg: LlamaConfig, pre: str) -> str:
+    """[B, H, S, hd] -> [B, S, H*hd]."""
+    o = g.op("Transpose", [o], name=f"{pre}/attn/o/Transpose", perm=[0, 2, 1, 3])
+    return g.op("Reshape", [o, g.const([0, 0, cfg.n_heads * cfg.head_dim])], name=f"{pre}/attn/o/Merge")
+
+
+def _attention_standard(g: GraphBuilder, e: _Emitter, qkv: str, i: int, cfg: LlamaConfig, *, attn: dict,
+                        pre: str) -> str:
+    """Portable attention with a Concat cache: past ++ new K/V (the present outputs), then
+    MatMul -> Add(bias) -> Softmax -> MatMul in the activation dtype, the multi-head attention
+    pattern TensorRT fuses (its docs: "Fused Attention", method 2, primitive layers): no Cast or Reshape
+    between the two MatMuls, so fp16 scores are never materialised in float32 (and, fused, not at all).
+    Grouped-query attention without copying K/V: q viewed as [B, K, rep*S, hd], a plain MHA over K
+    heads whose queries are the rep heads' rows (the bias is tiled to match, see _attention_bias).
+    Returns the attention output [B, S, H*hd] before o_proj."""
+    H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q, k, v = _qkv_heads(g, qkv, cfg, attn=attn, pre=pre)
     pk = g.op("Concat", [f"past_key_values.{i}.key", k], name=f"{pre}/attn/k_cache/Concat",
               outputs=[f"present.{i}.key"], axis=2)  # [B, K, T, hd]
-    pv = g.op("Concat", [f"past_key_values.{i}.value", heads["v"]], name=f"{pre}/attn/v_cache/Concat",
+    pv = g.op("Concat", [f"past_key_values.{i}.value", v], name=f"{pre}/attn/v_cache/Concat",
               outputs=[f"present.{i}.value"], axis=2)
-    # grouped-query attention without copying K/V: view q as [B, K, rep*S, hd]
-    qg = g.op("Reshape", [q, g.const([0, K, -1, hd])], name=f"{pre}/attn/q_group/Reshape")
+    qg = g.op("Reshape", [q, g.const([0, K, -1, hd])], name=f"{pre}/attn/q_group/Reshape")  # [B, K, rep*S, hd]
     kt = g.op("Transpose", [pk], name=f"{pre}/attn/k/TransposeT", perm=[0, 1, 3, 2])
-    s = g.op("MatMul", [qg, kt], name=f"{pre}/attn/qk/MatMul")  # [B, K, rep*S, T]
-    s = g.op("Reshape", [s, g.const([0, H, -1, 0])], name=f"{pre}/attn/scores/Reshape")  # [B, H, S, T]
-    s = e.cast(s, True, f"{pre}/attn/scores/Cast")
-    s = g.op("Add", [s, bias], name=f"{pre}/attn/mask/Add")
+    s = g.op("MatMul", [qg, kt], name=f"{pre}/attn/qk/MatMul")  # [B, K, rep*S, T], activation dtype
+    s = g.op("Add", [s, attn["bias"]], name=f"{pre}/attn/mask/Add")
     s = g.op("Softmax", [s], name=f"{pre}/attn/Softmax", axis=-1)
-    s = e.cast(s, False, f"{pre}/attn/probs/Cast")
-    s = g.op("Reshape", [s, g.const([0, K, -1, 0])], name=f"{pre}/attn/probs/Reshape")
     o = g.op("MatMul", [s, pv], name=f"{pre}/attn/pv/MatMul")  # [B, K, rep*S, hd]
     o = g.op("Reshape", [o, g.const([0, H, -1, hd])], name=f"{pre}/attn/o/Reshape")
-    o = g.op("Transpose", [o], name=f"{pre}/attn/o/Transpose", perm=[0, 2, 1, 3])
-    o = g.op("Reshape", [o, g.const([0, 0, H * hd])], name=f"{pre}/attn/o/Merge")
-    return o
+    return _merge_heads(g, o, cfg, pre)
+
+
+def _attention_inplace(g: GraphBuilder, qkv: str, i: int, cfg: LlamaConfig, *, attn: dict, pre: str) -> str:
+    """Portable attention with the in-place cache: TensorScatter writes the new K/V of row b at
+    write[b] of the max-length past buffer (present = the same buffer when the runtime binds it as
+    both), then the ONNX Attention op (GQA from the head counts of q and k) over its first T positions.
+    TensorRT >= 10.15 maps TensorScatter (axis -2, linear) to IKVCacheUpdateLayer, whose cache must be a
+    network input and its output a network output sharing the input's memory, and Attention (4-D q/k/v,
+    4-D mask, no past inputs) to IAttention; scale=1 since the 1/sqrt(hd) is folded into the q rows."""
+    q, k, v = _qkv_heads(g, qkv, cfg, attn=attn, pre=pre)
+    window = []
+    for kind, t in (("key", k), ("value", v)):
+        c = g.op("TensorScatter", [f"past_key_values.{i}.{kind}", t, attn["write"]],
+                 name=f"{pre}/attn/{kind}_cache/TensorScatter", outputs=[f"present.{i}.{kind}"],
+                 axis=-2, mode="linear")  # [B, K, L, hd]
+        window.append(g.op("Slice", [c, g.const([0]), attn["total"], g.const([2])],
+                           name=f"{pre}/attn/{kind}_window/Slice"))  # [B, K, T, hd]
+    o = g.op("Attention", [q, *window, attn["bias"]], name=f"{pre}/attn/Attention", scale=1.0)  # [B, H, S, hd]
+    return _merge_heads(g, o, cfg, pre)
 
 
 def _gqa_inputs(g: GraphBuilder) -> tuple[str, str]:
@@ -445,9 +495,10 @@ def _lm_head(g: GraphBuilder, e: _Emitter, x: str, W, cfg: LlamaConfig, stats: d
         g.op("Cast", [y], name="/lm_head/Cast", outputs=["logits"], to=e.TP.FLOAT)
 
 
-def _attention_bias(g: GraphBuilder) -> str:
-    """Additive bias [B, 1, S, T] float32: 0 where key j is visible to query i (j <= P + i and
-    the key is a real token), a large negative number elsewhere. Computed once for all layers."""
+def _attention_bias(g: GraphBuilder, e: _Emitter, *, rep: int) -> str:
+    """Additive bias in the activation dtype, 0 where key j is visible to query i (j <= P + i and the
+    key is a real token), MASK_VALUE elsewhere: [B, 1, S, T], tiled to [B, 1, rep*S, T] for the grouped
+    query layout of _attention_standard (row r*S + i is query i of the group's head r). Computed once."""
     from onnx import TensorProto
 
     n = "/model/attn_bias"
@@ -462,5 +513,44 @@ def _attention_bias(g: GraphBuilder) -> str:
     real = g.op("Cast", ["attention_mask"], name=f"{n}/real/Cast", to=TensorProto.BOOL)  # [B, T]
     real = g.op("Unsqueeze", [real, g.const([1, 2])], name=f"{n}/real/Unsqueeze")   # [B, 1, 1, T]
     vis = g.op("And", [causal, real], name=f"{n}/And")                              # [B, 1, S, T]
-    return g.op("Where", [vis, g.const(0.0, np.float32), g.const(np.finfo(np.float32).min, np.float32)],
-                name=f"{n}/Where")
+    bias = _bias_from(g, e, vis, n)
+    if rep > 1:
+        bias = g.op("Tile", [bias, g.const([1, 1, rep, 1])], name=f"{n}/Tile")       # [B, 1, rep*S, T]
+    return bias
+
+
+def _bias_from(g: GraphBuilder, e: _Emitter, visible: str, n: str) -> str:
+    return g.op("Where", [visible, g.const(0.0, e.np_act), g.const(MASK_VALUE[e.act], e.np_act)], name=f"{n}/Where")
+
+
+def _inplace_inputs(g: GraphBuilder, e: _Emitter) -> dict:
+    """What the in-place attention of every layer shares, computed once from attention_mask [B, T]:
+      write [B]  where row b's S new tokens go: (its last real column + 1) - S. A left-padded batch
+                 (the columns are cache positions, the new tokens the last S) writes at T - S; a row
+                 shorter than T whose mask is 1 up to its length and 0 after (runtime.SharedSlots: rows
+                 of their own lengths in one buffer) writes right after its own tokens.
+      bias [B, 1, S, T]  activation dtype: key j visible to query i iff mask[b, j] and j <= write[b] + i.
+      total [1]  T, the cache window attention reads (positions >= T of the buffer are never read)."""
+    from onnx import TensorProto
+
+    n = "/model/kv_write"
+    t_vec = g.op("Shape", ["attention_mask"], name=f"{n}/T/Shape", start=1, end=2)      # [1]
+    s_vec = g.op("Shape", ["input_ids"], name=f"{n}/S/Shape", start=1, end=2)           # [1]
+    t_len = g.op("Squeeze", [t_vec, g.const([0])], name=f"{n}/T/Squeeze")
+    s_len = g.op("Squeeze", [s_vec, g.const([0])], name=f"{n}/S/Squeeze")
+    cols = g.op("Range", [g.const(1), g.op("Add", [t_len, g.const(1)], name=f"{n}/T1/Add"), g.const(1)],
+                name=f"{n}/cols/Range")                                                    # [T]: 1..T
+    last = g.op("ReduceMax", [g.op("Mul", ["attention_mask", cols], name=f"{n}/last/Mul"), g.const([1])],
+                name=f"{n}/last/ReduceMax", keepdims=0)                                    # [B]
+    write = g.op("Sub", [last, s_len], name=f"{n}/write/Sub")                            # [B]
+    steps = g.op("Range", [g.const(0), s_len, g.const(1)], name=f"{n}/steps/Range")     # [S]
+    qpos = g.op("Add", [g.op("Unsqueeze", [write, g.const([1])], name=f"{n}/write/Unsqueeze"), steps],
+                name=f"{n}/qpos/Add")                                                      # [B, S]
+    kpos = g.op("Range", [g.const(0), t_len, g.const(1)], name=f"{n}/kpos/Range")       # [T]
+    causal = g.op("LessOrEqual", [kpos, g.op("Unsqueeze", [qpos, g.const([2])], name=f"{n}/qpos/Unsqueeze")],
+                  name=f"{n}/causal/LessOrEqual")                                          # [B, S, T]
+    causal = g.op("Unsqueeze", [causal, g.const([1])], name=f"{n}/causal/Unsqueeze")    # [B, 1, S, T]
+    real = g.op("Cast", ["attention_mask"], name=f"{n}/real/Cast", to=TensorProto.BOOL)
+    real = g.op("Unsqueeze", [real, g.const([1, 2])], name=f"{n}/real/Unsqueeze")       # [B, 1, 1, T]
+    vis = g.op("And", [causal, real], name=f"{n}/And")
+    return {"write": write, "bias": _bias_from(g, e, vis, n), "total": t_vec}

@@ -27,7 +27,7 @@ def format_manifest(m: dict) -> str:
         ("tokenizer", ", ".join(m["tokenizer"]) if m.get("tokenizer") else "none"),
         ("chat format", m.get("chat_format") or "auto (not recorded)"),
         ("files", ", ".join(f"{k}: {v}" for k, v in m["files"].items())),
-        ("kv cache", f"{m['kv_cache']['form']} ({m['kv_cache']['dtype']})"),
+        ("kv cache", f"{m['kv_cache']['form']} ({m['kv_cache']['dtype']})" + _graph(m)),
         ("quantization", f"{m.get('quantization') or 'none'}" + _blocks(m)),
         ("plan", f"{m['plan']['total_gib']} GiB of {m['plan']['budget_gib']} GiB, decode ceiling "
                  f"{m['plan']['decode_ceiling_tok_s']} tok/s" if m.get("plan") else "n/a"),
@@ -67,3 +67,12 @@ def _blocks(m: dict) -> str:
     if blocks and len(set(blocks.values())) > 1:
         return ", blocks " + ", ".join(f"{r} {b}" for r, b in blocks.items())
     return f", block {m['block_size']}" if m.get("block_size") else ""
+
+
+def _graph(m: dict) -> str:
+    """"; updated by TensorScatter, attention: Attention, opset 24, TensorRT >= 10.15" from the manifest's graph."""
+    g = m.get("graph")
+    if not g:
+        return ""
+    trt = f", TensorRT >= {g['min_tensorrt']}" if g.get("min_tensorrt") else ""
+    return f"; updated by {g['kv_update']}, attention: {g['attention']}, opset {g['opset']}{trt}"

@@ -36,6 +36,7 @@ SCHEMA = {
     "tokenizer": ((list, type(None)), False), "left_padding": ((bool,), False), "plan": ((dict, type(None)), False),
     "runtime": ((dict,), False), "checksums": ((dict,), False), "engine": ((dict, type(None)), False),
     "parity": ((dict, type(None)), False), "chat_format": ((str, type(None)), False),
+    "graph": ((dict,), False),
 }
 
 

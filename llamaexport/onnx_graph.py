@@ -13,7 +13,7 @@ import numpy as np
 
 ALIGN = 4096  # page-aligned tensors let runtimes memory-map them directly
 OPSET = 21       # DequantizeLinear block_size / INT4 need 21; TensorRT 10.x and ONNX Runtime parse it
-IR_VERSION = 10  # the IR of opset 21
+IR_VERSION = 10  # the IR of opset 21; a newer opset (24: TensorScatter) gets the IR that introduced it
 
 
 class GraphBuilder:
@@ -124,6 +124,6 @@ class GraphBuilder:
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid(d, v) for d, v in self.domains.items()],
             functions=list(self.functions.values()), producer_name=producer, doc_string=doc)
-        model.ir_version = IR_VERSION
+        model.ir_version = max(IR_VERSION, helper.find_min_ir_version_for(list(model.opset_import), True))
         onnx.save(model, str(model_path))
         return model_path

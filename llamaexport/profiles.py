@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from .recipe import PRECISIONS
 PROFILE_DIR = Path(__file__).parent / "profiles"
 BACKENDS = ("onnxruntime", "tensorrt")
 DEFAULT_WORKSPACE_GB = 4.0  # TensorRT's builder and runtime workspace when [builder] sets none
-RUNTIME_KEYS = {"threads"}
+RUNTIME_KEYS = {"threads", "device"}
+DEVICES = ("cpu", "cuda")  # [runtime] device of an onnxruntime profile (TensorRT profiles are cuda)
 BUILDER_KEYS = {"workspace_gb", "builder_optimization_level"}
 
 
@@ -34,6 +36,8 @@ class Profile:
     reserved_gb: float = 0.0
     shared_memory: bool = False
     compute_capability: str | None = None  # TensorRT: the GPU an engine for this profile runs on
+    tensorrt_version: str | None = None  # TensorRT: the version the target runs ("10.3" on JetPack 6); picks the
+                                         # graph of an --export-only build (recipe.kv_cache_for)
     default_batch: int = 1
     builder: dict = dataclasses.field(default_factory=dict)   # TensorRT: workspace_gb, builder_optimization_level
     runtime: dict = dataclasses.field(default_factory=dict)   # threads: CPU threads (0 = all this process may use)
@@ -74,6 +78,13 @@ class Profile:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
             raise LlamaExportError(f"profile {where}: [runtime] threads must be a whole number >= 0 "
                                    f"(0 = all cores), got {threads!r}")
+        device = self.runtime.get("device", "cpu")
+        if device not in DEVICES or (device == "cuda" and self.backend != "onnxruntime"):
+            raise LlamaExportError(f"profile {where}: [runtime] device must be cpu or cuda (onnxruntime profiles; "
+                                   f"TensorRT runs on the GPU anyway), got {device!r}")
+        tv = self.tensorrt_version
+        if tv is not None and not (isinstance(tv, str) and re.fullmatch(r"\d+\.\d+(\.\d+)*", tv)):
+            raise LlamaExportError(f"profile {where}: tensorrt_version must be a version string like \"10.3\", got {tv!r}")
         ws = self.builder.get("workspace_gb", DEFAULT_WORKSPACE_GB)
         if not _number(ws) or not ws > 0:
             raise LlamaExportError(f"profile {where}: [builder] workspace_gb must be a positive number, got {ws!r}")
@@ -82,6 +93,11 @@ class Profile:
     def threads(self) -> int:
         """CPU threads for the runtime; 0 = all this process may use."""
         return int(self.runtime.get("threads", 0))
+
+    @property
+    def device(self) -> str:
+        """Where the runtime runs: cpu or cuda (ONNX Runtime's CUDA provider; TensorRT profiles: cuda)."""
+        return "cuda" if self.backend == "tensorrt" else self.runtime.get("device", "cpu")
 
     @property
     def workspace_gb(self) -> float:

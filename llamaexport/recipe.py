@@ -4,7 +4,7 @@ A `Recipe` is resolved once from what the user asked (profile, precision, int4 r
 quantization method, whether there is text to calibrate on), validating each input with one
 error message. It then answers, per linear role, how that tensor is stored (precision, block,
 symmetric or not: a `quantize.QuantForm`), and the graph-form choices (activation dtype, fused
-attention, quantized embedding and output layer, the `num_logits_to_keep` input). It writes its
+attention, quantized embedding and output layer, the KV-cache form). It writes its
 own manifest fields. The planner, the export and the build take a Recipe; `quantize.py` holds
 only the arithmetic. The reasons behind each rule (and the figures that chose them) are in
 docs/quantization.md.
@@ -33,8 +33,53 @@ class Target(enum.StrEnum):
     ORT_CPU = "ort-cpu"
 
     @classmethod
-    def for_backend(cls, backend: str) -> Target:
-        return cls.ORT_CPU if backend == "onnxruntime" else cls.PORTABLE
+    def for_profile(cls, profile) -> Target:
+        """ONNX Runtime on the CPU gets its own graph; TensorRT and ONNX Runtime on a GPU (a profile whose
+        [runtime] device is cuda) the portable one (fp16 activations, standard ops)."""
+        return cls.ORT_CPU if profile.backend == "onnxruntime" and profile.device == "cpu" else cls.PORTABLE
+
+
+class KVCache(enum.StrEnum):
+    """How the portable graph keeps its KV cache (the CPU graph's GroupQueryAttention always writes in place).
+
+    concat   present = past ++ new (Concat): every decode step copies the whole past into a new
+             buffer; attention is MatMul -> Add(mask) -> Softmax -> MatMul, which every TensorRT 10.x
+             parses (JetPack 6's 10.3 included) and may fuse into one MHA kernel. Opset 21.
+    inplace  past and present are one max-length buffer [batch, kv_heads, context, head_dim], updated
+             in place by TensorScatter (opset 24), which TensorRT's parser maps to IKVCacheUpdateLayer,
+             and attention is the ONNX Attention op, which it maps to IAttention (its fused attention):
+             TensorRT >= 10.15 (CHANGELOG.md of NVIDIA/TensorRT: 10.14 added Attention, 10.15
+             TensorScatter; parser sources: onnxOpImporters.cpp `TensorScatter`, `Attention`)."""
+    CONCAT = "concat"
+    INPLACE = "inplace"
+
+
+KV_CACHE_CHOICES = ("auto", *(k.value for k in KVCache))  # what --kv-cache accepts
+INPLACE_MIN_TENSORRT = (10, 15)  # TensorScatter -> IKVCacheUpdateLayer (the Attention op alone: 10.14)
+OPSET_CONCAT, OPSET_INPLACE = 21, 24  # TensorScatter is opset 24; the concat graph stays where 10.3 parses it
+
+
+def version_tuple(version: str) -> tuple[int, int]:
+    """"10.3" or "10.15.1.29" -> (10, 3)."""
+    major, minor = str(version).split(".")[:2]
+    return int(major), int(minor)
+
+
+def kv_cache_for(profile, requested: str = "auto", *, tensorrt: str | None = None) -> KVCache:
+    """The KV-cache form a build makes. auto: in place when the TensorRT that builds the engine (the one
+    installed here, else the profile's tensorrt_version: the target's) is >= 10.15, else concat; ONNX
+    Runtime on a GPU: concat (its CUDA TensorScatter kernel is newer than the onnxruntime we require)."""
+    if requested not in KV_CACHE_CHOICES:
+        raise LlamaExportError(f"unknown --kv-cache {requested!r}; choose {', '.join(KV_CACHE_CHOICES)}")
+    if Target.for_profile(profile) is Target.ORT_CPU:
+        if requested == KVCache.INPLACE:
+            raise LlamaExportError(f"--kv-cache inplace is for GPU profiles; the {profile.name} graph's "
+                                   "GroupQueryAttention already updates its cache in place (leave --kv-cache at auto)")
+        return KVCache.CONCAT
+    if requested != "auto":
+        return KVCache(requested)
+    version = tensorrt or (profile.tensorrt_version if profile.backend == "tensorrt" else None)
+    return KVCache.INPLACE if version and version_tuple(version) >= INPLACE_MIN_TENSORRT else KVCache.CONCAT
 
 
 class Int4Recipe(enum.StrEnum):
@@ -93,11 +138,13 @@ class Recipe:
     block_size: int | None = None
     requested_method: str = "auto"
     calibration: bool = False
+    kv_cache: KVCache = KVCache.CONCAT  # the portable graph's cache form (kv_cache_for); CPU graphs: concat
 
     # ------------------------------------------------------------------ resolution
     @classmethod
     def resolve(cls, *, precision: str, target: str, int4_recipe: str = Int4Recipe.ACCURATE,
-                block_size: int | None = None, quant_method: str = "auto", calibration: bool = False) -> Recipe:
+                block_size: int | None = None, quant_method: str = "auto", calibration: bool = False,
+                kv_cache: str = KVCache.CONCAT) -> Recipe:
         """Validate the request and resolve the blocks and the quantization method.
 
         calibration: whether the build has text to calibrate on (a tokenizer): `auto` then picks
@@ -105,6 +152,10 @@ class Recipe:
         prec = _choice(Precision, precision, "precision")
         tgt = _choice(Target, target, "export target")
         recipe = _choice(Int4Recipe, int4_recipe, "--int4-recipe")
+        kv = _choice(KVCache, kv_cache, "--kv-cache")
+        if kv is KVCache.INPLACE and tgt is not Target.PORTABLE:
+            raise LlamaExportError("--kv-cache inplace is for GPU profiles; the CPU graph's GroupQueryAttention "
+                                   "already updates its cache in place")
         if recipe is Int4Recipe.COMPACT and prec is not Precision.INT4:
             raise LlamaExportError("--int4-recipe compact applies to int4 only; add --precision int4")
         if block_size is not None and block_size not in BLOCK_SIZES:
@@ -134,7 +185,7 @@ class Recipe:
         else:
             method = QuantMethod(quant_method)
         return cls(prec, tgt, recipe if prec is Precision.INT4 else None, block, block8, method,
-                   block_size, quant_method, calibration)
+                   block_size, quant_method, calibration, kv)
 
     @classmethod
     def for_profile(cls, profile, precision: str, **request) -> Recipe:
@@ -142,7 +193,7 @@ class Recipe:
         if precision not in profile.precisions:
             raise LlamaExportError(f"precision {precision} is not supported by profile {profile.name}; "
                                    f"choose one of {', '.join(profile.precisions)}")
-        return cls.resolve(precision=precision, target=Target.for_backend(profile.backend), **request)
+        return cls.resolve(precision=precision, target=Target.for_profile(profile), **request)
 
     @classmethod
     def candidates(cls, profile, precision: str = "auto", **request) -> list[Recipe]:
@@ -162,7 +213,7 @@ class Recipe:
 
     def _request(self) -> dict:
         return dict(target=self.target, block_size=self.block_size, quant_method=self.requested_method,
-                    calibration=self.calibration)
+                    calibration=self.calibration, kv_cache=self.kv_cache)
 
     def with_precision(self, precision: str) -> Recipe:
         """The same request at another precision (int4 recipes other than int4's are dropped)."""
@@ -211,11 +262,35 @@ class Recipe:
         return self.cpu and cfg.rope_dim == cfg.head_dim
 
     @property
-    def last_logits_input(self) -> bool:
-        """CPU graphs take an optional scalar `num_logits_to_keep` (0 = every position): the runtime
-        asks for the last position's logits only, so a prompt's prefill skips the output layer for
-        the rest. Other runtimes (onnxruntime-genai) leave it out."""
+    def logits_keep_optional(self) -> bool:
+        """Every graph takes a scalar int64 `num_logits_to_keep` (0 = every position, n = the last n):
+        the runtime asks for the last position's logits only, so a prompt's prefill skips the output
+        layer for the rest (and TensorRT copies [B, 1, V] to the host, not [B, S, V]). The CPU graph
+        makes it optional (an initializer of the same name is its default 0; onnxruntime-genai leaves it
+        out); the portable graph requires it, since TensorRT's ONNX parser treats a graph input that has
+        an initializer as that constant (ModelImporter.cpp importInputs), and there it is a shape tensor
+        (its value sizes the logits)."""
         return self.cpu
+
+    @property
+    def inplace_kv(self) -> bool:
+        """The portable graph with a max-length cache written in place (KVCache.INPLACE)."""
+        return self.target is Target.PORTABLE and self.kv_cache is KVCache.INPLACE
+
+    @property
+    def opset(self) -> int:
+        return OPSET_INPLACE if self.inplace_kv else OPSET_CONCAT
+
+    def graph_fields(self, cfg) -> dict:
+        """The manifest's `graph`: the opset, how attention and the cache update are expressed, and the
+        oldest TensorRT whose parser maps them (None for the CPU graph, which TensorRT does not run)."""
+        if self.fused_attention(cfg):
+            attention, update, trt = "GroupQueryAttention", "GroupQueryAttention", None
+        elif self.inplace_kv:
+            attention, update, trt = "Attention", "TensorScatter", "%d.%d" % INPLACE_MIN_TENSORRT
+        else:
+            attention, update, trt = "MatMul-Softmax-MatMul", "Concat", None if self.cpu else "10.0"
+        return {"opset": self.opset, "attention": attention, "kv_update": update, "min_tensorrt": trt}
 
     @property
     def lm_head_precision(self) -> Precision | None:
@@ -284,6 +359,7 @@ class Recipe:
     def manifest_fields(self, cfg) -> dict:
         """The fields of manifest.json that describe what this recipe built."""
         left_padding = not self.fused_attention(cfg)
+        shared = self.fused_attention(cfg) or self.inplace_kv
         return {
             "precision": str(self.precision),
             "export_target": str(self.target),
@@ -296,7 +372,9 @@ class Recipe:
                                   LM_HEAD: str(self.tensor_precision(LM_HEAD)),
                                   "embedding": "int8" if self.quantized_embedding(cfg.dim) else self.float_precision},
             # past_present_shared: the same max-length buffer may be bound as past and present
-            # (GroupQueryAttention writes the new entries in place); plain past/present works too
-            "kv_cache": {"form": "past_present" if left_padding else "past_present_shared",
+            # (GroupQueryAttention, or TensorScatter, writes the new entries in place); plain past/present
+            # (a max-length past, a fresh present) works too
+            "kv_cache": {"form": "past_present_shared" if shared else "past_present",
                          "dtype": self.activation_dtype},
+            "graph": self.graph_fields(cfg),
         }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
+import sys
 from collections.abc import Callable, Iterator
 from numbers import Integral
 from pathlib import Path
@@ -93,13 +94,33 @@ def _lazy_zeros(shape, dtype) -> np.ndarray:
     return np.frombuffer(buf, dtype).reshape(shape)
 
 
+_warned_cuda = False
+
+
+def providers_for(device: str, available) -> list[str]:
+    """ONNX Runtime's execution providers for an artifact whose manifest says runtime.device (cpu or
+    cuda; a profile's [runtime] device): CUDA first when asked for and this onnxruntime has it (the
+    onnxruntime-gpu package), else the CPU, after one warning when CUDA was asked for."""
+    global _warned_cuda
+    if device == "cuda":
+        if "CUDAExecutionProvider" in available:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if not _warned_cuda:
+            print("warning: this artifact is for ONNX Runtime's CUDA provider, which this onnxruntime lacks "
+                  "(pip install onnxruntime-gpu); running on the CPU", file=sys.stderr, flush=True)
+            _warned_cuda = True
+    return ["CPUExecutionProvider"]
+
+
 class OnnxRuntimeBackend:
-    """Runs `model.onnx` with ONNX Runtime on the CPU (a Backend)."""
+    """Runs `model.onnx` with ONNX Runtime (a Backend): on the CPU, or on ONNX Runtime's CUDA provider
+    (device "cuda"), where the KV cache stays on the GPU: presents are bound to device memory and
+    bound back as the next step's past, and only the logits are copied to the host."""
 
     def __init__(self, model_path: Path, cfg: LlamaConfig, io: dict, *, threads: int | None = None,
-                 shared_kv: bool = False):
-        """shared_kv: the graph's attention (GroupQueryAttention) updates a max-length KV buffer in
-        place when the same buffer is bound as past and present: no cache copy per token."""
+                 shared_kv: bool = False, device: str = "cpu"):
+        """shared_kv: the graph's attention (GroupQueryAttention, or TensorScatter) updates a max-length
+        KV buffer in place when the same buffer is bound as past and present: no cache copy per token."""
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -108,11 +129,13 @@ class OnnxRuntimeBackend:
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3  # errors only: ORT warns that num_logits_to_keep is an overridable initializer
+        providers = providers_for(device, ort.get_available_providers())
         try:
-            self.sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+            self.sess = ort.InferenceSession(str(model_path), so, providers=providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise LlamaExportError(f"ONNX Runtime cannot load {model_path}: {str(e).splitlines()[0][:200]}; "
                                    "rebuild the artifact") from None
+        self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
         self.cfg = cfg
         self.threads = so.intra_op_num_threads
         self.past_names = [n for n in io["inputs"] if n.startswith("past_key_values.")]
@@ -129,14 +152,20 @@ class OnnxRuntimeBackend:
         self._spare = None  # (batch, cache) of a finished generation (take_cache / give_back_cache)
         self._ort = ort
 
+    def _ortvalue(self, a: np.ndarray):
+        """a as an OrtValue on this backend's device (the CPU: the array's own memory, no copy)."""
+        if self.device == "cuda":
+            return self._ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0)
+        return self._ort.OrtValue.ortvalue_from_numpy(a)
+
     def empty_cache(self, batch: int):
         c = self.cfg
         if self.shared_kv:  # one max-length buffer per tensor, written in place
             self._io = self._io_cache = None  # a new generation: let the previous cache go
             shape = (batch, c.n_kv_heads, c.max_seq_len, c.head_dim)
-            return [self._ort.OrtValue.ortvalue_from_numpy(_lazy_zeros(shape, self.kv_dtype)) for _ in self.past_names]
+            return [self._ortvalue(_lazy_zeros(shape, self.kv_dtype)) for _ in self.past_names]
         z = np.zeros((batch, c.n_kv_heads, 0, c.head_dim), self.kv_dtype)
-        return [self._ort.OrtValue.ortvalue_from_numpy(z) for _ in self.past_names]
+        return [self._ort.OrtValue.ortvalue_from_numpy(z) for _ in self.past_names]  # empty: no device copy
 
     def take_cache(self, batch: int):
         """A cache for a new generation, reusing a finished one's buffers (give_back_cache) when
@@ -155,8 +184,47 @@ class OnnxRuntimeBackend:
             self._spare = (batch, cache)  # one spare in all: a cache of another batch size is let go
 
     def slots(self, n: int) -> SharedSlots | None:
-        """n serving slots over one in-place buffer (the GroupQueryAttention graph), else None."""
+        """n serving slots over one in-place buffer (kv_cache form past_present_shared), else None."""
         return SharedSlots(self, n) if self.shared_kv else None
+
+    def slot_cache(self, n: int) -> dict:
+        """SharedSlots' buffers: one [n, kv_heads, ctx, head_dim] per cache tensor (host memory, or an
+        OrtValue on the GPU), with the IOBinding of each row range made so far."""
+        c = self.cfg
+        shape = (n, c.n_kv_heads, c.max_seq_len, c.head_dim)
+        bufs = [_lazy_zeros(shape, self.kv_dtype) for _ in self.past_names]
+        if self.device == "cuda":
+            bufs = [self._ortvalue(b) for b in bufs]
+            ptrs = [b.data_ptr() for b in bufs]
+        else:
+            ptrs = [b.ctypes.data for b in bufs]
+        row = int(np.prod(shape[1:])) * np.dtype(self.kv_dtype).itemsize
+        return {"bufs": bufs, "ptrs": ptrs, "row_bytes": row, "bindings": {}}
+
+    def run_slots(self, state: dict, lo: int, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """One forward of rows lo .. lo + len(ids) of a slot_cache, each bound as both past and present
+        (a view at its byte offset: no copy); returns the last position's logits [rows, V] float32."""
+        k = ids.shape[0]
+        io = state["bindings"].get((lo, k))
+        if io is None:
+            c = self.cfg
+            io = self.sess.io_binding()
+            io.bind_output("logits")
+            shape = [k, c.n_kv_heads, c.max_seq_len, c.head_dim]
+            for past, present, ptr in zip(self.past_names, self.present_names, state["ptrs"]):
+                at = ptr + lo * state["row_bytes"]
+                io.bind_input(past, self.device, 0, self.kv_dtype, shape, at)
+                io.bind_output(present, self.device, 0, self.kv_dtype, shape, at)
+            if self.keep_input:
+                io.bind_ortvalue_input("num_logits_to_keep", self._one)
+            state["bindings"][(lo, k)] = io
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", pos)
+        logits = np.empty((k, 1 if self.keep_input else ids.shape[1], self.cfg.vocab_size), self.logits_dtype)
+        io.bind_output("logits", "cpu", 0, self.logits_dtype, logits.shape, logits.ctypes.data)
+        self.sess.run_with_iobinding(io)
+        return logits[:, -1].astype(np.float32, copy=False)
 
     def close(self):
         self._io = self._io_cache = self._spare = None
@@ -184,7 +252,7 @@ class OnnxRuntimeBackend:
             self._io, self._io_cache = io, cache
         else:
             for name in self.present_names:
-                io.bind_output(name)
+                io.bind_output(name, self.device)  # on the GPU the next step binds it as its past, no copy
         return io
 
     def _bind(self, io, name: str, value):
@@ -229,49 +297,28 @@ class OnnxRuntimeBackend:
 
 
 class SharedSlots:
-    """KV-cache slots for the serving engine on the GroupQueryAttention graph: one
-    [n, kv_heads, ctx, head_dim] buffer per cache tensor, written in place, each row a slot.
+    """KV-cache slots for the serving engine on a graph that writes a max-length buffer in place
+    (kv_cache form past_present_shared: the CPU graph's GroupQueryAttention, the TensorRT graph's
+    TensorScatter): one [n, kv_heads, ctx, head_dim] buffer per cache tensor, each row a slot. The
+    backend owns the buffers and runs rows of them (slot_cache, run_slots); this class keeps each
+    slot's length and builds the inputs.
 
-    GroupQueryAttention reads row b's length from attention_mask (seqlens_k = its sum - 1) and
-    writes the new token of row b at that position, so a decode step binds the rows from the lowest
-    to the highest decoding slot and every row keeps its own length. A row in that range that is
-    not decoding (idle, or between prefill chunks) is fed a dummy token at its first free
-    position, which its next write overwrites. Prefill chunks run with batch 1 on one row (the
-    kernel takes a chunk on top of a past only for batch 1)."""
+    Both graphs write the new tokens of row b after its last real column of attention_mask (whose
+    1s are its length), so a decode step binds the rows from the lowest to the highest decoding slot
+    and every row keeps its own length. A row in that range that is not decoding (idle, or between
+    prefill chunks) is fed a dummy token at its first free position, which its next write
+    overwrites. Prefill chunks run with batch 1 on one row (GroupQueryAttention takes a chunk on top
+    of a past only for batch 1)."""
 
-    def __init__(self, backend: OnnxRuntimeBackend, n: int):
-        c = backend.cfg
-        self.backend, self.ctx = backend, c.max_seq_len
-        shape = (n, c.n_kv_heads, c.max_seq_len, c.head_dim)
-        self.kv = [_lazy_zeros(shape, backend.kv_dtype) for _ in backend.past_names]
+    def __init__(self, backend, n: int):
+        self.backend, self.ctx = backend, backend.cfg.max_seq_len
+        self.state = backend.slot_cache(n)  # {"bufs": the cache buffers, ...: what the backend keeps with them}
         self.length = [0] * n
-        self._bindings = {}  # (first row, rows) -> IOBinding with the cache rows bound
 
-    def _binding(self, lo: int, k: int):
-        key = (lo, k)
-        io = self._bindings.get(key)
-        if io is None:
-            b = self.backend
-            io = b.sess.io_binding()
-            io.bind_output("logits")
-            for past, present, buf in zip(b.past_names, b.present_names, self.kv):
-                v = b._ort.OrtValue.ortvalue_from_numpy(buf[lo:lo + k])  # a view: no copy on the CPU
-                io.bind_ortvalue_input(past, v)
-                io.bind_ortvalue_output(present, v)
-            if b.keep_input:
-                io.bind_ortvalue_input("num_logits_to_keep", b._one)
-            self._bindings[key] = io
-        return io
-
-    def _run(self, io, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        b = self.backend
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", mask)
-        io.bind_cpu_input("position_ids", pos)
-        logits = np.empty((ids.shape[0], 1, b.cfg.vocab_size), b.logits_dtype)
-        io.bind_output("logits", "cpu", 0, b.logits_dtype, logits.shape, logits.ctypes.data)
-        b.sess.run_with_iobinding(io)
-        return logits[:, -1].astype(np.float32, copy=False)
+    @property
+    def kv(self) -> list:
+        """The cache buffers, one [n, kv_heads, ctx, head_dim] per cache tensor."""
+        return self.state["bufs"]
 
     def truncate(self, slot: int, n: int):
         self.length[slot] = min(self.length[slot], n)
@@ -280,9 +327,8 @@ class SharedSlots:
         start, n = self.length[slot], len(ids)
         if start + n > self.ctx:
             raise LlamaExportError(f"slot {slot} would hold {start + n} tokens, more than the context {self.ctx}")
-        io = self._binding(slot, 1)
-        logits = self._run(io, np.array([ids], np.int64), np.ones((1, start + n), np.int64),
-                           np.arange(start, start + n, dtype=np.int64)[None])
+        logits = self.backend.run_slots(self.state, slot, np.array([ids], np.int64), np.ones((1, start + n), np.int64),
+                                        np.arange(start, start + n, dtype=np.int64)[None])
         self.length[slot] = start + n
         return logits[0]
 
@@ -291,8 +337,8 @@ class SharedSlots:
         k, n = len(ids), len(ids[0])
         if any(self.length[s] for s in range(lo, lo + k)) or any(len(r) != n for r in ids) or n > self.ctx:
             raise LlamaExportError("prefill_rows takes empty slots and prompts of one length")
-        logits = self._run(self._binding(lo, k), np.array(ids, np.int64), np.ones((k, n), np.int64),
-                           np.broadcast_to(np.arange(n, dtype=np.int64), (k, n)).copy())
+        logits = self.backend.run_slots(self.state, lo, np.array(ids, np.int64), np.ones((k, n), np.int64),
+                                        np.broadcast_to(np.arange(n, dtype=np.int64), (k, n)).copy())
         for s in range(lo, lo + k):
             self.length[s] = n
         return logits
@@ -310,14 +356,13 @@ class SharedSlots:
             lens.append(self.length[s])
         T = max(lens) + 1
         mask = (np.arange(T)[None] <= np.array(lens)[:, None]).astype(np.int64)
-        logits = self._run(self._binding(lo, hi - lo + 1), ids, mask, np.array(lens, np.int64)[:, None])
+        logits = self.backend.run_slots(self.state, lo, ids, mask, np.array(lens, np.int64)[:, None])
         for s in slots:
             self.length[s] += 1
         return logits[[s - lo for s in slots]]
 
     def close(self):
-        self._bindings = {}
-        self.kv = []
+        self.state = {"bufs": []}
 
 
 @dataclasses.dataclass
@@ -355,7 +400,8 @@ class LlamaModel:
             threads = check_threads(threads)
         if backend_name == "onnxruntime":
             backend = OnnxRuntimeBackend(d / m["files"]["onnx"], cfg, m["io"], threads=threads,
-                                         shared_kv=m["kv_cache"].get("form") == "past_present_shared")
+                                         shared_kv=m["kv_cache"].get("form") == "past_present_shared",
+                                         device=(m.get("runtime") or {}).get("device", "cpu"))
         elif backend_name == "tensorrt":
             from .trt_runtime import TensorRTBackend  # lazy: tensorrt is optional
             backend = TensorRTBackend(d, m, cfg)

@@ -10,8 +10,15 @@ their ONNX function bodies; the library must be built against the running Tensor
 version (check_plugin_library).
 
 Profiles (B = the hardware profile's default_batch, L = the model's max_seq_len):
+  concat KV cache (past grows by Concat):
   0 "prefill"  input_ids [1..B, 1..L]  past [1..B, K, 0, hd]      attention_mask [1..B, 1..L]
   1 "decode"   input_ids [1..B, 1]     past [1..B, K, 1..L-1, hd] attention_mask [1..B, 2..L]
+  in-place KV cache (past = present = one [B, K, L, hd] buffer):
+  0 "prefill"  input_ids [1..B, 1..L]  past [1..B, K, L, hd]      attention_mask [1..B, 1..L]
+  1 "decode"   input_ids [1..B, 1]     past [1..B, K, L, hd]      attention_mask [1..B, 1..L]
+  num_logits_to_keep (a 0-D int64 shape tensor: its value sizes the logits) takes 0..L (prefill), 0..1
+  (decode); TensorRT sizes activation memory for the largest, so a prefill that keeps every position
+  (`check`) fits and the runtime's usual keep = 1 needs a fraction of it.
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ def trt_major(trt) -> int:
 def find_plugin_library() -> Path | None:
     """$LLAMAEXPORT_PLUGIN_LIB, else build/plugins/ of this checkout, else next to the package."""
     env = os.environ.get("LLAMAEXPORT_PLUGIN_LIB")
+    if env == "none":  # build with the ONNX function bodies (scripts/gpu_check.sh's A/B of the plugins)
+        return None
     if env:
         if not Path(env).is_file():
             raise LlamaExportError(f"LLAMAEXPORT_PLUGIN_LIB={env} does not exist; build it with "
@@ -206,24 +215,32 @@ def timing_cache_path() -> Path:
 
 
 def profile_shapes(manifest: dict, batch: int) -> list[dict]:
-    """The prefill and decode profiles: name, (min, max) of batch / seq / past, and
-    {input: (min, opt, max) shape} for every input."""
+    """The prefill and decode profiles: name, (min, max) of batch / seq / past (the cached tokens before
+    the new ones), {input: (min, opt, max) shape} for every dynamic input and {shape-tensor input:
+    (min, opt, max) values}."""
     from .config import LlamaConfig
 
     cfg = LlamaConfig.from_dict(manifest["model"])
     L, K, hd = cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim
     past = [n for n in manifest["io"]["inputs"] if n.startswith("past_key_values.")]
+    shared = manifest["kv_cache"].get("form") == "past_present_shared"  # one max-length buffer, written in place
+    keep = "num_logits_to_keep" in manifest["io"]["inputs"]
     out = []
-    # (min, opt, max) of seq and past per profile; attention_mask is [batch, past + seq]
-    ranges = (("prefill", (1, min(L, 256), L), (0, 0, 0)), ("decode", (1, 1, 1), (1, max(1, L // 2), L - 1)))
+    # (min, opt, max) of seq and past per profile; attention_mask is [batch, past + seq]. In place, a chunk
+    # of a prompt on a cache runs in the prefill profile (the concat form runs it one token at a time).
+    if shared:
+        ranges = (("prefill", (1, min(L, 256), L), (0, 0, L - 1)), ("decode", (1, 1, 1), (0, max(1, L // 2), L - 1)))
+    else:
+        ranges = (("prefill", (1, min(L, 256), L), (0, 0, 0)), ("decode", (1, 1, 1), (1, max(1, L // 2), L - 1)))
     for name, seq, pst in ranges:
         bs = (1, batch, batch)
         shapes = {"input_ids": tuple((b, s) for b, s in zip(bs, seq)),
-                  "attention_mask": tuple((b, s + p) for b, s, p in zip(bs, seq, pst)),
+                  "attention_mask": tuple((b, min(s + p, L)) for b, s, p in zip(bs, seq, pst)),
                   "position_ids": tuple((b, s) for b, s in zip(bs, seq))}
-        shapes.update({n: tuple((b, K, p, hd) for b, p in zip(bs, pst)) for n in past})
+        shapes.update({n: tuple((b, K, L if shared else p, hd) for b, p in zip(bs, pst)) for n in past})
+        values = {"num_logits_to_keep": ([0], [1], [seq[2]])} if keep else {}
         out.append({"name": name, "batch": [1, batch], "seq": [seq[0], seq[2]], "past": [pst[0], pst[2]],
-                    "shapes": shapes})
+                    "shapes": shapes, "values": values})
     return out
 
 
@@ -239,12 +256,26 @@ class Stage:
                                 f"{_one_line(e) or 'no message'}{_said(self.logger.last_error)}; {advice}")
 
 
+def require_graph_support(trt, manifest: dict):
+    """Refuse, with the way out, a graph whose ops this TensorRT's parser does not map (the manifest's
+    graph.min_tensorrt: 10.15 for the in-place KV cache)."""
+    from .recipe import version_tuple
+
+    graph = manifest.get("graph") or {}
+    need = graph.get("min_tensorrt")
+    if need and version_tuple(trt.__version__) < version_tuple(need):
+        raise LlamaExportError(f"this artifact's graph ({graph.get('kv_update')} KV cache, {graph.get('attention')} "
+                               f"attention) needs TensorRT >= {need}, this is {trt.__version__}; rebuild the artifact "
+                               "with --kv-cache concat (every TensorRT 10.x) or upgrade TensorRT")
+
+
 def build_engine(artifact_dir, manifest: dict, profile, *, progress: bool = True) -> dict:
     """Build `artifact_dir/engine.plan` from its model.onnx; returns the manifest's "engine" entry."""
     trt = require_tensorrt()
     d = Path(artifact_dir)
     if manifest["model"]["max_seq_len"] < 2:
         raise LlamaExportError("the decode profile needs a context of at least 2 tokens; rebuild with --max-seq-len")
+    require_graph_support(trt, manifest)
     mismatch = gpu_mismatch(profile.compute_capability, _gpu_archs())
     if mismatch:
         log(f"warning: profile {profile.name} is for {mismatch}; an engine runs only on the GPU model it was built on")
@@ -306,6 +337,8 @@ def _build_engine(trt, logger, stage: Stage, d: Path, manifest: dict, profile, *
         for inp, (lo, opt, hi) in prof_def.pop("shapes").items():
             stage.now = f"setting the {prof_def['name']} profile's shapes of {inp} (min {lo}, opt {opt}, max {hi})"
             p.set_shape(inp, lo, opt, hi)  # raises RuntimeError on an inconsistent shape
+        for inp, (lo, opt, hi) in prof_def.pop("values").items():  # shape-tensor inputs (NvInferRuntime.h:
+            p.set_shape_input(inp, lo, opt, hi)                   # IOptimizationProfile::setShapeValues[V2])
         stage.now = f"adding the {prof_def['name']} optimization profile"
         index = config.add_optimization_profile(p)
         if index < 0:

@@ -1,14 +1,20 @@
 """The TensorRT backend: runs engine.plan with the same interface as OnnxRuntimeBackend.
 
 Device memory is torch CUDA tensors (torch is on every TensorRT machine; tensorrt and torch are
-imported when the backend is created). The KV cache stays on the GPU between steps: the cache is
-the list of present tensors of the previous step, bound as the next step's past without a copy.
-Only the logits cross to the host.
+imported when the backend is created). The KV cache stays on the GPU between steps, in the
+manifest's kv_cache form:
+  past_present         the cache is the list of present tensors of the previous step, bound as the
+                       next step's past without a copy (the engine concatenates: a new present per step)
+  past_present_shared  one max-length buffer per tensor, bound as both past and present: the engine's
+                       KV-cache update layer writes the new entries in place (runtime.SharedSlots
+                       serves rows of it, each with its own length)
+Only the kept logits cross to the host (num_logits_to_keep = 1 unless every position is asked for),
+through a pinned buffer.
 
 One execution context per optimization profile, created once (trt_build.py builds them):
-  prefill  empty cache (past_seq = 0), 1..L tokens
-  decode   one token on a cache of 1..L-1 tokens
-A multi-token step on a non-empty cache (chunked prefill) runs as single-token decode steps.
+  prefill  1..L tokens on an empty cache (in place: on any cache)
+  decode   one token on a cache
+A multi-token step on a non-empty concat cache (chunked prefill) runs as single-token decode steps.
 Each context keeps its profile (switching a context's profile makes TensorRT update layer
 resources on the next enqueue), and both share ONE activation region: they are created with
 ExecutionContextAllocationStrategy.USER_MANAGED and given the same buffer of
@@ -118,6 +124,8 @@ class TensorRTBackend:
         self.dtypes = {n: to_torch[self.engine.get_tensor_dtype(n)] for n in names}
         self.past_names = [n for n in io["inputs"] if n.startswith("past_key_values.")]
         self.present_names = ["present." + n[len("past_key_values."):] for n in self.past_names]
+        self.shared = manifest["kv_cache"].get("form") == "past_present_shared"
+        self.keep_input = "num_logits_to_keep" in io["inputs"]
         self.kv_dtype = self.dtypes[self.past_names[0]] if self.past_names else torch.float32
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device)
@@ -144,17 +152,48 @@ class TensorRTBackend:
             self.profiles[p["name"]], self.contexts[p["name"]] = p, ctx
         self.stream.synchronize()
         self.dir, self.last_profile = d, None
+        self._keep = {}      # num_logits_to_keep value -> its tensor (host memory when it is a shape tensor)
+        self._pinned = None  # page-locked host buffer the kept logits are copied through
+        self._spare = None   # (batch, cache) of a finished generation (in place: take_cache recycles it)
+
+    @property
+    def device_memory_bytes(self) -> int:
+        """The engine's activation memory (the one region both contexts share), for bench and gpu_check."""
+        return self.activation_bytes
 
     def empty_cache(self, batch: int):
         c = self.cfg
-        return [self._torch.zeros((batch, c.n_kv_heads, 0, c.head_dim), dtype=self.kv_dtype, device=self.device)
+        length = c.max_seq_len if self.shared else 0  # in place: one max-length buffer (zeros: masked, never NaN)
+        return [self._torch.zeros((batch, c.n_kv_heads, length, c.head_dim), dtype=self.kv_dtype, device=self.device)
                 for _ in self.past_names]
 
     def take_cache(self, batch: int):
-        return self.empty_cache(batch)  # the cache grows by concatenation: nothing to recycle
+        """A concat cache grows by concatenation: nothing to recycle. An in-place cache of a finished
+        generation is reused as it is: positions past the new sequence are masked out."""
+        if self.shared and self._spare is not None and self._spare[0] == batch:
+            cache, self._spare = self._spare[1], None
+            return cache
+        return self.empty_cache(batch)
 
     def give_back_cache(self, batch: int, cache):
-        pass
+        if self.shared:
+            self._spare = (batch, cache)
+
+    def slots(self, n: int):
+        """n serving slots over one in-place buffer (runtime.SharedSlots), else None (engine.PaddedSlots)."""
+        from .runtime import SharedSlots
+
+        return SharedSlots(self, n) if self.shared else None
+
+    def slot_cache(self, n: int) -> dict:
+        return {"bufs": self.empty_cache(n)}
+
+    def run_slots(self, state: dict, lo: int, ids, mask, pos) -> np.ndarray:
+        """Rows lo .. lo + len(ids) of a slot_cache (views: the batch is the outermost dimension, so a row
+        range is contiguous) as past and present; the last position's logits [rows, V]."""
+        k = len(ids)
+        logits, _ = self._execute(ids, mask, pos, [t[lo:lo + k] for t in state["bufs"]], keep=1)
+        return logits[:, -1]
 
     def close(self):
         """Release the execution contexts, their activation memory, the engine and the runtime, in that order."""
@@ -163,7 +202,8 @@ class TensorRTBackend:
         self.contexts = {}
         self._activations = None
         self.engine = self.runtime = None
-        self._dummy = None
+        self._dummy = self._pinned = self._spare = None
+        self._keep = {}
 
     @property
     def max_batch(self) -> int:
@@ -171,7 +211,9 @@ class TensorRTBackend:
         return min(p["batch"][1] for p in self.profiles.values())
 
     def _profile_for(self, B: int, S: int, P: int) -> str:
-        name = "prefill" if P == 0 else "decode"
+        """P: the cached tokens before the S new ones. Concat: prefill on an empty cache, decode after;
+        in place: prefill for every multi-token step (a prompt's chunk on a cache too), decode for one."""
+        name = ("decode" if S == 1 else "prefill") if self.shared else ("prefill" if P == 0 else "decode")
         p = self.profiles.get(name)
         if p is None:
             raise LlamaExportError(f"this engine has no {name} profile; rebuild it with "
@@ -185,27 +227,37 @@ class TensorRTBackend:
         return name
 
     def forward(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
-        """last_only is accepted for the interface; the engine returns every position."""
+        """last_only: only the last position's logits are computed and copied to the host."""
         torch = self._torch
         if any(not isinstance(t, torch.Tensor) or t.device.type != "cuda" for t in cache):
             raise LlamaExportError("the cache does not come from this backend; start from backend.empty_cache(batch)")
         ids, mask, pos = (np.array(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids))  # copies
         B, S = ids.shape
-        P = int(cache[0].shape[2]) if cache else mask.shape[1] - S
+        P = mask.shape[1] - S if self.shared or not cache else int(cache[0].shape[2])
         if mask.shape != (B, P + S):
             raise LlamaExportError(f"attention_mask is {mask.shape}, expected {(B, P + S)} (cached + new tokens)")
-        if S > 1 and P > 0:  # chunked prefill: no profile has both; one token at a time through decode
+        if S > 1 and P > 0 and not self.shared:  # chunked prefill: no concat profile has both; one token at a time
             rows = []
             for j in range(S):
-                logits, cache = self.forward(ids[:, j:j + 1], mask[:, :P + j + 1], pos[:, j:j + 1], cache)
+                last = last_only and j < S - 1
+                logits, cache = self.forward(ids[:, j:j + 1], mask[:, :P + j + 1], pos[:, j:j + 1], cache, last)
                 rows.append(logits)
-            return np.concatenate(rows, axis=1), cache
-        name = self._profile_for(B, S, P)
+            return (rows[-1] if last_only else np.concatenate(rows, axis=1)), cache
+        logits, present = self._execute(ids, mask, pos, cache, keep=1 if last_only else 0)
+        return logits, (cache if self.shared else present)
+
+    def _execute(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list, *, keep: int):
+        """One engine run. past: the cache tensors (in place: also bound as the presents, which the
+        engine's KV-cache update writes into: IKVCacheUpdateLayer's output shares its input's memory).
+        Returns (host logits [B, keep or S, V] float32, the new presents (concat) or None)."""
+        torch = self._torch
+        B, S = ids.shape
+        name = self._profile_for(B, S, mask.shape[1] - S)
         ctx = self.contexts[name]
         with torch.cuda.stream(self.stream):  # allocations, copies and the engine on one stream
             feeds = {n: torch.from_numpy(a).to(self.device, self.dtypes[n])
                      for n, a in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos))}
-            feeds.update(zip(self.past_names, cache))
+            feeds.update(zip(self.past_names, past))
             for n, t in feeds.items():
                 if t.dtype != self.dtypes[n]:
                     raise LlamaExportError(f"{n} is {t.dtype}, the engine takes {self.dtypes[n]}")
@@ -213,15 +265,47 @@ class TensorRTBackend:
                     raise LlamaExportError(f"the engine's {name} profile does not accept {n} of shape "
                                            f"{tuple(t.shape)} ({self.logger.last_error})")
                 ctx.set_tensor_address(n, (t if t.numel() else self._dummy).data_ptr())  # inputs need non-null
+            if self.keep_input:  # before the output shapes: the logits' length depends on its value
+                ctx.set_tensor_address("num_logits_to_keep", self._keep_tensor(keep).data_ptr())
             outs = {}
-            for n in ["logits", *self.present_names]:
-                shape = tuple(ctx.get_tensor_shape(n))  # logits [B, S, V], present [B, K, P + S, hd]
+            if self.shared:
+                for n, t in zip(self.present_names, past):
+                    ctx.set_tensor_address(n, t.data_ptr())
+            for n in ["logits"] + ([] if self.shared else self.present_names):
+                shape = tuple(ctx.get_tensor_shape(n))  # logits [B, keep or S, V], present [B, K, P + S, hd]
                 if any(s < 0 for s in shape):
                     raise LlamaExportError(f"TensorRT could not infer the shape of {n} ({self.logger.last_error})")
                 outs[n] = torch.empty(shape, dtype=self.dtypes[n], device=self.device)
                 ctx.set_tensor_address(n, outs[n].data_ptr())
             if not ctx.execute_async_v3(self.stream.cuda_stream):
                 raise LlamaExportError(f"TensorRT failed to run the engine ({self.logger.last_error})")
-            logits = outs["logits"].float().cpu().numpy()  # waits for the stream
+            logits = self._to_host(outs["logits"])
         self.last_profile = name
-        return logits, [outs[n] for n in self.present_names]
+        return logits, (None if self.shared else [outs[n] for n in self.present_names])
+
+    def _keep_tensor(self, keep: int):
+        """num_logits_to_keep's value where the engine reads it: a shape tensor is read from host memory
+        (ICudaEngine::getTensorLocation kHOST, NvInferRuntime.h setTensorAddress), page-locked here."""
+        t = self._keep.get(keep)
+        if t is None:
+            torch = self._torch
+            t = torch.tensor(keep, dtype=torch.int64)
+            if self.engine.get_tensor_location("num_logits_to_keep") == self._trt.TensorLocation.DEVICE:
+                t = t.to(self.device)
+            else:
+                t = t.pin_memory()
+            self._keep[keep] = t
+        return t
+
+    def _to_host(self, logits) -> np.ndarray:
+        """Copy the kept logits through a reused page-locked buffer (a pageable destination would make
+        CUDA stage the copy); returns an array of its own, since the buffer is overwritten next step."""
+        torch = self._torch
+        logits = logits.float()
+        n = logits.numel()
+        if self._pinned is None or self._pinned.numel() < n:
+            self._pinned = torch.empty(n, dtype=torch.float32, pin_memory=True)
+        host = self._pinned[:n].view(logits.shape)
+        host.copy_(logits, non_blocking=True)
+        self.stream.synchronize()
+        return host.numpy().copy()

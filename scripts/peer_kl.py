@@ -5,7 +5,8 @@ llamaexport's float32 PyTorch reference, on the shipped held-out text (401 SmolL
     python scripts/peer_kl.py ~/.cache/llamaexport-bench/genai-smollm2-int4/model.onnx [more.onnx | x.gguf ...]
 
 One forward over the whole text (empty KV cache); inputs are fed by name (input_ids, attention_mask,
-position_ids if the graph has it, empty past_key_values.*), so graphs from other exporters work too. A .gguf
+position_ids and num_logits_to_keep = 0 if the graph has them, empty past_key_values.*: [1, K, 0, hd], or a
+zeroed buffer of the graph's static length for an in-place cache), so graphs from other exporters work too. A .gguf
 runs in llama.cpp (llama-cpp-python, `logits_all=True`, one batch over the same token ids; not installed by
 scripts/setup.sh: `pip install llama-cpp-python`, which compiles llama.cpp). Used for docs/accuracy.md's
 held-out table: it puts each system's int8/int4 speed next to its error.
@@ -53,9 +54,12 @@ def main(paths):
         for i in s.get_inputs():
             if i.name == "position_ids":
                 feed[i.name] = np.arange(len(ids))[None]
+            elif i.name == "num_logits_to_keep":
+                feed[i.name] = np.array(0, np.int64)  # every position
             elif i.name.startswith("past"):
                 dtype = np.float16 if "float16" in i.type else np.float32
-                feed[i.name] = np.zeros((1, ck.config.n_kv_heads, 0, ck.config.head_dim), dtype)
+                length = i.shape[2] if isinstance(i.shape[2], int) else 0  # static: an in-place max-length cache
+                feed[i.name] = np.zeros((1, ck.config.n_kv_heads, length, ck.config.head_dim), dtype)
         c = compare_logits(want, s.run(["logits"], feed)[0][0])  # the same measures as `llamaexport check`
         kl, top1 = float(c["kl"].mean()), float(c["top1"].mean())
         print(f"{path}: mean KL {kl:.4f}, top-1 agreement {top1:.3f} ({len(ids)} tokens)")

@@ -7,7 +7,7 @@ import pytest
 from llamaexport import LlamaExportError
 from llamaexport.config import config_for_size
 from llamaexport.profiles import load_profile
-from llamaexport.recipe import LM_HEAD, ROLES, Recipe
+from llamaexport.recipe import LM_HEAD, ROLES, Recipe, kv_cache_for
 
 
 @pytest.mark.parametrize("request_,message", [
@@ -76,3 +76,47 @@ def test_manifest_fields_are_plain_json():
     portable = Recipe.resolve(precision="fp16", target="portable").manifest_fields(cfg)
     assert portable["kv_cache"] == {"form": "past_present", "dtype": "float16"} and portable["tensor_blocks"] is None
     assert portable["tensor_precisions"]["embedding"] == "fp16" and portable["block_size"] is None
+    assert fields["graph"] == {"opset": 21, "attention": "GroupQueryAttention", "kv_update": "GroupQueryAttention",
+                               "min_tensorrt": None}
+    assert portable["graph"] == {"opset": 21, "attention": "MatMul-Softmax-MatMul", "kv_update": "Concat",
+                                 "min_tensorrt": "10.0"}
+
+
+def test_kv_cache_form_follows_the_tensorrt_that_builds_the_engine():
+    """auto: in place (TensorScatter -> IKVCacheUpdateLayer, Attention -> IAttention) for TensorRT >= 10.15,
+    concat below (JetPack 6's 10.3); the TensorRT installed for the build wins over the profile's
+    tensorrt_version; an explicit --kv-cache wins over both; the CPU graph has its own in-place cache."""
+    rtx, orin, cpu = (load_profile(n) for n in ("rtx4090", "jetson-orin-nano-8gb", "cpu"))
+    assert (rtx.tensorrt_version, orin.tensorrt_version) == ("10.15", "10.3")
+    assert kv_cache_for(rtx) == "inplace" and kv_cache_for(orin) == "concat"
+    assert kv_cache_for(rtx, tensorrt="10.8.0.43") == "concat" and kv_cache_for(orin, tensorrt="10.16.0.72") == "inplace"
+    assert kv_cache_for(orin, "inplace") == "inplace" and kv_cache_for(rtx, "concat", tensorrt="11.1") == "concat"
+    assert kv_cache_for(cpu) == "concat"
+    with pytest.raises(LlamaExportError, match="--kv-cache inplace is for GPU profiles"):
+        kv_cache_for(cpu, "inplace")
+    with pytest.raises(LlamaExportError, match="--kv-cache inplace is for GPU profiles"):
+        Recipe.resolve(precision="int8", target="ort-cpu", kv_cache="inplace")
+    inplace = Recipe.candidates(rtx, "fp16", kv_cache=kv_cache_for(rtx))[0]
+    f = inplace.manifest_fields(config_for_size("tiny"))
+    assert f["kv_cache"] == {"form": "past_present_shared", "dtype": "float16"} and f["left_padding"]
+    assert f["graph"] == {"opset": 24, "attention": "Attention", "kv_update": "TensorScatter", "min_tensorrt": "10.15"}
+    assert inplace.with_precision("int8").kv_cache == "inplace" and inplace.with_precision("int4").as_compact().inplace_kv
+
+
+def test_onnxruntime_gpu_profile_gets_the_portable_graph(tmp_path):
+    """An onnxruntime profile whose [runtime] device is cuda gets the portable graph (standard ops, fp16),
+    which ONNX Runtime's CUDA provider runs whole; device cuda on a TensorRT profile, or another device,
+    is refused."""
+    base = ('name = "g"\nbackend = "{b}"\nmemory_gb = 16.0\nmemory_bandwidth_gbs = 500.0\n'
+            'precisions = ["fp16", "int8"]\ndefault_context = 256\n{extra}\n[runtime]\ndevice = "{d}"\n')
+    p = tmp_path / "g.toml"
+    p.write_text(base.format(b="onnxruntime", d="cuda", extra=""))
+    prof = load_profile(str(p))
+    assert prof.device == "cuda" and Recipe.candidates(prof, "fp16")[0].target == "portable"
+    assert kv_cache_for(prof) == "concat" and load_profile("cpu").device == "cpu"
+    for b, d, extra, msg in (("tensorrt", "cuda", "", "device must be cpu or cuda (onnxruntime profiles"),
+                             ("onnxruntime", "gpu", "", "device must be cpu or cuda"),
+                             ("tensorrt", "cpu", 'tensorrt_version = "ten"', "tensorrt_version must be a version")):
+        p.write_text(base.format(b=b, d=d, extra=extra))
+        with pytest.raises(LlamaExportError, match=msg.replace("(", r"\(")):
+            load_profile(str(p))

@@ -249,3 +249,41 @@ def test_check_drives_the_runtime_decode_loop(tiny_artifact, monkeypatch):
     decode = [c for c in calls if c[0] == 1]
     assert decode and all(last_only for _, last_only in decode)
     assert sum(1 for c in calls if c[0] > 1 and not c[1]) >= r["prompts"]  # each prompt's full prefill
+
+
+def test_onnxruntime_device_picks_the_cuda_provider_only_where_there_is_one(monkeypatch, capsys):
+    """runtime.device cuda (an onnxruntime profile's [runtime] device) asks for ONNX Runtime's CUDA
+    provider; an onnxruntime without it (the CPU package) runs on the CPU after one warning; device cpu
+    never takes the GPU."""
+    from llamaexport import runtime
+
+    monkeypatch.setattr(runtime, "_warned_cuda", False)
+    both = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert runtime.providers_for("cuda", both) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert runtime.providers_for("cpu", both) == ["CPUExecutionProvider"]
+    assert capsys.readouterr().err == ""
+    for _ in range(2):
+        assert runtime.providers_for("cuda", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    err = capsys.readouterr().err
+    assert err.count("warning: this artifact is for ONNX Runtime's CUDA provider") == 1 and "onnxruntime-gpu" in err
+
+
+def test_an_onnxruntime_gpu_artifact_records_its_device_and_runs_where_it_can(tmp_path, reference):
+    """An onnxruntime profile with [runtime] device cuda builds the portable graph (standard ops, all of
+    which the CUDA provider runs) and records device cuda; the runtime takes the CUDA provider where this
+    onnxruntime has it, else the CPU, and either way generates the reference's greedy tokens."""
+    import onnxruntime as ort
+
+    from llamaexport.build import build
+
+    prof = tmp_path / "ort-gpu.toml"
+    prof.write_text('name = "ort-gpu"\nbackend = "onnxruntime"\nmemory_gb = 8.0\nmemory_bandwidth_gbs = 500.0\n'
+                    'precisions = ["fp32", "fp16"]\ndefault_context = 64\n\n[runtime]\ndevice = "cuda"\n')
+    out = build(out=tmp_path / "a", size="tiny", seed=7, profile=str(prof), progress=False)
+    with LlamaModel.load(out) as m:
+        assert m.manifest["runtime"]["device"] == "cuda" and m.manifest["export_target"] == "portable"
+        assert m.manifest["graph"]["kv_update"] == "Concat"
+        have_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        assert m.backend.device == ("cuda" if have_cuda else "cpu")
+        assert m.generate_ids([PROMPTS[0]], max_new_tokens=12, eos_ids=[])[0] == \
+            _greedy_without_cache(reference, PROMPTS[0], 12)

@@ -1,9 +1,11 @@
 """TensorRT tier: engine build, the TensorRT runtime backend, profile switching, `llamaexport compile`.
 
-Without TensorRT or a CUDA GPU only the CLI tests of `compile` run; the rest skip with the reason.
-The GPU tests build the `tiny` model in fp16 for a profile describing this machine's GPU (batch 2, so
-left-padded batches are covered) and compare with the eager reference (`llamaexport.parity`) and with
-ONNX Runtime on the same model.onnx.
+Without TensorRT or a CUDA GPU the tests of the TensorRT graph that ONNX Runtime can run do run: both
+KV-cache forms (concat for TensorRT < 10.15, in place for >= 10.15) built --export-only, checked
+against the reference, served by the engine, and their optimization profiles; the rest skip with the
+reason. The GPU tests build the `tiny` model in fp16, in each form the installed TensorRT takes, for a
+profile describing this machine's GPU (batch 2, so left-padded batches are covered) and compare with
+the eager reference (`llamaexport.parity`) and with ONNX Runtime on the same model.onnx.
 """
 
 import importlib.util
@@ -80,6 +82,121 @@ def test_tensorrt_messages_say_what_failed_and_which_version():
         "TensorRT 11.1.0 cannot parse /a/model.onnx (TensorRT said: E); ")
 
 
+def test_export_only_artifact_passes_check_with_onnxruntime(export_only_artifact):
+    """rtx4090's target TensorRT (its profile's tensorrt_version 10.15) gets the in-place graph; `check`
+    runs it with ONNX Runtime, fp16 as TensorRT would, within the fp16 budget."""
+    m = json.loads((export_only_artifact / "manifest.json").read_text())
+    assert m["kv_cache"]["form"] == "past_present_shared" and m["graph"]["kv_update"] == "TensorScatter"
+    r = cli("check", export_only_artifact, "--backend", "onnxruntime", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["passed"] and report["backend"] == "onnxruntime" and report["precision"] == "fp16"
+
+
+@pytest.fixture(scope="module")
+def graph_forms(tmp_path_factory):
+    """{form: artifact}: the TensorRT graph of `tiny` in both KV-cache forms, --export-only, fp32 (so ONNX
+    Runtime's run is exact against the reference), with a tokenizer (the serving engine needs one)."""
+    from conftest import train_tiny_spm
+
+    from llamaexport.build import build
+
+    d = tmp_path_factory.mktemp("forms")
+    prof = d / "gpu.toml"
+    prof.write_text('name = "gpu"\nbackend = "tensorrt"\nmemory_gb = 8.0\nmemory_bandwidth_gbs = 500.0\n'
+                    'tensorrt_version = "10.3"\nprecisions = ["fp32", "fp16"]\ndefault_context = 128\n'
+                    'default_batch = 2\n')
+    tok = train_tiny_spm(d)
+    return {kv: build(out=d / kv, size="tiny", seed=7, profile=str(prof), tokenizer=str(tok), export_only=True,
+                      precision="fp32", progress=False, **({} if kv == "concat" else {"kv_cache": "inplace"}))
+            for kv in ("concat", "inplace")}
+
+
+def test_each_form_meets_the_fp32_budget_through_onnxruntime(graph_forms):
+    """The profile's TensorRT 10.3 gets the concat graph by default, --kv-cache inplace the other; each
+    records its form and the TensorRT it needs, and passes `check` (greedy tokens identical, logits
+    within 1e-4 of the reference) through the runtime's own loop: in place, the cache is one max-length
+    buffer bound as past and present."""
+    from llamaexport.parity import check
+    from llamaexport.runtime import LlamaModel
+
+    for kv, form, need in (("concat", "past_present", "10.0"), ("inplace", "past_present_shared", "10.15")):
+        m = json.loads((graph_forms[kv] / "manifest.json").read_text())
+        assert (m["kv_cache"]["form"], m["graph"]["min_tensorrt"], m["left_padding"]) == (form, need, True)
+        assert not m["io"]["inputs"]["num_logits_to_keep"].get("optional")
+        r = check(graph_forms[kv], n_tokens=12, progress=False, write=False, backend="onnxruntime")
+        assert r["passed"] and r["greedy_identical"] and r["max_abs_logit"] < 1e-4, (kv, r["failures"])
+    with LlamaModel.load(graph_forms["inplace"], backend="onnxruntime") as model:
+        be = model.backend
+        assert be.shared_kv and be.empty_cache(2)[0].shape()[2] == model.config.max_seq_len
+
+
+def test_serving_engine_on_each_form(graph_forms):
+    """The engine serves the in-place graph with SharedSlots (rows of their own lengths in one buffer,
+    written where each row ends: no padding, no copies) and the concat graph with PaddedSlots; either
+    way each request gets what it gets alone, and a left-padded batch through `steps` too."""
+    from llamaexport.engine import DoneEvent, Engine, PaddedSlots, TextEvent
+    from llamaexport.runtime import LlamaModel, SharedSlots
+
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, 400, n).tolist() for n in (9, 4, 13)]
+    for kv, kind in (("inplace", SharedSlots), ("concat", PaddedSlots)):
+        with LlamaModel.load(graph_forms[kv], backend="onnxruntime") as model:
+            alone = [model.generate_ids([p], max_new_tokens=10, eos_ids=[])[0] for p in prompts]
+            assert model.generate_ids(prompts, max_new_tokens=10, eos_ids=[]) == alone  # left-padded together
+            engine = Engine(model, max_batch=2, prefill_chunk=5)
+            assert isinstance(engine.slots, kind)
+            got, done = {i: [] for i in range(3)}, set()
+            for i, p in enumerate(prompts):
+                def on_event(ev, i=i, got=got, done=done):
+                    if isinstance(ev, DoneEvent):
+                        done.add(i)
+                    elif isinstance(ev, TextEvent) and ev.token_id >= 0:
+                        got[i].append(ev.token_id)
+                engine.submit(p, max_new_tokens=10, eos_ids=[], on_event=on_event)
+            while len(done) < 3:
+                engine.step()
+            assert [got[i] for i in range(3)] == alone, kv
+            engine.close()
+
+
+def test_profiles_of_each_form(graph_forms):
+    """The optimization profiles trt_build gives each form (no TensorRT needed to compute them): in
+    place, the past is the static max-length buffer and a prompt chunk on a cache fits the prefill
+    profile; num_logits_to_keep is a shape tensor with values 0..L (prefill) and 0..1 (decode)."""
+    from llamaexport.trt_build import profile_shapes
+
+    L = 128
+    for kv in ("concat", "inplace"):
+        m = json.loads((graph_forms[kv] / "manifest.json").read_text())
+        pre, dec = profile_shapes(m, 2)
+        assert pre["values"] == {"num_logits_to_keep": ([0], [1], [L])} and dec["values"]["num_logits_to_keep"][2] == [1]
+        assert pre["shapes"]["input_ids"] == ((1, 1), (2, 128), (2, L)) and dec["shapes"]["input_ids"][2] == (2, 1)
+        past = pre["shapes"]["past_key_values.0.key"]
+        if kv == "concat":
+            assert [s[2] for s in past] == [0, 0, 0] and [s[2] for s in dec["shapes"]["past_key_values.0.key"]] == [1, 64, L - 1]
+            assert dec["shapes"]["attention_mask"] == ((1, 2), (2, 65), (2, L)) and pre["past"] == [0, 0]
+        else:
+            assert {s[2] for s in past} == {L} and {s[2] for s in dec["shapes"]["past_key_values.0.key"]} == {L}
+            assert pre["shapes"]["attention_mask"] == ((1, 1), (2, 128), (2, L)) and pre["past"] == [0, L - 1]
+            assert dec["shapes"]["attention_mask"] == ((1, 1), (2, 65), (2, L))
+
+
+def test_the_inplace_graph_needs_tensorrt_10_15(graph_forms):
+    """compile / build on an older TensorRT refuse the in-place graph with the way out (before parsing)."""
+    from types import SimpleNamespace
+
+    from llamaexport.trt_build import require_graph_support
+
+    m = json.loads((graph_forms["inplace"] / "manifest.json").read_text())
+    with pytest.raises(LlamaExportError, match=r"needs TensorRT >= 10.15, this is 10.3.0.26; rebuild the artifact with "
+                                               r"--kv-cache concat"):
+        require_graph_support(SimpleNamespace(__version__="10.3.0.26"), m)
+    require_graph_support(SimpleNamespace(__version__="10.15.1.29"), m)
+    require_graph_support(SimpleNamespace(__version__="10.3.0.26"),
+                          json.loads((graph_forms["concat"] / "manifest.json").read_text()))
+
+
 # ------------------------------------------------------------------------------------------ GPU + TensorRT
 @pytest.fixture(scope="module")
 def gpu():
@@ -112,17 +229,22 @@ builder_optimization_level = 2
     return p
 
 
-@pytest.fixture(scope="module")
-def trt_setup(gpu, tmp_path_factory):
-    """(artifact dir, profile path, timing cache path): tiny, fp16, batch <= 2, context 256."""
+@pytest.fixture(scope="module", params=["concat", "inplace"])
+def trt_setup(gpu, tmp_path_factory, request):
+    """(artifact dir, profile path, timing cache path): tiny, fp16, batch <= 2, context 256, in each
+    KV-cache form this TensorRT takes (in place: >= 10.15)."""
     from llamaexport.build import build
+    from llamaexport.recipe import INPLACE_MIN_TENSORRT, version_tuple
 
-    d = tmp_path_factory.mktemp("trt")
+    if request.param == "inplace" and version_tuple(gpu[0].__version__) < INPLACE_MIN_TENSORRT:
+        pytest.skip(f"TensorRT {gpu[0].__version__} < 10.15 has no KV-cache update layer")
+    d = tmp_path_factory.mktemp("trt-" + request.param)
     prof = _gpu_profile(d, gpu[1], batch=2)
     cache = d / "timing.cache"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLAMAEXPORT_TIMING_CACHE", str(cache))
-        art = build(out=d / "art", size="tiny", seed=7, profile=str(prof), precision="fp16", progress=False)
+        art = build(out=d / "art", size="tiny", seed=7, profile=str(prof), precision="fp16", progress=False,
+                    kv_cache=request.param)
     return art, prof, cache
 
 
@@ -133,7 +255,8 @@ def test_engine_and_manifest(gpu, trt_setup):
     eng = m["engine"]
     assert (art / eng["file"]).is_file() and eng["tensorrt"] == trt.__version__
     assert [(p["name"], p["index"]) for p in eng["profiles"]] == [("prefill", 0), ("decode", 1)]
-    assert eng["profiles"][1]["past"] == [1, 255] and eng["profiles"][0]["batch"] == [1, 2]
+    shared = m["kv_cache"]["form"] == "past_present_shared"
+    assert eng["profiles"][1]["past"] == ([0, 255] if shared else [1, 255]) and eng["profiles"][0]["batch"] == [1, 2]
     assert cache.is_file() and eng["timing_cache"] == str(cache)
     assert eng["tf32"] is True  # an fp16 artifact keeps TensorRT's default for its few fp32 ops
     major, minor = (int(x) for x in trt.__version__.split(".")[:2])
@@ -180,8 +303,12 @@ def test_greedy_tokens_match_onnxruntime_through_both_profiles(trt_setup):
     lt, _ = trt_model.backend.forward(*args, trt_model.backend.empty_cache(1))
     assert trt_model.backend.last_profile == "prefill"
     lo, _ = ort_model.backend.forward(*args, ort_model.backend.empty_cache(1))
-    assert lt.shape == lo.shape and lt.dtype == np.float32
+    assert lt.shape == lo.shape == (1, ids.shape[1], lo.shape[2]) and lt.dtype == np.float32
     assert np.abs(lt - lo).max() < 1e-2  # fp16 both; each is ~1e-3 from the fp32 reference
+    # num_logits_to_keep = 1: the engine computes and copies the last position only
+    last, _ = trt_model.backend.forward(*args, trt_model.backend.empty_cache(1), last_only=True)
+    assert last.shape == (1, 1, lo.shape[2]) and np.abs(last[0, 0] - lt[0, -1]).max() < 1e-2
+    assert trt_model.backend.device_memory_bytes > 0
 
 
 def test_both_contexts_share_one_activation_region(trt_setup):
@@ -207,16 +334,17 @@ def test_chunked_prefill_equals_one_prefill(trt_setup):
     full, _ = be.forward(ids, np.ones((1, 12), np.int64), pos, be.empty_cache(1))
     a, cache = be.forward(ids[:, :5], np.ones((1, 5), np.int64), pos[:, :5], be.empty_cache(1))
     b, cache = be.forward(ids[:, 5:], np.ones((1, 12), np.int64), pos[:, 5:], cache)  # 7 tokens on a cache of 5
-    assert cache[0].shape[2] == 12 and cache[0].is_cuda
+    assert cache[0].shape[2] == (256 if be.shared else 12) and cache[0].is_cuda
     np.testing.assert_allclose(np.concatenate([a, b], axis=1), full, atol=1e-2, rtol=0)
 
 
 def test_serving_engine_batches_on_tensorrt(trt_setup):
-    """The serving engine over the TensorRT backend (PaddedSlots: per-slot caches on the GPU, left-padded
-    into one batch per decode step; prompt chunks on a cache): each request's greedy tokens equal the
-    same prompt alone, or differ first at an fp16 near-tie."""
+    """The serving engine over the TensorRT backend (concat: PaddedSlots, per-slot caches on the GPU,
+    left-padded into one batch per decode step; in place: SharedSlots, rows of one buffer; prompt chunks
+    on a cache): each request's greedy tokens equal the same prompt alone, or differ first at an fp16
+    near-tie."""
     from llamaexport.engine import DoneEvent, Engine, PaddedSlots
-    from llamaexport.runtime import LlamaModel
+    from llamaexport.runtime import LlamaModel, SharedSlots
 
     art = trt_setup[0]
     trt_model = LlamaModel.load(art)
@@ -225,7 +353,7 @@ def test_serving_engine_batches_on_tensorrt(trt_setup):
     prompts = [rng.integers(3, 400, n).tolist() for n in (5, 11, 7)]
     alone = [trt_model.generate_ids([p], max_new_tokens=16, eos_ids=[])[0] for p in prompts]
     engine = Engine(trt_model, max_batch=2, prefill_chunk=4)
-    assert isinstance(engine.slots, PaddedSlots)
+    assert isinstance(engine.slots, SharedSlots if trt_model.backend.shared else PaddedSlots)
     got = {i: [] for i in range(len(prompts))}
     done = set()
     for i, p in enumerate(prompts):
@@ -260,8 +388,9 @@ def test_compile_an_export_only_artifact(gpu, trt_setup, tmp_path):
     from llamaexport.runtime import LlamaModel
 
     built, prof, cache = trt_setup
+    form = json.loads((built / "manifest.json").read_text())["graph"]["kv_update"]
     art = build(out=tmp_path / "art", size="tiny", seed=7, profile=str(prof), precision="fp16",
-                export_only=True, progress=False)
+                export_only=True, progress=False, kv_cache="inplace" if form == "TensorScatter" else "concat")
     env = {"LLAMAEXPORT_TIMING_CACHE": str(cache)}
     r = cli("compile", art, "--profile", prof, env=env)
     assert r.returncode == 0, r.stderr
