@@ -23,10 +23,15 @@ from importlib import resources
 
 import numpy as np
 
+from .quantize import gptq_damp
+
 ALPHAS = np.linspace(0.0, 1.0, 11)
+CALIBRATION_TOKENS = 4096  # of the calibration text: statistics, GPTQ's E[x x^T] and the bias correction
+SEARCH_TOKENS = 512        # of those, a seeded sample for the AWQ scale search (11 trial quantizations each)
 
 
-def calibration_ids(tokenizer, vocab_size: int, *, n_tokens: int = 512, files=None, seq_len: int = 256) -> np.ndarray:
+def calibration_ids(tokenizer, vocab_size: int, *, n_tokens: int = CALIBRATION_TOKENS, files=None,
+                    seq_len: int = 256) -> np.ndarray:
     """Token ids [n_seq, seq_len] from the shipped calibration text (or `files`), or seeded
     random ids when there is no tokenizer (random-weight builds)."""
     if tokenizer is None:
@@ -118,6 +123,15 @@ def _best_scale(x: np.ndarray, ws: list[np.ndarray], xm: np.ndarray, fake_quant,
     return best_s
 
 
+def search_sample(x: np.ndarray) -> np.ndarray:
+    """At most SEARCH_TOKENS rows of x [N, K] (a seeded sample, in order) for the scale search: its
+    cost is 11 quantizations and products per group, so its tokens are capped while the statistics
+    the rounding uses (input_stats) take every calibration token."""
+    if len(x) <= SEARCH_TOKENS:
+        return x
+    return x[np.sort(np.random.default_rng(0).choice(len(x), SEARCH_TOKENS, replace=False))]
+
+
 def _group_scale(xm_heads: np.ndarray, n_kv: int, rep: int, hd: int) -> np.ndarray:
     """[H*hd] per-channel means -> the same value for the `rep` heads of each KV group."""
     g = np.exp(np.log(xm_heads.reshape(n_kv, rep, hd)).mean(axis=1))  # [n_kv, hd]
@@ -144,6 +158,7 @@ def input_stats(x: np.ndarray, s: np.ndarray | None = None, *, hessian: bool = F
     if hessian:  # in float32 (what _gptq uses): no K x K float64 temporary (0.97 GB for a 7B down projection)
         xf = x.astype(np.float32)
         st["hessian"] = (xf.T @ xf) / np.float32(len(x))
+        st["damp"] = gptq_damp(len(x), x.shape[1])
     return st
 
 
@@ -199,7 +214,8 @@ def apply_awq(cfg, w: dict, acts: dict, fake_quant, *, hessian: bool = False, ac
         xm = np.abs(x).mean(axis=0).astype(np.float64) + 1e-8
         if group == "o":
             xm = _group_scale(xm, cfg.n_kv_heads, cfg.n_rep, cfg.head_dim)
-        return _best_scale(x, ws, xm, lambda w_t, imp: fake_quant(w_t, imp, group), _for_group(act_quant, group))
+        return _best_scale(search_sample(x), ws, xm, lambda w_t, imp: fake_quant(w_t, imp, group),
+                           _for_group(act_quant, group))
 
     return _fold(cfg, w, acts, choose, hessian, act_quant)
 

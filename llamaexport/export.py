@@ -111,15 +111,16 @@ class _Emitter:
             g.weight(wname, w_t.astype(self.np_act))
             return g.op("MatMul", [x, wname], name=f"{name}/MatMul")
         hess = None if stats is None else stats.get("hessian")  # GPTQ rounding (quantize._gptq)
+        damp = quantize.DAMP if stats is None else stats.get("damp", quantize.DAMP)
         if self.recipe.quantized_input(role):  # w8a8: a static per-tensor QuantizeLinear/DequantizeLinear pair
             sx = g.weight(wname + ".input_scale", np.array(quantize.activation_scale(stats["amax"]), self.np_act))
             zx = g.weight(wname + ".input_zero_point", np.array(0, np.int8))
             xq = g.op("QuantizeLinear", [x, sx, zx], name=f"{name}/input/QuantizeLinear")
             x = g.op("DequantizeLinear", [xq, sx, zx], name=f"{name}/input/DequantizeLinear")
         if form.nbits:
-            return self._matmul_nbits(x, w_t, wname=wname, name=name, form=form, stats=stats, hess=hess)
+            return self._matmul_nbits(x, w_t, wname=wname, name=name, form=form, stats=stats, hess=hess, damp=damp)
         imp = None if stats is None else stats["imp"]
-        q, scale, block = quantize.portable_tensors(w_t, form, imp=imp, hessian=hess)
+        q, scale, block = quantize.portable_tensors(w_t, form, imp=imp, hessian=hess, damp=damp)
         if block is not None:  # INT4, block-wise along K
             g.weight_raw(wname + ".qweight", quantize.pack_int4(q), self.TP.INT4, [K, N])
             g.weight(wname + ".scales", scale.astype(self.np_act))
@@ -138,11 +139,11 @@ class _Emitter:
         bias = g.weight(wname + ".bias", self._bias_correction(deq, w_t, stats).astype(self.np_act))
         return g.op("Add", [y, bias], name=f"{name}/bias/Add")
 
-    def _matmul_nbits(self, x: str, w_t: np.ndarray, *, wname: str, name: str, form, stats, hess) -> str:
+    def _matmul_nbits(self, x: str, w_t: np.ndarray, *, wname: str, name: str, form, stats, hess, damp) -> str:
         """ONNX Runtime CPU: one com.microsoft.MatMulNBits node (bias correction as its bias input)."""
         g, K, N = self.g, *w_t.shape
         imp = None if stats is None else stats["imp"]
-        blob, scale, zp = quantize.nbits_tensors(w_t, form, imp=imp, hessian=hess)
+        blob, scale, zp = quantize.nbits_tensors(w_t, form, imp=imp, hessian=hess, damp=damp)
         bias = None
         if stats is not None:
             deq = quantize.dequant_matmul_nbits(blob, scale, zp, K=K, N=N, bits=form.bits, block=form.block)

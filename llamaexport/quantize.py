@@ -197,7 +197,15 @@ def _pack_nbits(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, bits: i
     return np.ascontiguousarray(blob), scale.reshape(-1).astype(np.float32), np.ascontiguousarray(zpk)
 
 
-DAMP = 1.0  # GPTQ's dampening, as a fraction of the mean diagonal of the Hessian (see gptq_matmul_nbits)
+# GPTQ's dampening, as a fraction of the mean diagonal of the Hessian (see _gptq): with fewer calibration
+# tokens than input channels E[x x^T] is rank-deficient and needs DAMP; with at least as many, DAMP_FULL_RANK
+DAMP = 1.0
+DAMP_FULL_RANK = 0.1
+
+
+def gptq_damp(tokens: int, K: int) -> float:
+    """The dampening of a Hessian estimated from `tokens` calibration rows of K input channels."""
+    return DAMP_FULL_RANK if tokens >= K else DAMP
 
 
 def _gptq(w_t: np.ndarray, hessian: np.ndarray, *, group: int, choose, qmin: int, qmax: int,
@@ -211,9 +219,9 @@ def _gptq(w_t: np.ndarray, hessian: np.ndarray, *, group: int, choose, qmin: int
     of group. Returns (codes int16 [N, K] in [qmin, qmax], scale [N, K/group], zp or None) with
     w ~ (code - zp) * scale.
 
-    damp: added to the diagonal as a fraction of its mean. With the few hundred calibration tokens
-    of a build the Hessian is rank-deficient (K is 1-20x the tokens), and at the paper's 1% GPTQ
-    fits the calibration text instead of lowering the error on other text (docs/quantization.md).
+    damp: added to the diagonal as a fraction of its mean (gptq_damp). With fewer calibration tokens
+    than K the Hessian is rank-deficient, and at the paper's 1% GPTQ fits the calibration text
+    instead of lowering the error on other text; with more, 10% generalises (docs/quantization.md).
     The damped matrix is well conditioned, so float32 suffices: three K x K float32 matrices at
     the peak."""
     K, N = w_t.shape
@@ -277,7 +285,8 @@ def _padded(w_t: np.ndarray, hessian: np.ndarray, Kp: int):
     return w, h
 
 
-def gptq_matmul_nbits(w_t: np.ndarray, hessian: np.ndarray, *, bits: int, block: int, symmetric: bool = False):
+def gptq_matmul_nbits(w_t: np.ndarray, hessian: np.ndarray, *, bits: int, block: int, symmetric: bool = False,
+                      damp: float = DAMP):
     """matmul_nbits' tensors with GPTQ rounding (_gptq; each block's scale and zero point are
     chosen as matmul_nbits chooses them, with importance diag(hessian))."""
     K, N = w_t.shape
@@ -290,40 +299,41 @@ def gptq_matmul_nbits(w_t: np.ndarray, hessian: np.ndarray, *, bits: int, block:
     if symmetric:
         if bits != 8:
             raise ValueError("symmetric MatMulNBits weights are 8-bit only")
-        codes, scale, _ = _gptq(w, h, group=block, choose=choose, qmin=-127, qmax=127)
+        codes, scale, _ = _gptq(w, h, group=block, choose=choose, qmin=-127, qmax=127, damp=damp)
         return _pack_nbits((codes + 128).astype(np.uint8).reshape(N, nb, block), scale, None, bits)
-    codes, scale, zp = _gptq(w, h, group=block, choose=choose, qmin=0, qmax=(1 << bits) - 1)
+    codes, scale, zp = _gptq(w, h, group=block, choose=choose, qmin=0, qmax=(1 << bits) - 1, damp=damp)
     return _pack_nbits(codes.astype(np.uint8).reshape(N, nb, block), scale, zp, bits)
 
 
-def gptq_int4_blockwise(w_t: np.ndarray, hessian: np.ndarray, block: int, *, min_scale: float = 0.0):
+def gptq_int4_blockwise(w_t: np.ndarray, hessian: np.ndarray, block: int, *, min_scale: float = 0.0,
+                        damp: float = DAMP):
     """int4_blockwise's tensors (q [K, N] in [-8, 7], scale [K/block, N]) with GPTQ rounding."""
-    codes, scale, _ = _gptq(w_t, hessian, group=block, qmin=-8, qmax=7,
+    codes, scale, _ = _gptq(w_t, hessian, group=block, qmin=-8, qmax=7, damp=damp,
                             choose=lambda wg, ig: (_symmetric(wg, -8, 7, axis=2, imp=ig, min_scale=min_scale)[1], None))
     return codes.T.astype(np.int8), scale.T.copy()
 
 
-def gptq_int8_per_channel(w_t: np.ndarray, hessian: np.ndarray, *, min_scale: float = 0.0):
+def gptq_int8_per_channel(w_t: np.ndarray, hessian: np.ndarray, *, min_scale: float = 0.0, damp: float = DAMP):
     """int8_per_channel's tensors (q [K, N], scale [N]) with GPTQ rounding (one group: the scale
     is chosen from the whole row before any update)."""
     K = w_t.shape[0]
-    codes, scale, _ = _gptq(w_t, hessian, group=K, qmin=-127, qmax=127,
+    codes, scale, _ = _gptq(w_t, hessian, group=K, qmin=-127, qmax=127, damp=damp,
                             choose=lambda wg, ig: (_symmetric(wg, -127, 127, axis=2, imp=ig, min_scale=min_scale)[1],
                                                    None))
     return codes.T.astype(np.int8), scale.reshape(-1).copy()
 
 
 def nbits_tensors(w_t: np.ndarray, form: QuantForm, *, imp: np.ndarray | None = None,
-                  hessian: np.ndarray | None = None):
+                  hessian: np.ndarray | None = None, damp: float = DAMP):
     """The ONNX Runtime CPU graph's MatMulNBits tensors of w_t [K, N] in `form` -> (blob, scales,
-    zero_points or None). hessian: GPTQ rounding (_gptq) instead of importance-weighted rounding."""
+    zero_points or None). hessian: GPTQ rounding (_gptq, with `damp`) instead of importance-weighted rounding."""
     if hessian is not None:
-        return gptq_matmul_nbits(w_t, hessian, bits=form.bits, block=form.block, symmetric=form.symmetric)
+        return gptq_matmul_nbits(w_t, hessian, bits=form.bits, block=form.block, symmetric=form.symmetric, damp=damp)
     return matmul_nbits(w_t, bits=form.bits, block=form.block, imp=imp, symmetric=form.symmetric)
 
 
 def portable_tensors(w_t: np.ndarray, form: QuantForm, *, imp: np.ndarray | None = None,
-                     hessian: np.ndarray | None = None):
+                     hessian: np.ndarray | None = None, damp: float = DAMP):
     """The portable graph's DequantizeLinear tensors of w_t [K, N] in `form` -> (q, scale, block):
     INT4 values [K, N] with scale [K/block, N] (block-wise along K), or, for 8-bit forms and 4-bit
     ones whose K no block divides, int8 [K, N] with scale [N] per output channel (block None).
@@ -332,10 +342,10 @@ def portable_tensors(w_t: np.ndarray, form: QuantForm, *, imp: np.ndarray | None
     lo = MIN_FP16_SCALE
     if block is not None:
         q, scale = (int4_blockwise(w_t, block, imp, min_scale=lo) if hessian is None
-                    else gptq_int4_blockwise(w_t, hessian, block, min_scale=lo))
+                    else gptq_int4_blockwise(w_t, hessian, block, min_scale=lo, damp=damp))
     else:
         q, scale = (int8_per_channel(w_t, imp, min_scale=lo) if hessian is None
-                    else gptq_int8_per_channel(w_t, hessian, min_scale=lo))
+                    else gptq_int8_per_channel(w_t, hessian, min_scale=lo, damp=damp))
     return q, scale, block
 
 

@@ -385,6 +385,38 @@ def test_gptq_lowers_held_out_output_error_in_every_form(form):
     assert e_gq < 0.9 * e_rtn, (e_gq, e_rtn)
 
 
+def test_gptq_damping_follows_how_many_tokens_estimated_the_hessian():
+    """gptq_damp: 10% of the mean diagonal once the calibration has at least K tokens (E[x x^T] is
+    full rank), 100% below that; each must be the better choice on held-out inputs in its regime."""
+    from llamaexport.awq import input_stats
+
+    assert (Q.gptq_damp(192, 192), Q.gptq_damp(191, 192)) == (Q.DAMP_FULL_RANK, Q.DAMP)
+    rng = np.random.default_rng(3)
+    K, N = 192, 64
+    w = rng.normal(size=(K, N)).astype(np.float32)
+    x = _correlated_inputs(rng, 4000, K)
+    held = x[2000:]
+
+    def held_err(fit, damp):
+        H = fit.T.astype(np.float64) @ fit / len(fit)
+        q, s = Q.gptq_int4_blockwise(w, H, 32, damp=damp)
+        return float(((held @ ((q.reshape(K // 32, 32, N) * s[:, None, :]).reshape(K, N) - w)) ** 2).mean())
+
+    full, few = x[:2000], x[:96]  # 2000 >= K: full rank; 96 < K
+    assert input_stats(full, hessian=True)["damp"] == Q.DAMP_FULL_RANK and input_stats(few, hessian=True)["damp"] == Q.DAMP
+    assert held_err(full, Q.DAMP_FULL_RANK) < held_err(full, Q.DAMP)
+    assert held_err(few, Q.DAMP) < held_err(few, Q.DAMP_FULL_RANK)
+
+
+def test_awq_search_sample_is_seeded_and_capped():
+    from llamaexport.awq import SEARCH_TOKENS, search_sample
+
+    x = np.arange(3 * SEARCH_TOKENS, dtype=np.float32)[:, None]
+    a, b = search_sample(x), search_sample(x)
+    assert a.shape == (SEARCH_TOKENS, 1) and np.array_equal(a, b) and np.all(np.diff(a[:, 0]) > 0)
+    assert search_sample(x[:10]) is not None and len(search_sample(x[:10])) == 10
+
+
 def test_gptq_with_a_diagonal_hessian_is_weighted_rounding():
     """With uncorrelated inputs there is nothing to feed forward: GPTQ's codes are the
     importance-weighted round-to-nearest codes."""
@@ -456,7 +488,8 @@ def test_quant_method_auto_and_the_manifest(tmp_path):
         return Recipe.resolve(precision=precision, target="ort-cpu", calibration=calibration, **kw).quant_method
 
     assert method("int4", True, int4_recipe="compact") == "gptq"
-    assert method("int4", True) == "awq"
+    assert method("int4", True) == "gptq"  # the CPU's accurate int4 too (GPTQ generalises there)
+    assert Recipe.resolve(precision="int4", target="portable", calibration=True).quant_method == "awq"
     assert method("int8", True) == "awq"
     assert method("int4", False, int4_recipe="compact") == "rtn"
     assert method("fp32", True) is None

@@ -56,7 +56,7 @@ def test_per_role_answers_cpu_and_portable():
 
 def test_blocks_resolve_once_and_the_compact_fallback_resolves_as_compact():
     acc = Recipe.resolve(precision="int4", target="ort-cpu", calibration=True)
-    assert (acc.block, acc.block8, acc.quant_method) == (32, 128, "awq")
+    assert (acc.block, acc.block8, acc.quant_method) == (32, 128, "gptq")
     com = acc.as_compact()
     assert (com.block, com.quant_method, com.label) == (64, "gptq", "int4 (compact)")
     assert {f.bits for r in (*ROLES.values(), LM_HEAD) if (f := com.form(r))} == {4}

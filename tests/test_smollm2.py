@@ -115,10 +115,10 @@ def test_precisions_meet_their_budgets(smol_build, smol_check, heldout_reference
 
 @pytest.mark.slow
 def test_int4_awq_beats_round_to_nearest(smol_build, smol_check):
-    """INT4 on a 135M model is hard: calibration (AWQ, importance-weighted rounding, bias
-    correction) must cut round-to-nearest's KL by a third or more and raise top-1 agreement."""
+    """INT4 on a 135M model is hard: calibration (AWQ scales, GPTQ rounding, bias correction) must
+    cut round-to-nearest's KL by a third or more and raise top-1 agreement."""
     r = {}
-    for method, options in (("rtn", {"quant_method": "rtn"}), ("awq", {})):  # AWQ by default: the budget test's build
+    for method, options in (("rtn", {"quant_method": "rtn"}), ("awq", {})):  # the default (AWQ + GPTQ): the budget test's build
         r[method] = smol_check(smol_build(profile="cpu", precision="int4", export_only=False, **options), n_tokens=32)
     assert r["awq"]["mean_kl"] < r["rtn"]["mean_kl"] * 2 / 3, {k: v["mean_kl"] for k, v in r.items()}
     assert r["awq"]["top1_agreement"] > r["rtn"]["top1_agreement"]
