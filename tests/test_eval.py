@@ -171,6 +171,69 @@ def test_kl_against_another_artifact_is_the_full_kl_when_the_top_k_is_the_vocabu
         run["ppl"] - base["ppl"], abs=1e-5 * base["ppl"])
 
 
+def test_llamacpp_script_compares_with_a_base_as_eval_does(other_tiny, text_file, base_file):
+    """scripts/llamacpp_ppl.py's --base-logits path (its own windows and NLL, eval.py's KL and
+    comparison) fed another model's logits reads what `eval --base-logits` reads for that model:
+    the same rows meet the same base rows. Our runtime stands in for llama.cpp's logits here."""
+    from llamacpp_ppl import check_base, compare_with_base, cut_windows, perplexity, read_text, score_windows
+
+    from llamaexport.runtime import LlamaModel
+
+    path, _ = base_file
+    want = evaluate(other_tiny, text_file, base_logits=path, progress=False)
+    base, text = load_base(path), read_text(text_file)
+    with LlamaModel.load(other_tiny) as m:
+        tok, backend = m.require_tokenizer(), m.backend
+        tokens = tok.encode(text.decode("utf-8"), add_bos=tok.add_bos)
+        win = cut_windows(len(tokens), ctx=CTX)
+        check_base(base, path, win=win, ctx=CTX, text=text, tokens=tokens, tokenizer=tok, vocab=512)
+
+        def logits_of(w):
+            cache = backend.take_cache(1)
+            try:
+                logits, cache = backend.forward(np.array([w]), np.ones((1, len(w)), np.int64),
+                                                np.arange(len(w))[None], cache)
+            finally:
+                backend.give_back_cache(1, cache)
+            return np.asarray(logits)[0]
+
+        scored = score_windows(tokens, win, logits_of, bos=tok.bos_id, base=base, progress=False)
+    got = compare_with_base(base, path, scored)
+    assert len(scored["nll"]) == want["tokens_scored"] and perplexity(scored["nll"])[0] == pytest.approx(want["ppl"], rel=1e-9)
+    assert got.keys() == want["base"].keys() and got["top1_agreement"] == want["base"]["top1_agreement"] < 1
+    for key, v in want["base"].items():
+        assert got[key] == (v if isinstance(v, str) or v is None else pytest.approx(v, rel=1e-6, abs=1e-12)), key
+    assert got["mean_kl"] > 1e-3
+
+
+def test_llamacpp_script_refuses_a_mismatched_base_and_bad_quantize_arguments(tiny_artifact, text_file, base_file,
+                                                                               tmp_path):
+    from llamacpp_ppl import check_base, cut_windows, quantize, read_text
+
+    from llamaexport.tokenizer import load_tokenizer
+
+    path, _ = base_file
+    base, tok, text = load_base(path), load_tokenizer(tiny_artifact), read_text(text_file)
+    tokens = tok.encode(text.decode("utf-8"))
+    args = dict(ctx=CTX, text=text, tokens=tokens, tokenizer=tok, vocab=512)
+    check_base(base, path, win=cut_windows(len(tokens), ctx=CTX), **args)  # the matching run passes
+    with pytest.raises(LlamaExportError, match="computed on another text"):
+        check_base(base, path, win=cut_windows(len(tokens), ctx=CTX), **(args | {"text": text[::-1]}))
+    with pytest.raises(LlamaExportError, match="cover [0-9]+ chunks, this run 2; give --chunks"):
+        check_base(base, path, win=cut_windows(len(tokens), ctx=CTX, chunks=2), **args)
+    with pytest.raises(LlamaExportError, match="come from another tokenizer"):
+        check_base(base, path, win=cut_windows(len(tokens), ctx=CTX), **(args | {"tokens": tokens[:1] + tokens[2:] + [5]}))
+    src = tmp_path / "a.gguf"
+    src.write_bytes(b"GGUF")
+    for kw, msg in [(dict(src=tmp_path / "none.gguf", out=tmp_path / "b.gguf", gtype="Q8_0"), "not found"),
+                    (dict(src=src, out=src, gtype="Q8_0"), "exists; delete it or give another --out"),
+                    (dict(src=src, out=tmp_path / "no" / "b.gguf", gtype="Q8_0"), "does not exist"),
+                    (dict(src=src, out=tmp_path / "b.gguf", gtype="Q5_K"), "give one of F32, Q8_0, Q4_0")]:
+        with pytest.raises(LlamaExportError, match=msg):
+            quantize(**kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf"]
+
+
 # ---- refusals: one line naming the problem and the fix
 
 def test_bad_arguments_are_one_line(tiny_artifact, text_file, tmp_path):
