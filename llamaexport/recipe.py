@@ -181,9 +181,9 @@ class Recipe:
         elif prec not in (Precision.INT8, Precision.INT4):
             method = None
         elif quant_method == "auto":
-            # GPTQ where it generalises to text it was not calibrated on (int4 on the CPU; docs/quantization.md)
-            gptq = prec is Precision.INT4 and (compact or tgt is Target.ORT_CPU)
-            method = (QuantMethod.GPTQ if gptq else QuantMethod.AWQ) if calibration else QuantMethod.RTN
+            # int4: GPTQ rounding lowers the error on text it was not calibrated on; int8: AWQ's is as low
+            # (docs/quantization.md, "Calibration that generalises")
+            method = (QuantMethod.GPTQ if prec is Precision.INT4 else QuantMethod.AWQ) if calibration else QuantMethod.RTN
         else:
             method = QuantMethod(quant_method)
         return cls(prec, tgt, recipe if prec is Precision.INT4 else None, block, block8, method,

@@ -488,8 +488,8 @@ def test_quant_method_auto_and_the_manifest(tmp_path):
         return Recipe.resolve(precision=precision, target="ort-cpu", calibration=calibration, **kw).quant_method
 
     assert method("int4", True, int4_recipe="compact") == "gptq"
-    assert method("int4", True) == "gptq"  # the CPU's accurate int4 too (GPTQ generalises there)
-    assert Recipe.resolve(precision="int4", target="portable", calibration=True).quant_method == "awq"
+    assert method("int4", True) == "gptq"  # the accurate recipe too, on every target
+    assert Recipe.resolve(precision="int4", target="portable", calibration=True).quant_method == "gptq"
     assert method("int8", True) == "awq"
     assert method("int4", False, int4_recipe="compact") == "rtn"
     assert method("fp32", True) is None
