@@ -125,15 +125,19 @@ def graph_taps(model, n_layers: int) -> list[Tap]:
 
 
 def _feed(manifest: dict, ids: list[int]) -> dict:
-    """The graph's inputs for one teacher-forced prefill of ids from an empty cache (num_logits_to_keep,
-    where the graph has it, keeps its default: the logits of every position)."""
+    """The graph's inputs for one teacher-forced prefill of ids from an empty cache, with the logits of
+    every position (num_logits_to_keep 0: required by the TensorRT graph, optional in the CPU one)."""
     S = len(ids)
     feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, S), np.int64),
             "position_ids": np.arange(S, dtype=np.int64)[None]}
     for name, spec in manifest["io"]["inputs"].items():
-        if name.startswith("past_key_values."):
-            shape = [1, spec["shape"][1], 0, spec["shape"][3]]  # [batch, kv_heads, past_seq = 0, head_dim]
-            feed[name] = np.zeros(shape, np.dtype(spec["dtype"]))
+        if name == "num_logits_to_keep":
+            feed[name] = np.array(0, np.int64)
+        elif name.startswith("past_key_values."):
+            # [batch, kv_heads, past_seq, head_dim]: empty, or the in-place TensorRT graph's static
+            # max-length buffer (zeros: its rows past the mask are never read)
+            length = spec["shape"][2] if isinstance(spec["shape"][2], int) else 0
+            feed[name] = np.zeros([1, spec["shape"][1], length, spec["shape"][3]], np.dtype(spec["dtype"]))
     return feed
 
 

@@ -141,9 +141,11 @@ def test_cli_exit_code_and_message(artifact, ckpt, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_portable_tensorrt_graph_through_onnx_runtime(artifact, ckpt, tmp_path):
-    """The TensorRT profile's graph (--export-only: standard attention, our RoPE/SwiGLU ops, fp16), run by ONNX Runtime."""
-    art = artifact(profile="rtx4090", precision="fp16", export_only=True)
+@pytest.mark.parametrize("kv_cache", ["inplace", "concat"])
+def test_portable_tensorrt_graph_through_onnx_runtime(artifact, ckpt, tmp_path, kv_cache):
+    """The TensorRT profile's graph in each KV-cache form (--export-only: our RoPE/SwiGLU ops, fp16; the
+    in-place form's static max-length cache and required num_logits_to_keep), run by ONNX Runtime."""
+    art = artifact(profile="rtx4090", precision="fp16", export_only=True, kv_cache=kv_cache)
     report = layerwise(art, backend="onnxruntime", progress=False)
     assert report["passed"], report["failures"]
     assert len(compared(report)) == 2 + 4 * N_LAYERS
