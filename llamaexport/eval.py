@@ -184,7 +184,7 @@ def load_base(path) -> dict:
         with np.load(p, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             base = {"meta": meta, **{key: z[key] for key in ("tokens", "target", "target_lp", "ids", "lp", "rest")}}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise LlamaExportError(f"cannot read base logits {p} ({type(e).__name__}: {str(e)[:120]}); give a file written "
                                "by `llamaexport eval --save-logits`") from None
     meta = base["meta"]

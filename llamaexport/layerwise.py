@@ -126,13 +126,15 @@ def graph_taps(model, n_layers: int) -> list[Tap]:
 
 def _feed(manifest: dict, ids: list[int]) -> dict:
     """The graph's inputs for one teacher-forced prefill of ids from an empty cache, with the logits of
-    every position (num_logits_to_keep 0: required by the TensorRT graph, optional in the CPU one)."""
+    every position: num_logits_to_keep 0 where the graph requires it (the TensorRT graph); the CPU
+    graph's optional one keeps its default, 0 (ONNX Runtime lists it as an initializer, not an input)."""
     S = len(ids)
     feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, S), np.int64),
             "position_ids": np.arange(S, dtype=np.int64)[None]}
     for name, spec in manifest["io"]["inputs"].items():
         if name == "num_logits_to_keep":
-            feed[name] = np.array(0, np.int64)
+            if not spec.get("optional"):
+                feed[name] = np.array(0, np.int64)
         elif name.startswith("past_key_values."):
             # [batch, kv_heads, past_seq, head_dim]: empty, or the in-place TensorRT graph's static
             # max-length buffer (zeros: its rows past the mask are never read)
@@ -204,27 +206,34 @@ def run_tensorrt(onnx_path: Path, taps: list[Tap], feed: dict, manifest: dict) -
                            what="the layerwise TensorRT comparison")
     log = _polygraphy()
     import polygraphy.backend.trt as pt
-    from polygraphy.exception import PolygraphyException
 
     load_plugins(trt)  # RoPE/SwiGLU as plugins when the library is here, as the real engine has them
-    flags = [trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE] if hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE") else None
+    # no parser flags, as build_engine: our nodes' plugin_namespace selects the plugins, and
+    # ENABLE_PLUGIN_OVERRIDE would turn our QKV Split into NVIDIA's Split plugin (trt_build.py)
     # TensorRT 11 networks are always strongly typed (the flag is deprecated); 10.x needs the flag
     strongly_typed = trt_major(trt) < 11 and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
     profile = pt.Profile()
     for name, a in feed.items():
-        profile.add(name, min=a.shape, opt=a.shape, max=a.shape)
+        if name == "num_logits_to_keep":  # a shape tensor: its profile holds values, not a shape
+            profile.add(name, min=[int(a)], opt=[int(a)], max=[int(a)])
+        else:
+            profile.add(name, min=a.shape, opt=a.shape, max=a.shape)
     level = (manifest.get("engine") or {}).get("builder_optimization_level")
     try:
         with log.verbosity(QUIET):
             network = pt.ModifyNetworkOutputs(
-                pt.NetworkFromOnnxPath(str(onnx_path), flags=flags, strongly_typed=strongly_typed),
-                outputs=list(dict.fromkeys(t.tensor for t in taps)))
-            # TF32 stays on, as in build_engine (Polygraphy's default turns it off)
-            config = pt.CreateConfig(profiles=[profile], tf32=True, builder_optimization_level=level)
+                pt.NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed),
+                # the graph's own outputs stay marked (ModifyNetworkOutputs unmarks the rest)
+                outputs=list(dict.fromkeys([*(t.tensor for t in taps), *manifest["io"]["outputs"]])))
+            # TF32 as build_engine sets it: off for fp32 artifacts, on otherwise
+            config = pt.CreateConfig(profiles=[profile], tf32=manifest["precision"] != "fp32",
+                                     builder_optimization_level=level)
             with pt.TrtRunner(pt.EngineFromNetwork(network, config=config)) as runner:
                 # copies: the runner's host buffers go with it
                 return {k: np.array(v, copy=True) for k, v in runner.infer(feed).items()}
-    except (PolygraphyException, RuntimeError) as e:  # Polygraphy's, and TensorRT's own (set_shape, ...)
+    except LlamaExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Polygraphy's, and TensorRT's bindings' (RuntimeError, TypeError, ...)
         raise _polygraphy_error(e, f"the TensorRT debug engine of {onnx_path}") from None
 
 
@@ -318,11 +327,21 @@ def _not_compared(manifest: dict, op: str) -> str | None:
     return None
 
 
+# TensorRT's KV-cache update layer must write into the memory of its cache input, and Polygraphy's
+# runner binds every output to a buffer of its own
+IN_PLACE_NOT_DEBUGGABLE = ("the TensorRT debug engine does not run the in-place KV cache graph (its cache update "
+                           "must write into the input's memory, which Polygraphy's runner does not bind); compare "
+                           "with --backend onnxruntime, or build the artifact with --kv-cache concat")
+
+
 def _backends(manifest: dict, backend: str | None) -> tuple[list[str], dict]:
+    in_place = manifest.get("backend") == "tensorrt" and manifest["kv_cache"].get("form") == "past_present_shared"
     if backend == "tensorrt":  # refused before the reference is built, not after
         from .trt_build import require_tensorrt
         require_tensorrt("compare the artifact's ONNX run by ONNX Runtime with --backend onnxruntime",
                          what="the layerwise TensorRT comparison")
+        if in_place:
+            raise LlamaExportError(IN_PLACE_NOT_DEBUGGABLE)
     if backend is not None:
         return [backend], {}
     if manifest.get("backend") != "tensorrt":
@@ -331,6 +350,8 @@ def _backends(manifest: dict, backend: str | None) -> tuple[list[str], dict]:
         import tensorrt  # noqa: F401
     except ImportError:
         return ["onnxruntime"], {"tensorrt": "TensorRT is not installed here (pip install tensorrt on the GPU machine)"}
+    if in_place:
+        return ["onnxruntime"], {"tensorrt": IN_PLACE_NOT_DEBUGGABLE}
     return ["onnxruntime", "tensorrt"], {}
 
 
@@ -338,7 +359,7 @@ def format_layerwise(r: dict) -> str:
     """The report as a table of every compared tensor, then the verdict."""
     names = r["backends"]
     lines = [f"layerwise: {r['artifact']} ({r['precision']}) vs {r['reference']}",
-             f"  first check prompt, {r['prompt_tokens']} tokens, one teacher-forced prefill; "
+             f"  held-out text, {r['prompt_tokens']} tokens, one teacher-forced prefill; "
              "RMS relative error per tensor (! = over its budget)",
              f"  budgets: embedding, residual, logits {r['budgets']['stream']:.3g} (sqrt(2 * max_mean_kl)); "
              f"attention, o_proj, mlp {r['budgets']['op']:.3g}"]

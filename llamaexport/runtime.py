@@ -256,13 +256,14 @@ class OnnxRuntimeBackend:
         return io
 
     def _bind(self, io, name: str, value):
-        """Bind an input unless this very object (same shape) is bound already. On the CPU provider
-        (the only one this backend uses) a binding points at the array's memory, so a caller that
-        updates its arrays in place between steps (steps() does, for input_ids and position_ids)
-        costs no rebinding. _bound also keeps the arrays alive."""
+        """Bind an input unless this very object (same shape) is bound already. On the CPU provider a
+        binding points at the array's memory, so a caller that updates its arrays in place between
+        steps (steps() does, for input_ids and position_ids) costs no rebinding; the CUDA provider
+        copies at binding, so there every step rebinds. _bound also keeps the arrays alive."""
         shape = value.shape if isinstance(value, np.ndarray) else None
         prev = self._bound.get(name)
-        if prev is not None and prev[0] is value and prev[1] == shape:
+        # the CUDA provider copies a host array to the device when it is bound: rebind every step there
+        if prev is not None and prev[0] is value and prev[1] == shape and self.device == "cpu":
             return
         if shape is not None:
             io.bind_cpu_input(name, value)

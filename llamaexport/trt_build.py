@@ -338,6 +338,7 @@ def _build_engine(trt, logger, stage: Stage, d: Path, manifest: dict, profile, *
             stage.now = f"setting the {prof_def['name']} profile's shapes of {inp} (min {lo}, opt {opt}, max {hi})"
             p.set_shape(inp, lo, opt, hi)  # raises RuntimeError on an inconsistent shape
         for inp, (lo, opt, hi) in prof_def.pop("values").items():  # shape-tensor inputs (NvInferRuntime.h:
+            stage.now = f"setting the {prof_def['name']} profile's values of {inp} (min {lo}, opt {opt}, max {hi})"
             p.set_shape_input(inp, lo, opt, hi)                   # IOptimizationProfile::setShapeValues[V2])
         stage.now = f"adding the {prof_def['name']} optimization profile"
         index = config.add_optimization_profile(p)

@@ -94,10 +94,10 @@ class TensorRTBackend:
             raise LlamaExportError(f"{plan} is missing; rebuild it with `llamaexport compile {d} --force`")
         recorded = eng.get("plugin_library")
         lib = find_plugin_library() or (Path(recorded) if recorded and Path(recorded).is_file() else None)
-        load_plugins(trt, lib, required=bool(eng.get("plugin_layers")))  # before deserializing
+        self.logger = make_logger(trt)
+        load_plugins(trt, lib, required=bool(eng.get("plugin_layers")), logger=self.logger)  # before deserializing
 
         self.cfg, self._torch, self._trt = cfg, torch, trt
-        self.logger = make_logger(trt)
         stage = Stage(trt, self.logger)
         try:
             self._load(stage, d, plan, eng, manifest)
@@ -164,8 +164,9 @@ class TensorRTBackend:
     def empty_cache(self, batch: int):
         c = self.cfg
         length = c.max_seq_len if self.shared else 0  # in place: one max-length buffer (zeros: masked, never NaN)
-        return [self._torch.zeros((batch, c.n_kv_heads, length, c.head_dim), dtype=self.kv_dtype, device=self.device)
-                for _ in self.past_names]
+        with self._torch.cuda.stream(self.stream):  # zeroed on the engine's stream, so it is done before a step reads it
+            return [self._torch.zeros((batch, c.n_kv_heads, length, c.head_dim), dtype=self.kv_dtype, device=self.device)
+                    for _ in self.past_names]
 
     def take_cache(self, batch: int):
         """A concat cache grows by concatenation: nothing to recycle. An in-place cache of a finished

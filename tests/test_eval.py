@@ -282,6 +282,10 @@ def test_a_base_from_another_text_tokenizer_or_window_is_refused(tiny_artifact, 
     garbage.write_bytes(b"not a zip file at all")
     with pytest.raises(LlamaExportError, match="cannot read base logits .*garbage.npz"):
         evaluate(tiny_artifact, text_file, base_logits=garbage, progress=False)
+    array = tmp_path / "array.npy"  # np.load gives a bare array, not an archive
+    np.save(array, np.zeros(3))
+    with pytest.raises(LlamaExportError, match="cannot read base logits .*array.npy"):
+        evaluate(tiny_artifact, text_file, base_logits=array, progress=False)
     foreign = tmp_path / "foreign.npz"
     np.savez(foreign, meta=np.array(json.dumps({"format": "something else"})), tokens=np.zeros(3), target=np.zeros(3),
              target_lp=np.zeros(3), ids=np.zeros((3, 2)), lp=np.zeros((3, 2)), rest=np.zeros(3))
