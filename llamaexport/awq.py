@@ -28,6 +28,7 @@ from .quantize import gptq_damp
 ALPHAS = np.linspace(0.0, 1.0, 11)
 CALIBRATION_TOKENS = 4096  # of the calibration text: statistics, GPTQ's E[x x^T] and the bias correction
 SEARCH_TOKENS = 512        # of those, a seeded sample for the AWQ scale search (11 trial quantizations each)
+SMOOTHQUANT_TOKENS = 512   # w8a8: its static activation ranges are searched on these
 
 
 def calibration_ids(tokenizer, vocab_size: int, *, n_tokens: int = CALIBRATION_TOKENS, files=None,

@@ -103,7 +103,7 @@ def _export(ckpt, out_dir: Path, recipe: Recipe, tok, calibration_files, progres
     calib = None
     if recipe.calibrated:
         from .awq import calibration_ids
-        calib = calibration_ids(tok, cfg.vocab_size, files=calibration_files)
+        calib = calibration_ids(tok, cfg.vocab_size, files=calibration_files, n_tokens=recipe.calibration_tokens)
         what = {"gptq": "AWQ + GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant W8A8"}[recipe.quant_method]
         log(f"quantize: {what}, calibrating on {calib.size} {'tokens' if tok else 'random token ids (no tokenizer)'}")
     return export_onnx(ckpt, out_dir, recipe, calibration=calib, progress=progress)

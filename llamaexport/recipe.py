@@ -345,6 +345,14 @@ class Recipe:
         return self.quant_method in (QuantMethod.AWQ, QuantMethod.GPTQ, QuantMethod.SMOOTHQUANT)
 
     @property
+    def calibration_tokens(self) -> int:
+        """How many calibration tokens the export runs: AWQ/GPTQ's statistics take 4096; SmoothQuant's
+        range and clip search keeps 512 (on 4096 its KL rose by a third: docs/quantization.md)."""
+        from .awq import CALIBRATION_TOKENS, SMOOTHQUANT_TOKENS
+
+        return SMOOTHQUANT_TOKENS if self.quant_method is QuantMethod.SMOOTHQUANT else CALIBRATION_TOKENS
+
+    @property
     def quantization(self) -> str | None:
         """The manifest's `quantization` string."""
         if self.quant_method is None:
