@@ -500,8 +500,6 @@ def _attention_bias(g: GraphBuilder, e: _Emitter, *, rep: int) -> str:
     """Additive bias in the activation dtype, 0 where key j is visible to query i (j <= P + i and the
     key is a real token), MASK_VALUE elsewhere: [B, 1, S, T], tiled to [B, 1, rep*S, T] for the grouped
     query layout of _attention_standard (row r*S + i is query i of the group's head r). Computed once."""
-    from onnx import TensorProto
-
     n = "/model/attn_bias"
     s_len = g.op("Gather", [g.op("Shape", ["input_ids"], name=f"{n}/ids/Shape"), g.const(1)], name=f"{n}/S/Gather", axis=0)
     t_len = g.op("Gather", [g.op("Shape", ["attention_mask"], name=f"{n}/mask/Shape"), g.const(1)], name=f"{n}/T/Gather", axis=0)
@@ -511,17 +509,21 @@ def _attention_bias(g: GraphBuilder, e: _Emitter, *, rep: int) -> str:
     kpos = g.op("Unsqueeze", [kpos, g.const([0])], name=f"{n}/kpos/Unsqueeze")     # [1, T]
     qpos = g.op("Unsqueeze", [qpos, g.const([1])], name=f"{n}/qpos/Unsqueeze")     # [S, 1]
     causal = g.op("LessOrEqual", [kpos, qpos], name=f"{n}/causal/LessOrEqual")      # [S, T]
-    real = g.op("Cast", ["attention_mask"], name=f"{n}/real/Cast", to=TensorProto.BOOL)  # [B, T]
-    real = g.op("Unsqueeze", [real, g.const([1, 2])], name=f"{n}/real/Unsqueeze")   # [B, 1, 1, T]
-    vis = g.op("And", [causal, real], name=f"{n}/And")                              # [B, 1, S, T]
-    bias = _bias_from(g, e, vis, n)
+    bias = _mask_bias(g, e, causal, n)                                              # [B, 1, S, T]
     if rep > 1:
         bias = g.op("Tile", [bias, g.const([1, 1, rep, 1])], name=f"{n}/Tile")       # [B, 1, rep*S, T]
     return bias
 
 
-def _bias_from(g: GraphBuilder, e: _Emitter, visible: str, n: str) -> str:
-    return g.op("Where", [visible, g.const(0.0, e.np_act), g.const(MASK_VALUE[e.act], e.np_act)], name=f"{n}/Where")
+def _mask_bias(g: GraphBuilder, e: _Emitter, causal: str, n: str) -> str:
+    """causal (bool, [S, T] or [B, 1, S, T]: key j within query i's reach) -> the [B, 1, S, T] additive bias in the activation
+    dtype: 0 where the key is also a real token (attention_mask), MASK_VALUE elsewhere."""
+    from onnx import TensorProto
+
+    real = g.op("Cast", ["attention_mask"], name=f"{n}/real/Cast", to=TensorProto.BOOL)  # [B, T]
+    real = g.op("Unsqueeze", [real, g.const([1, 2])], name=f"{n}/real/Unsqueeze")   # [B, 1, 1, T]
+    vis = g.op("And", [causal, real], name=f"{n}/And")
+    return g.op("Where", [vis, g.const(0.0, e.np_act), g.const(MASK_VALUE[e.act], e.np_act)], name=f"{n}/Where")
 
 
 def _inplace_inputs(g: GraphBuilder, e: _Emitter) -> dict:
@@ -532,8 +534,6 @@ def _inplace_inputs(g: GraphBuilder, e: _Emitter) -> dict:
                  of their own lengths in one buffer) writes right after its own tokens.
       bias [B, 1, S, T]  activation dtype: key j visible to query i iff mask[b, j] and j <= write[b] + i.
       total [1]  T, the cache window attention reads (positions >= T of the buffer are never read)."""
-    from onnx import TensorProto
-
     n = "/model/kv_write"
     t_vec = g.op("Shape", ["attention_mask"], name=f"{n}/T/Shape", start=1, end=2)      # [1]
     s_vec = g.op("Shape", ["input_ids"], name=f"{n}/S/Shape", start=1, end=2)           # [1]
@@ -551,7 +551,4 @@ def _inplace_inputs(g: GraphBuilder, e: _Emitter) -> dict:
     causal = g.op("LessOrEqual", [kpos, g.op("Unsqueeze", [qpos, g.const([2])], name=f"{n}/qpos/Unsqueeze")],
                   name=f"{n}/causal/LessOrEqual")                                          # [B, S, T]
     causal = g.op("Unsqueeze", [causal, g.const([1])], name=f"{n}/causal/Unsqueeze")    # [B, 1, S, T]
-    real = g.op("Cast", ["attention_mask"], name=f"{n}/real/Cast", to=TensorProto.BOOL)
-    real = g.op("Unsqueeze", [real, g.const([1, 2])], name=f"{n}/real/Unsqueeze")       # [B, 1, 1, T]
-    vis = g.op("And", [causal, real], name=f"{n}/And")
-    return {"write": write, "bias": _bias_from(g, e, vis, n), "total": t_vec}
+    return {"write": write, "bias": _mask_bias(g, e, causal, n), "total": t_vec}

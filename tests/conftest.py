@@ -52,9 +52,8 @@ def smollm2_gguf() -> Path:
     return p
 
 
-@pytest.fixture(scope="session")
-def smol_build(smollm2_gguf, tmp_path_factory):
-    """build(**options) of SmolLM2, made once per distinct options for the whole session."""
+def memoized_build(tmp_path_factory, name: str, **fixed):
+    """get(**options) -> build(**fixed, **options), made once per distinct options (a fixture's scope)."""
     from llamaexport.build import build
 
     built = {}
@@ -62,11 +61,16 @@ def smol_build(smollm2_gguf, tmp_path_factory):
     def get(**options):
         key = tuple(sorted(options.items()))
         if key not in built:
-            built[key] = build(out=tmp_path_factory.mktemp("smol") / "art", checkpoint=smollm2_gguf, progress=False,
-                               **options)
+            built[key] = build(out=tmp_path_factory.mktemp(name) / "art", progress=False, **fixed, **options)
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smol_build(smollm2_gguf, tmp_path_factory):
+    """build(**options) of SmolLM2, made once per distinct options for the whole session."""
+    return memoized_build(tmp_path_factory, "smol", checkpoint=smollm2_gguf)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import assert_clean_error, cli, make_hf_model, train_tiny_spm
+from conftest import assert_clean_error, cli, make_hf_model, memoized_build, train_tiny_spm
 
 from llamaexport.layerwise import budgets, layerwise
 
@@ -31,18 +31,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def artifact(ckpt, tmp_path_factory):
     """build(**options) of the checkpoint, made once per distinct options."""
-    from llamaexport.build import build
-
-    built = {}
-
-    def get(**options):
-        key = tuple(sorted(options.items()))
-        if key not in built:
-            out = tmp_path_factory.mktemp("art") / "art"
-            built[key] = build(out=out, checkpoint=ckpt[0], tokenizer=str(ckpt[1]), progress=False, **options)
-        return built[key]
-
-    return get
+    return memoized_build(tmp_path_factory, "art", checkpoint=ckpt[0], tokenizer=str(ckpt[1]))
 
 
 def changed_reference(ckpt, tmp_path, weight: str):
