@@ -228,14 +228,9 @@ def _writable(path) -> Path:
 
 
 def _save(path: Path, meta: dict, arrays: dict):
-    """Atomically: a temporary sibling, renamed when complete."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from .manifest import write_atomically
+
+    write_atomically(path, lambda f: np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays))
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

@@ -164,9 +164,22 @@ def damage_message(artifact_dir, problems: list[str]) -> str:
             "(`llamaexport verify DIR` lists every file)")
 
 
+def write_atomically(path, write) -> Path:
+    """Write `path` through write(binary file) into a hidden temporary sibling (`.NAME.PID.tmp`: one
+    per process, and file_checksums skips *.tmp), renamed when complete: a reader never sees half a
+    file, and a failure leaves nothing behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_manifest(artifact_dir, manifest: dict):
-    """Write atomically (temp file + rename) so a reader never sees half a manifest."""
-    path = Path(artifact_dir) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """Write atomically so a reader never sees half a manifest."""
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    write_atomically(Path(artifact_dir) / MANIFEST, lambda f: f.write(text.encode()))

@@ -13,7 +13,6 @@ a held-out text. Thresholds are data (data/parity_thresholds.json) per precision
 from __future__ import annotations
 
 import json
-import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import LlamaExportError
-from .manifest import read_manifest, require_intact, write_manifest
+from .manifest import read_manifest, require_intact, write_atomically, write_manifest
 
 DEFAULT_PROMPTS = [
     "The capital of France is",
@@ -211,9 +210,8 @@ def _failures(report: dict, th: dict) -> list[str]:
 
 def _write_report(d: Path, manifest: dict, report: dict):
     """DIR/parity.json (atomically) and the manifest's parity summary."""
-    tmp = d / "parity.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, d / "parity.json")
+    text = json.dumps(report, indent=2) + "\n"
+    write_atomically(d / "parity.json", lambda f: f.write(text.encode()))
     manifest["parity"] = {k: report[k] for k in ("passed", "backend", "max_abs_logit", "mean_kl",
                                                  "top1_agreement", "greedy_agreement", "ppl_delta_rel")}
     write_manifest(d, manifest)

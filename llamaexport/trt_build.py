@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from . import LlamaExportError
+from .manifest import write_atomically
 
 PLUGIN_LIB = "libllamaexport_plugins.so"
 REPO = Path(__file__).resolve().parent.parent
@@ -368,13 +369,7 @@ def _build_engine(trt, logger, stage: Stage, d: Path, manifest: dict, profile, *
             f"if it ran out of memory, lower [builder] workspace_gb (now {workspace_gb:g}) in the profile, close other "
             "GPU programs, or rebuild with a smaller --precision or --max-seq-len")
     stage.now = f"writing {ENGINE_FILE}"
-    tmp = d / f".{ENGINE_FILE}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(memoryview(plan))
-        os.replace(tmp, d / ENGINE_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(d / ENGINE_FILE, lambda f: f.write(memoryview(plan)))
     _save_timing_cache(config.get_timing_cache() or cache, cache_path)
     seconds = round(time.time() - t0, 1)
     log(f"tensorrt: wrote {ENGINE_FILE} ({(d / ENGINE_FILE).stat().st_size / 2**20:.1f} MiB) in {seconds}s")
@@ -443,9 +438,7 @@ def no_plugin_layers(version: str, plugin_lib: str, creators: dict[str, bool], l
 def _save_timing_cache(cache, path: Path):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(memoryview(cache.serialize()))
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: f.write(memoryview(cache.serialize())))
     except OSError as e:  # a cache is an optimisation: never fail a build over it
         log(f"warning: could not save the timing cache {path}: {e}")
 
