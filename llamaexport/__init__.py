@@ -1,5 +1,9 @@
 """llamaexport: compile LLaMA-family models into fast ONNX Runtime and TensorRT artifacts.
 
+The package is cut by stage (each subpackage's docstring says what it owns and may import; the
+directions are import-linter contracts in pyproject.toml): model -> artifact -> tensorrt ->
+build | runtime -> serving | verify -> cli.
+
 Importing this package is cheap: torch, onnx and tensorrt are imported only inside the
 functions that need them, so the CPU runtime depends on numpy, onnxruntime and a tokenizer.
 """
@@ -12,3 +16,7 @@ class LlamaExportError(Exception):
 
 
 __all__ = ["LlamaExportError", "__version__"]
+
+from llamaexport import _moved  # noqa: E402  the old flat module names, forwarded (see _moved)
+
+_moved.install()

@@ -8,9 +8,9 @@ import sys
 
 import click
 
-from . import LlamaExportError, __version__
-from .chat import FORMATS as CHAT_FORMATS
-from .recipe import INT4_RECIPES, KV_CACHE_CHOICES, PRECISIONS, QUANT_METHOD_CHOICES
+from llamaexport import LlamaExportError, __version__
+from llamaexport.build.recipe import INT4_RECIPES, KV_CACHE_CHOICES, PRECISIONS, QUANT_METHOD_CHOICES
+from llamaexport.model.chat import FORMATS as CHAT_FORMATS
 
 
 class _Group(click.Group):
@@ -47,7 +47,7 @@ CHAT_FORMAT = click.option(
 
 
 def SAMPLING(f):
-    """The sampling options of `run` and `chat` (llamaexport.sampling.SamplingConfig's fields)."""
+    """The sampling options of `run` and `chat` (llamaexport.runtime.sampling.SamplingConfig's fields)."""
     for option in reversed([
             click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
             click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
@@ -101,7 +101,7 @@ def main():
 def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, out, force, export_only, block_size,
           memory_gb, quant_method, int4_recipe, calibration, chat_format, lora, kv_cache, run_check):
     """Build an artifact directory from a checkpoint or a size."""
-    from .build import build as do_build
+    from llamaexport.build.pipeline import build as do_build
 
     if (size is None) == (checkpoint is None):
         raise LlamaExportError("give exactly one of --checkpoint PATH or --size S")
@@ -129,8 +129,8 @@ def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, ou
 def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, chat,
         chat_format, system, threads, backend):
     """Generate text, streaming it to stdout."""
-    from .runtime import LlamaModel
-    from .sampling import SamplingConfig
+    from llamaexport.runtime.llama_model import LlamaModel
+    from llamaexport.runtime.sampling import SamplingConfig
 
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed)
@@ -157,7 +157,7 @@ def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_
 @BACKEND
 def serve(artifact, host, port, max_batch, max_queue, prefill_chunk, threads, api_key, chat_format, model_name, backend):
     """Serve an artifact over the OpenAI API (continuous batching; needs the serve extra)."""
-    from .server import serve as run_server
+    from llamaexport.serving.server import serve as run_server
 
     run_server(artifact, host=host, port=port, max_batch=max_batch, max_queue=max_queue, threads=threads,
                api_key=api_key, prefill_chunk=prefill_chunk, chat_format=chat_format, model_name=model_name,
@@ -175,9 +175,9 @@ def serve(artifact, host, port, max_batch, max_queue, prefill_chunk, threads, ap
 def chat_cmd(artifact, system, chat_format, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
              threads, backend):
     """Chat with an artifact in the terminal (multi-turn; /help lists the commands)."""
-    from . import repl
-    from .runtime import LlamaModel, check_generation
-    from .sampling import SamplingConfig
+    from llamaexport.runtime.llama_model import LlamaModel, check_generation
+    from llamaexport.runtime.sampling import SamplingConfig
+    from llamaexport.serving import repl
 
     check_generation(max_new_tokens=max_new_tokens)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
@@ -189,11 +189,11 @@ def chat_cmd(artifact, system, chat_format, max_new_tokens, temperature, top_k, 
 
 def _check(artifact, reference, as_json, backend=None, layerwise=False):
     if layerwise:
-        from .layerwise import format_layerwise
-        from .layerwise import layerwise as check
+        from llamaexport.verify.layerwise import format_layerwise
+        from llamaexport.verify.layerwise import layerwise as check
         format_report = format_layerwise
     else:
-        from .parity import check, format_report
+        from llamaexport.verify.parity import check, format_report
 
     report = check(artifact, reference=reference, progress=not as_json, backend=backend)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
@@ -224,7 +224,7 @@ def check_cmd(artifact, reference, as_json, layerwise, backend):
 @BACKEND
 def bench(artifact, prompt_len, new_tokens, batch, threads, repeat, as_json, backend):
     """Prefill and decode tokens/s and peak memory."""
-    from .bench import format_bench, run_bench
+    from llamaexport.verify.bench import format_bench, run_bench
 
     r = run_bench(artifact, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, threads=threads,
                   repeat=repeat, backend=backend)
@@ -246,7 +246,7 @@ def bench(artifact, prompt_len, new_tokens, batch, threads, repeat, as_json, bac
 @BACKEND
 def eval_cmd(artifact, text_file, ctx, stride, chunks, save_logits, base_logits, threads, as_json, backend):
     """Perplexity over a text as llama.cpp's llama-perplexity scores it; KL against a base run."""
-    from .eval import evaluate, format_report
+    from llamaexport.verify.eval import evaluate, format_report
 
     r = evaluate(artifact, text_file, ctx=ctx, stride=stride, chunks=chunks, save_logits=save_logits,
                  base_logits=base_logits, backend=backend, threads=threads)
@@ -265,10 +265,10 @@ def eval_cmd(artifact, text_file, ctx, stride, chunks, save_logits, base_logits,
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (every term, the budget, the choice).")
 def plan(size, checkpoint, profile, max_seq_len, batch, precision, memory_gb, as_json):
     """Memory plan per precision on a profile, the choice, and the decode ceiling."""
-    from .checkpoint import load_checkpoint
-    from .planner import choose, format_plans, plan_all, plans_json
-    from .profiles import load_profile
-    from .recipe import Recipe
+    from llamaexport.build.planner import choose, format_plans, plan_all, plans_json
+    from llamaexport.build.profiles import load_profile
+    from llamaexport.build.recipe import Recipe
+    from llamaexport.model.checkpoint import load_checkpoint
 
     if (size is None) == (checkpoint is None):
         raise LlamaExportError("give exactly one of --checkpoint PATH or --size S")
@@ -297,8 +297,8 @@ def plan(size, checkpoint, profile, max_seq_len, batch, precision, memory_gb, as
 @click.argument("artifact", type=click.Path())
 def inspect(artifact):
     """Show what an artifact's manifest says."""
-    from .inspect import format_manifest
-    from .manifest import read_manifest
+    from llamaexport.artifact.inspect import format_manifest
+    from llamaexport.artifact.manifest import read_manifest
 
     click.echo(format_manifest(read_manifest(artifact)))
 
@@ -307,7 +307,7 @@ def inspect(artifact):
 @click.argument("artifact", type=click.Path())
 def verify(artifact):
     """Compare every file of an artifact with the checksums its build recorded."""
-    from .manifest import damage_message, damaged_files, read_manifest
+    from llamaexport.artifact.manifest import damage_message, damaged_files, read_manifest
 
     m = read_manifest(artifact)
     if not m.get("checksums"):
@@ -323,7 +323,7 @@ def verify(artifact):
 @main.command()
 def profiles():
     """List the bundled hardware profiles."""
-    from .profiles import load_profile, profile_names
+    from llamaexport.build.profiles import load_profile, profile_names
 
     rows = [("name", "backend", "memory", "bandwidth", "precisions", "context")]
     for n in profile_names():
@@ -341,7 +341,7 @@ def profiles():
 @click.option("--force", is_flag=True, help="Rebuild the engine if the artifact already has one.")
 def compile_cmd(artifact, profile, force):
     """Build the TensorRT engine of an --export-only artifact, in place."""
-    from .trt_build import compile_artifact
+    from llamaexport.build.pipeline import compile_artifact
 
     eng = compile_artifact(artifact, profile=profile, force=force)
     click.echo(f"compiled {artifact}/{eng['file']} (TensorRT {eng['tensorrt']}, {eng['build_seconds']}s)")
@@ -360,7 +360,7 @@ def plugins():
 @click.option("--kernels-only", is_flag=True, help="Build only the CUDA kernels and their tests (no TensorRT).")
 def plugins_build(tensorrt_root, cuda_arch, kernels_only):
     """cmake-build plugins/ into build/plugins (libllamaexport_plugins.so)."""
-    from .trt_build import build_plugins
+    from llamaexport.tensorrt.plugins import build_plugins
 
     out = build_plugins(tensorrt_root=tensorrt_root, cuda_arch=cuda_arch, kernels_only=kernels_only)
     click.echo(f"built {out}")
@@ -372,7 +372,7 @@ MODEL_COMMANDS = ("run", "bench", "check", "eval", "serve", "chat")  # the ones 
 def entry():
     """The console script: commands that run a model first re-exec with huge pages (hugepages.py)."""
     if len(sys.argv) > 1 and sys.argv[1] in MODEL_COMMANDS:
-        from .hugepages import reexec_with_huge_pages
+        from llamaexport.runtime.hugepages import reexec_with_huge_pages
         reexec_with_huge_pages()
     main(prog_name="llamaexport")
 

@@ -3,7 +3,7 @@
  * `trtexec --dynamicPlugins=libllamaexport_plugins.so` (TensorRT >= 10.0):
  *   getCreators     - every plugin creator in this library;
  *   setLoggerFinder - TensorRT's logger, used for the plugins' messages;
- * and, for llamaexport's loader (trt_build.check_plugin_library, which reads them with ctypes
+ * and, for llamaexport's loader (tensorrt.plugins.check_plugin_library, which reads them with ctypes
  * before TensorRT sees the library):
  *   llamaexport_plugins_trt_major / _minor - the TensorRT headers this library was compiled against.
  * The library registers nothing by itself at load time (loadLibrary would then refuse it as

@@ -14,7 +14,7 @@ drift (memory bandwidth moves by +-15% and more within minutes on these VMs) thu
 precision alike; rows of different precisions were still measured minutes apart. All systems of a precision are
 resident at once (the 1.1b fp32 rows: ~4.3 GB each).
 How prefill (P prompt tokens) and decode (T new tokens) are split:
-  ours  `llamaexport bench`'s timed generation (llamaexport.bench.load_for_bench): prefill = one forward over the prompt;
+  ours  `llamaexport bench`'s timed generation (llamaexport.verify.bench.load_for_bench): prefill = one forward over the prompt;
         decode = T single-token forwards / T.
   hf    prefill = one `model(ids, use_cache=True)` forward; decode = from `generate(max_new_tokens=T,
         min_new_tokens=T, do_sample=False)` with a timestamping streamer: (end - first new token) / (T-1),
@@ -263,8 +263,8 @@ def _stale(out: Path, base: str, recipe: str) -> bool:
 
 
 def serve_ours(a):
-    """`llamaexport bench`'s own timed generation (llamaexport.bench.load_for_bench), plus its RSS budget check."""
-    from llamaexport.bench import load_for_bench, memory_budget, peak_rss_mb
+    """`llamaexport bench`'s own timed generation (llamaexport.verify.bench.load_for_bench), plus its RSS budget check."""
+    from llamaexport.verify.bench import load_for_bench, memory_budget, peak_rss_mb
     model, once = load_for_bench(a["dir"], prompt_len=a["prompt_len"], new_tokens=a["new_tokens"],
                                  threads=a["threads"])
 
@@ -591,7 +591,7 @@ class Server:
     def __init__(self, job: dict, threads: int, logfile: Path, huge_pages_for_all: bool = False):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
         if job.get("huge_pages") or huge_pages_for_all:  # as the `llamaexport` commands run (hugepages.py)
-            from llamaexport.hugepages import huge_page_env
+            from llamaexport.runtime.hugepages import huge_page_env
             env = huge_page_env(env) or env
         logfile.parent.mkdir(parents=True, exist_ok=True)
         self.logfile, self.err = logfile, open(logfile, "w")

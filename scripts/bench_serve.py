@@ -179,7 +179,7 @@ def make_prompts(artifact: Path, n: int, length: int, seed: int) -> list[str]:
     cut to `length` tokens by our tokenizer."""
     import numpy as np
 
-    from llamaexport.tokenizer import load_tokenizer
+    from llamaexport.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(artifact)
     rng = np.random.default_rng(seed)

@@ -17,7 +17,7 @@ joined by blank lines, the first 100,000 characters (24,448 SmolLM2 tokens with 
 Prints one JSON object: ppl, its ± (llama.cpp's), tokens, n_chunks, tokens scored, the sha256 of
 the text's token ids (to check that both sides tokenized alike), the evaluation's tokens/s and the
 llama-cpp-python version; with --base-logits also "base", the fields of `eval --json`'s "base".
-Needs llama-cpp-python and numpy, plus this checkout's `llamaexport.eval` (numpy only: no onnxruntime,
+Needs llama-cpp-python and numpy, plus this checkout's `llamaexport.verify.eval` (numpy only: no onnxruntime,
 torch or tokenizer is imported), which the script puts on sys.path itself. The windows and the
 perplexity here are an independent rendering of llama.cpp's code, not a copy of ours:
 
@@ -58,7 +58,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's llamaexport, for its eval.py
 from llamaexport import LlamaExportError  # noqa: E402
-from llamaexport import eval as ev  # noqa: E402  numpy only
+from llamaexport.verify import eval as ev  # noqa: E402  numpy only
 
 QUANT_TYPES = {"F32": "LLAMA_FTYPE_ALL_F32", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 

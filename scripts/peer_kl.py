@@ -17,10 +17,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from llamaexport.checkpoint import load_checkpoint
-from llamaexport.model import build_reference
-from llamaexport.parity import compare_logits, heldout_text
-from llamaexport.tokenizer import load_tokenizer
+from llamaexport.model.checkpoint import load_checkpoint
+from llamaexport.model.reference import build_reference
+from llamaexport.model.tokenizer import load_tokenizer
+from llamaexport.verify.parity import compare_logits, heldout_text
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from bench_peers import smollm2_gguf  # noqa: E402

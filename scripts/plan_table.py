@@ -1,10 +1,10 @@
 """Print the README's memory-plan table: the LLaMA paper sizes x our profiles (`auto` choice)."""
 
 from llamaexport import LlamaExportError
-from llamaexport.config import config_for_size
-from llamaexport.planner import GiB, choose
-from llamaexport.profiles import load_profile
-from llamaexport.recipe import Recipe
+from llamaexport.build.planner import GiB, choose
+from llamaexport.build.profiles import load_profile
+from llamaexport.build.recipe import Recipe
+from llamaexport.model.config import config_for_size
 
 SIZES = ["7B", "13B", "33B", "65B", "llama2-70B", "llama3-8B", "llama3.2-3B"]
 PROFILES = ["rtx4090", "rtx3090", "jetson-orin-agx-64gb", "jetson-orin-nx-16gb", "jetson-orin-nano-8gb",

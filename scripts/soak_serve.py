@@ -147,7 +147,7 @@ def main():
 
     import httpx
 
-    from llamaexport.tokenizer import load_tokenizer
+    from llamaexport.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(Path(a.artifact))
     words = [w for w in (tok.decode([i]).strip() for i in range(3, min(tok.vocab_size, 20000)))

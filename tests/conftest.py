@@ -54,7 +54,7 @@ def smollm2_gguf() -> Path:
 
 def memoized_build(tmp_path_factory, name: str, **fixed):
     """get(**options) -> build(**fixed, **options), made once per distinct options (a fixture's scope)."""
-    from llamaexport.build import build
+    from llamaexport.build.pipeline import build
 
     built = {}
 
@@ -76,7 +76,7 @@ def smol_build(smollm2_gguf, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smol_check():
     """parity.check(artifact, n_tokens=..., backend=...) without writing, once per distinct call."""
-    from llamaexport.parity import check
+    from llamaexport.verify.parity import check
 
     reports = {}
 
@@ -146,7 +146,7 @@ def train_tiny_spm(out_dir: Path, vocab_size: int = 400) -> Path:
 def tiny_artifact(tmp_path_factory):
     """A built CPU artifact: the `tiny` config (random weights, seed 7) with a real sentencepiece
     tokenizer of the same vocabulary size."""
-    from llamaexport.build import build
+    from llamaexport.build.pipeline import build
 
     d = tmp_path_factory.mktemp("tiny-artifact")
     tok = train_tiny_spm(d)  # 400 pieces inside the model's 512-entry vocabulary

@@ -71,7 +71,7 @@ def test_a_second_build_of_the_same_out_is_refused_naming_the_first(tmp_path):
     holder's work is untouched."""
     out = tmp_path / "a"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from llamaexport.staging import target_lock\n"
+        "import sys, time; from pathlib import Path; from llamaexport.artifact.staging import target_lock\n"
         f"with target_lock(Path({str(out)!r})):\n    print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -220,8 +220,8 @@ def test_a_prompt_that_is_not_utf8_is_one_line(tiny_artifact):
 
 def test_the_python_api_validates_the_same_way(tiny_artifact):
     from llamaexport import LlamaExportError
-    from llamaexport.runtime import LlamaModel
-    from llamaexport.sampling import SamplingConfig
+    from llamaexport.runtime.llama_model import LlamaModel
+    from llamaexport.runtime.sampling import SamplingConfig
 
     for bad in (dict(temperature=float("nan")), dict(seed=-1), dict(top_k=1.5), dict(repetition_penalty=float("inf"))):
         with pytest.raises(LlamaExportError):
@@ -268,7 +268,7 @@ def test_a_truncated_weight_file_stops_run(tmp_path):
 
 
 def test_nan_metrics_fail_the_check():
-    from llamaexport.parity import _failures, thresholds
+    from llamaexport.verify.parity import _failures, thresholds
 
     report = {"max_abs_logit": float("nan"), "mean_abs_logit": 0.1, "mean_kl": 1e-3, "max_kl": 1e-2,
               "top1_agreement": 0.99, "greedy_agreement": 1.0, "ppl_artifact": 10.0, "ppl_delta_rel": 0.0}
@@ -421,8 +421,8 @@ def test_an_absurd_context_is_out_of_memory_not_a_traceback(tmp_path):
 def test_symlinked_files_are_still_inside(tmp_path):
     """The Hugging Face cache keeps a snapshot's files as symlinks into ../../blobs: they are the
     checkpoint's own files, and so are an artifact's symlinked files."""
-    from llamaexport.checkpoint import _safetensors_files
-    from llamaexport.manifest import inside
+    from llamaexport.artifact.manifest import inside
+    from llamaexport.model.checkpoint import _safetensors_files
 
     make_hf_model(tmp_path / "src", shard="20KB")
     snap, blobs = tmp_path / "cache" / "snapshots" / "rev", tmp_path / "cache" / "blobs"
@@ -453,7 +453,7 @@ def test_recorded_threads_fit_the_machine_that_runs_the_artifact(tiny_artifact, 
     """A profile's threads recorded at build is capped at the CPUs of the machine that loads it."""
     import shutil
 
-    from llamaexport.runtime import LlamaModel, default_threads
+    from llamaexport.runtime.llama_model import LlamaModel, default_threads
 
     art = tmp_path / "art"
     shutil.copytree(tiny_artifact, art)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llamaexport.bench import RSS_OVERHEAD_MB, kv_cache_bytes
+from llamaexport.verify.bench import RSS_OVERHEAD_MB, kv_cache_bytes
 
 MiB = 2**20
 
@@ -141,7 +141,7 @@ def test_safetensors_bytes_per_token(peers, tmp_path):
 
 
 def test_huge_page_env_only_where_it_changes_something():
-    from llamaexport.hugepages import REEXEC_MARK, TUNABLE, huge_page_env
+    from llamaexport.runtime.hugepages import REEXEC_MARK, TUNABLE, huge_page_env
     linux = dict(system="Linux", libc=("glibc", "2.36"), thp_mode="madvise")
     env = huge_page_env({"A": "1"}, **linux)
     assert env == {"A": "1", "GLIBC_TUNABLES": f"{TUNABLE}=1", REEXEC_MARK: "1"}
@@ -158,7 +158,7 @@ def test_huge_page_env_only_where_it_changes_something():
 
 
 def test_thp_mode_reads_the_bracketed_word(tmp_path):
-    from llamaexport.hugepages import _thp_mode
+    from llamaexport.runtime.hugepages import _thp_mode
     f = tmp_path / "enabled"
     f.write_text("always [madvise] never\n")
     assert _thp_mode(str(f)) == "madvise"
@@ -170,7 +170,7 @@ def test_bench_runs_with_huge_pages_where_the_system_offers_them(tiny_artifact):
     (bench reports how many MB); LLAMAEXPORT_HUGE_PAGES=0 turns it off."""
     import os
 
-    from llamaexport.hugepages import huge_page_env
+    from llamaexport.runtime.hugepages import huge_page_env
     if huge_page_env(dict(os.environ)) is None:
         pytest.skip("no transparent huge pages to ask for here (not Linux/glibc >= 2.35 in THP madvise mode, "
                     "or GLIBC_TUNABLES already names the tunable)")

@@ -11,8 +11,8 @@ import pytest
 from conftest import cli
 
 from llamaexport import LlamaExportError
-from llamaexport.chat import FORMATS, default_stop_strings, format_chat
-from llamaexport.tokenizer import load_tokenizer, tokenizer_from_gguf
+from llamaexport.model.chat import FORMATS, default_stop_strings, format_chat
+from llamaexport.model.tokenizer import load_tokenizer, tokenizer_from_gguf
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
@@ -233,8 +233,8 @@ def test_gpt4_x_alpaca_is_alpaca():
 # an unknown one: test_bad_input.py)
 
 def test_build_records_the_chat_format(tiny_artifact, tmp_path):
-    from llamaexport.build import build
-    from llamaexport.runtime import LlamaModel
+    from llamaexport.build.pipeline import build
+    from llamaexport.runtime.llama_model import LlamaModel
 
     art = build(out=tmp_path / "koala", size="tiny", seed=7, tokenizer=str(tiny_artifact / "tokenizer.model"),
                 chat_format="koala", progress=False)

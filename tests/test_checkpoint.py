@@ -8,8 +8,8 @@ import torch
 from conftest import make_hf_model
 
 from llamaexport import LlamaExportError
-from llamaexport.checkpoint import load_checkpoint, random_checkpoint
-from llamaexport.model import build_reference
+from llamaexport.model.checkpoint import load_checkpoint, random_checkpoint
+from llamaexport.model.reference import build_reference
 
 
 def _logits(ck, ids):
@@ -237,7 +237,7 @@ def test_gguf_rope_freqs_give_llama3_scaling(tmp_path):
     """Llama-3.1/3.2 GGUFs carry the llama3 rope scaling as a rope_freqs tensor of divisors."""
     import gguf
 
-    from llamaexport.config import LlamaConfig, rope_inv_freq
+    from llamaexport.model.config import LlamaConfig, rope_inv_freq
 
     rs = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
               original_max_position_embeddings=16)

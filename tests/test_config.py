@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from llamaexport import LlamaExportError
-from llamaexport.config import (
+from llamaexport.model.config import (
     LlamaConfig,
     config_for_size,
     config_from_hf,

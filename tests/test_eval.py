@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_clean_error, cli, train_tiny_spm
 
 from llamaexport import LlamaExportError
-from llamaexport.eval import evaluate, load_base
+from llamaexport.verify.eval import evaluate, load_base
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from llamacpp_ppl import python_docs_text  # noqa: E402
@@ -30,11 +30,11 @@ def text_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tiny_artifact):
     """The float32 torch reference of the tiny artifact (random weights, seed 7) and its tokenizer."""
-    from llamaexport.checkpoint import random_checkpoint
-    from llamaexport.config import LlamaConfig
-    from llamaexport.manifest import read_manifest
-    from llamaexport.model import ReferenceBackend, build_reference
-    from llamaexport.tokenizer import load_tokenizer
+    from llamaexport.artifact.manifest import read_manifest
+    from llamaexport.model.checkpoint import random_checkpoint
+    from llamaexport.model.config import LlamaConfig
+    from llamaexport.model.reference import ReferenceBackend, build_reference
+    from llamaexport.model.tokenizer import load_tokenizer
 
     m = read_manifest(tiny_artifact)
     cfg = LlamaConfig.from_dict(m["model"])
@@ -132,7 +132,7 @@ def test_the_same_artifact_against_its_own_base_reads_zero(tiny_artifact, text_f
 @pytest.fixture(scope="module")
 def other_tiny(tiny_artifact, tmp_path_factory):
     """Another model with the same tokenizer: the tiny config, seed 8 instead of 7."""
-    from llamaexport.build import build
+    from llamaexport.build.pipeline import build
 
     tok = tiny_artifact / "tokenizer.model"
     return build(out=tmp_path_factory.mktemp("tiny-seed8") / "art", size="tiny", seed=8, tokenizer=str(tok),
@@ -144,8 +144,8 @@ def test_kl_against_another_artifact_is_the_full_kl_when_the_top_k_is_the_vocabu
     """top_k = V-1 leaves one token in the rest bucket, so the bucketed KL is the full KL (up to the
     float16 storage); the default top-32 gives a lower bound of it. Full KL by hand from both artifacts'
     logits over the same windows."""
-    from llamaexport.runtime import LlamaModel
-    from llamaexport.tokenizer import load_tokenizer
+    from llamaexport.model.tokenizer import load_tokenizer
+    from llamaexport.runtime.llama_model import LlamaModel
 
     tok = load_tokenizer(tiny_artifact)
     ids = tok.encode(text_file.read_text(encoding="utf-8")[:-1])
@@ -177,7 +177,7 @@ def test_llamacpp_script_compares_with_a_base_as_eval_does(other_tiny, text_file
     the same rows meet the same base rows. Our runtime stands in for llama.cpp's logits here."""
     from llamacpp_ppl import check_base, compare_with_base, cut_windows, perplexity, read_text, score_windows
 
-    from llamaexport.runtime import LlamaModel
+    from llamaexport.runtime.llama_model import LlamaModel
 
     path, _ = base_file
     want = evaluate(other_tiny, text_file, base_logits=path, progress=False)
@@ -210,7 +210,7 @@ def test_llamacpp_script_refuses_a_mismatched_base_and_bad_quantize_arguments(ti
                                                                                tmp_path):
     from llamacpp_ppl import check_base, cut_windows, quantize, read_text
 
-    from llamaexport.tokenizer import load_tokenizer
+    from llamaexport.model.tokenizer import load_tokenizer
 
     path, _ = base_file
     base, tok, text = load_base(path), load_tokenizer(tiny_artifact), read_text(text_file)
@@ -237,7 +237,7 @@ def test_llamacpp_script_refuses_a_mismatched_base_and_bad_quantize_arguments(ti
 # ---- refusals: one line naming the problem and the fix
 
 def test_bad_arguments_are_one_line(tiny_artifact, text_file, tmp_path):
-    from llamaexport.tokenizer import load_tokenizer
+    from llamaexport.model.tokenizer import load_tokenizer
 
     short = tmp_path / "short.txt"
     short.write_text(python_docs_text(120), encoding="utf-8")
@@ -294,7 +294,7 @@ def test_a_base_from_another_text_tokenizer_or_window_is_refused(tiny_artifact, 
 
 
 def test_a_base_from_another_tokenizer_is_refused(tiny_artifact, text_file, base_file, tmp_path):
-    from llamaexport.build import build
+    from llamaexport.build.pipeline import build
 
     spm = train_tiny_spm(tmp_path, vocab_size=350)
     art = build(out=tmp_path / "art", size="tiny", seed=7, tokenizer=str(spm), progress=False)
@@ -318,7 +318,7 @@ def test_cli_json_and_errors(tiny_artifact, text_file, base_file):
 
 
 def test_eval_does_not_import_torch(tiny_artifact, text_file):
-    code = ("import sys; from llamaexport.eval import evaluate; "
+    code = ("import sys; from llamaexport.verify.eval import evaluate; "
             "r = evaluate(sys.argv[1], sys.argv[2], ctx=64, chunks=2, progress=False); print(r['ppl']); "
             "bad = [n for n in ('torch', 'onnx', 'tensorrt') if n in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code, str(tiny_artifact), str(text_file)], capture_output=True, text=True)

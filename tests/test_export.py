@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from llamaexport.checkpoint import load_checkpoint
-from llamaexport.export import export_onnx
-from llamaexport.model import build_reference
-from llamaexport.recipe import Recipe
+from llamaexport.build.export import export_onnx
+from llamaexport.build.recipe import Recipe
+from llamaexport.model.checkpoint import load_checkpoint
+from llamaexport.model.reference import build_reference
 
 FORMS = ["concat", "inplace"]
 

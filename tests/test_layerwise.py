@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import assert_clean_error, cli, make_hf_model, memoized_build, train_tiny_spm
 
-from llamaexport.layerwise import budgets, layerwise
+from llamaexport.verify.layerwise import budgets, layerwise
 
 N_LAYERS = 4
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -53,7 +53,7 @@ def compared(report, backend="onnxruntime"):
 
 
 def test_budgets_are_derived_from_the_kl_threshold():
-    from llamaexport.parity import thresholds
+    from llamaexport.verify.parity import thresholds
 
     for p in ("fp32", "fp16", "int8", "int4", "w8a8"):
         b = budgets(p)
@@ -86,8 +86,8 @@ def test_reference_intermediates_add_up(ckpt):
     attention's o_proj output plus the MLP output, and its logits are the forward's."""
     import torch
 
-    from llamaexport.checkpoint import load_checkpoint
-    from llamaexport.model import build_reference, intermediates
+    from llamaexport.model.checkpoint import load_checkpoint
+    from llamaexport.model.reference import build_reference, intermediates
 
     ck = load_checkpoint(ckpt[0])
     model = build_reference(ck.config, ck.weights)

@@ -19,8 +19,8 @@ pytest.importorskip("peft", reason="the LoRA tests compare with peft: pip instal
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
-from llamaexport.build import build  # noqa: E402
-from llamaexport.runtime import LlamaModel  # noqa: E402
+from llamaexport.build.pipeline import build  # noqa: E402
+from llamaexport.runtime.llama_model import LlamaModel  # noqa: E402
 
 VOCAB = 400  # train_tiny_spm's vocabulary, so HF and Meta bases find a tokenizer next to them
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -248,7 +248,7 @@ def test_old_style_modules_to_save_keys(bases, tmp_path):
 def test_check_uses_the_merged_reference_and_refuses_a_changed_adapter(bases, tmp_path):
     """`check` of a `build --lora` artifact passes the fp32 budget (max |dlogit| <= 1e-3), which it could not
     if the reference lacked the adapter (it moves the logits by more than 0.05); a changed adapter is refused."""
-    from llamaexport.parity import check
+    from llamaexport.verify.parity import check
 
     ad = make_adapter(bases / "hf", tmp_path / "ad", r=4, lora_alpha=8, target_modules=ALL)
     art = tmp_path / "art"
@@ -282,8 +282,8 @@ def test_manifest_lora_entries_are_validated(bases, tmp_path):
 
 def test_lora_on_random_weights_checks(tmp_path):
     """--size with --lora: check rebuilds the random base (its original vocabulary) and re-applies the adapter."""
-    from llamaexport.config import config_for_size
-    from llamaexport.parity import check
+    from llamaexport.model.config import config_for_size
+    from llamaexport.verify.parity import check
 
     cfg = config_for_size("tiny")
     hf = tmp_path / "hf"  # an HF model of the tiny shape, only to make the adapter with peft

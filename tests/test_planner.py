@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 
 from llamaexport import LlamaExportError
-from llamaexport.build import build
-from llamaexport.config import config_for_size
-from llamaexport.planner import GiB, choose, plan, plan_all
-from llamaexport.profiles import load_profile, profile_names
-from llamaexport.recipe import Recipe
+from llamaexport.build.pipeline import build
+from llamaexport.build.planner import GiB, choose, plan, plan_all
+from llamaexport.build.profiles import load_profile, profile_names
+from llamaexport.build.recipe import Recipe
+from llamaexport.model.config import config_for_size
 
 
 def _plan(size_or_cfg, profile, precision, **kw):
@@ -71,8 +71,8 @@ def test_kv_cache_scales_with_context_and_batch():
 
 def test_activations_are_one_region_the_largest_profile_not_the_sum():
     """The TensorRT runtime gives its prefill and decode contexts one shared activation region
-    (trt_runtime), so the plan counts the larger profile's peak once: prefill at the full context."""
-    from llamaexport.planner import activation_bytes, profile_tokens
+    (tensorrt.backend), so the plan counts the larger profile's peak once: prefill at the full context."""
+    from llamaexport.build.planner import activation_bytes, profile_tokens
 
     cfg, prof = config_for_size("7B"), load_profile("rtx4090")
     recipe = Recipe.for_profile(prof, "fp16")
@@ -172,9 +172,9 @@ def test_planned_weight_bytes_match_the_built_cpu_graph(tmp_path, precision, rec
     import onnx
     from onnx import numpy_helper
 
-    from llamaexport.build import build
-    from llamaexport.config import config_for_size
-    from llamaexport.planner import weight_bytes
+    from llamaexport.build.pipeline import build
+    from llamaexport.build.planner import weight_bytes
+    from llamaexport.model.config import config_for_size
 
     out = build(out=tmp_path / "a", size="tiny", precision=precision, int4_recipe=recipe, progress=False)
     m = onnx.load(str(out / "model.onnx"))
@@ -186,7 +186,7 @@ def test_planned_weight_bytes_match_the_built_cpu_graph(tmp_path, precision, rec
 
 def test_workspace_is_planned_as_built(tmp_path):
     """A TensorRT profile without [builder] is planned with the workspace the engine build uses."""
-    from llamaexport.profiles import DEFAULT_WORKSPACE_GB
+    from llamaexport.build.profiles import DEFAULT_WORKSPACE_GB
 
     rtx = (Path(__file__).parents[1] / "llamaexport/profiles/rtx4090.toml").read_text()
     p = tmp_path / "bare.toml"
@@ -201,7 +201,7 @@ def test_workspace_is_planned_as_built(tmp_path):
 
 
 def test_gpu_mismatch_is_named():
-    from llamaexport.trt_build import gpu_mismatch
+    from llamaexport.tensorrt.builder import gpu_mismatch
 
     assert gpu_mismatch("8.9", "89") is None and gpu_mismatch("8.9", None) is None and gpu_mismatch(None, "90") is None
     assert gpu_mismatch("8.9", "80;90") == "compute capability 8.9, this machine's GPU has 8.0, 9.0"

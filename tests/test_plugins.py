@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from llamaexport.onnx_graph import OPSET
+from llamaexport.build.onnx_graph import OPSET
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGINS = REPO / "plugins"
@@ -171,7 +171,7 @@ def _headers(root: Path, version: tuple[int, int, int]) -> Path:
 
 def test_tensorrt_header_version_reads_both_forms_of_the_header(tmp_path):
     from llamaexport import LlamaExportError
-    from llamaexport.trt_build import find_tensorrt_headers, tensorrt_header_version
+    from llamaexport.tensorrt.plugins import find_tensorrt_headers, tensorrt_header_version
 
     for v in NVINFER_VERSION_H:
         assert tensorrt_header_version(_headers(tmp_path / f"trt-{v[0]}.{v[1]}", v)) == v
@@ -189,7 +189,7 @@ def test_tensorrt_header_version_reads_both_forms_of_the_header(tmp_path):
 
 def test_plugins_build_takes_the_headers_of_the_installed_tensorrt_major(tmp_path):
     from llamaexport import LlamaExportError
-    from llamaexport.trt_build import select_tensorrt_headers
+    from llamaexport.tensorrt.plugins import select_tensorrt_headers
 
     found = [(tmp_path / "a", (10, 16, 0)), (tmp_path / "b", (11, 1, 0))]
     assert select_tensorrt_headers(found, "11.0.0.114") == found[1]
@@ -236,7 +236,7 @@ def test_a_library_built_for_another_tensorrt_major_is_refused_before_tensorrt_s
     """The loader reads the version the library records (plugins/plugin_api.cpp exports it) with ctypes
     and refuses a major mismatch in one line naming both versions, before IPluginRegistry::loadLibrary."""
     from llamaexport import LlamaExportError
-    from llamaexport.trt_build import check_plugin_library
+    from llamaexport.tensorrt.plugins import check_plugin_library
 
     (tmp_path / "v").mkdir()
     lib = _shared_object(tmp_path / "v", "int llamaexport_plugins_trt_major(void) { return 10; }\n"
@@ -259,7 +259,7 @@ def test_the_plugin_library_records_the_version_of_its_headers(tmp_path_factory)
     """The real libllamaexport_plugins.so, built against the TensorRT headers found here (TensorRT_ROOT),
     exports their major and minor; needs only the headers (the library does not link libnvinfer)."""
     from llamaexport import LlamaExportError
-    from llamaexport.trt_build import check_plugin_library, tensorrt_header_version
+    from llamaexport.tensorrt.plugins import check_plugin_library, tensorrt_header_version
 
     root = _trt_headers()
     if root is None:
@@ -368,7 +368,7 @@ def trt_plugins(tmp_path_factory):
         build = _cmake_build(tmp_path_factory.mktemp("plugins-trt"), f"-DTensorRT_ROOT={root}",
                              f"-DCMAKE_CUDA_ARCHITECTURES={major}{minor}")
         lib = build / "libllamaexport_plugins.so"
-    from llamaexport.trt_build import check_plugin_library
+    from llamaexport.tensorrt.plugins import check_plugin_library
 
     check_plugin_library(lib, trt.__version__)
     handle = trt.get_plugin_registry().load_library(str(lib))
@@ -385,7 +385,7 @@ def _rope_model(B, H, S, hd, rd, *, interleaved, elem_type, with_function, dynam
     """One RoPE node as we export it; dynamic: B and S are named dims (B, S values unused)."""
     from onnx import helper
 
-    from llamaexport import custom_ops
+    from llamaexport.build import custom_ops
 
     b, s = ("B", "S") if dynamic else (B, S)
     node = helper.make_node("RoPE", ["x", "cos", "sin"], ["y"], name="/rope/RoPE", domain=custom_ops.DOMAIN,
@@ -405,7 +405,7 @@ def _swiglu_model(shape, *, elem_type, with_function, dynamic=True):
     """One SwiGLU node as we export it; dynamic: the first dim is named."""
     from onnx import helper
 
-    from llamaexport import custom_ops
+    from llamaexport.build import custom_ops
 
     lead = ["N"] + list(shape[1:-1]) if dynamic else list(shape[:-1])
     node = helper.make_node("SwiGLU", ["x"], ["y"], name="/mlp/act/SwiGLU", domain=custom_ops.DOMAIN,

@@ -6,12 +6,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from llamaexport import quantize as Q
-from llamaexport.awq import LayerwiseCalibrator, apply_awq
-from llamaexport.checkpoint import load_checkpoint
-from llamaexport.onnx_graph import IR_VERSION, OPSET
-from llamaexport.quantize import QuantForm
-from llamaexport.recipe import Recipe
+from llamaexport.build import quantize as Q
+from llamaexport.build.awq import LayerwiseCalibrator, apply_awq
+from llamaexport.build.onnx_graph import IR_VERSION, OPSET
+from llamaexport.build.quantize import QuantForm
+from llamaexport.build.recipe import Recipe
+from llamaexport.model.checkpoint import load_checkpoint
 
 INT4_PORTABLE = QuantForm(bits=4, block=32, symmetric=True, nbits=False)
 INT8_PER_CHANNEL = QuantForm(bits=8, block=None, symmetric=True, nbits=False)
@@ -199,8 +199,8 @@ def _exported_linear_error(d, w, precision, target, stats, rows):
     """Export one linear as the model would (_Emitter.linear, with `stats`), run it with ONNX
     Runtime, and return x -> its output minus x @ w (x: [rows, K] float32). The role is gate_up_proj,
     which is stored at the model's precision in every recipe."""
-    from llamaexport.export import _Emitter
-    from llamaexport.onnx_graph import OPSET, GraphBuilder
+    from llamaexport.build.export import _Emitter
+    from llamaexport.build.onnx_graph import OPSET, GraphBuilder
 
     d.mkdir()
     K, N = w.shape
@@ -221,7 +221,7 @@ def test_bias_correction_cancels_the_mean_output_error(tmp_path, target, precisi
     """A quantized linear given calibration statistics carries the bias -E[x] (W_q - W): run by
     ONNX Runtime, its output error averages to zero over the calibration inputs (it does not
     without the statistics), and the weights are those of the weighted quantizer."""
-    from llamaexport.awq import input_stats
+    from llamaexport.build.awq import input_stats
 
     rng = np.random.default_rng(11)
     K, N = 64, 40
@@ -241,7 +241,7 @@ def test_smoothquant_folding_preserves_the_float_function():
     activation range."""
     import torch
 
-    from llamaexport.awq import apply_smoothquant
+    from llamaexport.build.awq import apply_smoothquant
 
     ck = load_checkpoint(size="tiny", seed=2)
     cfg = ck.config
@@ -271,9 +271,9 @@ def test_w8a8_graph_quantizes_every_linear_input(tmp_path):
     import onnx
     import torch
 
-    from llamaexport.awq import calibration_ids
-    from llamaexport.export import export_onnx
-    from llamaexport.model import build_reference
+    from llamaexport.build.awq import calibration_ids
+    from llamaexport.build.export import export_onnx
+    from llamaexport.model.reference import build_reference
 
     ck = load_checkpoint(size="tiny", seed=4)
     cfg = ck.config
@@ -310,7 +310,7 @@ def _run_block(cfg, weights, h0, cal):
     """One decoder layer of the reference with `weights`, on the calibrator's hidden states h0."""
     import torch
 
-    from llamaexport.model import Block
+    from llamaexport.model.reference import Block
 
     with torch.device("meta"):
         b = Block(cfg)
@@ -325,7 +325,7 @@ def test_cpu_quantized_artifacts_look_tokens_up_in_an_8_bit_table(tmp_path, prec
     copy: ONNX Runtime's lookup equals the table within 8-bit rounding, and no float table is left."""
     import onnx
 
-    from llamaexport.build import build
+    from llamaexport.build.pipeline import build
 
     out = build(out=tmp_path / "a", size="tiny", precision=precision, progress=False)
     m = onnx.load(out / "model.onnx")
@@ -388,7 +388,7 @@ def test_gptq_lowers_held_out_output_error_in_every_form(form):
 def test_gptq_damping_follows_how_many_tokens_estimated_the_hessian():
     """gptq_damp: 10% of the mean diagonal once the calibration has at least K tokens (E[x x^T] is
     full rank), 100% below that; each must be the better choice on held-out inputs in its regime."""
-    from llamaexport.awq import input_stats
+    from llamaexport.build.awq import input_stats
 
     assert (Q.gptq_damp(192, 192), Q.gptq_damp(191, 192)) == (Q.DAMP_FULL_RANK, Q.DAMP)
     rng = np.random.default_rng(3)
@@ -409,7 +409,7 @@ def test_gptq_damping_follows_how_many_tokens_estimated_the_hessian():
 
 
 def test_awq_search_sample_is_seeded_and_capped():
-    from llamaexport.awq import SEARCH_TOKENS, search_sample
+    from llamaexport.build.awq import SEARCH_TOKENS, search_sample
 
     x = np.arange(3 * SEARCH_TOKENS, dtype=np.float32)[:, None]
     a, b = search_sample(x), search_sample(x)
@@ -457,7 +457,7 @@ def test_exported_gptq_linear_beats_weighted_rounding_on_held_out_inputs(tmp_pat
     inputs it was not fitted on, its output error (mean removed: both carry the bias correction)
     is below the importance-weighted RTN's, and its bias still cancels the mean error on the
     inputs it was fitted on."""
-    from llamaexport.awq import input_stats
+    from llamaexport.build.awq import input_stats
 
     rng = np.random.default_rng(13)
     K, N = 128, 48
@@ -482,7 +482,7 @@ def test_quant_method_auto_and_the_manifest(tmp_path):
     an explicit gptq builds (here on random ids: tiny has no tokenizer) and says so in the manifest."""
     import json
 
-    from llamaexport.build import build
+    from llamaexport.build.pipeline import build
 
     def method(precision, calibration, **kw):
         return Recipe.resolve(precision=precision, target="ort-cpu", calibration=calibration, **kw).quant_method
@@ -529,7 +529,7 @@ def test_awq_search_that_models_int8_activations_lowers_the_kernels_error():
     """With the kernel's int8 activations in its objective (act_quant), the AWQ scale search also
     shrinks the activation outliers that coarse 128-wide activation blocks round badly: ONNX
     Runtime's output error (8-bit weights, block 128) drops against the weight-only search's."""
-    from llamaexport.awq import _best_scale
+    from llamaexport.build.awq import _best_scale
 
     rng = np.random.default_rng(5)
     K, N, block = 256, 64, 128
@@ -558,7 +558,7 @@ def test_cpu_graph_blocks_per_role(tmp_path, precision, block_size):
 
     import onnx
 
-    from llamaexport.build import build
+    from llamaexport.build.pipeline import build
 
     out = build(out=tmp_path / "a", size="tiny", precision=precision, block_size=block_size, progress=False)
     m = onnx.load(out / "model.onnx", load_external_data=False)
@@ -584,7 +584,7 @@ def test_awq_models_the_activation_blocks_the_graph_uses(tmp_path, monkeypatch, 
     4-bit ones and the output layer 32): no tensor is searched for one block and built with another."""
     import onnx
 
-    from llamaexport.export import export_onnx
+    from llamaexport.build.export import export_onnx
 
     seen = set()
     real = Q.fake_quant_act_blocks

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from llamaexport import LlamaExportError
-from llamaexport.config import config_for_size
-from llamaexport.profiles import load_profile
-from llamaexport.recipe import LM_HEAD, ROLES, Recipe, kv_cache_for
+from llamaexport.build.profiles import load_profile
+from llamaexport.build.recipe import LM_HEAD, ROLES, Recipe, kv_cache_for
+from llamaexport.model.config import config_for_size
 
 
 @pytest.mark.parametrize("request_,message", [

@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import make_hf_model
 
-from llamaexport.checkpoint import load_checkpoint
-from llamaexport.model import build_reference
+from llamaexport.model.checkpoint import load_checkpoint
+from llamaexport.model.reference import build_reference
 
 HF_VARIANTS = {
     "gqa": dict(num_key_value_heads=2),

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from llamaexport import LlamaExportError
-from llamaexport.checkpoint import load_checkpoint
-from llamaexport.model import build_reference
-from llamaexport.runtime import LlamaModel
-from llamaexport.sampling import Sampler, SamplingConfig
+from llamaexport.model.checkpoint import load_checkpoint
+from llamaexport.model.reference import build_reference
+from llamaexport.runtime.llama_model import LlamaModel
+from llamaexport.runtime.sampling import Sampler, SamplingConfig
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +117,9 @@ def test_prompt_longer_than_context_is_an_error(model):
 
 def test_runtime_path_does_not_import_torch(tiny_artifact):
     """Nor the serving stack: the engine is runtime, the HTTP server an optional extra."""
-    code = ("import sys; from llamaexport.runtime import LlamaModel; m = LlamaModel.load(sys.argv[1]); "
+    code = ("import sys; from llamaexport.runtime.llama_model import LlamaModel; m = LlamaModel.load(sys.argv[1]); "
             "print(m.generate('hello world', max_new_tokens=5).finish_reason); "
-            "from llamaexport.engine import Engine; e = Engine(m); print(len(list(e.stream([5, 6], max_new_tokens=3)))); "
+            "from llamaexport.runtime.engine import Engine; e = Engine(m); print(len(list(e.stream([5, 6], max_new_tokens=3)))); "
             "import llamaexport.cli; "
             "bad = [n for n in ('torch', 'onnx', 'starlette', 'uvicorn', 'sse_starlette', 'prometheus_client') "
             "if n in sys.modules]; assert not bad, bad")
@@ -201,7 +201,7 @@ def test_kv_buffers_are_zero_pages_until_written():
     written, so repeated generations do not grow the process (glibc's heap would zero them in full)."""
     import resource
 
-    from llamaexport.runtime import _lazy_zeros
+    from llamaexport.runtime.llama_model import _lazy_zeros
 
     a = _lazy_zeros((1, 4, 8192, 256), np.float32)  # 32 MiB
     assert a.shape == (1, 4, 8192, 256) and a.dtype == np.float32 and a.flags.writeable and not a.any()
@@ -218,7 +218,7 @@ def test_the_profiles_threads_reach_the_runtime(tmp_path):
     """A profile's [runtime] threads is recorded at build and used when --threads is not given."""
     from pathlib import Path
 
-    from llamaexport.build import build
+    from llamaexport.build.pipeline import build
 
     cpu = (Path(__file__).parents[1] / "llamaexport/profiles/cpu.toml").read_text()
     prof = tmp_path / "one-thread.toml"
@@ -233,8 +233,8 @@ def test_the_profiles_threads_reach_the_runtime(tmp_path):
 def test_check_drives_the_runtime_decode_loop(tiny_artifact, monkeypatch):
     """check's artifact logits come from LlamaModel.steps (what run uses): the prefill over the whole
     prompt, then single-token decode steps asking for the last position only, on the recycled cache."""
-    from llamaexport.parity import check
-    from llamaexport.runtime import OnnxRuntimeBackend
+    from llamaexport.runtime.llama_model import OnnxRuntimeBackend
+    from llamaexport.verify.parity import check
 
     calls = []
     real = OnnxRuntimeBackend.forward
@@ -255,7 +255,7 @@ def test_onnxruntime_device_picks_the_cuda_provider_only_where_there_is_one(monk
     """runtime.device cuda (an onnxruntime profile's [runtime] device) asks for ONNX Runtime's CUDA
     provider; an onnxruntime without it (the CPU package) runs on the CPU after one warning; device cpu
     never takes the GPU."""
-    from llamaexport import runtime
+    from llamaexport.runtime import llama_model as runtime
 
     monkeypatch.setattr(runtime, "_warned_cuda", False)
     both = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -274,7 +274,7 @@ def test_an_onnxruntime_gpu_artifact_records_its_device_and_runs_where_it_can(tm
     onnxruntime has it, else the CPU, and either way generates the reference's greedy tokens."""
     import onnxruntime as ort
 
-    from llamaexport.build import build
+    from llamaexport.build.pipeline import build
 
     prof = tmp_path / "ort-gpu.toml"
     prof.write_text('name = "ort-gpu"\nbackend = "onnxruntime"\nmemory_gb = 8.0\nmemory_bandwidth_gbs = 500.0\n'

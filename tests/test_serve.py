@@ -12,9 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from llamaexport.engine import DoneEvent, Engine, QueueFull, TextEvent
-from llamaexport.runtime import LlamaModel
-from llamaexport.sampling import SamplingConfig
+from llamaexport.runtime.engine import DoneEvent, Engine, QueueFull, TextEvent
+from llamaexport.runtime.llama_model import LlamaModel
+from llamaexport.runtime.sampling import SamplingConfig
+from llamaexport.runtime.slots import make_slots
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install 'llamaexport[serve]')")
 openai = pytest.importorskip("openai", reason="the serve tests need the openai package")
@@ -49,7 +50,7 @@ def _run_all(engine, prompts, **kw):
 @pytest.fixture(scope="module")
 def tiny_portable(tmp_path_factory, tiny_artifact):
     """The tiny model's portable graph (a TensorRT profile's ONNX, Concat KV cache), run by ONNX Runtime."""
-    from llamaexport.build import build
+    from llamaexport.build.pipeline import build
 
     d = tmp_path_factory.mktemp("portable")
     return build(out=d / "art", size="tiny", seed=7, profile="rtx4090", precision="fp16", export_only=True,
@@ -357,7 +358,7 @@ def test_api_key(tiny_artifact):
 
 def test_serve_uses_the_chat_format_recorded_at_build(tiny_artifact, tmp_path):
     """Without --chat-format, /v1/chat/completions renders messages in the manifest's format."""
-    from llamaexport.build import build
+    from llamaexport.build.pipeline import build
 
     art = build(out=tmp_path / "koala", size="tiny", seed=7, tokenizer=str(tiny_artifact / "tokenizer.model"),
                 chat_format="koala", progress=False)
@@ -398,7 +399,7 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about rivers.", "E
 
 
 def _chat_ids(m):
-    from llamaexport.chat import format_chat
+    from llamaexport.model.chat import format_chat
     return [m.encode(format_chat([{"role": "user", "content": q}], tokenizer=m.tokenizer)) for q in QUESTIONS]
 
 
@@ -425,7 +426,7 @@ def test_smollm2_int8_batched_decode_keeps_its_accuracy(smol_art, smol_build):
         with LlamaModel.load(art) as m:
             prompts = _chat_ids(m)
             n = min(map(len, prompts))
-            slots = m.backend.slots(6)
+            slots = make_slots(m.backend, 6)
             slots.prefill_rows(0, [p[:n] for p in prompts])
             nxt = [p[n] if len(p) > n else p[-1] for p in prompts]
             batched = slots.decode(list(range(6)), nxt)
@@ -473,7 +474,7 @@ def test_smollm2_chat_equals_run_and_reuses_history(smol_art, smol_server):
     # the second turn prefilled only what was new ...
     assert b.usage.prompt_tokens_details.cached_tokens >= a.usage.prompt_tokens
     with LlamaModel.load(smol_art) as m:  # ... and says what a fresh run says
-        from llamaexport.chat import format_chat
+        from llamaexport.model.chat import format_chat
         ids = m.encode(format_chat(msgs, tokenizer=m.tokenizer))
         want = m.tokenizer.decode(m.generate_ids([ids], max_new_tokens=24)[0])
     assert b.choices[0].message.content == want

@@ -6,8 +6,8 @@ marked slow are the slow tier (see conftest)."""
 import numpy as np
 import pytest
 
-from llamaexport.parity import check
-from llamaexport.runtime import LlamaModel
+from llamaexport.runtime.llama_model import LlamaModel
+from llamaexport.verify.parity import check
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +56,9 @@ def heldout_reference(smollm2_gguf, smol_build):
     """(ids, reference logits [T, V]) of the float32 reference on the shipped held-out text (400 tokens)."""
     import torch
 
-    from llamaexport.checkpoint import load_checkpoint
-    from llamaexport.model import build_reference
-    from llamaexport.parity import heldout_text
+    from llamaexport.model.checkpoint import load_checkpoint
+    from llamaexport.model.reference import build_reference
+    from llamaexport.verify.parity import heldout_text
 
     ck = load_checkpoint(smollm2_gguf)
     with LlamaModel.load(smol_build()) as m:
@@ -74,7 +74,7 @@ def heldout_kl(artifact, heldout_reference) -> tuple[float, float]:
     """(mean KL, top-1 agreement) of the artifact against the reference, teacher-forced on the held-out
     text: the same tokens for every artifact and every machine (check's figure follows each artifact's
     own greedy continuation, so one token flipped by a CPU's float rounding changes what it measures)."""
-    from llamaexport.parity import compare_logits
+    from llamaexport.verify.parity import compare_logits
 
     ids, want = heldout_reference
     with LlamaModel.load(artifact, backend="onnxruntime") as m:

@@ -5,7 +5,7 @@ KV-cache forms (concat for TensorRT < 10.15, in place for >= 10.15) built --expo
 against the reference, served by the engine, and their optimization profiles; the rest skip with the
 reason. The GPU tests build the `tiny` model in fp16, in each form the installed TensorRT takes, for a
 profile describing this machine's GPU (batch 2, so left-padded batches are covered) and compare with
-the eager reference (`llamaexport.parity`) and with ONNX Runtime on the same model.onnx.
+the eager reference (`llamaexport.verify.parity`) and with ONNX Runtime on the same model.onnx.
 """
 
 import importlib.util
@@ -39,7 +39,7 @@ def one_error_line(r) -> str:
 # ------------------------------------------------------------------------------------------ CLI, no GPU needed
 @pytest.fixture(scope="module")
 def export_only_artifact(tmp_path_factory):
-    from llamaexport.build import build
+    from llamaexport.build.pipeline import build
 
     d = tmp_path_factory.mktemp("export-only")
     return build(out=d / "art", size="tiny", seed=7, profile="rtx4090", export_only=True, progress=False)
@@ -63,7 +63,7 @@ def test_compile_refuses_what_it_cannot_compile(tiny_artifact, tmp_path):
 
 def test_tensorrt_messages_say_what_failed_and_which_version():
     """Without TensorRT: the lines the build prints when the parser fails or makes no plugin layer."""
-    from llamaexport.trt_build import no_plugin_layers, parse_failure
+    from llamaexport.tensorrt.builder import no_plugin_layers, parse_failure
 
     assert no_plugin_layers("10.3.0.26", "/p/lib.so", {"RoPE": True, "SwiGLU": True}, None) == (
         "note: TensorRT 10.3.0.26 expands the RoPE/SwiGLU function bodies instead of the plugins (its ONNX parser "
@@ -99,7 +99,7 @@ def graph_forms(tmp_path_factory):
     Runtime's run is exact against the reference), with a tokenizer (the serving engine needs one)."""
     from conftest import train_tiny_spm
 
-    from llamaexport.build import build
+    from llamaexport.build.pipeline import build
 
     d = tmp_path_factory.mktemp("forms")
     prof = d / "gpu.toml"
@@ -117,8 +117,8 @@ def test_each_form_meets_the_fp32_budget_through_onnxruntime(graph_forms):
     records its form and the TensorRT it needs, and passes `check` (greedy tokens identical, logits
     within 1e-4 of the reference) through the runtime's own loop: in place, the cache is one max-length
     buffer bound as past and present."""
-    from llamaexport.parity import check
-    from llamaexport.runtime import LlamaModel
+    from llamaexport.runtime.llama_model import LlamaModel
+    from llamaexport.verify.parity import check
 
     for kv, form, need in (("concat", "past_present", "10.0"), ("inplace", "past_present_shared", "10.15")):
         m = json.loads((graph_forms[kv] / "manifest.json").read_text())
@@ -135,8 +135,9 @@ def test_serving_engine_on_each_form(graph_forms):
     """The engine serves the in-place graph with SharedSlots (rows of their own lengths in one buffer,
     written where each row ends: no padding, no copies) and the concat graph with PaddedSlots; either
     way each request gets what it gets alone, and a left-padded batch through `steps` too."""
-    from llamaexport.engine import DoneEvent, Engine, PaddedSlots, TextEvent
-    from llamaexport.runtime import LlamaModel, SharedSlots
+    from llamaexport.runtime.engine import DoneEvent, Engine, TextEvent
+    from llamaexport.runtime.llama_model import LlamaModel
+    from llamaexport.runtime.slots import PaddedSlots, SharedSlots
 
     rng = np.random.default_rng(11)
     prompts = [rng.integers(3, 400, n).tolist() for n in (9, 4, 13)]
@@ -161,10 +162,10 @@ def test_serving_engine_on_each_form(graph_forms):
 
 
 def test_profiles_of_each_form(graph_forms):
-    """The optimization profiles trt_build gives each form (no TensorRT needed to compute them): in
+    """The optimization profiles tensorrt.builder gives each form (no TensorRT needed to compute them): in
     place, the past is the static max-length buffer and a prompt chunk on a cache fits the prefill
     profile; num_logits_to_keep is a shape tensor with values 0..L (prefill) and 0..1 (decode)."""
-    from llamaexport.trt_build import profile_shapes
+    from llamaexport.tensorrt.builder import profile_shapes
 
     L = 128
     for kv in ("concat", "inplace"):
@@ -186,7 +187,7 @@ def test_the_inplace_graph_needs_tensorrt_10_15(graph_forms):
     """compile / build on an older TensorRT refuse the in-place graph with the way out (before parsing)."""
     from types import SimpleNamespace
 
-    from llamaexport.trt_build import require_graph_support
+    from llamaexport.tensorrt.builder import require_graph_support
 
     m = json.loads((graph_forms["inplace"] / "manifest.json").read_text())
     with pytest.raises(LlamaExportError, match=r"needs TensorRT >= 10.15, this is 10.3.0.26; rebuild the artifact with "
@@ -233,8 +234,9 @@ builder_optimization_level = 2
 def trt_setup(gpu, tmp_path_factory, request):
     """(artifact dir, profile path, timing cache path): tiny, fp16, batch <= 2, context 256, in each
     KV-cache form this TensorRT takes (in place: >= 10.15)."""
-    from llamaexport.build import build
-    from llamaexport.recipe import INPLACE_MIN_TENSORRT, version_tuple
+    from llamaexport.build.pipeline import build
+    from llamaexport.build.recipe import INPLACE_MIN_TENSORRT
+    from llamaexport.tensorrt.api import version_tuple
 
     if request.param == "inplace" and version_tuple(gpu[0].__version__) < INPLACE_MIN_TENSORRT:
         pytest.skip(f"TensorRT {gpu[0].__version__} < 10.15 has no KV-cache update layer")
@@ -267,7 +269,7 @@ def test_engine_and_manifest(gpu, trt_setup):
 
 
 def test_parity_against_the_eager_reference(trt_setup):
-    from llamaexport.parity import check
+    from llamaexport.verify.parity import check
 
     report = check(trt_setup[0], progress=False)
     assert report["backend"] == "tensorrt"
@@ -285,7 +287,7 @@ def _first_divergence_is_a_near_tie(ort_model, prompt, a, b, tol=1e-2) -> bool:
 
 
 def test_greedy_tokens_match_onnxruntime_through_both_profiles(trt_setup):
-    from llamaexport.runtime import LlamaModel
+    from llamaexport.runtime.llama_model import LlamaModel
 
     art = trt_setup[0]
     trt_model = LlamaModel.load(art)
@@ -314,7 +316,7 @@ def test_greedy_tokens_match_onnxruntime_through_both_profiles(trt_setup):
 def test_both_contexts_share_one_activation_region(trt_setup):
     """The prefill and decode contexts run on one region sized for the larger profile (planner.py
     counts it once), not one allocation each."""
-    from llamaexport.runtime import LlamaModel
+    from llamaexport.runtime.llama_model import LlamaModel
 
     be = LlamaModel.load(trt_setup[0]).backend
     eng = be.engine
@@ -326,7 +328,7 @@ def test_both_contexts_share_one_activation_region(trt_setup):
 
 
 def test_chunked_prefill_equals_one_prefill(trt_setup):
-    from llamaexport.runtime import LlamaModel
+    from llamaexport.runtime.llama_model import LlamaModel
 
     be = LlamaModel.load(trt_setup[0]).backend
     ids = np.random.default_rng(4).integers(3, 512, (1, 12))
@@ -343,8 +345,9 @@ def test_serving_engine_batches_on_tensorrt(trt_setup):
     left-padded into one batch per decode step; in place: SharedSlots, rows of one buffer; prompt chunks
     on a cache): each request's greedy tokens equal the same prompt alone, or differ first at an fp16
     near-tie."""
-    from llamaexport.engine import DoneEvent, Engine, PaddedSlots
-    from llamaexport.runtime import LlamaModel, SharedSlots
+    from llamaexport.runtime.engine import DoneEvent, Engine
+    from llamaexport.runtime.llama_model import LlamaModel
+    from llamaexport.runtime.slots import PaddedSlots, SharedSlots
 
     art = trt_setup[0]
     trt_model = LlamaModel.load(art)
@@ -353,7 +356,7 @@ def test_serving_engine_batches_on_tensorrt(trt_setup):
     prompts = [rng.integers(3, 400, n).tolist() for n in (5, 11, 7)]
     alone = [trt_model.generate_ids([p], max_new_tokens=16, eos_ids=[])[0] for p in prompts]
     engine = Engine(trt_model, max_batch=2, prefill_chunk=4)
-    assert isinstance(engine.slots, SharedSlots if trt_model.backend.shared else PaddedSlots)
+    assert isinstance(engine.slots, SharedSlots if trt_model.backend.shared_kv else PaddedSlots)
     got = {i: [] for i in range(len(prompts))}
     done = set()
     for i, p in enumerate(prompts):
@@ -372,7 +375,7 @@ def test_serving_engine_batches_on_tensorrt(trt_setup):
 
 
 def test_limits_are_clear_errors(trt_setup):
-    from llamaexport.runtime import LlamaModel
+    from llamaexport.runtime.llama_model import LlamaModel
 
     be = LlamaModel.load(trt_setup[0]).backend
     ids = np.ones((3, 4), np.int64)
@@ -384,8 +387,8 @@ def test_limits_are_clear_errors(trt_setup):
 
 
 def test_compile_an_export_only_artifact(gpu, trt_setup, tmp_path):
-    from llamaexport.build import build
-    from llamaexport.runtime import LlamaModel
+    from llamaexport.build.pipeline import build
+    from llamaexport.runtime.llama_model import LlamaModel
 
     built, prof, cache = trt_setup
     form = json.loads((built / "manifest.json").read_text())["graph"]["kv_update"]
@@ -407,8 +410,8 @@ def test_compile_an_export_only_artifact(gpu, trt_setup, tmp_path):
 
 def test_fp32_engine_is_built_without_tf32_and_meets_the_fp32_budget(trt_setup, tmp_path):
     """TF32 is on by default in TensorRT's builder; an fp32 artifact clears it (its parity budget is fp32's)."""
-    from llamaexport.build import build
-    from llamaexport.parity import check
+    from llamaexport.build.pipeline import build
+    from llamaexport.verify.parity import check
 
     _, prof, cache = trt_setup
     with pytest.MonkeyPatch.context() as mp:

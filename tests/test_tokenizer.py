@@ -11,7 +11,7 @@ import pytest
 from conftest import train_tiny_spm
 
 from llamaexport import LlamaExportError
-from llamaexport.tokenizer import StreamDecoder, load_tokenizer, tokenizer_from_gguf
+from llamaexport.model.tokenizer import StreamDecoder, load_tokenizer, tokenizer_from_gguf
 
 TEXTS = [
     "Hello world", "the quick brown fox", " leading space", "trailing  ", "multiple    spaces",

@@ -1,0 +1,13 @@
+"""What runs on the edge device: a loaded artifact (`LlamaModel`: backends, the decode loop), sampling,
+KV-cache slots and the continuous-batching `Engine` that `run`, `chat`, `serve` and the Python API share.
+
+Needs numpy, onnxruntime and a tokenizer only. Imports `model` (config, tokenizer, chat), `artifact`
+and, for a TensorRT artifact alone, `tensorrt`'s backend; never `build`, torch or onnx (import-linter
+checks it).
+"""
+
+from llamaexport.runtime.engine import DoneEvent, Engine, TextEvent
+from llamaexport.runtime.llama_model import Generation, LlamaModel
+from llamaexport.runtime.sampling import SamplingConfig
+
+__all__ = ["DoneEvent", "Engine", "Generation", "LlamaModel", "SamplingConfig", "TextEvent"]

@@ -1,0 +1,154 @@
+"""KV-cache slots: the serving engine's view of a backend's cache, one slot per running sequence.
+
+SharedSlots serves a graph that writes one max-length buffer in place (the CPU graph's
+GroupQueryAttention, the TensorRT >= 10.15 graph's TensorScatter); PaddedSlots a graph whose cache
+grows by Concat (the portable graph for TensorRT < 10.15). Both backends (runtime.llama_model's
+ONNX Runtime one, tensorrt.backend's) run rows of them; neither imports this module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llamaexport import LlamaExportError
+
+
+class SharedSlots:
+    """KV-cache slots for the serving engine on a graph that writes a max-length buffer in place
+    (kv_cache form past_present_shared: the CPU graph's GroupQueryAttention, the TensorRT graph's
+    TensorScatter): one [n, kv_heads, ctx, head_dim] buffer per cache tensor, each row a slot. The
+    backend owns the buffers and runs rows of them (slot_cache, run_slots); this class keeps each
+    slot's length and builds the inputs.
+
+    Both graphs write the new tokens of row b after its last real column of attention_mask (whose
+    1s are its length), so a decode step binds the rows from the lowest to the highest decoding slot
+    and every row keeps its own length. A row in that range that is not decoding (idle, or between
+    prefill chunks) is fed a dummy token at its first free position, which its next write
+    overwrites. Prefill chunks run with batch 1 on one row (GroupQueryAttention takes a chunk on top
+    of a past only for batch 1)."""
+
+    def __init__(self, backend, n: int):
+        self.backend, self.ctx = backend, backend.cfg.max_seq_len
+        self.state = backend.slot_cache(n)  # {"bufs": the cache buffers, ...: what the backend keeps with them}
+        self.length = [0] * n
+
+    @property
+    def kv(self) -> list:
+        """The cache buffers, one [n, kv_heads, ctx, head_dim] per cache tensor."""
+        return self.state["bufs"]
+
+    def truncate(self, slot: int, n: int):
+        self.length[slot] = min(self.length[slot], n)
+
+    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
+        start, n = self.length[slot], len(ids)
+        if start + n > self.ctx:
+            raise LlamaExportError(f"slot {slot} would hold {start + n} tokens, more than the context {self.ctx}")
+        logits = self.backend.run_slots(self.state, slot, np.array([ids], np.int64), np.ones((1, start + n), np.int64),
+                                        np.arange(start, start + n, dtype=np.int64)[None])
+        self.length[slot] = start + n
+        return logits[0]
+
+    def prefill_rows(self, lo: int, ids: list[list[int]]) -> np.ndarray:
+        """The prompts of empty slots lo, lo+1, ... (one length) in one batched forward: last logits [k, V]."""
+        k, n = len(ids), len(ids[0])
+        if any(self.length[s] for s in range(lo, lo + k)) or any(len(r) != n for r in ids) or n > self.ctx:
+            raise LlamaExportError("prefill_rows takes empty slots and prompts of one length")
+        logits = self.backend.run_slots(self.state, lo, np.array(ids, np.int64), np.ones((k, n), np.int64),
+                                        np.broadcast_to(np.arange(n, dtype=np.int64), (k, n)).copy())
+        for s in range(lo, lo + k):
+            self.length[s] = n
+        return logits
+
+    def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
+        lo, hi = min(slots), max(slots)
+        row_of = {s: r for r, s in enumerate(slots)}
+        ids = np.zeros((hi - lo + 1, 1), np.int64)
+        lens = []
+        for s in range(lo, hi + 1):
+            if s in row_of:
+                ids[s - lo, 0] = tokens[row_of[s]]
+            # no row is ever full: a request holds at most prompt + max_tokens - 1 < context positions
+            # (Engine.submit), so the dummy token of an idle row also lands inside the buffer
+            lens.append(self.length[s])
+        T = max(lens) + 1
+        mask = (np.arange(T)[None] <= np.array(lens)[:, None]).astype(np.int64)
+        logits = self.backend.run_slots(self.state, lo, ids, mask, np.array(lens, np.int64)[:, None])
+        for s in slots:
+            self.length[s] += 1
+        return logits[[s - lo for s in slots]]
+
+    def close(self):
+        self.state = {"bufs": []}
+
+
+class PaddedSlots:
+    """Slots for a backend whose cache grows by Concat (the portable concat graph): each slot
+    keeps its own [1, kv_heads, length, head_dim] tensors, and a decode step left-pads the rows to
+    one length (the graph masks the padding through attention_mask and takes explicit positions)."""
+
+    def __init__(self, backend, n: int):
+        self.backend = backend
+        self.cache: list[list | None] = [None] * n
+        self.length = [0] * n
+
+    def truncate(self, slot: int, n: int):
+        if n < self.length[slot]:
+            self.length[slot] = n
+            self.cache[slot] = [c[:, :, :n] for c in self.cache[slot]] if n else None
+
+    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
+        start = self.length[slot]
+        past = self.cache[slot] if start else self.backend.empty_cache(1)
+        n = len(ids)
+        logits, present = self.backend.forward(np.array([ids], np.int64), np.ones((1, start + n), np.int64),
+                                               np.arange(start, start + n, dtype=np.int64)[None], past, last_only=True)
+        self.cache[slot], self.length[slot] = [_as_array(p) for p in present], start + n
+        return np.asarray(logits[0, -1], np.float32)
+
+    def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
+        lens = [self.length[s] for s in slots]
+        L = max(lens)
+        mask = np.zeros((len(slots), L + 1), np.int64)
+        for r, n in enumerate(lens):
+            mask[r, L - n:] = 1
+        past = [_cat([_left_pad(self.cache[s][i], L) for s in slots]) for i in range(len(self.cache[slots[0]]))]
+        logits, present = self.backend.forward(np.array(tokens, np.int64)[:, None], mask,
+                                               np.array(lens, np.int64)[:, None], past, last_only=True)
+        present = [_as_array(p) for p in present]
+        for r, s in enumerate(slots):
+            self.cache[s] = [p[r:r + 1, :, L - lens[r]:] for p in present]
+            self.length[s] += 1
+        return np.asarray(logits[:, -1], np.float32)
+
+    def close(self):
+        self.cache = [None] * len(self.cache)
+
+
+def _as_array(x):
+    """A cache tensor as something that slices and concatenates: numpy, or torch on the GPU."""
+    return x.numpy() if hasattr(x, "numpy") and not isinstance(x, np.ndarray) and not hasattr(x, "device") else x
+
+
+def _left_pad(x, L: int):
+    x = _as_array(x)
+    n = x.shape[2]
+    if n == L:
+        return x
+    if isinstance(x, np.ndarray):
+        pad = np.zeros(x.shape[:2] + (L - n,) + x.shape[3:], x.dtype)
+        return np.concatenate([pad, x], axis=2)
+    import torch
+    return torch.cat([x.new_zeros(x.shape[:2] + (L - n,) + x.shape[3:]), x], dim=2)
+
+
+def _cat(rows):
+    if isinstance(rows[0], np.ndarray):
+        return np.concatenate(rows, axis=0)
+    import torch
+    return torch.cat(rows, dim=0)
+
+
+def make_slots(backend, n: int):
+    """n serving slots over the backend's cache: SharedSlots on an in-place cache, else PaddedSlots."""
+    return SharedSlots(backend, n) if backend.shared_kv else PaddedSlots(backend, n)
