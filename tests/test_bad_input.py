@@ -178,10 +178,10 @@ def test_malformed_profile(tmp_path):
     assert_clean_error(r, "mine.toml", "missing field(s)")
     p.write_text("name = [")
     assert_clean_error(cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "not valid TOML")
-    cpu = (Path(__file__).parents[1] / "llamaexport/profiles/cpu.toml").read_text()
+    cpu = (Path(__file__).parents[1] / "llamaexport/data/profiles/cpu.toml").read_text()
     p.write_text(cpu.replace('precisions = ["fp32", "int8", "int4"]', 'precisions = ["fp32", "w8a8"]'))
     assert_clean_error(cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "w8a8", "tensorrt profiles")
-    rtx = (Path(__file__).parents[1] / "llamaexport/profiles/rtx4090.toml").read_text()
+    rtx = (Path(__file__).parents[1] / "llamaexport/data/profiles/rtx4090.toml").read_text()
     p.write_text(rtx.replace('precisions = ["fp16", "int8", "w8a8", "int4"]', 'precisions = ["w8a8"]'))
     assert_clean_error(cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "besides w8a8")
 
@@ -326,7 +326,7 @@ def test_max_seq_len_and_batch_must_be_positive(tmp_path):
 def test_bad_profile_values_are_one_line(tmp_path, line, fragment):
     import re
 
-    cpu = (Path(__file__).parents[1] / "llamaexport/profiles/cpu.toml").read_text()
+    cpu = (Path(__file__).parents[1] / "llamaexport/data/profiles/cpu.toml").read_text()
     key = line.split(" = ")[0]
     p = tmp_path / "mine.toml"
     p.write_text(re.sub(rf"(?m)^{key} = .*$", line, cpu))

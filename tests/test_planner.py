@@ -188,7 +188,7 @@ def test_workspace_is_planned_as_built(tmp_path):
     """A TensorRT profile without [builder] is planned with the workspace the engine build uses."""
     from llamaexport.build.profiles import DEFAULT_WORKSPACE_GB
 
-    rtx = (Path(__file__).parents[1] / "llamaexport/profiles/rtx4090.toml").read_text()
+    rtx = (Path(__file__).parents[1] / "llamaexport/data/profiles/rtx4090.toml").read_text()
     p = tmp_path / "bare.toml"
     p.write_text(rtx.split("[builder]")[0])
     bare = load_profile(str(p))

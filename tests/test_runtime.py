@@ -220,7 +220,7 @@ def test_the_profiles_threads_reach_the_runtime(tmp_path):
 
     from llamaexport.build.pipeline import build
 
-    cpu = (Path(__file__).parents[1] / "llamaexport/profiles/cpu.toml").read_text()
+    cpu = (Path(__file__).parents[1] / "llamaexport/data/profiles/cpu.toml").read_text()
     prof = tmp_path / "one-thread.toml"
     prof.write_text(cpu.replace('name = "cpu"', 'name = "one-thread"').replace("threads = 0 ", "threads = 1 "))
     out = build(out=tmp_path / "a", size="tiny", profile=str(prof), progress=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 from llamaexport import LlamaExportError
 from llamaexport.build.recipe import PRECISIONS
 
-PROFILE_DIR = Path(__file__).parents[1] / "profiles"  # llamaexport/profiles: data beside the package
+PROFILE_DIR = Path(__file__).parents[1] / "data" / "profiles"  # the bundled TOML files
 BACKENDS = ("onnxruntime", "tensorrt")
 DEFAULT_WORKSPACE_GB = 4.0  # TensorRT's builder and runtime workspace when [builder] sets none
 RUNTIME_KEYS = {"threads", "device"}
