@@ -94,6 +94,21 @@ def cli(*args, cwd=None):
                           text=True, cwd=cwd, timeout=600)
 
 
+def run_cli(*args, input=None):
+    """`llamaexport ARGS` in this process (click's CliRunner), as cli() runs it in a child: the same
+    `main` group, whose _Group.invoke is where the console script turns LlamaExportError, MemoryError
+    and OSError into one `error: ...` line and exit 1 (`entry` only adds the huge-page re-exec of the
+    model commands, which changes nothing a test reads). Returns a CompletedProcess (returncode,
+    stdout, stderr). An exception that escapes the group is raised here, not turned into exit 1: a
+    child would print its traceback, which assert_clean_error refuses."""
+    from click.testing import CliRunner
+
+    from llamaexport.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args], input=input, prog_name="llamaexport", catch_exceptions=False)
+    return subprocess.CompletedProcess(["llamaexport", *map(str, args)], r.exit_code, r.stdout, r.stderr)
+
+
 def assert_clean_error(r, *fragments):
     assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr

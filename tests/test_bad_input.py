@@ -2,7 +2,12 @@
 the one-line message, and what is (not) left on disk. Add a case by adding a test here.
 
 Data loss and overwrites: `--force` replaces only an artifact; one build per --out at a time;
-SIGTERM cleans up like Ctrl-C; what a SIGKILLed build left is cleaned up by the next build."""
+SIGTERM cleans up like Ctrl-C; what a SIGKILLed build left is cleaned up by the next build.
+
+Commands run in this process (conftest.run_cli: click's CliRunner on the same `main` group that turns
+errors into one line), except where a real process is the point: the first test (a child's exit status
+and stderr, the same as run_cli's), a non-UTF-8 argv, SIGTERM and SIGKILL of a running build, and a
+lock held by another process."""
 
 import json
 import os
@@ -13,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error, cli, make_hf_model
+from conftest import assert_clean_error, cli, make_hf_model, run_cli
 
 
 def leftovers(parent: Path, name: str) -> list[str]:
@@ -34,32 +39,37 @@ def wait_for(predicate, timeout=120.0):
 
 
 def test_force_never_deletes_a_directory_that_is_not_an_artifact(tmp_path):
+    """Run by a real process (the console script's module) and in this one (run_cli, which the other
+    tests use): the same exit status 1, the same one `error:` line, no traceback, nothing touched."""
     d = tmp_path / "d"
     d.mkdir()
     (d / "important.txt").write_text("keep")
-    assert_clean_error(cli("build", "--size", "tiny", "--out", d, "--force"), "is not a llamaexport artifact",
-                       "--force replaces only an artifact")
-    assert (d / "important.txt").read_text() == "keep" and sorted(p.name for p in d.iterdir()) == ["important.txt"]
-    assert leftovers(tmp_path, "d") == []
+    lines = []
+    for run in (cli, run_cli):
+        lines.append(assert_clean_error(run("build", "--size", "tiny", "--out", d, "--force"),
+                                        "is not a llamaexport artifact", "--force replaces only an artifact"))
+        assert (d / "important.txt").read_text() == "keep" and sorted(p.name for p in d.iterdir()) == ["important.txt"]
+        assert leftovers(tmp_path, "d") == []
+    assert lines[0] == lines[1]
 
 
 def test_force_never_replaces_a_file(tmp_path):
     f = tmp_path / "notes.txt"
     f.write_text("keep")
-    assert_clean_error(cli("build", "--size", "tiny", "--out", f, "--force"), "is not a directory")
+    assert_clean_error(run_cli("build", "--size", "tiny", "--out", f, "--force"), "is not a directory")
     assert f.read_text() == "keep" and leftovers(tmp_path, "notes.txt") == []
 
 
 def test_out_must_name_a_directory_to_create(tmp_path):
-    assert_clean_error(cli("build", "--size", "tiny", "--out", "/"), "is not a directory a build can create")
+    assert_clean_error(run_cli("build", "--size", "tiny", "--out", "/"), "is not a directory a build can create")
     assert not any(p.name.startswith("..partial") or p.name == "..lock" for p in Path("/").iterdir())
 
 
 def test_force_replaces_an_artifact(tmp_path):
     out = tmp_path / "a"
-    assert cli("build", "--size", "tiny", "--out", out).returncode == 0
+    assert run_cli("build", "--size", "tiny", "--out", out).returncode == 0
     first = json.loads((out / "manifest.json").read_text())["built_at"]
-    r = cli("build", "--size", "tiny", "--seed", "3", "--out", out, "--force")
+    r = run_cli("build", "--size", "tiny", "--seed", "3", "--out", out, "--force")
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert m["source"] == {"kind": "random", "seed": 3} and m["built_at"] >= first
@@ -68,7 +78,7 @@ def test_force_replaces_an_artifact(tmp_path):
 
 def test_a_second_build_of_the_same_out_is_refused_naming_the_first(tmp_path):
     """While one build holds --out, another is refused at once with the holder's process id, and the
-    holder's work is untouched."""
+    holder's work is untouched. The holder is another process (flock is per open file, across processes)."""
     out = tmp_path / "a"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pathlib import Path; from llamaexport.artifact.staging import target_lock\n"
@@ -76,13 +86,13 @@ def test_a_second_build_of_the_same_out_is_refused_naming_the_first(tmp_path):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        assert_clean_error(cli("build", "--size", "tiny", "--out", out), f"another build (process {holder.pid})",
+        assert_clean_error(run_cli("build", "--size", "tiny", "--out", out), f"another build (process {holder.pid})",
                            str(out))
         assert not out.exists() and leftovers(tmp_path, "a") == [".a.lock"]
     finally:
         holder.kill()
         holder.wait()
-    assert cli("build", "--size", "tiny", "--out", out).returncode == 0  # the lock went with its process
+    assert run_cli("build", "--size", "tiny", "--out", out).returncode == 0  # the lock went with its process
     assert leftovers(tmp_path, "a") == []
 
 
@@ -105,7 +115,7 @@ def test_the_next_build_cleans_up_after_a_killed_one(tmp_path):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert f".a.partial-{p.pid}" in leftovers(tmp_path, "a")
-    r = cli("build", "--size", "tiny", "--out", out)
+    r = run_cli("build", "--size", "tiny", "--out", out)
     assert r.returncode == 0, r.stderr
     assert f"removed {tmp_path / f'.a.partial-{p.pid}'}, left by a build that did not finish" in r.stderr
     assert leftovers(tmp_path, "a") == [] and (out / "manifest.json").is_file()
@@ -116,11 +126,11 @@ def test_an_artifact_being_replaced_when_the_build_died_is_restored(tmp_path):
     (made here by hand: the move now runs with SIGINT/SIGTERM held off, so only SIGKILL can do it): the
     next build puts the old one back, and then refuses to overwrite it without --force."""
     out = tmp_path / "a"
-    assert cli("build", "--size", "tiny", "--out", out).returncode == 0
+    assert run_cli("build", "--size", "tiny", "--out", out).returncode == 0
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     os.replace(out, tmp_path / f".a.old-{dead.pid}")
-    r = cli("build", "--size", "tiny", "--out", out)
+    r = run_cli("build", "--size", "tiny", "--out", out)
     assert_clean_error(r, "already exists")
     assert f"restored {out} from .a.old-{dead.pid}" in r.stderr
     assert (out / "manifest.json").is_file() and leftovers(tmp_path, "a") == []
@@ -134,7 +144,7 @@ def test_build_writes_nothing_half_done(tmp_path):
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     cfg["intermediate_size"] = 80
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-    r = cli("build", "--checkpoint", tmp_path / "hf", "--tokenizer", tmp_path / "hf", "--out", tmp_path / "out")
+    r = run_cli("build", "--checkpoint", tmp_path / "hf", "--tokenizer", tmp_path / "hf", "--out", tmp_path / "out")
     assert r.returncode == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
@@ -155,18 +165,18 @@ def test_build_writes_nothing_half_done(tmp_path):
     (["check", "{tmp}/none"], ["not a llamaexport artifact"]),
 ])
 def test_bad_input_is_one_line(tmp_path, args, fragments):
-    r = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    r = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert_clean_error(r, *fragments)
     assert not (tmp_path / "o").exists()
 
 
 def test_truncated_checkpoint_and_missing_tokenizer(tmp_path):
     make_hf_model(tmp_path / "hf")
-    r = cli("build", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "o")
+    r = run_cli("build", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "o")
     assert_clean_error(r, "no tokenizer found", "--tokenizer")
     f = tmp_path / "hf" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:1000])
-    r = cli("build", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "o")
+    r = run_cli("build", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "o")
     assert_clean_error(r, "model.safetensors", "corrupt or truncated")
     assert not (tmp_path / "o").exists()
 
@@ -174,22 +184,22 @@ def test_truncated_checkpoint_and_missing_tokenizer(tmp_path):
 def test_malformed_profile(tmp_path):
     p = tmp_path / "mine.toml"
     p.write_text('name = "mine"\nbackend = "onnxruntime"\nmemory_gb = -1\n')
-    r = cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o")
+    r = run_cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o")
     assert_clean_error(r, "mine.toml", "missing field(s)")
     p.write_text("name = [")
-    assert_clean_error(cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "not valid TOML")
+    assert_clean_error(run_cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "not valid TOML")
     cpu = (Path(__file__).parents[1] / "llamaexport/data/profiles/cpu.toml").read_text()
     p.write_text(cpu.replace('precisions = ["fp32", "int8", "int4"]', 'precisions = ["fp32", "w8a8"]'))
-    assert_clean_error(cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "w8a8", "tensorrt profiles")
+    assert_clean_error(run_cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "w8a8", "tensorrt profiles")
     rtx = (Path(__file__).parents[1] / "llamaexport/data/profiles/rtx4090.toml").read_text()
     p.write_text(rtx.replace('precisions = ["fp16", "int8", "w8a8", "int4"]', 'precisions = ["w8a8"]'))
-    assert_clean_error(cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "besides w8a8")
+    assert_clean_error(run_cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "besides w8a8")
 
 
 def test_prompt_longer_than_context_and_existing_out(tiny_artifact, tmp_path):
-    r = cli("run", tiny_artifact, "--prompt", "hello " * 400)
+    r = run_cli("run", tiny_artifact, "--prompt", "hello " * 400)
     assert_clean_error(r, "context is 256", "shorten the prompt")
-    r = cli("build", "--size", "tiny", "--out", tiny_artifact)
+    r = run_cli("build", "--size", "tiny", "--out", tiny_artifact)
     assert_clean_error(r, "already exists", "--force")
 
 
@@ -209,10 +219,11 @@ def test_prompt_longer_than_context_and_existing_out(tiny_artifact, tmp_path):
     (["--seed", "-1"], "seed must be a whole number from 0"),
 ])
 def test_bad_runtime_arguments_are_one_line(tiny_artifact, args, fragment):
-    assert_clean_error(cli("run", tiny_artifact, "--prompt", "hello", *args), fragment)
+    assert_clean_error(run_cli("run", tiny_artifact, "--prompt", "hello", *args), fragment)
 
 
 def test_a_prompt_that_is_not_utf8_is_one_line(tiny_artifact):
+    """A real process: the bytes of its argv are decoded by the interpreter, not by the test."""
     r = subprocess.run([sys.executable, "-m", "llamaexport.cli", "run", str(tiny_artifact), "--prompt", b"caf\xe9"],
                        capture_output=True, text=True, timeout=300)
     assert_clean_error(r, "the prompt is not valid UTF-8")
@@ -223,8 +234,11 @@ def test_the_python_api_validates_the_same_way(tiny_artifact):
     from llamaexport.runtime.llama_model import LlamaModel
     from llamaexport.runtime.sampling import SamplingConfig
 
-    for bad in (dict(temperature=float("nan")), dict(seed=-1), dict(top_k=1.5), dict(repetition_penalty=float("inf"))):
-        with pytest.raises(LlamaExportError):
+    for bad, message in ((dict(temperature=float("nan")), "temperature must be a finite number, got nan"),
+                         (dict(seed=-1), "seed must be a whole number from 0"),
+                         (dict(top_k=1.5), "top_k must be a whole number >= 0"),
+                         (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number, got inf")):
+        with pytest.raises(LlamaExportError, match=message):
             SamplingConfig(**bad)
     with LlamaModel.load(tiny_artifact) as m:
         with pytest.raises(LlamaExportError, match="max_new_tokens"):
@@ -241,30 +255,30 @@ def test_the_python_api_validates_the_same_way(tiny_artifact):
 
 def test_flipped_bytes_are_named_by_verify_and_check(tmp_path):
     out = tmp_path / "a"
-    assert cli("build", "--size", "tiny", "--out", out).returncode == 0
+    assert run_cli("build", "--size", "tiny", "--out", out).returncode == 0
     m = json.loads((out / "manifest.json").read_text())
     assert {"model.onnx", "model.onnx.data"} <= set(m["checksums"])
-    r = cli("verify", out)
+    r = run_cli("verify", out)
     assert r.returncode == 0 and "files match" in r.stdout, r.stderr
     data = out / "model.onnx.data"
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
-    r = cli("verify", out)
+    r = run_cli("verify", out)
     assert_clean_error(r, "model.onnx.data changed since the build")
     assert "DAMAGED  model.onnx.data" in r.stdout
-    assert_clean_error(cli("check", out), "is damaged: model.onnx.data changed since the build")
+    assert_clean_error(run_cli("check", out), "is damaged: model.onnx.data changed since the build")
     assert not (out / "parity.json").exists()
 
 
 def test_a_truncated_weight_file_stops_run(tmp_path):
     out = tmp_path / "a"
-    assert cli("build", "--size", "tiny", "--out", out).returncode == 0
+    assert run_cli("build", "--size", "tiny", "--out", out).returncode == 0
     data = out / "model.onnx.data"
     size = data.stat().st_size
     with open(data, "r+b") as f:
         f.truncate(size - 4096)
-    assert_clean_error(cli("run", out, "--prompt", "x"), f"model.onnx.data is {size - 4096} bytes, the build wrote {size}")
+    assert_clean_error(run_cli("run", out, "--prompt", "x"), f"model.onnx.data is {size - 4096} bytes, the build wrote {size}")
 
 
 def test_nan_metrics_fail_the_check():
@@ -301,18 +315,18 @@ def test_bad_hf_configs_are_one_line_naming_the_file(tmp_path, change, fragments
     else:
         c.update(change)
     path.write_text(json.dumps(c))  # NaN as JSON's NaN, which Python's json reads back as nan
-    line = assert_clean_error(cli("build", "--checkpoint", tmp_path / "hf", "--tokenizer", tmp_path / "none",
+    line = assert_clean_error(run_cli("build", "--checkpoint", tmp_path / "hf", "--tokenizer", tmp_path / "none",
                                   "--out", tmp_path / "o"), *fragments)
     assert str(path) in line  # the file is named
     assert not (tmp_path / "o").exists() and leftovers(tmp_path, "o") == []
 
 
 def test_max_seq_len_and_batch_must_be_positive(tmp_path):
-    assert_clean_error(cli("build", "--size", "tiny", "--max-seq-len", "-5", "--out", tmp_path / "o"),
+    assert_clean_error(run_cli("build", "--size", "tiny", "--max-seq-len", "-5", "--out", tmp_path / "o"),
                        "max_seq_len must be a whole number >= 1, got -5")
     assert not (tmp_path / "o").exists()
-    assert_clean_error(cli("plan", "--size", "7B", "--batch", "-3"), "batch must be a whole number >= 1, got -3")
-    assert_clean_error(cli("plan", "--size", "7B", "--max-seq-len", "0"), "must be a whole number >= 1, got 0")
+    assert_clean_error(run_cli("plan", "--size", "7B", "--batch", "-3"), "batch must be a whole number >= 1, got -3")
+    assert_clean_error(run_cli("plan", "--size", "7B", "--max-seq-len", "0"), "must be a whole number >= 1, got 0")
 
 
 @pytest.mark.parametrize("line,fragment", [
@@ -330,7 +344,7 @@ def test_bad_profile_values_are_one_line(tmp_path, line, fragment):
     key = line.split(" = ")[0]
     p = tmp_path / "mine.toml"
     p.write_text(re.sub(rf"(?m)^{key} = .*$", line, cpu))
-    assert_clean_error(cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "mine.toml", fragment)
+    assert_clean_error(run_cli("build", "--size", "tiny", "--profile", p, "--out", tmp_path / "o"), "mine.toml", fragment)
 
 
 def test_a_pickle_that_holds_code_is_named_as_such(tmp_path):
@@ -349,7 +363,7 @@ def test_a_pickle_that_holds_code_is_named_as_such(tmp_path):
             return (print, ("this would run",))
 
     torch.save({"x": torch.zeros(2), "payload": Payload()}, d / "consolidated.00.pth", pickle_module=pickle)
-    r = cli("build", "--checkpoint", d, "--tokenizer", tmp_path / "none", "--out", tmp_path / "o")
+    r = run_cli("build", "--checkpoint", d, "--tokenizer", tmp_path / "none", "--out", tmp_path / "o")
     assert_clean_error(r, "consolidated.00.pth holds Python objects or code besides tensors", "safetensors")
     assert "this would run" not in r.stdout + r.stderr
 
@@ -368,7 +382,7 @@ def test_a_gguf_without_head_count_is_one_line(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    assert_clean_error(cli("build", "--checkpoint", path, "--out", tmp_path / "o"),
+    assert_clean_error(run_cli("build", "--checkpoint", path, "--out", tmp_path / "o"),
                        "m.gguf", "lacks llama.attention.head_count")
     assert not (tmp_path / "o").exists()
 
@@ -396,7 +410,7 @@ def test_bad_manifests_are_one_line_naming_the_key(tiny_artifact, tmp_path, tamp
     m = json.loads((art / "manifest.json").read_text())
     (art / "manifest.json").write_text(json.dumps(tamper(m)))
     for args in (["run", art, "--prompt", "x"], ["inspect", art], ["verify", art]):
-        assert_clean_error(cli(*args), "manifest.json", fragment)
+        assert_clean_error(run_cli(*args), "manifest.json", fragment)
 
 
 def test_a_safetensors_index_pointing_outside_is_refused(tmp_path):
@@ -408,12 +422,12 @@ def test_a_safetensors_index_pointing_outside_is_refused(tmp_path):
     (tmp_path / "outside.safetensors").write_bytes((tmp_path / "hf" / data["weight_map"][name]).read_bytes())
     data["weight_map"][name] = "../outside.safetensors"
     index.write_text(json.dumps(data))
-    assert_clean_error(cli("build", "--checkpoint", tmp_path / "hf", "--tokenizer", tmp_path / "none",
+    assert_clean_error(run_cli("build", "--checkpoint", tmp_path / "hf", "--tokenizer", tmp_path / "none",
                            "--out", tmp_path / "o"), "'../outside.safetensors', outside")
 
 
 def test_an_absurd_context_is_out_of_memory_not_a_traceback(tmp_path):
-    r = cli("build", "--size", "tiny", "--max-seq-len", "4000000000", "--memory-gb", "1e15", "--out", tmp_path / "o")
+    r = run_cli("build", "--size", "tiny", "--max-seq-len", "4000000000", "--memory-gb", "1e15", "--out", tmp_path / "o")
     assert_clean_error(r, "out of memory", "--max-seq-len")
     assert not (tmp_path / "o").exists() and leftovers(tmp_path, "o") == []
 
@@ -433,7 +447,7 @@ def test_symlinked_files_are_still_inside(tmp_path):
         (snap / f.name).symlink_to(Path("../../blobs") / f.name)
     assert len(_safetensors_files(snap)) > 1
     assert inside(snap, "model.safetensors") and inside(snap, "a/../b") and not inside(snap, "a/../../b")
-    r = cli("build", "--checkpoint", snap, "--tokenizer", tmp_path / "none", "--out", tmp_path / "o")
+    r = run_cli("build", "--checkpoint", snap, "--tokenizer", tmp_path / "none", "--out", tmp_path / "o")
     assert "outside" not in r.stderr  # (it stops later, at the missing tokenizer)
 
 
@@ -446,7 +460,7 @@ def test_a_bad_checksum_entry_is_one_line(tiny_artifact, tmp_path):
     m["checksums"]["model.onnx"] = "abc"
     (art / "manifest.json").write_text(json.dumps(m))
     for args in (["run", art, "--prompt", "x"], ["verify", art]):
-        assert_clean_error(cli(*args), "checksums.model.onnx must be an object with bytes and sha256")
+        assert_clean_error(run_cli(*args), "checksums.model.onnx must be an object with bytes and sha256")
 
 
 def test_recorded_threads_fit_the_machine_that_runs_the_artifact(tiny_artifact, tmp_path):

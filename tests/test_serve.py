@@ -1,6 +1,7 @@
 """The serving engine (continuous batching, chunked prefill, prefix reuse), `llamaexport serve`
 against real clients (the openai package, httpx), and the `llamaexport chat` REPL."""
 
+import asyncio
 import json
 import signal
 import socket
@@ -8,11 +9,12 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
 
-from llamaexport.runtime.engine import DoneEvent, Engine, QueueFull, TextEvent
+from llamaexport.runtime.engine import ContextTooLong, DoneEvent, Engine, QueueFull, TextEvent
 from llamaexport.runtime.llama_model import LlamaModel
 from llamaexport.runtime.sampling import SamplingConfig
 from llamaexport.runtime.slots import make_slots
@@ -163,7 +165,7 @@ def test_engine_limits_and_cancel(tiny_artifact):
         engine.submit(p, max_new_tokens=5, eos_ids=[])
         with pytest.raises(QueueFull, match="max-queue 1"):
             engine.submit(p, max_new_tokens=5)
-        with pytest.raises(Exception, match="context"):
+        with pytest.raises(ContextTooLong, match=r"plus max_tokens \(256\) is more than the model's context"):
             engine.submit(p, max_new_tokens=m.config.max_seq_len)
         engine.step()
         engine.cancel(a)
@@ -291,6 +293,39 @@ def test_concurrent_streams_and_metrics(tiny_server):
     assert "llamaexport_inter_token_latency_seconds_bucket" in metrics
 
 
+# ---------------------------------------------------------------------- the app in this process
+# Request validation needs no socket: the app `serve` runs (server.create_app) over an engine of the tiny
+# model, requests through httpx.ASGITransport. What needs a real server (the openai client against it,
+# streaming, concurrency, disconnects, shutdown) uses Server above.
+@pytest.fixture(scope="module")
+def tiny_app(tiny_artifact):
+    """.app: as tiny_server (--chat-format chatml --max-batch 4 --model-name tiny); .keyed: --api-key sekret."""
+    from llamaexport.serving.server import create_app
+
+    with LlamaModel.load(tiny_artifact) as m:
+        engine = Engine(m, max_batch=4)
+        engine.start()
+        yield types.SimpleNamespace(app=create_app(engine, model_name="tiny", chat_format="chatml"),
+                                    keyed=create_app(engine, model_name="tiny", api_key="sekret"))
+        engine.close()
+
+
+def asgi(app, method, path, **kw) -> "httpx.Response":
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as c:
+            return await c.request(method, path, **kw)
+    return asyncio.run(go())
+
+
+def asgi_openai(app, call, api_key="none"):
+    """await call(client): an openai.AsyncOpenAI client on the app."""
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as http:
+            return await call(openai.AsyncOpenAI(base_url="http://testserver/v1", api_key=api_key, max_retries=0,
+                                                 http_client=http))
+    return asyncio.run(go())
+
+
 @pytest.mark.parametrize("body,status,fragment", [
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "JSON object"),
@@ -311,49 +346,68 @@ def test_concurrent_streams_and_metrics(tiny_server):
     (b"[" * 100000 + b"]" * 100000, 400, "not valid JSON"),
     (b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
 ])
-def test_bad_completions_requests(tiny_server, body, status, fragment):
+def test_bad_completions_requests(tiny_app, body, status, fragment):
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
-    r = httpx.post(tiny_server.url + "/v1/completions", timeout=30, **kw)
+    r = asgi(tiny_app.app, "POST", "/v1/completions", **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert fragment in err["message"] and err["type"] == "invalid_request_error"
-    health = httpx.get(tiny_server.url + "/health")
+    health = asgi(tiny_app.app, "GET", "/health")
     assert health.status_code == 200 and health.json()["active"] == 0  # still serving, nothing left running
 
 
-def test_bad_chat_requests_and_routes(tiny_server):
-    url = tiny_server.url
+def test_bad_chat_requests_and_routes(tiny_app):
+    app = tiny_app.app
     for body, fragment in [({"messages": []}, "non-empty list"),
                            ({"messages": [{"role": "wizard", "content": "x"}]}, "role must be one of"),
                            ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text"),
                            ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
                             "tool calls are not supported")]:
-        r = httpx.post(url + "/v1/chat/completions", json=body)
+        r = asgi(app, "POST", "/v1/chat/completions", json=body)
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
-    r = httpx.get(url + "/v1/nothing")
+    r = asgi(app, "GET", "/v1/nothing")
     assert r.status_code == 404 and "no such endpoint" in r.json()["error"]["message"]
-    r = httpx.get(url + "/v1/chat/completions")
+    r = asgi(app, "GET", "/v1/chat/completions")
     assert r.status_code == 405 and "not allowed" in r.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="unknown model"):
-        tiny_server.client().chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+        asgi_openai(app, lambda c: c.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}]))
 
 
-def test_api_key(tiny_artifact):
-    s = Server(tiny_artifact, "--api-key", "sekret", "--model-name", "tiny")
-    try:
-        assert httpx.get(s.url + "/health").status_code == 200  # no key needed
-        for path in ("/v1/models", "/metrics"):
-            r = httpx.get(s.url + path)
-            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi"}, headers={"Authorization": "Bearer wrong"})
-        assert r.status_code == 401
-        with pytest.raises(openai.AuthenticationError):
-            s.client().models.list()
-        assert [m.id for m in s.client(api_key="sekret").models.list()] == ["tiny"]
-        assert s.client(api_key="sekret").completions.create(model="tiny", prompt="hi", max_tokens=2).usage
-    finally:
-        rc, err = s.stop()
-    assert rc == 0, err
+def test_api_key(tiny_app):
+    app = tiny_app.keyed
+    assert asgi(app, "GET", "/health").status_code == 200  # no key needed
+    for path in ("/v1/models", "/metrics"):
+        r = asgi(app, "GET", path)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = asgi(app, "POST", "/v1/completions", json={"prompt": "hi"}, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    with pytest.raises(openai.AuthenticationError, match="missing or wrong API key"):
+        asgi_openai(app, lambda c: c.models.list())
+    assert [m.id for m in asgi_openai(app, lambda c: c.models.list(), api_key="sekret").data] == ["tiny"]
+    assert asgi_openai(app, lambda c: c.completions.create(model="tiny", prompt="hi", max_tokens=2), api_key="sekret").usage
+
+
+def test_serve_passes_the_api_key_to_the_app(tiny_artifact, monkeypatch):
+    """`serve --api-key` (and LLAMAEXPORT_API_KEY) reach the app `serve` runs: taken from uvicorn instead of
+    listening, it answers 401 without the key."""
+    import uvicorn
+    from conftest import run_cli
+
+    apps = []
+
+    def run(self, sockets=None):
+        apps.append(self.config.app)
+        self.started = True  # what uvicorn sets once it listens; serve then returns as after a shutdown
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    for args, env in ((["--api-key", "sekret"], None), ([], "sekret")):
+        if env:
+            monkeypatch.setenv("LLAMAEXPORT_API_KEY", env)
+        r = run_cli("serve", tiny_artifact, "--model-name", "tiny", "--port", _free_port(), *args)
+        assert r.returncode == 0 and "server stopped" in r.stderr, r.stderr
+        assert asgi(apps[-1], "GET", "/v1/models").status_code == 401
+        r = asgi(apps[-1], "GET", "/v1/models", headers={"Authorization": "Bearer sekret"})
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
 
 
 def test_serve_uses_the_chat_format_recorded_at_build(tiny_artifact, tmp_path):
@@ -375,17 +429,24 @@ def test_serve_uses_the_chat_format_recorded_at_build(tiny_artifact, tmp_path):
     assert rc == 0 and "chat format koala" in err, err
 
 
-def test_port_in_use_is_one_clear_error(tiny_server, tiny_artifact):
-    from conftest import assert_clean_error, cli
+def test_port_in_use_is_one_clear_error(tiny_server, tiny_artifact, monkeypatch):
+    """In this process (conftest.run_cli): each is refused before serving; were one not, uvicorn's run
+    fails the test instead of serving forever."""
+    import uvicorn
+    from conftest import assert_clean_error, run_cli
 
-    r = cli("serve", tiny_artifact, "--port", tiny_server.port)
+    def run(self, sockets=None):
+        pytest.fail("serve got past its checks")
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    r = run_cli("serve", tiny_artifact, "--port", tiny_server.port)
     assert_clean_error(r, f"cannot listen on 127.0.0.1:{tiny_server.port}", "pick another --port")
     # the serving limits are checked before the model loads
     for args, fragment in ((["--max-batch", "0"], "max_batch must be a whole number >= 1"),
                            (["--prefill-chunk", "-3"], "prefill_chunk must be a whole number >= 1"),
                            (["--port", "70000"], "port must be 1 to 65535"),
                            (["--host", "name.invalid"], "cannot listen on name.invalid")):
-        assert_clean_error(cli("serve", tiny_artifact, "--port", _free_port(), *args), fragment)
+        assert_clean_error(run_cli("serve", tiny_artifact, "--port", _free_port(), *args), fragment)
 
 
 # ---------------------------------------------------------------------- SmolLM2: real text
