@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
-import sys
 from collections.abc import Callable, Iterator
 from numbers import Integral
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, log
 from llamaexport.artifact.manifest import read_manifest, require_intact
 from llamaexport.model.config import LlamaConfig
 from llamaexport.runtime.sampling import Sampler, SamplingConfig
@@ -107,8 +106,8 @@ def providers_for(device: str, available) -> list[str]:
         if "CUDAExecutionProvider" in available:
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         if not _warned_cuda:
-            print("warning: this artifact is for ONNX Runtime's CUDA provider, which this onnxruntime lacks "
-                  "(pip install onnxruntime-gpu); running on the CPU", file=sys.stderr, flush=True)
+            log("warning: this artifact is for ONNX Runtime's CUDA provider, which this onnxruntime lacks "
+                "(pip install onnxruntime-gpu); running on the CPU")
             _warned_cuda = True
     return ["CPUExecutionProvider"]
 

@@ -31,13 +31,12 @@ tensor over its budget, in graph order, is named; a miss exits 2 as `check` does
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, log
 from llamaexport.artifact.manifest import read_manifest, require_intact
 
 STREAM = ("embedding", "residual", "logits")       # the residual stream and what it becomes; the rest are op outputs
@@ -264,7 +263,7 @@ def layerwise(artifact, *, reference=None, backend: str | None = None, progress:
     require_intact(d, manifest)
     cfg = LlamaConfig.from_dict(manifest["model"])
     require_reference_memory(cfg)
-    say = (lambda s: print(s, flush=True, file=sys.stderr)) if progress else (lambda s: None)
+    say = log if progress else (lambda s: None)
 
     backends, skipped = _backends(manifest, backend)
     onnx_path = d / manifest["files"]["onnx"]
