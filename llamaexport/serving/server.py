@@ -27,6 +27,7 @@ from numbers import Integral, Real
 
 from llamaexport import LlamaExportError
 from llamaexport.runtime.engine import ContextTooLong, DoneEvent, Engine, QueueFull, ShuttingDown, TextEvent, check_limits
+from llamaexport.runtime.llama_model import check_generation
 from llamaexport.runtime.sampling import SamplingConfig
 
 # Seconds that running generations get to finish after SIGTERM / Ctrl-C before they are cancelled.
@@ -213,10 +214,12 @@ class Api:
         return dict(max_new_tokens=max_tokens, sampling=sampling, stop=stop, eos_ids=[] if ignore_eos else None)
 
     def _encode_checked(self, text: str) -> list[int]:
+        """The prompt's ids, once check_generation found the text encodable (the rest of the request is
+        checked by Engine.submit, which calls it too)."""
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise _bad("the text is not valid UTF-8") from None
+            check_generation(prompt=text)
+        except LlamaExportError as e:
+            raise _bad(str(e)) from None
         return self.model.encode(text)
 
     # ------------------------------------------------------------------ endpoints
