@@ -3,7 +3,6 @@ against real clients (the openai package, httpx), and the `llamaexport chat` REP
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from llamaexport.runtime.engine import DoneEvent, Engine, QueueFull, TextEvent
 from llamaexport.runtime.llama_model import LlamaModel
 from llamaexport.runtime.sampling import SamplingConfig
 from llamaexport.runtime.slots import make_slots
+from llamaexport.verify.bench import free_port
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install 'llamaexport[serve]')")
 openai = pytest.importorskip("openai", reason="the serve tests need the openai package")
@@ -173,15 +173,9 @@ def test_engine_limits_and_cancel(tiny_artifact):
 
 
 # ---------------------------------------------------------------------- the HTTP server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, artifact, *args):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "llamaexport.cli", "serve", str(artifact), "--port",
                                       str(self.port), *map(str, args)], stdout=subprocess.PIPE,
@@ -385,7 +379,7 @@ def test_port_in_use_is_one_clear_error(tiny_server, tiny_artifact):
                            (["--prefill-chunk", "-3"], "prefill_chunk must be a whole number >= 1"),
                            (["--port", "70000"], "port must be 1 to 65535"),
                            (["--host", "name.invalid"], "cannot listen on name.invalid")):
-        assert_clean_error(cli("serve", tiny_artifact, "--port", _free_port(), *args), fragment)
+        assert_clean_error(cli("serve", tiny_artifact, "--port", free_port(), *args), fragment)
 
 
 # ---------------------------------------------------------------------- SmolLM2: real text

@@ -16,6 +16,7 @@ grows by one position per token).
 from __future__ import annotations
 
 import resource
+import socket
 import statistics
 import time
 from pathlib import Path
@@ -26,8 +27,31 @@ from llamaexport import LlamaExportError
 from llamaexport.runtime.hugepages import huge_pages_mb
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+def peak_rss_mb(pid: int | None = None) -> float:
+    """Peak resident memory in MB (MiB): this process's (getrusage; Linux reports KiB), or process `pid`'s
+    (VmHWM of /proc/PID/status; NaN where there is none), e.g. a server that a benchmark started."""
+    if pid is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return _proc_status_mb(pid, "VmHWM")
+
+
+def rss_mb(pid: int) -> float:
+    """Process `pid`'s resident memory now, in MB (MiB): VmRSS of /proc/PID/status (NaN where there is none)."""
+    return _proc_status_mb(pid, "VmRSS")
+
+
+def _proc_status_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    return float("nan")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a server that a test or benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 RSS_OVERHEAD_MB = 300  # interpreter + numpy + onnxruntime + arenas, on top of weights and KV cache
