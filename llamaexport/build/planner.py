@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, whole_number
 from llamaexport.build.profiles import Profile
 from llamaexport.build.recipe import EMBED_BLOCK, EXPLICIT_ONLY, LM_HEAD, PREFERENCE, Precision, Recipe
 from llamaexport.model.config import LlamaConfig
@@ -156,9 +156,7 @@ def plan(cfg: LlamaConfig, profile: Profile, recipe: Recipe, *, context: int | N
 def _plan(cfg: LlamaConfig, profile: Profile, recipe: Recipe, *, context, batch) -> Plan:
     ctx = cfg.max_seq_len if context is None else context
     b = profile.default_batch if batch is None else batch
-    for name, v in (("context (--max-seq-len)", ctx), ("batch", b)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise LlamaExportError(f"{name} must be a whole number >= 1, got {v!r}")
+    ctx, b = whole_number(ctx, "context (--max-seq-len)"), whole_number(b, "batch")
     act = recipe.activation_bytes
     stored, read = weight_bytes(cfg, recipe)
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * ctx * b * act

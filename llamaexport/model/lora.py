@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, whole_number
 from llamaexport.model.checkpoint import (
     Checkpoint,
     Weights,
@@ -147,9 +147,10 @@ def _read_config(path: Path) -> dict:
             "to the original base")
 
     def number(name, v, whole):
-        ok = isinstance(v, int) if whole else isinstance(v, (int, float))
-        if not ok or isinstance(v, bool) or not (v > 0 if whole else math.isfinite(v)):
-            raise LlamaExportError(f"{where}: {name} must be {'a whole number >= 1' if whole else 'a number'}, got {v!r}")
+        if whole:
+            whole_number(v, f"{where}: {name}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise LlamaExportError(f"{where}: {name} must be a number, got {v!r}")
 
     number("r", c.get("r"), True)
     number("lora_alpha", c.get("lora_alpha"), False)

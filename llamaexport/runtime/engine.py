@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, whole_number
 from llamaexport.model.tokenizer import TextStream
 from llamaexport.runtime.llama_model import check_generation
 from llamaexport.runtime.sampling import Sampler, SamplingConfig
@@ -120,8 +120,7 @@ class _Seq:
 def check_limits(*, max_batch, max_queue, prefill_chunk):
     """The one validation of the engine's limits (the server calls it before loading the model)."""
     for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("prefill_chunk", prefill_chunk, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise LlamaExportError(f"{name} must be a whole number >= {lo}, got {v!r}")
+        whole_number(v, name, at_least=lo)
 
 
 class Engine:

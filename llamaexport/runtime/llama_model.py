@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from llamaexport import LlamaExportError, log
+from llamaexport import LlamaExportError, log, whole_number
 from llamaexport.artifact.manifest import read_manifest, require_intact
 from llamaexport.model.config import LlamaConfig
 from llamaexport.runtime.sampling import Sampler, SamplingConfig
@@ -91,8 +91,7 @@ def check_generation(*, max_new_tokens=None, stop=(), prompt: str | None = None,
             raise ContextTooLong(f"the prompt is {prompt_tokens} tokens but the artifact's context is {context}; "
                                  "shorten the prompt or rebuild with a larger --max-seq-len", "prompt")
     if max_new_tokens is not None:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
-            raise LlamaExportError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+        whole_number(max_new_tokens, "max_new_tokens")
         if whole_reply and prompt_tokens is not None and context is not None and prompt_tokens + max_new_tokens > context:
             from llamaexport.runtime.engine import ContextTooLong
 

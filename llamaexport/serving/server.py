@@ -23,9 +23,9 @@ import signal
 import sys
 import threading
 import time
-from numbers import Integral, Real
+from numbers import Real
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, whole_number
 from llamaexport.runtime.engine import ContextTooLong, DoneEvent, Engine, QueueFull, ShuttingDown, TextEvent, check_limits
 from llamaexport.runtime.llama_model import check_generation
 from llamaexport.runtime.sampling import SamplingConfig
@@ -84,9 +84,10 @@ def _integer(body: dict, name: str, lo: int | None = None):
     v = body.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, Integral) or (lo is not None and v < lo):
-        raise _bad(f"{name} must be a whole number{f' >= {lo}' if lo is not None else ''}, got {v!r}", name)
-    return int(v)
+    try:
+        return whole_number(v, name, at_least=lo)
+    except LlamaExportError as e:
+        raise _bad(str(e), name) from None
 
 
 def _stop(body: dict) -> list[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, whole_number
 from llamaexport.runtime.hugepages import huge_pages_mb
 
 
@@ -91,10 +91,10 @@ def load_for_bench(artifact, *, prompt_len: int, new_tokens: int, batch: int = 1
     (prefill tok/s, decode tok/s). scripts/bench_peers.py interleaves calls of `once` with other systems'."""
     from llamaexport.runtime.llama_model import LlamaModel
 
+    for name, v in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens), ("--batch", batch)):
+        whole_number(v, name)
     model = LlamaModel.load(artifact, threads=threads, backend=backend)
     cfg = model.config
-    if prompt_len < 1 or new_tokens < 1 or batch < 1:
-        raise LlamaExportError("--prompt-len, --new-tokens and --batch must be at least 1")
     if prompt_len + new_tokens >= cfg.max_seq_len:
         raise LlamaExportError(f"prompt {prompt_len} + new tokens {new_tokens} must stay below the context "
                                f"{cfg.max_seq_len}; lower --prompt-len or --new-tokens")
@@ -115,8 +115,7 @@ def load_for_bench(artifact, *, prompt_len: int, new_tokens: int, batch: int = 1
 
 def run_bench(artifact, *, prompt_len: int = 64, new_tokens: int = 128, batch: int = 1,
               threads: int | None = None, repeat: int = 3, backend: str | None = None) -> dict:
-    if repeat < 1:
-        raise LlamaExportError("--repeat must be at least 1")
+    whole_number(repeat, "--repeat")
     model, once = load_for_bench(artifact, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch,
                                  threads=threads, backend=backend)
     once()  # warm-up: first-run allocations and kernel selection

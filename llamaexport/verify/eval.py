@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, whole_number
 
 DEFAULT_CTX = 512  # llama-perplexity's default -c
 MIN_CTX = 16
@@ -91,8 +91,7 @@ def windows(n_tokens: int, *, ctx: int, stride: int | None = None, chunks: int |
         n = n_tokens // ctx
         starts, first, bos = [i * ctx for i in range(n)], ctx // 2, True
     if chunks is not None:
-        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-            raise LlamaExportError(f"--chunks must be a whole number >= 1, got {chunks!r}")
+        whole_number(chunks, "--chunks")
         starts = starts[:chunks]
     return {"starts": starts, "length": length, "first": first, "bos": bos}
 
@@ -258,8 +257,7 @@ def evaluate(artifact, text_file, *, ctx: int | None = None, stride: int | None 
         ctx = min(DEFAULT_CTX, cfg.max_seq_len - cfg.max_seq_len % 2)
     check_ctx(ctx, stride=stride, max_seq_len=cfg.max_seq_len)
     save_path = _writable(save_logits) if save_logits is not None else None
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise LlamaExportError(f"top_k must be a whole number >= 1, got {top_k!r}")
+    whole_number(top_k, "top_k")
 
     with LlamaModel.load(artifact, threads=threads, backend=backend) as model:
         tok = model.require_tokenizer()
