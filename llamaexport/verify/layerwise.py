@@ -256,7 +256,7 @@ def layerwise(artifact, *, reference=None, backend: str | None = None, progress:
     from llamaexport.model.config import LlamaConfig
     from llamaexport.model.reference import build_reference, intermediates
     from llamaexport.runtime.llama_model import LlamaModel
-    from llamaexport.verify.parity import _reference_checkpoint, heldout_text, require_reference_memory
+    from llamaexport.verify.parity import heldout_text, reference_checkpoint, require_reference_memory
 
     d = Path(artifact)
     manifest = read_manifest(d)
@@ -285,7 +285,7 @@ def layerwise(artifact, *, reference=None, backend: str | None = None, progress:
     feed = _feed(manifest, ids)
 
     say(f"layerwise: the reference on the held-out text ({len(ids)} tokens)")
-    ckpt, ref_desc = _reference_checkpoint(manifest, reference)
+    ckpt, ref_desc = reference_checkpoint(manifest, reference)
     ref = intermediates(build_reference(cfg, ckpt.weights), feed["input_ids"])
     del ckpt
     lims = budgets(manifest["precision"])

@@ -73,7 +73,7 @@ def require_reference_memory(cfg):
                                "has free; check a smaller model, or on a machine with more memory")
 
 
-def _reference_checkpoint(manifest: dict, reference):
+def reference_checkpoint(manifest: dict, reference):
     """The checkpoint the artifact was built from (or `reference`), with the LoRA adapters its build
     merged applied again, and a description of it."""
     from llamaexport.model.checkpoint import load_checkpoint, random_checkpoint
@@ -119,7 +119,7 @@ def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progres
     model = LlamaModel.load(d, backend=backend)
     cfg = model.config
     require_reference_memory(cfg)
-    ckpt, ref_desc = _reference_checkpoint(manifest, reference)
+    ckpt, ref_desc = reference_checkpoint(manifest, reference)
     ref = LlamaModel(d, manifest, ReferenceBackend(build_reference(cfg, ckpt.weights)), model.tokenizer)
     prompt_ids = _prompt_ids(model, prompts or DEFAULT_PROMPTS)
     n_tokens = max(1, min(n_tokens, cfg.max_seq_len - max(len(p) for p in prompt_ids) - 1))
