@@ -33,10 +33,10 @@ perplexity here are an independent rendering of llama.cpp's code, not a copy of 
   ± = ppl * sqrt((mean(NLL²) - mean(NLL)²) / (count - 1)).
 
 The base comparison is eval.py's, imported rather than copied so the two report one definition:
-`load_base` reads the file, `_check_base` refuses a base of another text, ctx/stride, chunk count,
+`load_base` reads the file, `check_base` refuses a base of another text, ctx/stride, chunk count,
 tokenizer (eval.py's fingerprint of llama.cpp's vocabulary: every token's text, BOS id and rule)
-or token ids, `_score_rows` gives the per-token KL(base || llama.cpp) over the base's top-k ids plus
-one bucket for the rest and the same-top flag, `_compare` the mean/p99 KL, top-1 agreement and
+or token ids, `score_rows` gives the per-token KL(base || llama.cpp) over the base's top-k ids plus
+one bucket for the rest and the same-top flag, `compare_with_base` the mean/p99 KL, top-1 agreement and
 Δppl with their ±. ctx, stride and chunks default to the base's.
 
 Each window is one `Llama.eval` from an empty cache with `logits_all=True` and n_batch = the window.
@@ -116,8 +116,8 @@ def score_windows(tokens, win: dict, logits_of, *, bos: int | None = None, base:
             nll.append(-(float(row[tokens[start + j + 1]]) - float(mx) - np.log(sum_exp)))
         if base is not None:
             rows = slice(i * per, (i + 1) * per)
-            s = ev._score_rows(logits[first:L - 1], np.asarray(tokens[start + first + 1:start + L], np.int64),
-                               k=base["ids"].shape[1], base={key: base[key][rows] for key in ("ids", "lp", "rest")})
+            s = ev.score_rows(logits[first:L - 1], np.asarray(tokens[start + first + 1:start + L], np.int64),
+                              k=base["ids"].shape[1], base={key: base[key][rows] for key in ("ids", "lp", "rest")})
             kl.append(s["kl"])
             same.append(s["same_top"])
         if progress:
@@ -141,16 +141,16 @@ def perplexity(nll: np.ndarray) -> tuple[float, float]:
 def check_base(base: dict, path, *, win: dict, ctx: int, text: bytes, tokens, tokenizer, vocab: int):
     """eval.py's refusals of a base from another text, window, chunk count, tokenizer or vocabulary.
     tokenizer: an object with bos_id, add_bos, vocab_size and id_to_piece (LlamaVocab, or ours)."""
-    ev._check_base(base, path, ctx=ctx, stride=win["stride"], chunks_run=len(win["starts"]),
-                   text_sha=hashlib.sha256(text).hexdigest(), tok_sha=ev.tokenizer_fingerprint(tokenizer),
-                   tokens=np.asarray(tokens, np.int64), vocab=vocab)
+    ev.check_base(base, path, ctx=ctx, stride=win["stride"], chunks_run=len(win["starts"]),
+                  text_sha=hashlib.sha256(text).hexdigest(), tok_sha=ev.tokenizer_fingerprint(tokenizer),
+                  tokens=np.asarray(tokens, np.int64), vocab=vocab)
 
 
 def compare_with_base(base: dict, path, scored: dict) -> dict:
     """`eval --json`'s "base" object for this run's scored tokens (score_windows with the base)."""
     nll = scored["nll"]
     ppl, se = perplexity(nll)
-    return ev._compare(base, str(path), scored, nll, ppl, se)
+    return ev.compare_with_base(base, str(path), scored, nll, ppl, se)
 
 
 class LlamaVocab:

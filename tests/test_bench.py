@@ -67,6 +67,27 @@ def peers():
     return mod
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
+def test_memory_and_port_helpers_of_the_benchmarks():
+    """peak_rss_mb / rss_mb / free_port: the one copy that bench, scripts/bench_serve.py, scripts/soak_serve.py
+    and test_serve.py use. Another process's figures come from /proc; this one's peak from getrusage."""
+    import os
+    import socket
+
+    from llamaexport.verify.bench import free_port, peak_rss_mb, rss_mb
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        now, peak = rss_mb(child.pid), peak_rss_mb(child.pid)
+        assert 0 < now <= peak
+    finally:
+        child.communicate(b"")
+    assert 0 < rss_mb(os.getpid()) <= peak_rss_mb(os.getpid())
+    assert abs(peak_rss_mb() - peak_rss_mb(os.getpid())) < 0.05 * peak_rss_mb()  # two views of one peak
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", free_port()))  # free: binds
+
+
 def test_onnx_bytes_per_token_of_our_artifact(peers, tiny_artifact):
     import onnx
     from onnx import numpy_helper

@@ -110,3 +110,23 @@ def test_config_is_frozen_and_replace_revalidates():
     assert dataclasses.replace(cfg, max_seq_len=8).max_seq_len == 8 and cfg.max_seq_len == 256
     with pytest.raises(LlamaExportError, match="max_seq_len must be a whole number >= 1, got 0"):
         dataclasses.replace(cfg, max_seq_len=0)
+
+
+def test_whole_number_is_the_one_check_and_message():
+    """llamaexport.whole_number: every "whole number >= N" parameter check (config, profiles, plan, sampling,
+    generation, engine limits, server fields, eval, bench) raises in one shape naming the parameter."""
+    from llamaexport import whole_number
+
+    assert whole_number(3, "x") == 3 and type(whole_number(np.int64(3), "x")) is int
+    for value in (0, -1, 2.0, "3", True, None):
+        with pytest.raises(LlamaExportError, match=rf"^x must be a whole number >= 1, got {value!r}$".replace("(", r"\(")):
+            whole_number(value, "x")
+    with pytest.raises(LlamaExportError, match=r"^top_k must be a whole number >= 0 \(0 = off\), got -1$"):
+        whole_number(-1, "top_k", at_least=0, note="0 = off")
+    with pytest.raises(LlamaExportError, match="^seed must be a whole number from 0 to 9, got 10$"):
+        whole_number(10, "seed", at_least=0, at_most=9)
+    with pytest.raises(LlamaExportError, match="^seed must be a whole number, got 'a'$"):
+        whole_number("a", "seed", at_least=None)
+    # a numpy integer in a config is stored as an int (to_dict stays JSON)
+    cfg = config_for_size("tiny", max_seq_len=np.int64(64))
+    assert type(cfg.max_seq_len) is int and json.dumps(cfg.to_dict())

@@ -77,14 +77,67 @@ def test_activations_are_one_region_the_largest_profile_not_the_sum():
     cfg, prof = config_for_size("7B"), load_profile("rtx4090")
     recipe = Recipe.for_profile(prof, "fp16")
     p = plan(cfg, prof, recipe, context=2048, batch=2)
-    assert profile_tokens(2048) == [(2048, 0), (1, 2047)]
-    prefill = activation_bytes(cfg, recipe, batch=2, seq=2048, past=0)
-    decode = activation_bytes(cfg, recipe, batch=2, seq=1, past=2047)
+    assert profile_tokens(2048) == [(2048, 0, 2048), (1, 2047, 1)]
+    prefill = activation_bytes(cfg, recipe, batch=2, seq=2048, past=0, keep=2048)
+    decode = activation_bytes(cfg, recipe, batch=2, seq=1, past=2047, keep=1)
     assert p.activations == max(prefill, decode) == prefill and decode < prefill / 100
     assert p.activations < prefill + decode
-    # logits [B, S, V] fp32 + one layer's scores [B, H, S, S] fp32 + 4 x [B, S, 2 * ffn] fp16
-    assert prefill == 2 * 2048 * 32000 * 4 + 2 * 32 * 2048 * 2048 * 4 + 4 * 2 * 2048 * 2 * 11008 * 2
-    assert round(_plan("7B", "rtx4090", "fp16", context=2048, batch=1).activations / GiB, 1) == 1.1  # planning.md
+
+
+def test_profile_tokens_are_the_builders_largest_profile_values():
+    """TensorRT sizes activation memory for each profile's max values: the planner's (new tokens, cached
+    tokens, kept logits rows) are those of tensorrt.builder.profile_shapes, in both cache forms."""
+    from llamaexport.build.export import io_spec
+    from llamaexport.build.planner import profile_tokens
+    from llamaexport.tensorrt.builder import profile_shapes
+
+    cfg, prof = config_for_size("tiny"), load_profile("rtx4090")
+    L = cfg.max_seq_len
+    for kv in ("concat", "inplace"):
+        recipe = Recipe.for_profile(prof, "fp16", kv_cache=kv)
+        manifest = {"model": cfg.to_dict(), "io": io_spec(cfg, recipe), **recipe.manifest_fields(cfg)}
+        builder = []
+        for p in profile_shapes(manifest, 1):
+            seq, width, keep = p["shapes"]["input_ids"][2][1], p["shapes"]["attention_mask"][2][1], p["values"]
+            rows = keep["num_logits_to_keep"][2][0] or seq  # 0 keeps every row
+            builder.append((seq, width, min(rows, seq)))
+        assert builder == [(s, p + s, k) for s, p, k in profile_tokens(L)], kv
+
+
+def test_activation_terms_follow_the_graph():
+    """Each term is a tensor of the exported graph at the prefill profile's max (B = 2, S = T = R = 2048):
+    fp16 scores (two at once, op by op), the kept logits rows in float32 and, in fp16 graphs, the output
+    layer's fp16 result before its Cast; the peak is the logits plus the largest of a layer's attention, its
+    MLP and the output layer."""
+    from llamaexport.build.planner import activation_bytes, activation_terms
+
+    cfg, prof = config_for_size("7B"), load_profile("rtx4090")
+    B, S, V, D, H, F = 2, 2048, cfg.vocab_size, cfg.dim, cfg.n_heads, cfg.ffn_dim
+    fp16 = Recipe.for_profile(prof, "fp16")
+    fp32 = fp16.with_precision("fp32")  # the portable graph in fp32 (an onnxruntime cuda profile builds it)
+    t = activation_terms(cfg, fp16, batch=B, seq=S, past=0, keep=S)
+    assert t == {"logits": B * S * V * 4, "cast": B * S * V * 2, "head_in": B * S * D * 2, "residual": B * S * D * 2,
+                 "mask": B * cfg.n_rep * S * S * 2, "scores": 2 * B * H * S * S * 2, "mlp": B * S * 4 * F * 2}
+    layer = t["residual"] + t["mask"] + t["scores"]  # 7B's attention outweighs its MLP and the output layer
+    assert layer > t["residual"] + t["mask"] + t["mlp"] and layer > t["head_in"] + t["cast"]
+    assert activation_bytes(cfg, fp16, batch=B, seq=S, past=0, keep=S) == t["logits"] + layer
+    # fp32: scores in float32, no Cast copy; decode keeps one row of logits
+    t32 = activation_terms(cfg, fp32, batch=B, seq=S, past=0, keep=S)
+    assert t32["scores"] == 2 * t["scores"] and t32["cast"] == 0 and t32["logits"] == t["logits"]
+    assert activation_terms(cfg, fp16, batch=B, seq=1, past=S - 1, keep=1)["logits"] == B * V * 4
+    # grouped-query attention: the concat form's mask is tiled to rep * S rows, the in-place form's is not
+    cfg3 = config_for_size("llama3-8B")
+    concat = activation_terms(cfg3, fp16, batch=1, seq=S, past=0, keep=S)
+    inplace = activation_terms(cfg3, Recipe.for_profile(prof, "fp16", kv_cache="inplace"), batch=1, seq=S, past=0, keep=S)
+    assert concat["mask"] == cfg3.n_rep * inplace["mask"] == cfg3.n_rep * S * S * 2
+    # the CPU graph's GroupQueryAttention: one float32 probabilities buffer, no mask tensor
+    cpu = activation_terms(cfg, Recipe.for_profile(load_profile("cpu"), "int8"), batch=1, seq=S, past=0, keep=S)
+    assert cpu["scores"] == H * S * S * 4 and cpu["mask"] == 0 and cpu["cast"] == 0
+    # planning.md: 7B fp16 on the rtx4090 at 2048 tokens, batch 1
+    one = activation_terms(cfg, fp16, batch=1, seq=S, past=0, keep=S)
+    assert _plan("7B", "rtx4090", "fp16", context=2048, batch=1).activations == (
+        one["logits"] + one["residual"] + one["mask"] + one["scores"])
+    assert round(_plan("7B", "rtx4090", "fp16", context=2048, batch=1).activations / GiB, 2) == 0.77
 
 
 def test_build_refuses_before_any_work(tmp_path):

@@ -115,6 +115,35 @@ def test_prompt_longer_than_context_is_an_error(model):
         model.generate_ids([[1] * 300], max_new_tokens=4)
 
 
+def test_one_generation_check_for_the_model_and_the_engine(model):
+    """LlamaModel and Engine.submit refuse the same requests with the same messages
+    (runtime.check_generation): the engine no longer queues max_new_tokens <= 0 or an empty stop string."""
+    from llamaexport.runtime.engine import ContextTooLong, Engine
+
+    engine = Engine(model, max_batch=1, max_queue=1)
+    try:
+        for kw, message in ((dict(max_new_tokens=0), "max_new_tokens must be a whole number >= 1, got 0"),
+                            (dict(max_new_tokens=-2), "max_new_tokens must be a whole number >= 1, got -2"),
+                            (dict(max_new_tokens=4, stop=[""]), "stop strings must be a list of non-empty strings")):
+            with pytest.raises(LlamaExportError, match=message):
+                engine.submit([5, 17], **kw)
+            with pytest.raises(LlamaExportError, match=message):
+                model.generate_ids([[5, 17]], **kw) if "stop" not in kw else model.generate("hi", **kw)
+        for submit in (lambda: engine.submit([1] * 300, max_new_tokens=4),
+                       lambda: next(model.steps([[1] * 300], max_new_tokens=4))):
+            with pytest.raises(ContextTooLong, match="prompt is 300 tokens but the artifact's context is 256") as e:
+                submit()
+            assert e.value.param == "prompt"
+        with pytest.raises(ContextTooLong, match="ask for at most 254 tokens") as e:
+            engine.submit([5, 17], max_new_tokens=255)
+        assert e.value.param == "max_tokens"
+        with pytest.raises(LlamaExportError, match="empty prompt"):
+            engine.submit([], max_new_tokens=4)
+        assert engine.counts() == (0, 0)  # nothing was queued
+    finally:
+        engine.close()
+
+
 def test_runtime_path_does_not_import_torch(tiny_artifact):
     """Nor the serving stack: the engine is runtime, the HTTP server an optional extra."""
     code = ("import sys; from llamaexport.runtime.llama_model import LlamaModel; m = LlamaModel.load(sys.argv[1]); "

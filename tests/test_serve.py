@@ -4,7 +4,6 @@ against real clients (the openai package, httpx), and the `llamaexport chat` REP
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from llamaexport.runtime.engine import ContextTooLong, DoneEvent, Engine, QueueF
 from llamaexport.runtime.llama_model import LlamaModel
 from llamaexport.runtime.sampling import SamplingConfig
 from llamaexport.runtime.slots import make_slots
+from llamaexport.verify.bench import free_port
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install 'llamaexport[serve]')")
 openai = pytest.importorskip("openai", reason="the serve tests need the openai package")
@@ -175,15 +175,9 @@ def test_engine_limits_and_cancel(tiny_artifact):
 
 
 # ---------------------------------------------------------------------- the HTTP server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, artifact, *args):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "llamaexport.cli", "serve", str(artifact), "--port",
                                       str(self.port), *map(str, args)], stdout=subprocess.PIPE,
@@ -403,7 +397,7 @@ def test_serve_passes_the_api_key_to_the_app(tiny_artifact, monkeypatch):
     for args, env in ((["--api-key", "sekret"], None), ([], "sekret")):
         if env:
             monkeypatch.setenv("LLAMAEXPORT_API_KEY", env)
-        r = run_cli("serve", tiny_artifact, "--model-name", "tiny", "--port", _free_port(), *args)
+        r = run_cli("serve", tiny_artifact, "--model-name", "tiny", "--port", free_port(), *args)
         assert r.returncode == 0 and "server stopped" in r.stderr, r.stderr
         assert asgi(apps[-1], "GET", "/v1/models").status_code == 401
         r = asgi(apps[-1], "GET", "/v1/models", headers={"Authorization": "Bearer sekret"})
@@ -446,7 +440,7 @@ def test_port_in_use_is_one_clear_error(tiny_server, tiny_artifact, monkeypatch)
                            (["--prefill-chunk", "-3"], "prefill_chunk must be a whole number >= 1"),
                            (["--port", "70000"], "port must be 1 to 65535"),
                            (["--host", "name.invalid"], "cannot listen on name.invalid")):
-        assert_clean_error(run_cli("serve", tiny_artifact, "--port", _free_port(), *args), fragment)
+        assert_clean_error(run_cli("serve", tiny_artifact, "--port", free_port(), *args), fragment)
 
 
 # ---------------------------------------------------------------------- SmolLM2: real text

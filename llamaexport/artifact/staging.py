@@ -18,15 +18,10 @@ import os
 import re
 import shutil
 import signal
-import sys
 from pathlib import Path
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, log
 from llamaexport.artifact.manifest import MANIFEST
-
-
-def log(msg: str):
-    print(msg, file=sys.stderr, flush=True)
 
 
 def is_artifact(path: Path) -> bool:

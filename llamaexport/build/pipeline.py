@@ -9,19 +9,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import platform
-import sys
 import time
 from pathlib import Path
 
-from llamaexport import LlamaExportError, __version__
+from llamaexport import LlamaExportError, __version__, log
 from llamaexport.artifact.manifest import SCHEMA_VERSION, file_checksums, read_manifest, require_intact, write_manifest
 from llamaexport.artifact.staging import staging_dir, target_lock
 from llamaexport.build.profiles import load_profile
 from llamaexport.build.recipe import Recipe
-
-
-def log(msg: str):
-    print(msg, file=sys.stderr, flush=True)
 
 
 def tool_versions() -> dict:

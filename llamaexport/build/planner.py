@@ -3,11 +3,12 @@
 Adds up, for a batch and context length:
   weights      quantized matrices + their scales, embeddings, norms, rotary tables
   KV cache     2 x layers x KV heads x head_dim x context x batch x bytes
-  activations  one region, the largest of the engine's optimization profiles (prefill at the full
-               context, decode of one token on it): logits [B, S, V] fp32, one layer's attention
-               scores [B, H, S, T] fp32 and a few hidden-state buffers. The TensorRT runtime gives
-               its prefill and decode contexts one shared activation region of that size
-               (tensorrt.backend), so it is the max over profiles, not their sum.
+  activations  the larger of the engine's two optimization profiles' peaks (prefill at the full context,
+               decode of one token on it): the float32 logits of the kept rows plus the most the graph
+               holds at once (a layer's attention scores in the graph's dtype, its MLP, or the output
+               layer; activation_terms). The TensorRT runtime gives its prefill and decode contexts one
+               shared activation region of that size (tensorrt.backend), so it is the max over
+               profiles, not their sum.
   workspace    the TensorRT builder/runtime workspace from the profile
   overhead     runtime itself: CUDA context, cuBLAS and TensorRT (GPU), ONNX Runtime (CPU)
 and compares the total with the profile's budget (memory - reserved for the OS/display).
@@ -20,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, whole_number
 from llamaexport.build.profiles import Profile
 from llamaexport.build.recipe import EMBED_BLOCK, EXPLICIT_ONLY, LM_HEAD, PREFERENCE, Precision, Recipe
 from llamaexport.model.config import LlamaConfig
@@ -95,19 +96,49 @@ def weight_bytes(cfg: LlamaConfig, recipe: Recipe) -> tuple[float, float]:
     return stored, read
 
 
-def profile_tokens(context: int) -> list[tuple[int, int]]:
-    """(new tokens, cached tokens) at the largest shape of each optimization profile the engine
-    has (tensorrt.builder.profile_shapes): prefill of the whole context, decode of one token after it."""
-    return [(context, 0), (1, max(context - 1, 0))]
+def profile_tokens(context: int) -> list[tuple[int, int, int]]:
+    """(new tokens, cached tokens, logits rows kept) at the largest values of each optimization profile
+    the engine has (tensorrt.builder.profile_shapes), which TensorRT sizes activation memory for:
+    prefill of the whole context, whose num_logits_to_keep goes up to L (`check` keeps every row: 0 or L
+    both give L rows), and decode of one token after it, which keeps at most 1."""
+    return [(context, 0, context), (1, max(context - 1, 0), 1)]
 
 
-def activation_bytes(cfg: LlamaConfig, recipe: Recipe, *, batch: int, seq: int, past: int) -> float:
-    """The activation peak of one forward of `seq` new tokens on `past` cached ones: the logits
-    [B, S, V] fp32, one layer's attention scores [B, H, S, past + S] fp32 and four hidden-state
-    buffers [B, S, max(dim, 2 * ffn_dim)] in the activation dtype."""
-    t = past + seq
-    return (batch * seq * cfg.vocab_size * 4 + batch * cfg.n_heads * seq * t * 4
-            + 4 * batch * seq * max(cfg.dim, 2 * cfg.ffn_dim) * recipe.activation_bytes)
+def activation_terms(cfg: LlamaConfig, recipe: Recipe, *, batch: int, seq: int, past: int, keep: int) -> dict:
+    """What one forward of `seq` new tokens on `past` cached ones holds, in bytes, by tensor of the graph
+    (build.export; B = batch, S = seq, T = past + S, R = the logits rows kept, a = the activation dtype's bytes):
+      logits    [B, R, V] float32: the graph's output, which the runtime allocates before the run
+      cast      [B, R, V] in a: the output layer's result before its Cast to float32 (fp16 graphs; an fp32
+                graph's output layer writes the logits itself)
+      head_in   [B, R, D] in a: the final norm's kept rows, the output layer's input
+      residual  [B, S, D] in a: the residual stream, live through every layer
+      mask      the additive attention mask in a, made once and live through every layer: [B, 1, rep*S, T]
+                in the concat form (tiled for its grouped query rows), [B, 1, S, T] in the in-place form,
+                none in the CPU graph (GroupQueryAttention masks inside)
+      scores    [B, H, S, T]: the portable graph's MatMul -> Add -> Softmax -> MatMul op by op holds two at
+                once (an op's input and output), in a (no float32 detour); fused (TensorRT's MHA pattern,
+                IAttention: not verified here) it holds none, so two is the bound. The CPU graph's
+                GroupQueryAttention holds one float32 buffer (its softmax runs in place).
+      mlp       [B, S, 4 * ffn] in a: the SwiGLU function body op by op (Split of gate_up [B, S, 2 ffn] into
+                gate and up, then sigmoid, silu and their product; at most four ffn-wide tensors at once;
+                the plugin holds three)
+    Smaller tensors (q, k^T, rotary rows, the norms' float32 temporaries) are left out."""
+    a, B, S, R = recipe.activation_bytes, batch, seq, keep
+    T, V, D = past + seq, cfg.vocab_size, cfg.dim
+    gqa = recipe.fused_attention(cfg)
+    mask_rows = 0 if gqa else S if recipe.inplace_kv else cfg.n_rep * S
+    return {"logits": B * R * V * 4, "cast": B * R * V * a if a != 4 else 0, "head_in": B * R * D * a,
+            "residual": B * S * D * a, "mask": B * mask_rows * T * a,
+            "scores": B * cfg.n_heads * S * T * (4 if gqa else 2 * a), "mlp": B * S * 4 * cfg.ffn_dim * a}
+
+
+def activation_bytes(cfg: LlamaConfig, recipe: Recipe, *, batch: int, seq: int, past: int, keep: int) -> float:
+    """The activation peak of one forward (activation_terms): the logits, which live through the whole run,
+    plus the most held at once inside it: at a layer's attention (residual, mask, scores), at its MLP
+    (residual, mask, the SwiGLU tensors) or at the output layer (its input and result)."""
+    t = activation_terms(cfg, recipe, batch=batch, seq=seq, past=past, keep=keep)
+    layer = t["residual"] + t["mask"] + max(t["scores"], t["mlp"])
+    return float(t["logits"] + max(layer, t["head_in"] + t["cast"]))
 
 
 def plan(cfg: LlamaConfig, profile: Profile, recipe: Recipe, *, context: int | None = None,
@@ -125,13 +156,11 @@ def plan(cfg: LlamaConfig, profile: Profile, recipe: Recipe, *, context: int | N
 def _plan(cfg: LlamaConfig, profile: Profile, recipe: Recipe, *, context, batch) -> Plan:
     ctx = cfg.max_seq_len if context is None else context
     b = profile.default_batch if batch is None else batch
-    for name, v in (("context (--max-seq-len)", ctx), ("batch", b)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise LlamaExportError(f"{name} must be a whole number >= 1, got {v!r}")
+    ctx, b = whole_number(ctx, "context (--max-seq-len)"), whole_number(b, "batch")
     act = recipe.activation_bytes
     stored, read = weight_bytes(cfg, recipe)
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * ctx * b * act
-    acts = max(activation_bytes(cfg, recipe, batch=b, seq=s, past=p) for s, p in profile_tokens(ctx))
+    acts = max(activation_bytes(cfg, recipe, batch=b, seq=s, past=p, keep=k) for s, p, k in profile_tokens(ctx))
     return Plan(recipe, stored, kv, acts, profile.workspace_gb * GiB, OVERHEAD[profile.backend], profile.budget_bytes,
                 read + kv, profile.memory_bandwidth_gbs)
 

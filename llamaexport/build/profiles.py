@@ -8,7 +8,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, whole_number
 from llamaexport.build.recipe import PRECISIONS
 
 PROFILE_DIR = Path(__file__).parents[1] / "data" / "profiles"  # the bundled TOML files
@@ -61,9 +61,7 @@ class Profile:
             if not _number(getattr(self, f)) or getattr(self, f) <= 0:
                 raise LlamaExportError(f"profile {where}: {f} must be a positive number, got {getattr(self, f)!r}")
         for f in ("default_context", "default_batch"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise LlamaExportError(f"profile {where}: {f} must be a whole number >= 1, got {v!r}")
+            whole_number(getattr(self, f), f"profile {where}: {f}")
         if not _number(self.reserved_gb) or not 0 <= self.reserved_gb < self.memory_gb:
             raise LlamaExportError(f"profile {where}: reserved_gb must be a number from 0 to memory_gb "
                                    f"({self.memory_gb:g}, which --memory-gb overrides), got {self.reserved_gb!r}")
@@ -74,10 +72,7 @@ class Profile:
             if unknown:
                 raise LlamaExportError(f"profile {where}: unknown [{table}] key(s) {', '.join(unknown)}; "
                                        f"valid: {', '.join(sorted(keys))}")
-        threads = self.runtime.get("threads", 0)
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
-            raise LlamaExportError(f"profile {where}: [runtime] threads must be a whole number >= 0 "
-                                   f"(0 = all cores), got {threads!r}")
+        whole_number(self.runtime.get("threads", 0), f"profile {where}: [runtime] threads", at_least=0, note="0 = all cores")
         device = self.runtime.get("device", "cpu")
         if device not in DEVICES or (device == "cuda" and self.backend != "onnxruntime"):
             raise LlamaExportError(f"profile {where}: [runtime] device must be cpu or cuda (onnxruntime profiles; "

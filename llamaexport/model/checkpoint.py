@@ -137,7 +137,9 @@ def random_checkpoint(cfg: LlamaConfig, seed: int = 0) -> Checkpoint:
 
 # ----------------------------------------------------------------------------- Meta
 
-def _torch_load(path: Path):
+def torch_load(path: Path):
+    """A PyTorch state dict, loaded weights-only (a pickle with code in it is refused, never run), with one
+    error line for a damaged file. Used for Meta shards and LoRA adapter .bin files."""
     import torch
 
     try:
@@ -164,7 +166,7 @@ def load_meta(directory: Path, *, vocab_size: int | None = None) -> Checkpoint:
     nums = [int(re.search(r"consolidated\.(\d+)\.pth", s.name).group(1)) for s in shards]
     if nums != list(range(len(shards))):
         raise LlamaExportError(f"{directory}: shards {nums} are not consecutive from 00; a shard file is missing")
-    states = [_torch_load(s) for s in shards]
+    states = [torch_load(s) for s in shards]
     if vocab_size is None:
         emb = states[0].get("tok_embeddings.weight")
         if emb is not None:  # the vocab lives on dim 0 (dim-1-sharded) or is split over the shards
@@ -259,7 +261,9 @@ def _safetensors_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
-def _open_safetensors(path: Path):
+def open_safetensors(path: Path):
+    """A safe_open handle on a .safetensors file whose header was checked first (one error line for a
+    truncated or damaged file). Used for HF checkpoints and LoRA adapters."""
     from safetensors import safe_open
 
     try:
@@ -287,7 +291,7 @@ def load_hf(directory: Path) -> Checkpoint:
     if not files:
         raise LlamaExportError(
             f"{directory} has config.json but no *.safetensors weights; convert .bin weights to safetensors first")
-    handles = {f: _open_safetensors(f) for f in files}
+    handles = {f: open_safetensors(f) for f in files}
     where: dict[str, tuple[object, str]] = {}
     for h in handles.values():
         for key in h.keys():

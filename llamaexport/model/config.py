@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, whole_number
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -115,8 +115,7 @@ class LlamaConfig:
         if self.rope_dim is None:
             derive("rope_dim", self.head_dim)
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_seq_len"):
-            if int(getattr(self, name)) <= 0:
-                raise LlamaExportError(f"config field {name} must be positive, got {getattr(self, name)}")
+            whole_number(getattr(self, name), f"config field {name}")
         if self.n_heads % self.n_kv_heads:
             raise LlamaExportError(
                 f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads} (grouped-query attention)")
@@ -137,19 +136,14 @@ class LlamaConfig:
         def bad(name, want):
             raise LlamaExportError(f"config field {name} must be {want}, got {getattr(self, name)!r}")
 
-        def whole(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
         def positive_number(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
-        for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "multiple_of"):
-            if not whole(getattr(self, name)) or getattr(self, name) <= 0:
-                bad(name, "a whole number >= 1")
-        for name in ("n_kv_heads", "ffn_dim", "head_dim", "rope_dim"):
+        required = ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "multiple_of")
+        for name in required + ("n_kv_heads", "ffn_dim", "head_dim", "rope_dim"):  # these four: None = derived
             v = getattr(self, name)
-            if v is not None and (not whole(v) or v <= 0):
-                bad(name, "a whole number >= 1")
+            if v is not None or name in required:  # stored as an int (a numpy integer is one too)
+                object.__setattr__(self, name, whole_number(v, f"config field {name}"))
         for name in ("norm_eps", "rope_theta"):
             if not positive_number(getattr(self, name)):
                 bad(name, "a finite number > 0")

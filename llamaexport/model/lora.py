@@ -32,15 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, whole_number
 from llamaexport.model.checkpoint import (
     Checkpoint,
     Weights,
-    _open_safetensors,
-    _torch_load,
     expected_shapes,
     fingerprint,
     hf_to_canonical,
+    open_safetensors,
+    torch_load,
     unpermute_hf,
 )
 
@@ -85,12 +85,12 @@ class _Tensors:
     def __init__(self, path: Path):
         self.path = path
         if path.suffix == ".safetensors":
-            h = _open_safetensors(path)
+            h = open_safetensors(path)
             self.keys = list(h.keys())
             self.shape = lambda k: tuple(h.get_slice(k).get_shape())
             self._get = h.get_tensor
         else:
-            sd = _torch_load(path)  # weights_only: a pickle with code in it is refused, never run
+            sd = torch_load(path)  # weights_only: a pickle with code in it is refused, never run
             if not isinstance(sd, dict) or not all(hasattr(v, "float") and hasattr(v, "shape") for v in sd.values()):
                 raise LlamaExportError(f"{path} does not hold a state dict of tensors; it is not a PEFT adapter file")
             self.keys = list(sd)
@@ -147,9 +147,10 @@ def _read_config(path: Path) -> dict:
             "to the original base")
 
     def number(name, v, whole):
-        ok = isinstance(v, int) if whole else isinstance(v, (int, float))
-        if not ok or isinstance(v, bool) or not (v > 0 if whole else math.isfinite(v)):
-            raise LlamaExportError(f"{where}: {name} must be {'a whole number >= 1' if whole else 'a number'}, got {v!r}")
+        if whole:
+            whole_number(v, f"{where}: {name}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise LlamaExportError(f"{where}: {name} must be a number, got {v!r}")
 
     number("r", c.get("r"), True)
     number("lora_alpha", c.get("lora_alpha"), False)

@@ -44,8 +44,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, whole_number
 from llamaexport.model.tokenizer import TextStream
+from llamaexport.runtime.llama_model import check_generation
 from llamaexport.runtime.sampling import Sampler, SamplingConfig
 from llamaexport.runtime.slots import make_slots
 
@@ -119,8 +120,7 @@ class _Seq:
 def check_limits(*, max_batch, max_queue, prefill_chunk):
     """The one validation of the engine's limits (the server calls it before loading the model)."""
     for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("prefill_chunk", prefill_chunk, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise LlamaExportError(f"{name} must be a whole number >= {lo}, got {v!r}")
+        whole_number(v, name, at_least=lo)
 
 
 class Engine:
@@ -151,15 +151,8 @@ class Engine:
                stop=(), eos_ids=None, on_event=None) -> Request:
         """Queue a generation. Raises LlamaExportError for a request that cannot run, QueueFull when
         --max-queue requests are already waiting."""
-        n = len(prompt_ids)
-        if n == 0:
-            raise LlamaExportError("empty prompt: give at least one token")
-        if n >= self.ctx:
-            raise ContextTooLong(f"the prompt is {n} tokens but the model's context is {self.ctx} tokens; shorten it",
-                                 "prompt")
-        if n + max_new_tokens > self.ctx:
-            raise ContextTooLong(f"the prompt ({n} tokens) plus max_tokens ({max_new_tokens}) is more than the "
-                                 f"model's context ({self.ctx}); ask for at most {self.ctx - n} tokens", "max_tokens")
+        check_generation(max_new_tokens=max_new_tokens, stop=stop, prompt_tokens=len(prompt_ids), context=self.ctx,
+                         whole_reply=True)
         req = Request(list(map(int, prompt_ids)), max_new_tokens, sampling or SamplingConfig(), tuple(stop),
                       frozenset(self.tokenizer.eos_ids if eos_ids is None else eos_ids), on_event)
         with self.cond:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
-import sys
 from collections.abc import Callable, Iterator
 from numbers import Integral
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, log, whole_number
 from llamaexport.artifact.manifest import read_manifest, require_intact
 from llamaexport.model.config import LlamaConfig
 from llamaexport.runtime.sampling import Sampler, SamplingConfig
@@ -69,17 +68,38 @@ def check_threads(threads) -> int | None:
     return int(threads)
 
 
-def check_generation(*, max_new_tokens, stop=(), prompt: str | None = None):
-    """The one validation of a generation request's own arguments (sampling: SamplingConfig)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
-        raise LlamaExportError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
-    if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
-        raise LlamaExportError(f"stop strings must be a list of non-empty strings, got {stop!r}")
+def check_generation(*, max_new_tokens=None, stop=(), prompt: str | None = None, prompt_tokens: int | None = None,
+                     context: int | None = None, whole_reply: bool = False):
+    """The one validation of a generation request (sampling: SamplingConfig), for LlamaModel, the
+    serving engine, the server and the CLI; each argument given is checked: the prompt text is UTF-8, a
+    prompt of `prompt_tokens` ids is 1 .. context - 1 long, max_new_tokens is a whole number >= 1 and,
+    with whole_reply (the engine, for the API's max_tokens), fits the context after the prompt
+    (LlamaModel instead stops at the context), the stop strings are a list of non-empty strings (an empty
+    one would stop at once). A prompt or reply that does not fit raises engine.ContextTooLong, whose
+    `param` says which to change."""
     if prompt is not None:
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError:
             raise LlamaExportError("the prompt is not valid UTF-8 text; pass it as UTF-8") from None
+    if prompt_tokens is not None:
+        if prompt_tokens == 0:
+            raise LlamaExportError("empty prompt: give at least one token")
+        if context is not None and prompt_tokens >= context:
+            from llamaexport.runtime.engine import ContextTooLong  # the engine's error, raised for every caller
+
+            raise ContextTooLong(f"the prompt is {prompt_tokens} tokens but the artifact's context is {context}; "
+                                 "shorten the prompt or rebuild with a larger --max-seq-len", "prompt")
+    if max_new_tokens is not None:
+        whole_number(max_new_tokens, "max_new_tokens")
+        if whole_reply and prompt_tokens is not None and context is not None and prompt_tokens + max_new_tokens > context:
+            from llamaexport.runtime.engine import ContextTooLong
+
+            raise ContextTooLong(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_new_tokens}) is more than "
+                                 f"the model's context ({context}); ask for at most {context - prompt_tokens} tokens",
+                                 "max_tokens")
+    if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
+        raise LlamaExportError(f"stop strings must be a list of non-empty strings, got {stop!r}")
 
 
 def _lazy_zeros(shape, dtype) -> np.ndarray:
@@ -107,8 +127,8 @@ def providers_for(device: str, available) -> list[str]:
         if "CUDAExecutionProvider" in available:
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         if not _warned_cuda:
-            print("warning: this artifact is for ONNX Runtime's CUDA provider, which this onnxruntime lacks "
-                  "(pip install onnxruntime-gpu); running on the CPU", file=sys.stderr, flush=True)
+            log("warning: this artifact is for ONNX Runtime's CUDA provider, which this onnxruntime lacks "
+                "(pip install onnxruntime-gpu); running on the CPU")
             _warned_cuda = True
     return ["CPUExecutionProvider"]
 
@@ -396,8 +416,11 @@ class LlamaModel:
         eos = np.array(sorted(set(eos_ids)) or [-1])
         B = len(prompts)
         lens = [len(p) for p in prompts]
-        if B == 0 or min(lens) == 0:
+        if B == 0:
             raise LlamaExportError("empty prompt: give at least one token")
+        ctx = self.config.max_seq_len
+        for n in (min(lens), max(lens)):
+            check_generation(prompt_tokens=n, context=ctx)
         if len(set(lens)) > 1 and not self.manifest.get("left_padding", True):
             if on_logits is not None:
                 raise LlamaExportError("on_logits needs prompts of one length on this graph (no left padding)")
@@ -407,11 +430,6 @@ class LlamaModel:
                                       eos_ids=eos_ids, fill=int(eos[0]))
             return
         S = max(lens)
-        ctx = self.config.max_seq_len
-        if S >= ctx:
-            raise LlamaExportError(
-                f"prompt is {S} tokens but the artifact's context is {ctx}; shorten the prompt "
-                "or rebuild with a larger --max-seq-len")
         max_new_tokens = max(0, min(max_new_tokens, ctx - S))
         pad = self.tokenizer.pad_id if self.tokenizer and self.tokenizer.pad_id is not None else 0
         ids = np.full((B, S), pad, np.int64)

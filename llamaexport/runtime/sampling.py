@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from numbers import Integral, Real
+from numbers import Real
 
 import numpy as np
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, whole_number
 
 
 @dataclasses.dataclass
@@ -37,8 +37,7 @@ class SamplingConfig:
                 raise LlamaExportError(f"{name} must be a finite number, got {v!r}")
         if self.temperature < 0:
             raise LlamaExportError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, Integral) or self.top_k < 0:
-            raise LlamaExportError(f"top_k must be a whole number >= 0 (0 = off), got {self.top_k!r}")
+        whole_number(self.top_k, "top_k", at_least=0, note="0 = off")
         if not 0 < self.top_p <= 1:
             raise LlamaExportError(f"top_p must be in (0, 1], got {self.top_p}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -46,9 +45,8 @@ class SamplingConfig:
                 raise LlamaExportError(f"{name} must be from -2 to 2 (0 = off), got {getattr(self, name)}")
         if self.repetition_penalty <= 0:
             raise LlamaExportError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)
-                                      or not 0 <= self.seed < 2**63):
-            raise LlamaExportError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
+        if self.seed is not None:
+            whole_number(self.seed, "seed", at_least=0, at_most=2**63 - 1)
 
 
 class Sampler:

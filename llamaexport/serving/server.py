@@ -23,10 +23,11 @@ import signal
 import sys
 import threading
 import time
-from numbers import Integral, Real
+from numbers import Real
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, whole_number
 from llamaexport.runtime.engine import ContextTooLong, DoneEvent, Engine, QueueFull, ShuttingDown, TextEvent, check_limits
+from llamaexport.runtime.llama_model import check_generation
 from llamaexport.runtime.sampling import SamplingConfig
 
 # Seconds that running generations get to finish after SIGTERM / Ctrl-C before they are cancelled.
@@ -83,9 +84,10 @@ def _integer(body: dict, name: str, lo: int | None = None):
     v = body.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, Integral) or (lo is not None and v < lo):
-        raise _bad(f"{name} must be a whole number{f' >= {lo}' if lo is not None else ''}, got {v!r}", name)
-    return int(v)
+    try:
+        return whole_number(v, name, at_least=lo)
+    except LlamaExportError as e:
+        raise _bad(str(e), name) from None
 
 
 def _stop(body: dict) -> list[str]:
@@ -213,10 +215,12 @@ class Api:
         return dict(max_new_tokens=max_tokens, sampling=sampling, stop=stop, eos_ids=[] if ignore_eos else None)
 
     def _encode_checked(self, text: str) -> list[int]:
+        """The prompt's ids, once check_generation found the text encodable (the rest of the request is
+        checked by Engine.submit, which calls it too)."""
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise _bad("the text is not valid UTF-8") from None
+            check_generation(prompt=text)
+        except LlamaExportError as e:
+            raise _bad(str(e)) from None
         return self.model.encode(text)
 
     # ------------------------------------------------------------------ endpoints

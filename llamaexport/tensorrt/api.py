@@ -4,13 +4,7 @@ binding into one error line. The builder, the plugin loader and the TensorRT bac
 
 from __future__ import annotations
 
-import sys
-
-from llamaexport import LlamaExportError
-
-
-def log(msg: str):
-    print(msg, file=sys.stderr, flush=True)
+from llamaexport import LlamaExportError, log
 
 
 def require_tensorrt(advice: str | None = None, *, what: str = "the engine step"):

@@ -139,7 +139,42 @@ def build_engine(artifact_dir, manifest: dict, profile, *, progress: bool = True
 
 
 def _build_engine(trt, logger, stage: Stage, d: Path, manifest: dict, profile, *, progress: bool) -> dict:
+    """The build's steps, in TensorRT's order: parse the graph, configure the builder (workspace, TF32, the
+    optimization profiles, the timing cache), build, write engine.plan. `stage.now` names each step."""
     t0 = time.time()
+    # the parser owns the weights the network refers to: it stays alive until the engine is built
+    plugin_lib, builder, network, parser, n_plugins = _parse_network(trt, logger, stage, d, manifest)
+    config, tf32 = _configure_builder(trt, stage, builder, manifest, profile)
+    batch = int(profile.default_batch)
+    profiles = _add_profiles(trt, logger, stage, builder, config, manifest, batch)
+    cache, cache_path = _use_timing_cache(stage, config)
+    monitor = _progress_monitor(trt) if progress and hasattr(trt, "IProgressMonitor") else None
+    if monitor is not None:
+        config.progress_monitor = monitor
+    workspace_gb = profile.workspace_gb
+    log(f"tensorrt: building ({workspace_gb:g} GiB workspace, optimization level {config.builder_optimization_level}, "
+        f"{n_plugins} plugin layers, batch <= {batch}, context {manifest['model']['max_seq_len']}, "
+        f"TF32 {'allowed' if tf32 else 'off'})")
+    stage.now = "building the engine"
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise LlamaExportError(
+            f"TensorRT {trt.__version__} could not build the engine ({logger.last_error or 'see its messages above'}); "
+            f"if it ran out of memory, lower [builder] workspace_gb (now {workspace_gb:g}) in the profile, close other "
+            "GPU programs, or rebuild with a smaller --precision or --max-seq-len")
+    stage.now = f"writing {ENGINE_FILE}"
+    write_atomically(d / ENGINE_FILE, lambda f: f.write(memoryview(plan)))
+    _save_timing_cache(config.get_timing_cache() or cache, cache_path)
+    seconds = round(time.time() - t0, 1)
+    log(f"tensorrt: wrote {ENGINE_FILE} ({(d / ENGINE_FILE).stat().st_size / 2**20:.1f} MiB) in {seconds}s")
+    return {"file": ENGINE_FILE, "tensorrt": trt.__version__, "profiles": profiles, "timing_cache": str(cache_path),
+            "build_seconds": seconds, "plugin_library": plugin_lib, "plugin_layers": n_plugins, "tf32": tf32,
+            "workspace_gb": workspace_gb, "builder_optimization_level": config.builder_optimization_level}
+
+
+def _parse_network(trt, logger, stage: Stage, d: Path, manifest: dict):
+    """Load the plugin library, create the builder and a strongly typed network, and parse model.onnx into it.
+    Returns (plugin library or None, builder, network, parser, number of plugin layers)."""
     stage.now = "loading the plugin library"
     plugin_lib = load_plugins(trt, logger=logger)
     stage.now = "creating the builder"
@@ -170,7 +205,12 @@ def _build_engine(trt, logger, stage: Stage, d: Path, manifest: dict, profile, *
     n_plugins = sum(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))
     if plugin_lib and not n_plugins:
         log(no_plugin_layers(trt.__version__, plugin_lib, registered_creators(trt), logger.last_warning))
+    return plugin_lib, builder, network, parser, n_plugins
 
+
+def _configure_builder(trt, stage: Stage, builder, manifest: dict, profile):
+    """The builder config: the workspace the planner counted, the profile's optimization level, TF32 per the
+    precision. Returns (config, whether TF32 stays on)."""
     stage.now = "configuring the builder"
     config = builder.create_builder_config()
     opts = profile.builder or {}
@@ -178,8 +218,12 @@ def _build_engine(trt, logger, stage: Stage, d: Path, manifest: dict, profile, *
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
     if opts.get("builder_optimization_level") is not None:
         config.builder_optimization_level = int(opts["builder_optimization_level"])
-    tf32 = _tf32_allowed(trt, config, manifest["precision"])
-    batch = int(profile.default_batch)
+    return config, _tf32_allowed(trt, config, manifest["precision"])
+
+
+def _add_profiles(trt, logger, stage: Stage, builder, config, manifest: dict, batch: int) -> list[dict]:
+    """Add the prefill and decode optimization profiles (profile_shapes) to `config`; returns the manifest's
+    profile entries, each with its index."""
     profiles = []
     for prof_def in profile_shapes(manifest, batch):
         p = builder.create_optimization_profile()
@@ -195,6 +239,12 @@ def _build_engine(trt, logger, stage: Stage, d: Path, manifest: dict, profile, *
             raise LlamaExportError(f"TensorRT {trt.__version__} rejected the {prof_def['name']} optimization profile"
                                    f"{said(logger.last_error)}; rebuild the artifact")
         profiles.append({**prof_def, "index": index})
+    return profiles
+
+
+def _use_timing_cache(stage: Stage, config):
+    """Load the timing cache into `config` (a new one when it is from another GPU or TensorRT); returns
+    (the cache, its path)."""
     stage.now = "setting up the timing cache"
     cache_path = timing_cache_path()
     blob = cache_path.read_bytes() if cache_path.is_file() else b""
@@ -203,27 +253,7 @@ def _build_engine(trt, logger, stage: Stage, d: Path, manifest: dict, profile, *
         log(f"warning: timing cache {cache_path} is from another GPU or TensorRT; starting a new one")
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, False)
-    monitor = _progress_monitor(trt) if progress and hasattr(trt, "IProgressMonitor") else None
-    if monitor is not None:
-        config.progress_monitor = monitor
-    log(f"tensorrt: building ({workspace_gb:g} GiB workspace, optimization level {config.builder_optimization_level}, "
-        f"{n_plugins} plugin layers, batch <= {batch}, context {manifest['model']['max_seq_len']}, "
-        f"TF32 {'allowed' if tf32 else 'off'})")
-    stage.now = "building the engine"
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise LlamaExportError(
-            f"TensorRT {trt.__version__} could not build the engine ({logger.last_error or 'see its messages above'}); "
-            f"if it ran out of memory, lower [builder] workspace_gb (now {workspace_gb:g}) in the profile, close other "
-            "GPU programs, or rebuild with a smaller --precision or --max-seq-len")
-    stage.now = f"writing {ENGINE_FILE}"
-    write_atomically(d / ENGINE_FILE, lambda f: f.write(memoryview(plan)))
-    _save_timing_cache(config.get_timing_cache() or cache, cache_path)
-    seconds = round(time.time() - t0, 1)
-    log(f"tensorrt: wrote {ENGINE_FILE} ({(d / ENGINE_FILE).stat().st_size / 2**20:.1f} MiB) in {seconds}s")
-    return {"file": ENGINE_FILE, "tensorrt": trt.__version__, "profiles": profiles, "timing_cache": str(cache_path),
-            "build_seconds": seconds, "plugin_library": plugin_lib, "plugin_layers": n_plugins, "tf32": tf32,
-            "workspace_gb": workspace_gb, "builder_optimization_level": config.builder_optimization_level}
+    return cache, cache_path
 
 
 def _tf32_allowed(trt, config, precision: str) -> bool:

@@ -16,18 +16,42 @@ grows by one position per token).
 from __future__ import annotations
 
 import resource
+import socket
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, whole_number
 from llamaexport.runtime.hugepages import huge_pages_mb
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+def peak_rss_mb(pid: int | None = None) -> float:
+    """Peak resident memory in MB (MiB): this process's (getrusage; Linux reports KiB), or process `pid`'s
+    (VmHWM of /proc/PID/status; NaN where there is none), e.g. a server that a benchmark started."""
+    if pid is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return _proc_status_mb(pid, "VmHWM")
+
+
+def rss_mb(pid: int) -> float:
+    """Process `pid`'s resident memory now, in MB (MiB): VmRSS of /proc/PID/status (NaN where there is none)."""
+    return _proc_status_mb(pid, "VmRSS")
+
+
+def _proc_status_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    return float("nan")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a server that a test or benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 RSS_OVERHEAD_MB = 300  # interpreter + numpy + onnxruntime + arenas, on top of weights and KV cache
@@ -67,10 +91,10 @@ def load_for_bench(artifact, *, prompt_len: int, new_tokens: int, batch: int = 1
     (prefill tok/s, decode tok/s). scripts/bench_peers.py interleaves calls of `once` with other systems'."""
     from llamaexport.runtime.llama_model import LlamaModel
 
+    for name, v in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens), ("--batch", batch)):
+        whole_number(v, name)
     model = LlamaModel.load(artifact, threads=threads, backend=backend)
     cfg = model.config
-    if prompt_len < 1 or new_tokens < 1 or batch < 1:
-        raise LlamaExportError("--prompt-len, --new-tokens and --batch must be at least 1")
     if prompt_len + new_tokens >= cfg.max_seq_len:
         raise LlamaExportError(f"prompt {prompt_len} + new tokens {new_tokens} must stay below the context "
                                f"{cfg.max_seq_len}; lower --prompt-len or --new-tokens")
@@ -91,8 +115,7 @@ def load_for_bench(artifact, *, prompt_len: int, new_tokens: int, batch: int = 1
 
 def run_bench(artifact, *, prompt_len: int = 64, new_tokens: int = 128, batch: int = 1,
               threads: int | None = None, repeat: int = 3, backend: str | None = None) -> dict:
-    if repeat < 1:
-        raise LlamaExportError("--repeat must be at least 1")
+    whole_number(repeat, "--repeat")
     model, once = load_for_bench(artifact, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch,
                                  threads=threads, backend=backend)
     once()  # warm-up: first-run allocations and kernel selection

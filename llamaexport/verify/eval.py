@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, whole_number
 
 DEFAULT_CTX = 512  # llama-perplexity's default -c
 MIN_CTX = 16
@@ -91,8 +91,7 @@ def windows(n_tokens: int, *, ctx: int, stride: int | None = None, chunks: int |
         n = n_tokens // ctx
         starts, first, bos = [i * ctx for i in range(n)], ctx // 2, True
     if chunks is not None:
-        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-            raise LlamaExportError(f"--chunks must be a whole number >= 1, got {chunks!r}")
+        whole_number(chunks, "--chunks")
         starts = starts[:chunks]
     return {"starts": starts, "length": length, "first": first, "bos": bos}
 
@@ -106,7 +105,7 @@ def _mean_se(v: np.ndarray) -> tuple[float, float]:
     return mean, (float(np.sqrt(var / (len(v) - 1))) if var > 0 and len(v) > 1 else 0.0)
 
 
-def _score_rows(logits: np.ndarray, targets: np.ndarray, *, k: int, base: dict | None):
+def score_rows(logits: np.ndarray, targets: np.ndarray, *, k: int, base: dict | None):
     """logits [n, V] (the scored rows), targets [n]. Returns target log-probs [n], this run's top-k
     (ids int32 [n, k], log-probs [n, k], log of the mass outside them [n]) and, with a base block,
     the per-position KL [n] and top-1 agreement [n]. As llama.cpp's log_softmax: exp in float32,
@@ -196,7 +195,7 @@ def load_base(path) -> dict:
     return base
 
 
-def _check_base(base: dict, path, *, ctx, stride, chunks_run, text_sha, tok_sha, tokens, vocab):
+def check_base(base: dict, path, *, ctx, stride, chunks_run, text_sha, tok_sha, tokens, vocab):
     """Refuse a base scored on another text, tokenizer, vocabulary or windows (one line each)."""
     m = base["meta"]
     if m.get("text_sha256") != text_sha:
@@ -258,8 +257,7 @@ def evaluate(artifact, text_file, *, ctx: int | None = None, stride: int | None 
         ctx = min(DEFAULT_CTX, cfg.max_seq_len - cfg.max_seq_len % 2)
     check_ctx(ctx, stride=stride, max_seq_len=cfg.max_seq_len)
     save_path = _writable(save_logits) if save_logits is not None else None
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise LlamaExportError(f"top_k must be a whole number >= 1, got {top_k!r}")
+    whole_number(top_k, "top_k")
 
     with LlamaModel.load(artifact, threads=threads, backend=backend) as model:
         tok = model.require_tokenizer()
@@ -269,8 +267,8 @@ def evaluate(artifact, text_file, *, ctx: int | None = None, stride: int | None 
         k = min(top_k, cfg.vocab_size - 1)
         text_sha, tok_sha = _sha256(text.encode("utf-8")), tokenizer_fingerprint(tok)
         if base is not None:
-            _check_base(base, base_logits, ctx=ctx, stride=stride, chunks_run=len(win["starts"]), text_sha=text_sha,
-                        tok_sha=tok_sha, tokens=tokens, vocab=cfg.vocab_size)
+            check_base(base, base_logits, ctx=ctx, stride=stride, chunks_run=len(win["starts"]), text_sha=text_sha,
+                       tok_sha=tok_sha, tokens=tokens, vocab=cfg.vocab_size)
         scored = _run(model, tokens, win, k=k, base=base, progress=progress)
         manifest, threads_used = model.manifest, model.backend.threads
 
@@ -290,7 +288,7 @@ def evaluate(artifact, text_file, *, ctx: int | None = None, stride: int | None 
         "seconds": secs, "tokens_per_s": n_chunks * L / secs, "scored_tokens_per_s": len(nll) / secs,
     }
     if base is not None:
-        report["base"] = _compare(base, base_logits, scored, nll, ppl, se)
+        report["base"] = compare_with_base(base, base_logits, scored, nll, ppl, se)
     if save_path is not None:
         meta = {"format": FORMAT, "artifact": str(artifact), "precision": report["precision"],
                 "backend": report["backend"], "ctx": ctx, "stride": stride, "n_chunks": n_chunks, "window": L,
@@ -328,7 +326,7 @@ def _run(model, tokens: np.ndarray, win: dict, *, k: int, base: dict | None, pro
                 backend.give_back_cache(1, cache)
             rows = np.asarray(logits)[0, first:L - 1]  # [per, V]: row j predicts token j + 1
             block = None if base_rows is None else {key: v[i * per:(i + 1) * per] for key, v in base_rows.items()}
-            s = _score_rows(rows, targets, k=k, base=block)
+            s = score_rows(rows, targets, k=k, base=block)
             s["targets"] = targets
             parts.append(s)
             nll_sum, count = nll_sum - float(s["target"].sum()), count + per
@@ -354,7 +352,7 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="eval", unit="tok", unit_scale=True, file=sys.stderr, leave=True)
 
 
-def _compare(base: dict, path, scored: dict, nll: np.ndarray, ppl: float, se: float) -> dict:
+def compare_with_base(base: dict, path, scored: dict, nll: np.ndarray, ppl: float, se: float) -> dict:
     """This run against the base run: KL(base || this) from the base's top-k, top-1 agreement,
     and the perplexity difference and ratio with llama.cpp's uncertainties (kl_divergence())."""
     kl = scored["kl"]

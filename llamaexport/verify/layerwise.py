@@ -31,13 +31,12 @@ tensor over its budget, in graph order, is named; a miss exits 2 as `check` does
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, log
 from llamaexport.artifact.manifest import read_manifest, require_intact
 
 STREAM = ("embedding", "residual", "logits")       # the residual stream and what it becomes; the rest are op outputs
@@ -257,14 +256,14 @@ def layerwise(artifact, *, reference=None, backend: str | None = None, progress:
     from llamaexport.model.config import LlamaConfig
     from llamaexport.model.reference import build_reference, intermediates
     from llamaexport.runtime.llama_model import LlamaModel
-    from llamaexport.verify.parity import _reference_checkpoint, heldout_text, require_reference_memory
+    from llamaexport.verify.parity import heldout_text, reference_checkpoint, require_reference_memory
 
     d = Path(artifact)
     manifest = read_manifest(d)
     require_intact(d, manifest)
     cfg = LlamaConfig.from_dict(manifest["model"])
     require_reference_memory(cfg)
-    say = (lambda s: print(s, flush=True, file=sys.stderr)) if progress else (lambda s: None)
+    say = log if progress else (lambda s: None)
 
     backends, skipped = _backends(manifest, backend)
     onnx_path = d / manifest["files"]["onnx"]
@@ -286,7 +285,7 @@ def layerwise(artifact, *, reference=None, backend: str | None = None, progress:
     feed = _feed(manifest, ids)
 
     say(f"layerwise: the reference on the held-out text ({len(ids)} tokens)")
-    ckpt, ref_desc = _reference_checkpoint(manifest, reference)
+    ckpt, ref_desc = reference_checkpoint(manifest, reference)
     ref = intermediates(build_reference(cfg, ckpt.weights), feed["input_ids"])
     del ckpt
     lims = budgets(manifest["precision"])

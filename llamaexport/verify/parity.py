@@ -13,13 +13,12 @@ a held-out text. Thresholds are data (data/parity_thresholds.json) per precision
 from __future__ import annotations
 
 import json
-import sys
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from llamaexport import LlamaExportError
+from llamaexport import LlamaExportError, log
 from llamaexport.artifact.manifest import read_manifest, require_intact, write_atomically, write_manifest
 
 DEFAULT_PROMPTS = [
@@ -74,7 +73,7 @@ def require_reference_memory(cfg):
                                "has free; check a smaller model, or on a machine with more memory")
 
 
-def _reference_checkpoint(manifest: dict, reference):
+def reference_checkpoint(manifest: dict, reference):
     """The checkpoint the artifact was built from (or `reference`), with the LoRA adapters its build
     merged applied again, and a description of it."""
     from llamaexport.model.checkpoint import load_checkpoint, random_checkpoint
@@ -120,11 +119,11 @@ def check(artifact, *, reference=None, prompts=None, n_tokens: int = 64, progres
     model = LlamaModel.load(d, backend=backend)
     cfg = model.config
     require_reference_memory(cfg)
-    ckpt, ref_desc = _reference_checkpoint(manifest, reference)
+    ckpt, ref_desc = reference_checkpoint(manifest, reference)
     ref = LlamaModel(d, manifest, ReferenceBackend(build_reference(cfg, ckpt.weights)), model.tokenizer)
     prompt_ids = _prompt_ids(model, prompts or DEFAULT_PROMPTS)
     n_tokens = max(1, min(n_tokens, cfg.max_seq_len - max(len(p) for p in prompt_ids) - 1))
-    say = (lambda s: print(s, flush=True, file=sys.stderr)) if progress else (lambda s: None)
+    say = log if progress else (lambda s: None)
 
     per_prompt, kls, top1s, abs_maxes, abs_sum, abs_n = [], [], [], [], 0.0, 0
     for i, ids in enumerate(prompt_ids):
