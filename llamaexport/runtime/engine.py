@@ -21,12 +21,12 @@ ONNX Runtime's GroupQueryAttention takes a prompt chunk on top of a cache only f
 refuses batch > 1 with sequence length > 1 and a past), hence prefill chunks and decode steps are
 separate forwards.
 
-Slots. A graph whose cache is one max-length buffer written in place (kv_cache form
-past_present_shared: the ONNX Runtime CPU graph's GroupQueryAttention, the TensorRT >= 10.15 graph's
-TensorScatter, on either backend) gets `runtime.SharedSlots`: one [max_batch, kv_heads, ctx, head_dim]
-buffer per tensor, each row a slot; a decode step binds the rows from the lowest to the highest decoding
-slot and passes each row's own length. A Concat cache (the portable graph for TensorRT < 10.15) gets
-`PaddedSlots`: per-slot caches, left-padded into one batch per decode step.
+Slots. A graph whose cache is one max-length buffer written in place (KVForm.INPLACE: the ONNX Runtime
+CPU graph's GroupQueryAttention, the TensorRT >= 10.15 graph's TensorScatter, on either backend) gets
+`runtime.slots.InplaceSlots`: one [max_batch, kv_heads, ctx, head_dim] buffer per tensor, each row a slot;
+a decode step binds the rows from the lowest to the highest decoding slot and passes each row's own
+length. A Concat cache (KVForm.CONCAT: the portable graph for TensorRT < 10.15) gets `ConcatSlots`:
+per-slot caches, left-padded into one batch per decode step.
 
 Threads: `start()` runs `step()` in a background thread (the server); without it, `stream()`
 drives the steps itself (the chat REPL, tests). Events are delivered through each request's
@@ -291,7 +291,7 @@ class Engine:
     def _prefill(self, seqs: list[_Seq], budget: int | None):
         """Prefill waiting sequences: all of them (budget None, when nobody decodes: they then start
         decoding together), or one forward of at most `budget` tokens (others decode: this bounds their
-        stall). New requests in adjacent empty slots share batched forwards (SharedSlots.prefill_rows)
+        stall). New requests in adjacent empty slots share batched forwards (InplaceSlots.prefill_rows)
         over their common length, at most BATCH_PREFILL_TOKENS (or `budget`) tokens each; the rest
         (reused prefixes, longer prompts' tails) go one by one, oldest first."""
         rows = getattr(self.slots, "prefill_rows", None)

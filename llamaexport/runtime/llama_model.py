@@ -23,14 +23,15 @@ import numpy as np
 from llamaexport import LlamaExportError
 from llamaexport.artifact.manifest import read_manifest, require_intact
 from llamaexport.model.config import LlamaConfig
+from llamaexport.model.kv_form import KVForm
 from llamaexport.runtime.sampling import Sampler, SamplingConfig
 
 
 class Backend(Protocol):
     """What the decode loop needs of a runtime (Polygraphy-style runner)."""
 
-    threads: int | None  # CPU threads it runs with, None where that does not apply
-    shared_kv: bool      # the cache is one max-length buffer written in place (runtime.slots.SharedSlots)
+    threads: int | None    # CPU threads it runs with, None where that does not apply
+    kv_form: KVForm        # how its cache grows: INPLACE (runtime.slots.InplaceSlots) or CONCAT (ConcatSlots)
 
     def empty_cache(self, batch: int):
         """A fresh, empty KV cache for `batch` rows."""
@@ -119,8 +120,8 @@ class OnnxRuntimeBackend:
     bound back as the next step's past, and only the logits are copied to the host."""
 
     def __init__(self, model_path: Path, cfg: LlamaConfig, io: dict, *, threads: int | None = None,
-                 shared_kv: bool = False, device: str = "cpu"):
-        """shared_kv: the graph's attention (GroupQueryAttention, or TensorScatter) updates a max-length
+                 kv_form: KVForm = KVForm.CONCAT, device: str = "cpu"):
+        """kv_form INPLACE: the graph's attention (GroupQueryAttention, or TensorScatter) updates a max-length
         KV buffer in place when the same buffer is bound as past and present: no cache copy per token."""
         import onnxruntime as ort
 
@@ -142,7 +143,7 @@ class OnnxRuntimeBackend:
         self.past_names = [n for n in io["inputs"] if n.startswith("past_key_values.")]
         self.present_names = [n for n in io["outputs"] if n.startswith("present.")]
         self.kv_dtype = np.dtype(io["inputs"][self.past_names[0]]["dtype"]) if self.past_names else np.float32
-        self.shared_kv = shared_kv
+        self.kv_form = kv_form
         self.logits_dtype = np.dtype(io["outputs"]["logits"]["dtype"])
         self.keep_input = "num_logits_to_keep" in io["inputs"]
         # an overridable initializer: only an OrtValue binds it (bind_cpu_input looks among the inputs)
@@ -161,7 +162,7 @@ class OnnxRuntimeBackend:
 
     def empty_cache(self, batch: int):
         c = self.cfg
-        if self.shared_kv:  # one max-length buffer per tensor, written in place
+        if self.kv_form is KVForm.INPLACE:  # one max-length buffer per tensor, written in place
             self._io = self._io_cache = None  # a new generation: let the previous cache go
             shape = (batch, c.n_kv_heads, c.max_seq_len, c.head_dim)
             return [self._ortvalue(_lazy_zeros(shape, self.kv_dtype)) for _ in self.past_names]
@@ -175,17 +176,17 @@ class OnnxRuntimeBackend:
         another cache was bound since. Stale entries past the new sequence are never
         read: GroupQueryAttention attends to each row's seqlens_k + 1 positions only. Only one
         generation holds the spare; others get a fresh cache."""
-        if self.shared_kv and self._spare is not None and self._spare[0] == batch:
+        if self.kv_form is KVForm.INPLACE and self._spare is not None and self._spare[0] == batch:
             cache, self._spare = self._spare[1], None
             return cache
         return self.empty_cache(batch)
 
     def give_back_cache(self, batch: int, cache):
-        if self.shared_kv:
+        if self.kv_form is KVForm.INPLACE:
             self._spare = (batch, cache)  # one spare in all: a cache of another batch size is let go
 
     def slot_cache(self, n: int) -> dict:
-        """SharedSlots' buffers: one [n, kv_heads, ctx, head_dim] per cache tensor (host memory, or an
+        """InplaceSlots' buffers: one [n, kv_heads, ctx, head_dim] per cache tensor (host memory, or an
         OrtValue on the GPU), with the IOBinding of each row range made so far."""
         c = self.cfg
         shape = (n, c.n_kv_heads, c.max_seq_len, c.head_dim)
@@ -223,6 +224,21 @@ class OnnxRuntimeBackend:
         self.sess.run_with_iobinding(io)
         return logits[:, -1].astype(np.float32, copy=False)
 
+    def join_rows(self, caches: list[list], length: int) -> list:
+        """ConcatSlots' decode batch: per cache tensor, the slots' [1, K, n, hd] caches left-padded with zeros
+        to `length` positions and stacked into one [rows, K, length, hd] host array."""
+        def pad(x: np.ndarray) -> np.ndarray:
+            n = x.shape[2]
+            return x if n == length else np.concatenate([np.zeros(x.shape[:2] + (length - n,) + x.shape[3:], x.dtype), x],
+                                                        axis=2)
+        return [np.concatenate([pad(c[i]) for c in caches], axis=0) for i in range(len(caches[0]))]
+
+    def split_rows(self, present: list, keep: list[int]) -> list[list]:
+        """A forward's presents [rows, K, T, hd] as each row's own cache: row r's last keep[r] positions,
+        [1, K, keep[r], hd] (views of host arrays: an OrtValue is read into one first)."""
+        present = [p if isinstance(p, np.ndarray) else p.numpy() for p in present]
+        return [[p[r:r + 1, :, p.shape[2] - k:] for p in present] for r, k in enumerate(keep)]
+
     def close(self):
         self._io = self._io_cache = self._spare = None
         self._bound = {}
@@ -231,19 +247,20 @@ class OnnxRuntimeBackend:
     def _binding(self, cache):
         """An IOBinding with the cache bound. A shared cache is bound once per generation (its buffers never
         change), so a decode step only rebinds its three small inputs and the logits."""
-        if self.shared_kv and self._io_cache is cache:
+        in_place = self.kv_form is KVForm.INPLACE
+        if in_place and self._io_cache is cache:
             return self._io
         self._bound = {}  # name -> the array or OrtValue bound to it in this binding (see _bind)
         io = self.sess.io_binding()
         io.bind_output("logits")  # first: get_outputs() lists outputs in the order they were first bound
         for name, v in zip(self.past_names, cache):
-            if isinstance(v, np.ndarray):  # a cache PaddedSlots assembled
+            if isinstance(v, np.ndarray):  # a cache ConcatSlots assembled (join_rows)
                 v = np.ascontiguousarray(v)
                 io.bind_cpu_input(name, v)
                 self._bound[name] = (v, None)  # kept alive until the next binding
             else:
                 io.bind_ortvalue_input(name, v)
-        if self.shared_kv:
+        if in_place:
             for name, v in zip(self.present_names, cache):
                 io.bind_ortvalue_output(name, v)
             self._io, self._io_cache = io, cache
@@ -281,7 +298,7 @@ class OnnxRuntimeBackend:
         self._bind(io, "input_ids", input_ids)
         self._bind(io, "attention_mask", attention_mask)
         self._bind(io, "position_ids", position_ids)
-        if self.shared_kv:
+        if self.kv_form is KVForm.INPLACE:
             # The logits go straight into a fresh array: get_outputs() would wrap every present buffer
             # too (two OrtValues per layer per step), and a fresh array stays valid after the next step.
             B, S = input_ids.shape
@@ -329,7 +346,7 @@ class LlamaModel:
             threads = check_threads(threads)
         if backend_name == "onnxruntime":
             backend = OnnxRuntimeBackend(d / m["files"]["onnx"], cfg, m["io"], threads=threads,
-                                         shared_kv=m["kv_cache"].get("form") == "past_present_shared",
+                                         kv_form=KVForm.of(m),
                                          device=(m.get("runtime") or {}).get("device", "cpu"))
         elif backend_name == "tensorrt":
             from llamaexport.tensorrt.backend import TensorRTBackend  # lazy: tensorrt is optional
