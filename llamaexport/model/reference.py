@@ -222,6 +222,7 @@ class ReferenceBackend:
 
     threads = None
     kv_form = KVForm.CONCAT  # its cache grows by concatenation
+    max_batch = None         # any batch
 
     def __init__(self, model: Transformer):
         self.model = model

@@ -24,6 +24,7 @@ from llamaexport import LlamaExportError
 from llamaexport.artifact.manifest import read_manifest, require_intact
 from llamaexport.model.config import LlamaConfig
 from llamaexport.model.kv_form import KVForm
+from llamaexport.runtime.completion import Completion, FinishReason, eos_set
 from llamaexport.runtime.sampling import Sampler, SamplingConfig
 
 
@@ -32,6 +33,7 @@ class Backend(Protocol):
 
     threads: int | None    # CPU threads it runs with, None where that does not apply
     kv_form: KVForm        # how its cache grows: INPLACE (runtime.slots.InplaceSlots) or CONCAT (ConcatSlots)
+    max_batch: int | None  # the most rows one forward takes (a TensorRT engine's profiles), None: no bound
 
     def empty_cache(self, batch: int):
         """A fresh, empty KV cache for `batch` rows."""
@@ -118,6 +120,8 @@ class OnnxRuntimeBackend:
     """Runs `model.onnx` with ONNX Runtime (a Backend): on the CPU, or on ONNX Runtime's CUDA provider
     (device "cuda"), where the KV cache stays on the GPU: presents are bound to device memory and
     bound back as the next step's past, and only the logits are copied to the host."""
+
+    max_batch = None  # any batch
 
     def __init__(self, model_path: Path, cfg: LlamaConfig, io: dict, *, threads: int | None = None,
                  kv_form: KVForm = KVForm.CONCAT, device: str = "cpu"):
@@ -316,7 +320,7 @@ class Generation:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: FinishReason  # eos | stop | length (runtime.completion)
 
 
 class LlamaModel:
@@ -408,9 +412,8 @@ class LlamaModel:
         on_logits: receives each forward's logits (`check` collects them): the prefill's for every
         prompt position [B, S, V], then each decode step's [B, 1, V]."""
         sampling = sampling or SamplingConfig()
-        if eos_ids is None:
-            eos_ids = self.tokenizer.eos_ids if self.tokenizer else []
-        eos = np.array(sorted(set(eos_ids)) or [-1])
+        eos_ids = eos_set(self.tokenizer, eos_ids)
+        eos = np.array(sorted(eos_ids) or [-1])
         B = len(prompts)
         lens = [len(p) for p in prompts]
         if B == 0 or min(lens) == 0:
@@ -497,8 +500,7 @@ class LlamaModel:
                      sampling: SamplingConfig | None = None, eos_ids=None) -> list[list[int]]:
         """New token ids per row, each cut after its first EOS (EOS included)."""
         check_generation(max_new_tokens=max_new_tokens)
-        if eos_ids is None:
-            eos_ids = self.tokenizer.eos_ids if self.tokenizer else []
+        eos_ids = eos_set(self.tokenizer, eos_ids)
         out = [[] for _ in prompts]
         finished = [False] * len(prompts)
         for tok in self.steps(prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids):
@@ -512,10 +514,9 @@ class LlamaModel:
     def stream(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                stop: list[str] | tuple = (), chat: bool | str = False, system: str | None = None,
                result: list | None = None) -> Iterator[str]:
-        """Yield text pieces as they are generated; stops at EOS, a stop string or the length.
-        If `result` is a list, the final `Generation` is appended to it."""
-        from llamaexport.model.tokenizer import TextStream
-
+        """Yield text pieces as they are generated; stops at EOS, a stop string or the length (one
+        runtime.completion.Completion decides, as in the serving engine). If `result` is a list, the
+        final `Generation` is appended to it."""
         check_generation(max_new_tokens=max_new_tokens, stop=stop, prompt=prompt)
         if system is not None:
             check_generation(max_new_tokens=max_new_tokens, prompt=system)
@@ -524,25 +525,21 @@ class LlamaModel:
             from llamaexport.model.chat import default_stop_strings
             stop = default_stop_strings(chat if isinstance(chat, str) else self.chat_format)
         ids = self.encode(self.format_prompt(prompt, chat=chat, system=system))
-        text = TextStream(tok, context=ids, stop=stop)
-        reason, new_ids = "length", []
+        # steps() stops at the context too: a length finish there
+        limit = min(max_new_tokens, self.config.max_seq_len - len(ids))
+        out = Completion(tok, prompt_ids=ids, stop=stop, eos_ids=eos_set(tok), max_new_tokens=limit)
         for t in self.steps([ids], max_new_tokens=max_new_tokens, sampling=sampling):
-            tid = int(t[0])
-            new_ids.append(tid)
-            if tid in tok.eos_ids:
-                reason = "eos"
-                break
-            piece = text.push(tid)
+            piece = out.push(int(t[0]))
             if piece:
                 yield piece
-            if text.stopped:
-                reason = "stop"
+            if out.reason is not None:
                 break
-        piece = text.finish()
+        piece = out.finish()
         if piece:
             yield piece
         if result is not None:
-            result.append(Generation(text=text.text, token_ids=new_ids, prompt_tokens=len(ids), finish_reason=reason))
+            result.append(Generation(text=out.text, token_ids=out.token_ids, prompt_tokens=len(ids),
+                                     finish_reason=out.reason))
 
     def generate(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                  stop: list[str] | tuple = (), chat: bool | str = False, system: str | None = None,

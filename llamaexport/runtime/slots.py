@@ -1,6 +1,7 @@
 """KV-cache slots: the serving engine's view of a backend's cache, one slot per running sequence.
 
-`make_slots` picks the class that follows the backend's `kv_form` (model.kv_form.KVForm):
+`SlotCache` is what the engine's executor runs a step's plan over; `make_slots` picks the class that
+follows the backend's `kv_form` (model.kv_form.KVForm):
   InplaceSlots  KVForm.INPLACE, one max-length buffer written in place (the CPU graph's
                 GroupQueryAttention, the TensorRT >= 10.15 graph's TensorScatter): rows of one buffer
   ConcatSlots   KVForm.CONCAT, a cache that grows by Concat (the portable graph for TensorRT < 10.15):
@@ -11,10 +12,34 @@ every tensor operation on their caches (numpy, or torch on the GPU); neither imp
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 from llamaexport import LlamaExportError
 from llamaexport.model.kv_form import KVForm
+
+
+class SlotCache(Protocol):
+    """What the engine's executor needs of a backend's cache split into `n` slots."""
+
+    length: list[int]      # per slot: the positions its cache holds
+    batched_prefill: bool  # prefill_rows runs its rows in one forward (else one by one: no gain in batching)
+
+    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
+        """Append ids to one slot's cache; the last position's logits [V]."""
+
+    def prefill_rows(self, lo: int, ids: list[list[int]]) -> np.ndarray:
+        """The prompts (one length) of empty slots lo, lo+1, ...; the last logits of each [k, V]."""
+
+    def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
+        """Append one token to each slot (ascending slots); logits [len(slots), V]."""
+
+    def truncate(self, slot: int, n: int) -> None:
+        """Keep the first n positions of one slot's cache (n = 0: empty it)."""
+
+    def close(self) -> None:
+        """Let the caches go."""
 
 
 class InplaceSlots:
@@ -30,6 +55,8 @@ class InplaceSlots:
     prefill chunks) is fed a dummy token at its first free position, which its next write
     overwrites. Prefill chunks run with batch 1 on one row (GroupQueryAttention takes a chunk on top
     of a past only for batch 1)."""
+
+    batched_prefill = True
 
     def __init__(self, backend, n: int):
         self.backend, self.ctx = backend, backend.cfg.max_seq_len
@@ -93,6 +120,8 @@ class ConcatSlots:
     backend pads and stacks the slots' caches (join_rows) and cuts a forward's presents back into them
     (split_rows), in its own tensors: host arrays, or torch on the GPU."""
 
+    batched_prefill = False  # prefill_rows runs row by row (no batched forward on this form yet)
+
     def __init__(self, backend, n: int):
         self.backend = backend
         self.cache: list[list | None] = [None] * n
@@ -111,6 +140,10 @@ class ConcatSlots:
                                                np.arange(start, start + n, dtype=np.int64)[None], past, last_only=True)
         self.cache[slot], self.length[slot] = self.backend.split_rows(present, [start + n])[0], start + n
         return np.asarray(logits[0, -1], np.float32)
+
+    def prefill_rows(self, lo: int, ids: list[list[int]]) -> np.ndarray:
+        """The prompts of empty slots lo, lo+1, ..., each prefilled alone: last logits [k, V]."""
+        return np.stack([self.prefill(lo + r, row) for r, row in enumerate(ids)])
 
     def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
         lens = [self.length[s] for s in slots]
@@ -131,6 +164,6 @@ class ConcatSlots:
         self.cache = [None] * len(self.cache)
 
 
-def make_slots(backend, n: int) -> InplaceSlots | ConcatSlots:
+def make_slots(backend, n: int) -> SlotCache:
     """n serving slots over the backend's cache, in the form its graph keeps it (backend.kv_form)."""
     return InplaceSlots(backend, n) if backend.kv_form is KVForm.INPLACE else ConcatSlots(backend, n)
