@@ -168,7 +168,7 @@ def test_chunked_prefill_equals_one_pass(exported):
 
 def test_inplace_rows_of_their_own_lengths_in_one_buffer(tmp_path):
     """The in-place graph writes row b's new tokens after its last real column, so rows of different
-    lengths decode together in one buffer without padding (what runtime.SharedSlots relies on): a row
+    lengths decode together in one buffer without padding (what runtime.slots.InplaceSlots relies on): a row
     whose mask is 1 up to its length and 0 after, fed a token at that length, equals the reference on
     that row alone; the buffer holds each row's entries at its own positions, the stale ones past it
     untouched."""

@@ -8,6 +8,9 @@ from llamaexport import LlamaExportError
 from llamaexport.build.profiles import load_profile
 from llamaexport.build.recipe import LM_HEAD, ROLES, Recipe, kv_cache_for
 from llamaexport.model.config import config_for_size
+from llamaexport.model.kv_form import KVForm
+
+CONCAT, INPLACE = KVForm.CONCAT, KVForm.INPLACE
 
 
 @pytest.mark.parametrize("request_,message", [
@@ -88,10 +91,10 @@ def test_kv_cache_form_follows_the_tensorrt_that_builds_the_engine():
     tensorrt_version; an explicit --kv-cache wins over both; the CPU graph has its own in-place cache."""
     rtx, orin, cpu = (load_profile(n) for n in ("rtx4090", "jetson-orin-nano-8gb", "cpu"))
     assert (rtx.tensorrt_version, orin.tensorrt_version) == ("10.15", "10.3")
-    assert kv_cache_for(rtx) == "inplace" and kv_cache_for(orin) == "concat"
-    assert kv_cache_for(rtx, tensorrt="10.8.0.43") == "concat" and kv_cache_for(orin, tensorrt="10.16.0.72") == "inplace"
-    assert kv_cache_for(orin, "inplace") == "inplace" and kv_cache_for(rtx, "concat", tensorrt="11.1") == "concat"
-    assert kv_cache_for(cpu) == "concat"
+    assert kv_cache_for(rtx) is INPLACE and kv_cache_for(orin) is CONCAT
+    assert kv_cache_for(rtx, tensorrt="10.8.0.43") is CONCAT and kv_cache_for(orin, tensorrt="10.16.0.72") is INPLACE
+    assert kv_cache_for(orin, "inplace") is INPLACE and kv_cache_for(rtx, "concat", tensorrt="11.1") is CONCAT
+    assert kv_cache_for(cpu) is CONCAT
     with pytest.raises(LlamaExportError, match="--kv-cache inplace is for GPU profiles"):
         kv_cache_for(cpu, "inplace")
     with pytest.raises(LlamaExportError, match="--kv-cache inplace is for GPU profiles"):
@@ -100,7 +103,7 @@ def test_kv_cache_form_follows_the_tensorrt_that_builds_the_engine():
     f = inplace.manifest_fields(config_for_size("tiny"))
     assert f["kv_cache"] == {"form": "past_present_shared", "dtype": "float16"} and f["left_padding"]
     assert f["graph"] == {"opset": 24, "attention": "Attention", "kv_update": "TensorScatter", "min_tensorrt": "10.15"}
-    assert inplace.with_precision("int8").kv_cache == "inplace" and inplace.with_precision("int4").as_compact().inplace_kv
+    assert inplace.with_precision("int8").kv_cache is INPLACE and inplace.with_precision("int4").as_compact().inplace_kv
 
 
 def test_onnxruntime_gpu_profile_gets_the_portable_graph(tmp_path):
@@ -113,7 +116,7 @@ def test_onnxruntime_gpu_profile_gets_the_portable_graph(tmp_path):
     p.write_text(base.format(b="onnxruntime", d="cuda", extra=""))
     prof = load_profile(str(p))
     assert prof.device == "cuda" and Recipe.candidates(prof, "fp16")[0].target == "portable"
-    assert kv_cache_for(prof) == "concat" and load_profile("cpu").device == "cpu"
+    assert kv_cache_for(prof) is CONCAT and load_profile("cpu").device == "cpu"
     for b, d, extra, msg in (("tensorrt", "cuda", "", "device must be cpu or cuda (onnxruntime profiles"),
                              ("onnxruntime", "gpu", "", "device must be cpu or cuda"),
                              ("tensorrt", "cpu", 'tensorrt_version = "ten"', "tensorrt_version must be a version")):

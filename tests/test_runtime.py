@@ -9,6 +9,7 @@ import torch
 
 from llamaexport import LlamaExportError
 from llamaexport.model.checkpoint import load_checkpoint
+from llamaexport.model.kv_form import KVForm
 from llamaexport.model.reference import build_reference
 from llamaexport.runtime.llama_model import LlamaModel
 from llamaexport.runtime.sampling import Sampler, SamplingConfig
@@ -183,7 +184,7 @@ def test_decode_steps_reuse_one_binding_and_return_fresh_logits(model):
     into a new array: rows kept from earlier steps stay intact (parity keeps them all), a step can
     switch between the last position and every position, and the steps equal one full forward."""
     be, V = model.backend, model.config.vocab_size
-    assert be.shared_kv
+    assert be.kv_form is KVForm.INPLACE
     ids = np.array([[5, 17, 99, 3, 250, 400, 2, 7]])
     full, _ = be.forward(ids, np.ones_like(ids), np.arange(8)[None], be.empty_cache(1))
     cache = be.empty_cache(1)

@@ -127,10 +127,11 @@ def test_idle_conversation_between_decoding_rows_is_reused_intact(tiny_artifact)
         first = _ids(engine.stream(conv, max_new_tokens=6, eos_ids=[]))  # in slot 0: move it to slot 1
         for buf in engine.slots.kv:
             buf[1] = buf[0]
-        engine.slot_tokens[1], engine.slot_tokens[0] = engine.slot_tokens[0], []
+        held = engine.scheduler.slots  # what each slot's cache holds, as the scheduler sees it
+        held[1].tokens, held[0].tokens = held[0].tokens, []
         engine.slots.length[1], engine.slots.length[0] = engine.slots.length[0], 0
         out = _run_all(engine, [a, b], max_new_tokens=30, eos_ids=[])
-        assert {s for s in range(3) if engine.slot_tokens[s]} == {0, 1, 2}  # a and b went around slot 1
+        assert {s for s in range(3) if held[s].tokens} == {0, 1, 2}  # a and b went around slot 1
         assert out[0][0] == m.generate_ids([a], max_new_tokens=30, eos_ids=[])[0]
         follow = conv + first + [7, 8, 9]
         again = list(engine.stream(follow, max_new_tokens=8, eos_ids=[]))

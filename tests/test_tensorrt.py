@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from llamaexport import LlamaExportError
+from llamaexport.model.kv_form import KVForm
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -128,20 +129,20 @@ def test_each_form_meets_the_fp32_budget_through_onnxruntime(graph_forms):
         assert r["passed"] and r["greedy_identical"] and r["max_abs_logit"] < 1e-4, (kv, r["failures"])
     with LlamaModel.load(graph_forms["inplace"], backend="onnxruntime") as model:
         be = model.backend
-        assert be.shared_kv and be.empty_cache(2)[0].shape()[2] == model.config.max_seq_len
+        assert be.kv_form is KVForm.INPLACE and be.empty_cache(2)[0].shape()[2] == model.config.max_seq_len
 
 
 def test_serving_engine_on_each_form(graph_forms):
-    """The engine serves the in-place graph with SharedSlots (rows of their own lengths in one buffer,
-    written where each row ends: no padding, no copies) and the concat graph with PaddedSlots; either
+    """The engine serves the in-place graph with InplaceSlots (rows of their own lengths in one buffer,
+    written where each row ends: no padding, no copies) and the concat graph with ConcatSlots; either
     way each request gets what it gets alone, and a left-padded batch through `steps` too."""
     from llamaexport.runtime.engine import DoneEvent, Engine, TextEvent
     from llamaexport.runtime.llama_model import LlamaModel
-    from llamaexport.runtime.slots import PaddedSlots, SharedSlots
+    from llamaexport.runtime.slots import ConcatSlots, InplaceSlots
 
     rng = np.random.default_rng(11)
     prompts = [rng.integers(3, 400, n).tolist() for n in (9, 4, 13)]
-    for kv, kind in (("inplace", SharedSlots), ("concat", PaddedSlots)):
+    for kv, kind in (("inplace", InplaceSlots), ("concat", ConcatSlots)):
         with LlamaModel.load(graph_forms[kv], backend="onnxruntime") as model:
             alone = [model.generate_ids([p], max_new_tokens=10, eos_ids=[])[0] for p in prompts]
             assert model.generate_ids(prompts, max_new_tokens=10, eos_ids=[]) == alone  # left-padded together
@@ -341,13 +342,13 @@ def test_chunked_prefill_equals_one_prefill(trt_setup):
 
 
 def test_serving_engine_batches_on_tensorrt(trt_setup):
-    """The serving engine over the TensorRT backend (concat: PaddedSlots, per-slot caches on the GPU,
-    left-padded into one batch per decode step; in place: SharedSlots, rows of one buffer; prompt chunks
+    """The serving engine over the TensorRT backend (concat: ConcatSlots, per-slot caches on the GPU,
+    left-padded into one batch per decode step; in place: InplaceSlots, rows of one buffer; prompt chunks
     on a cache): each request's greedy tokens equal the same prompt alone, or differ first at an fp16
     near-tie."""
     from llamaexport.runtime.engine import DoneEvent, Engine
     from llamaexport.runtime.llama_model import LlamaModel
-    from llamaexport.runtime.slots import PaddedSlots, SharedSlots
+    from llamaexport.runtime.slots import ConcatSlots, InplaceSlots
 
     art = trt_setup[0]
     trt_model = LlamaModel.load(art)
@@ -356,7 +357,7 @@ def test_serving_engine_batches_on_tensorrt(trt_setup):
     prompts = [rng.integers(3, 400, n).tolist() for n in (5, 11, 7)]
     alone = [trt_model.generate_ids([p], max_new_tokens=16, eos_ids=[])[0] for p in prompts]
     engine = Engine(trt_model, max_batch=2, prefill_chunk=4)
-    assert isinstance(engine.slots, SharedSlots if trt_model.backend.shared_kv else PaddedSlots)
+    assert isinstance(engine.slots, InplaceSlots if trt_model.backend.kv_form is KVForm.INPLACE else ConcatSlots)
     got = {i: [] for i in range(len(prompts))}
     done = set()
     for i, p in enumerate(prompts):

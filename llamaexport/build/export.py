@@ -10,7 +10,8 @@ Graph (names follow DESIGN.md; node names are hierarchical for Netron):
              h += softmax(q k^T + bias) v @ Wo;  h += SwiGLU(RMSNorm(h) @ W13) @ W2
   logits = RMSNorm(h[:, -num_logits_to_keep:]) @ W_out^T  (float32; num_logits_to_keep 0 = every position)
 
-The cache and attention take one of three forms (recipe.KVCache, the manifest's `graph`):
+The cache and attention take one of three forms (model.kv_form.KVForm and recipe.Recipe.kv_form; the
+manifest's `kv_cache` and `graph`):
   CPU graph       GroupQueryAttention (com.microsoft) on a max-length buffer it writes in place
   portable concat present = Concat(past, new); MatMul -> Add(bias) -> Softmax -> MatMul in the
                   activation dtype (the pattern TensorRT fuses into one MHA kernel; no float32 scores)
@@ -531,7 +532,7 @@ def _inplace_inputs(g: GraphBuilder, e: _Emitter) -> dict:
     """What the in-place attention of every layer shares, computed once from attention_mask [B, T]:
       write [B]  where row b's S new tokens go: (its last real column + 1) - S. A left-padded batch
                  (the columns are cache positions, the new tokens the last S) writes at T - S; a row
-                 shorter than T whose mask is 1 up to its length and 0 after (runtime.SharedSlots: rows
+                 shorter than T whose mask is 1 up to its length and 0 after (runtime.slots.InplaceSlots: rows
                  of their own lengths in one buffer) writes right after its own tokens.
       bias [B, 1, S, T]  activation dtype: key j visible to query i iff mask[b, j] and j <= write[b] + i.
       total [1]  T, the cache window attention reads (positions >= T of the buffer are never read)."""

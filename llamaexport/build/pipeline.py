@@ -17,6 +17,7 @@ from llamaexport.artifact.manifest import SCHEMA_VERSION, file_checksums, read_m
 from llamaexport.artifact.staging import staging_dir, target_lock
 from llamaexport.build.profiles import load_profile
 from llamaexport.build.recipe import Recipe
+from llamaexport.model.kv_form import KVForm
 
 
 def tool_versions() -> dict:
@@ -80,7 +81,7 @@ def build(*, out, checkpoint=None, size=None, profile="cpu", precision="auto", t
         if prof.backend == "tensorrt":
             manifest["engine"] = None if export_only else _build_engine(tmp, manifest, prof, progress)
         if chosen.recipe.cpu and tok is not None:
-            _write_genai_config(tmp, cfg, tok, shared_kv=chosen.recipe.fused_attention(cfg))
+            _write_genai_config(tmp, cfg, tok, kv_form=chosen.recipe.kv_form(cfg))
             manifest["files"]["genai_config"] = "genai_config.json"
         manifest["checksums"] = file_checksums(tmp)  # verify / check compare them, run checks the sizes
         manifest["build_seconds"] = round(time.time() - t0, 1)
@@ -136,7 +137,7 @@ def _build_engine(tmp, manifest, prof, progress):
     return build_engine(tmp, manifest, prof, progress=progress)
 
 
-def _write_genai_config(artifact_dir, cfg, tok, *, shared_kv: bool):
+def _write_genai_config(artifact_dir, cfg, tok, *, kv_form: KVForm):
     """genai_config.json, so onnxruntime-genai users can load the CPU artifact as it is
     (our I/O names are its names; the KV buffer is shared when the graph uses GroupQueryAttention)."""
     import json
@@ -157,8 +158,8 @@ def _write_genai_config(artifact_dir, cfg, tok, *, shared_kv: bool):
                             "present_value_names": "present.%d.value"},
             },
         },
-        "search": {"max_length": cfg.max_seq_len, "past_present_share_buffer": shared_kv, "do_sample": False,
-                   "num_beams": 1, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0},
+        "search": {"max_length": cfg.max_seq_len, "past_present_share_buffer": kv_form is KVForm.INPLACE,
+                   "do_sample": False, "num_beams": 1, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0},
     }
     (Path(artifact_dir) / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
 

@@ -17,6 +17,7 @@ import enum
 
 from llamaexport import LlamaExportError
 from llamaexport.build.quantize import QuantForm
+from llamaexport.model.kv_form import KVForm
 from llamaexport.tensorrt.api import version_tuple
 
 
@@ -40,41 +41,36 @@ class Target(enum.StrEnum):
         return cls.ORT_CPU if profile.backend == "onnxruntime" and profile.device == "cpu" else cls.PORTABLE
 
 
-class KVCache(enum.StrEnum):
-    """How the portable graph keeps its KV cache (the CPU graph's GroupQueryAttention always writes in place).
-
-    concat   present = past ++ new (Concat): every decode step copies the whole past into a new
-             buffer; attention is MatMul -> Add(mask) -> Softmax -> MatMul, which every TensorRT 10.x
-             parses (JetPack 6's 10.3 included) and may fuse into one MHA kernel. Opset 21.
-    inplace  past and present are one max-length buffer [batch, kv_heads, context, head_dim], updated
-             in place by TensorScatter (opset 24), which TensorRT's parser maps to IKVCacheUpdateLayer,
-             and attention is the ONNX Attention op, which it maps to IAttention (its fused attention):
-             TensorRT >= 10.15 (CHANGELOG.md of NVIDIA/TensorRT: 10.14 added Attention, 10.15
-             TensorScatter; parser sources: onnxOpImporters.cpp `TensorScatter`, `Attention`)."""
-    CONCAT = "concat"
-    INPLACE = "inplace"
-
-
-KV_CACHE_CHOICES = ("auto", *(k.value for k in KVCache))  # what --kv-cache accepts
+# How the portable graph keeps its KV cache (model.kv_form.KVForm; the CPU graph's GroupQueryAttention
+# always writes in place):
+#   concat   present = past ++ new (Concat): every decode step copies the whole past into a new
+#            buffer; attention is MatMul -> Add(mask) -> Softmax -> MatMul, which every TensorRT 10.x
+#            parses (JetPack 6's 10.3 included) and may fuse into one MHA kernel. Opset 21.
+#   inplace  past and present are one max-length buffer [batch, kv_heads, context, head_dim], updated
+#            in place by TensorScatter (opset 24), which TensorRT's parser maps to IKVCacheUpdateLayer,
+#            and attention is the ONNX Attention op, which it maps to IAttention (its fused attention):
+#            TensorRT >= 10.15 (CHANGELOG.md of NVIDIA/TensorRT: 10.14 added Attention, 10.15
+#            TensorScatter; parser sources: onnxOpImporters.cpp `TensorScatter`, `Attention`).
+KV_CACHE_CHOICES = ("auto", *(f.name.lower() for f in KVForm))  # what --kv-cache accepts: auto, concat, inplace
 INPLACE_MIN_TENSORRT = (10, 15)  # TensorScatter -> IKVCacheUpdateLayer (the Attention op alone: 10.14)
 OPSET_CONCAT, OPSET_INPLACE = 21, 24  # TensorScatter is opset 24; the concat graph stays where 10.3 parses it
 
 
-def kv_cache_for(profile, requested: str = "auto", *, tensorrt: str | None = None) -> KVCache:
+def kv_cache_for(profile, requested: str | KVForm = "auto", *, tensorrt: str | None = None) -> KVForm:
     """The KV-cache form a build makes. auto: in place when the TensorRT that builds the engine (the one
     installed here, else the profile's tensorrt_version: the target's) is >= 10.15, else concat; ONNX
     Runtime on a GPU: concat (its CUDA TensorScatter kernel is newer than the onnxruntime we require)."""
-    if requested not in KV_CACHE_CHOICES:
+    if requested not in KV_CACHE_CHOICES and not isinstance(requested, KVForm):
         raise LlamaExportError(f"unknown --kv-cache {requested!r}; choose {', '.join(KV_CACHE_CHOICES)}")
     if Target.for_profile(profile) is Target.ORT_CPU:
-        if requested == KVCache.INPLACE:
+        if requested != "auto" and KVForm.named(requested) is KVForm.INPLACE:
             raise LlamaExportError(f"--kv-cache inplace is for GPU profiles; the {profile.name} graph's "
                                    "GroupQueryAttention already updates its cache in place (leave --kv-cache at auto)")
-        return KVCache.CONCAT
+        return KVForm.CONCAT
     if requested != "auto":
-        return KVCache(requested)
+        return KVForm.named(requested)
     version = tensorrt or (profile.tensorrt_version if profile.backend == "tensorrt" else None)
-    return KVCache.INPLACE if version and version_tuple(version) >= INPLACE_MIN_TENSORRT else KVCache.CONCAT
+    return KVForm.INPLACE if version and version_tuple(version) >= INPLACE_MIN_TENSORRT else KVForm.CONCAT
 
 
 class Int4Recipe(enum.StrEnum):
@@ -133,22 +129,23 @@ class Recipe:
     block_size: int | None = None
     requested_method: str = "auto"
     calibration: bool = False
-    kv_cache: KVCache = KVCache.CONCAT  # the portable graph's cache form (kv_cache_for); CPU graphs: concat
+    kv_cache: KVForm = KVForm.CONCAT  # the portable graph's cache form (kv_cache_for); CPU graphs: concat
 
     # ------------------------------------------------------------------ resolution
     @classmethod
     def resolve(cls, *, precision: str, target: str, int4_recipe: str = Int4Recipe.ACCURATE,
                 block_size: int | None = None, quant_method: str = "auto", calibration: bool = False,
-                kv_cache: str = KVCache.CONCAT) -> Recipe:
+                kv_cache: str | KVForm = KVForm.CONCAT) -> Recipe:
         """Validate the request and resolve the blocks and the quantization method.
 
+        kv_cache: the portable graph's form, a KVForm or its --kv-cache word (concat, inplace).
         calibration: whether the build has text to calibrate on (a tokenizer): `auto` then picks
         AWQ (GPTQ for compact int4), else round-to-nearest. w8a8 always calibrates (SmoothQuant)."""
         prec = _choice(Precision, precision, "precision")
         tgt = _choice(Target, target, "export target")
         recipe = _choice(Int4Recipe, int4_recipe, "--int4-recipe")
-        kv = _choice(KVCache, kv_cache, "--kv-cache")
-        if kv is KVCache.INPLACE and tgt is not Target.PORTABLE:
+        kv = KVForm.named(kv_cache)
+        if kv is KVForm.INPLACE and tgt is not Target.PORTABLE:
             raise LlamaExportError("--kv-cache inplace is for GPU profiles; the CPU graph's GroupQueryAttention "
                                    "already updates its cache in place")
         if recipe is Int4Recipe.COMPACT and prec is not Precision.INT4:
@@ -271,8 +268,13 @@ class Recipe:
 
     @property
     def inplace_kv(self) -> bool:
-        """The portable graph with a max-length cache written in place (KVCache.INPLACE)."""
-        return self.target is Target.PORTABLE and self.kv_cache is KVCache.INPLACE
+        """The portable graph with a max-length cache written in place (KVForm.INPLACE)."""
+        return self.target is Target.PORTABLE and self.kv_cache is KVForm.INPLACE
+
+    def kv_form(self, cfg) -> KVForm:
+        """The built graph's cache form (the manifest's kv_cache.form): in place for GroupQueryAttention (the
+        CPU graph) and the portable graph's inplace cache, else concat."""
+        return KVForm.INPLACE if self.fused_attention(cfg) or self.inplace_kv else KVForm.CONCAT
 
     @property
     def opset(self) -> int:
@@ -364,7 +366,6 @@ class Recipe:
     def manifest_fields(self, cfg) -> dict:
         """The fields of manifest.json that describe what this recipe built."""
         left_padding = not self.fused_attention(cfg)
-        shared = self.fused_attention(cfg) or self.inplace_kv
         return {
             "precision": str(self.precision),
             "export_target": str(self.target),
@@ -376,10 +377,10 @@ class Recipe:
             "tensor_precisions": {**{r: str(self.tensor_precision(r)) for r in ROLES.values()},
                                   LM_HEAD: str(self.tensor_precision(LM_HEAD)),
                                   "embedding": "int8" if self.quantized_embedding(cfg.dim) else self.float_precision},
-            # past_present_shared: the same max-length buffer may be bound as past and present
+            # KVForm.INPLACE: the same max-length buffer may be bound as past and present
             # (GroupQueryAttention, or TensorScatter, writes the new entries in place); plain past/present
             # (a max-length past, a fresh present) works too
-            "kv_cache": {"form": "past_present_shared" if shared else "past_present",
+            "kv_cache": {"form": self.kv_form(cfg).value,
                          "dtype": self.activation_dtype},
             "graph": self.graph_fields(cfg),
         }

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaexport.model.config import LlamaConfig, rope_tables
+from llamaexport.model.kv_form import KVForm
 
 
 class RMSNorm(nn.Module):
@@ -220,7 +221,8 @@ class ReferenceBackend:
     drives the reference and the artifact through the same decode loop (LlamaModel.steps)."""
 
     threads = None
-    shared_kv = False  # its cache grows by concatenation
+    kv_form = KVForm.CONCAT  # its cache grows by concatenation
+    max_batch = None         # any batch
 
     def __init__(self, model: Transformer):
         self.model = model

@@ -1,5 +1,6 @@
 """What runs on the edge device: a loaded artifact (`LlamaModel`: backends, the decode loop), sampling,
-KV-cache slots and the continuous-batching `Engine` that `run`, `chat`, `serve` and the Python API share.
+when a generation ends (`completion`), KV-cache slots, and the continuous-batching `Engine` (its
+`scheduler` plans each step without a model) that `run`, `chat`, `serve` and the Python API share.
 
 Needs numpy, onnxruntime and a tokenizer only. Imports `model` (config, tokenizer, chat), `artifact`
 and, for a TensorRT artifact alone, `tensorrt`'s backend; never `build`, torch or onnx (import-linter

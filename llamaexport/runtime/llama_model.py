@@ -22,14 +22,17 @@ import numpy as np
 from llamaexport import LlamaExportError, log, whole_number
 from llamaexport.artifact.manifest import read_manifest, require_intact
 from llamaexport.model.config import LlamaConfig
+from llamaexport.model.kv_form import KVForm
+from llamaexport.runtime.completion import Completion, FinishReason, eos_set
 from llamaexport.runtime.sampling import Sampler, SamplingConfig
 
 
 class Backend(Protocol):
     """What the decode loop needs of a runtime (Polygraphy-style runner)."""
 
-    threads: int | None  # CPU threads it runs with, None where that does not apply
-    shared_kv: bool      # the cache is one max-length buffer written in place (runtime.slots.SharedSlots)
+    threads: int | None    # CPU threads it runs with, None where that does not apply
+    kv_form: KVForm        # how its cache grows: INPLACE (runtime.slots.InplaceSlots) or CONCAT (ConcatSlots)
+    max_batch: int | None  # the most rows one forward takes (a TensorRT engine's profiles), None: no bound
 
     def empty_cache(self, batch: int):
         """A fresh, empty KV cache for `batch` rows."""
@@ -138,9 +141,11 @@ class OnnxRuntimeBackend:
     (device "cuda"), where the KV cache stays on the GPU: presents are bound to device memory and
     bound back as the next step's past, and only the logits are copied to the host."""
 
+    max_batch = None  # any batch
+
     def __init__(self, model_path: Path, cfg: LlamaConfig, io: dict, *, threads: int | None = None,
-                 shared_kv: bool = False, device: str = "cpu"):
-        """shared_kv: the graph's attention (GroupQueryAttention, or TensorScatter) updates a max-length
+                 kv_form: KVForm = KVForm.CONCAT, device: str = "cpu"):
+        """kv_form INPLACE: the graph's attention (GroupQueryAttention, or TensorScatter) updates a max-length
         KV buffer in place when the same buffer is bound as past and present: no cache copy per token."""
         import onnxruntime as ort
 
@@ -162,7 +167,7 @@ class OnnxRuntimeBackend:
         self.past_names = [n for n in io["inputs"] if n.startswith("past_key_values.")]
         self.present_names = [n for n in io["outputs"] if n.startswith("present.")]
         self.kv_dtype = np.dtype(io["inputs"][self.past_names[0]]["dtype"]) if self.past_names else np.float32
-        self.shared_kv = shared_kv
+        self.kv_form = kv_form
         self.logits_dtype = np.dtype(io["outputs"]["logits"]["dtype"])
         self.keep_input = "num_logits_to_keep" in io["inputs"]
         # an overridable initializer: only an OrtValue binds it (bind_cpu_input looks among the inputs)
@@ -181,7 +186,7 @@ class OnnxRuntimeBackend:
 
     def empty_cache(self, batch: int):
         c = self.cfg
-        if self.shared_kv:  # one max-length buffer per tensor, written in place
+        if self.kv_form is KVForm.INPLACE:  # one max-length buffer per tensor, written in place
             self._io = self._io_cache = None  # a new generation: let the previous cache go
             shape = (batch, c.n_kv_heads, c.max_seq_len, c.head_dim)
             return [self._ortvalue(_lazy_zeros(shape, self.kv_dtype)) for _ in self.past_names]
@@ -195,17 +200,17 @@ class OnnxRuntimeBackend:
         another cache was bound since. Stale entries past the new sequence are never
         read: GroupQueryAttention attends to each row's seqlens_k + 1 positions only. Only one
         generation holds the spare; others get a fresh cache."""
-        if self.shared_kv and self._spare is not None and self._spare[0] == batch:
+        if self.kv_form is KVForm.INPLACE and self._spare is not None and self._spare[0] == batch:
             cache, self._spare = self._spare[1], None
             return cache
         return self.empty_cache(batch)
 
     def give_back_cache(self, batch: int, cache):
-        if self.shared_kv:
+        if self.kv_form is KVForm.INPLACE:
             self._spare = (batch, cache)  # one spare in all: a cache of another batch size is let go
 
     def slot_cache(self, n: int) -> dict:
-        """SharedSlots' buffers: one [n, kv_heads, ctx, head_dim] per cache tensor (host memory, or an
+        """InplaceSlots' buffers: one [n, kv_heads, ctx, head_dim] per cache tensor (host memory, or an
         OrtValue on the GPU), with the IOBinding of each row range made so far."""
         c = self.cfg
         shape = (n, c.n_kv_heads, c.max_seq_len, c.head_dim)
@@ -243,6 +248,21 @@ class OnnxRuntimeBackend:
         self.sess.run_with_iobinding(io)
         return logits[:, -1].astype(np.float32, copy=False)
 
+    def join_rows(self, caches: list[list], length: int) -> list:
+        """ConcatSlots' decode batch: per cache tensor, the slots' [1, K, n, hd] caches left-padded with zeros
+        to `length` positions and stacked into one [rows, K, length, hd] host array."""
+        def pad(x: np.ndarray) -> np.ndarray:
+            n = x.shape[2]
+            return x if n == length else np.concatenate([np.zeros(x.shape[:2] + (length - n,) + x.shape[3:], x.dtype), x],
+                                                        axis=2)
+        return [np.concatenate([pad(c[i]) for c in caches], axis=0) for i in range(len(caches[0]))]
+
+    def split_rows(self, present: list, keep: list[int]) -> list[list]:
+        """A forward's presents [rows, K, T, hd] as each row's own cache: row r's last keep[r] positions,
+        [1, K, keep[r], hd] (views of host arrays: an OrtValue is read into one first)."""
+        present = [p if isinstance(p, np.ndarray) else p.numpy() for p in present]
+        return [[p[r:r + 1, :, p.shape[2] - k:] for p in present] for r, k in enumerate(keep)]
+
     def close(self):
         self._io = self._io_cache = self._spare = None
         self._bound = {}
@@ -251,19 +271,20 @@ class OnnxRuntimeBackend:
     def _binding(self, cache):
         """An IOBinding with the cache bound. A shared cache is bound once per generation (its buffers never
         change), so a decode step only rebinds its three small inputs and the logits."""
-        if self.shared_kv and self._io_cache is cache:
+        in_place = self.kv_form is KVForm.INPLACE
+        if in_place and self._io_cache is cache:
             return self._io
         self._bound = {}  # name -> the array or OrtValue bound to it in this binding (see _bind)
         io = self.sess.io_binding()
         io.bind_output("logits")  # first: get_outputs() lists outputs in the order they were first bound
         for name, v in zip(self.past_names, cache):
-            if isinstance(v, np.ndarray):  # a cache PaddedSlots assembled
+            if isinstance(v, np.ndarray):  # a cache ConcatSlots assembled (join_rows)
                 v = np.ascontiguousarray(v)
                 io.bind_cpu_input(name, v)
                 self._bound[name] = (v, None)  # kept alive until the next binding
             else:
                 io.bind_ortvalue_input(name, v)
-        if self.shared_kv:
+        if in_place:
             for name, v in zip(self.present_names, cache):
                 io.bind_ortvalue_output(name, v)
             self._io, self._io_cache = io, cache
@@ -301,7 +322,7 @@ class OnnxRuntimeBackend:
         self._bind(io, "input_ids", input_ids)
         self._bind(io, "attention_mask", attention_mask)
         self._bind(io, "position_ids", position_ids)
-        if self.shared_kv:
+        if self.kv_form is KVForm.INPLACE:
             # The logits go straight into a fresh array: get_outputs() would wrap every present buffer
             # too (two OrtValues per layer per step), and a fresh array stays valid after the next step.
             B, S = input_ids.shape
@@ -319,7 +340,7 @@ class Generation:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: FinishReason  # eos | stop | length (runtime.completion)
 
 
 class LlamaModel:
@@ -349,7 +370,7 @@ class LlamaModel:
             threads = check_threads(threads)
         if backend_name == "onnxruntime":
             backend = OnnxRuntimeBackend(d / m["files"]["onnx"], cfg, m["io"], threads=threads,
-                                         shared_kv=m["kv_cache"].get("form") == "past_present_shared",
+                                         kv_form=KVForm.of(m),
                                          device=(m.get("runtime") or {}).get("device", "cpu"))
         elif backend_name == "tensorrt":
             from llamaexport.tensorrt.backend import TensorRTBackend  # lazy: tensorrt is optional
@@ -411,9 +432,8 @@ class LlamaModel:
         on_logits: receives each forward's logits (`check` collects them): the prefill's for every
         prompt position [B, S, V], then each decode step's [B, 1, V]."""
         sampling = sampling or SamplingConfig()
-        if eos_ids is None:
-            eos_ids = self.tokenizer.eos_ids if self.tokenizer else []
-        eos = np.array(sorted(set(eos_ids)) or [-1])
+        eos_ids = eos_set(self.tokenizer, eos_ids)
+        eos = np.array(sorted(eos_ids) or [-1])
         B = len(prompts)
         lens = [len(p) for p in prompts]
         if B == 0:
@@ -498,8 +518,7 @@ class LlamaModel:
                      sampling: SamplingConfig | None = None, eos_ids=None) -> list[list[int]]:
         """New token ids per row, each cut after its first EOS (EOS included)."""
         check_generation(max_new_tokens=max_new_tokens)
-        if eos_ids is None:
-            eos_ids = self.tokenizer.eos_ids if self.tokenizer else []
+        eos_ids = eos_set(self.tokenizer, eos_ids)
         out = [[] for _ in prompts]
         finished = [False] * len(prompts)
         for tok in self.steps(prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids):
@@ -513,10 +532,9 @@ class LlamaModel:
     def stream(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                stop: list[str] | tuple = (), chat: bool | str = False, system: str | None = None,
                result: list | None = None) -> Iterator[str]:
-        """Yield text pieces as they are generated; stops at EOS, a stop string or the length.
-        If `result` is a list, the final `Generation` is appended to it."""
-        from llamaexport.model.tokenizer import TextStream
-
+        """Yield text pieces as they are generated; stops at EOS, a stop string or the length (one
+        runtime.completion.Completion decides, as in the serving engine). If `result` is a list, the
+        final `Generation` is appended to it."""
         check_generation(max_new_tokens=max_new_tokens, stop=stop, prompt=prompt)
         if system is not None:
             check_generation(max_new_tokens=max_new_tokens, prompt=system)
@@ -525,25 +543,21 @@ class LlamaModel:
             from llamaexport.model.chat import default_stop_strings
             stop = default_stop_strings(chat if isinstance(chat, str) else self.chat_format)
         ids = self.encode(self.format_prompt(prompt, chat=chat, system=system))
-        text = TextStream(tok, context=ids, stop=stop)
-        reason, new_ids = "length", []
+        # steps() stops at the context too: a length finish there
+        limit = min(max_new_tokens, self.config.max_seq_len - len(ids))
+        out = Completion(tok, prompt_ids=ids, stop=stop, eos_ids=eos_set(tok), max_new_tokens=limit)
         for t in self.steps([ids], max_new_tokens=max_new_tokens, sampling=sampling):
-            tid = int(t[0])
-            new_ids.append(tid)
-            if tid in tok.eos_ids:
-                reason = "eos"
-                break
-            piece = text.push(tid)
+            piece = out.push(int(t[0]))
             if piece:
                 yield piece
-            if text.stopped:
-                reason = "stop"
+            if out.reason is not None:
                 break
-        piece = text.finish()
+        piece = out.finish()
         if piece:
             yield piece
         if result is not None:
-            result.append(Generation(text=text.text, token_ids=new_ids, prompt_tokens=len(ids), finish_reason=reason))
+            result.append(Generation(text=out.text, token_ids=out.token_ids, prompt_tokens=len(ids),
+                                     finish_reason=out.reason))
 
     def generate(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                  stop: list[str] | tuple = (), chat: bool | str = False, system: str | None = None,

@@ -1,24 +1,53 @@
 """KV-cache slots: the serving engine's view of a backend's cache, one slot per running sequence.
 
-SharedSlots serves a graph that writes one max-length buffer in place (the CPU graph's
-GroupQueryAttention, the TensorRT >= 10.15 graph's TensorScatter); PaddedSlots a graph whose cache
-grows by Concat (the portable graph for TensorRT < 10.15). Both backends (runtime.llama_model's
-ONNX Runtime one, tensorrt.backend's) run rows of them; neither imports this module.
+`SlotCache` is what the engine's executor runs a step's plan over; `make_slots` picks the class that
+follows the backend's `kv_form` (model.kv_form.KVForm):
+  InplaceSlots  KVForm.INPLACE, one max-length buffer written in place (the CPU graph's
+                GroupQueryAttention, the TensorRT >= 10.15 graph's TensorScatter): rows of one buffer
+  ConcatSlots   KVForm.CONCAT, a cache that grows by Concat (the portable graph for TensorRT < 10.15):
+                a cache per slot, left-padded into one batch per decode step
+Both backends (runtime.llama_model's ONNX Runtime one, tensorrt.backend's) run rows of them and own
+every tensor operation on their caches (numpy, or torch on the GPU); neither imports this module.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 from llamaexport import LlamaExportError
+from llamaexport.model.kv_form import KVForm
 
 
-class SharedSlots:
+class SlotCache(Protocol):
+    """What the engine's executor needs of a backend's cache split into `n` slots."""
+
+    length: list[int]      # per slot: the positions its cache holds
+    batched_prefill: bool  # prefill_rows runs its rows in one forward (else one by one: no gain in batching)
+
+    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
+        """Append ids to one slot's cache; the last position's logits [V]."""
+
+    def prefill_rows(self, lo: int, ids: list[list[int]]) -> np.ndarray:
+        """The prompts (one length) of empty slots lo, lo+1, ...; the last logits of each [k, V]."""
+
+    def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
+        """Append one token to each slot (ascending slots); logits [len(slots), V]."""
+
+    def truncate(self, slot: int, n: int) -> None:
+        """Keep the first n positions of one slot's cache (n = 0: empty it)."""
+
+    def close(self) -> None:
+        """Let the caches go."""
+
+
+class InplaceSlots:
     """KV-cache slots for the serving engine on a graph that writes a max-length buffer in place
-    (kv_cache form past_present_shared: the CPU graph's GroupQueryAttention, the TensorRT graph's
-    TensorScatter): one [n, kv_heads, ctx, head_dim] buffer per cache tensor, each row a slot. The
-    backend owns the buffers and runs rows of them (slot_cache, run_slots); this class keeps each
-    slot's length and builds the inputs.
+    (KVForm.INPLACE: the CPU graph's GroupQueryAttention, the TensorRT graph's TensorScatter): one
+    [n, kv_heads, ctx, head_dim] buffer per cache tensor, each row a slot. The backend owns the
+    buffers and runs rows of them (slot_cache, run_slots); this class keeps each slot's length and
+    builds the inputs.
 
     Both graphs write the new tokens of row b after its last real column of attention_mask (whose
     1s are its length), so a decode step binds the rows from the lowest to the highest decoding slot
@@ -26,6 +55,8 @@ class SharedSlots:
     prefill chunks) is fed a dummy token at its first free position, which its next write
     overwrites. Prefill chunks run with batch 1 on one row (GroupQueryAttention takes a chunk on top
     of a past only for batch 1)."""
+
+    batched_prefill = True
 
     def __init__(self, backend, n: int):
         self.backend, self.ctx = backend, backend.cfg.max_seq_len
@@ -82,10 +113,14 @@ class SharedSlots:
         self.state = {"bufs": []}
 
 
-class PaddedSlots:
-    """Slots for a backend whose cache grows by Concat (the portable concat graph): each slot
-    keeps its own [1, kv_heads, length, head_dim] tensors, and a decode step left-pads the rows to
-    one length (the graph masks the padding through attention_mask and takes explicit positions)."""
+class ConcatSlots:
+    """Slots for a backend whose cache grows by Concat (KVForm.CONCAT, the portable concat graph): each
+    slot keeps its own [1, kv_heads, length, head_dim] tensors, and a decode step left-pads the rows to
+    one length (the graph masks the padding through attention_mask and takes explicit positions). The
+    backend pads and stacks the slots' caches (join_rows) and cuts a forward's presents back into them
+    (split_rows), in its own tensors: host arrays, or torch on the GPU."""
+
+    batched_prefill = False  # prefill_rows runs row by row (no batched forward on this form yet)
 
     def __init__(self, backend, n: int):
         self.backend = backend
@@ -95,7 +130,7 @@ class PaddedSlots:
     def truncate(self, slot: int, n: int):
         if n < self.length[slot]:
             self.length[slot] = n
-            self.cache[slot] = [c[:, :, :n] for c in self.cache[slot]] if n else None
+            self.cache[slot] = [c[:, :, :n] for c in self.cache[slot]] if n else None  # [1, K, n, hd] views
 
     def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
         start = self.length[slot]
@@ -103,21 +138,25 @@ class PaddedSlots:
         n = len(ids)
         logits, present = self.backend.forward(np.array([ids], np.int64), np.ones((1, start + n), np.int64),
                                                np.arange(start, start + n, dtype=np.int64)[None], past, last_only=True)
-        self.cache[slot], self.length[slot] = [_as_array(p) for p in present], start + n
+        self.cache[slot], self.length[slot] = self.backend.split_rows(present, [start + n])[0], start + n
         return np.asarray(logits[0, -1], np.float32)
+
+    def prefill_rows(self, lo: int, ids: list[list[int]]) -> np.ndarray:
+        """The prompts of empty slots lo, lo+1, ..., each prefilled alone: last logits [k, V]."""
+        return np.stack([self.prefill(lo + r, row) for r, row in enumerate(ids)])
 
     def decode(self, slots: list[int], tokens: list[int]) -> np.ndarray:
         lens = [self.length[s] for s in slots]
         L = max(lens)
         mask = np.zeros((len(slots), L + 1), np.int64)
         for r, n in enumerate(lens):
-            mask[r, L - n:] = 1
-        past = [_cat([_left_pad(self.cache[s][i], L) for s in slots]) for i in range(len(self.cache[slots[0]]))]
+            mask[r, L - n:] = 1  # row r: L - n padding columns, its n cached positions, the new token
+        past = self.backend.join_rows([self.cache[s] for s in slots], L)  # [rows, K, L, hd] per tensor
         logits, present = self.backend.forward(np.array(tokens, np.int64)[:, None], mask,
                                                np.array(lens, np.int64)[:, None], past, last_only=True)
-        present = [_as_array(p) for p in present]
-        for r, s in enumerate(slots):
-            self.cache[s] = [p[r:r + 1, :, L - lens[r]:] for p in present]
+        # present [rows, K, L + 1, hd]: row r keeps its n + 1 real positions
+        for s, cache in zip(slots, self.backend.split_rows(present, [n + 1 for n in lens])):
+            self.cache[s] = cache
             self.length[s] += 1
         return np.asarray(logits[:, -1], np.float32)
 
@@ -125,30 +164,6 @@ class PaddedSlots:
         self.cache = [None] * len(self.cache)
 
 
-def _as_array(x):
-    """A cache tensor as something that slices and concatenates: numpy, or torch on the GPU."""
-    return x.numpy() if hasattr(x, "numpy") and not isinstance(x, np.ndarray) and not hasattr(x, "device") else x
-
-
-def _left_pad(x, L: int):
-    x = _as_array(x)
-    n = x.shape[2]
-    if n == L:
-        return x
-    if isinstance(x, np.ndarray):
-        pad = np.zeros(x.shape[:2] + (L - n,) + x.shape[3:], x.dtype)
-        return np.concatenate([pad, x], axis=2)
-    import torch
-    return torch.cat([x.new_zeros(x.shape[:2] + (L - n,) + x.shape[3:]), x], dim=2)
-
-
-def _cat(rows):
-    if isinstance(rows[0], np.ndarray):
-        return np.concatenate(rows, axis=0)
-    import torch
-    return torch.cat(rows, dim=0)
-
-
-def make_slots(backend, n: int):
-    """n serving slots over the backend's cache: SharedSlots on an in-place cache, else PaddedSlots."""
-    return SharedSlots(backend, n) if backend.shared_kv else PaddedSlots(backend, n)
+def make_slots(backend, n: int) -> SlotCache:
+    """n serving slots over the backend's cache, in the form its graph keeps it (backend.kv_form)."""
+    return InplaceSlots(backend, n) if backend.kv_form is KVForm.INPLACE else ConcatSlots(backend, n)

@@ -14,6 +14,7 @@ import time
 
 from llamaexport import LlamaExportError
 from llamaexport.model.chat import default_stop_strings, format_chat
+from llamaexport.runtime.completion import FinishReason
 from llamaexport.runtime.engine import DoneEvent, Engine
 from llamaexport.runtime.sampling import SamplingConfig
 
@@ -86,7 +87,7 @@ class Chat:
                     break
         finally:
             stream.close()  # cancels an interrupted answer and frees the slot
-        if done is not None and done.finish_reason == "error":
+        if done is not None and done.finish_reason is FinishReason.ERROR:
             self.history.pop()  # the turn did not happen
             raise LlamaExportError(f"the model failed on this message ({done.error}); try again or /reset")
         answer = "".join(pieces)

@@ -26,6 +26,7 @@ import time
 from numbers import Real
 
 from llamaexport import LlamaExportError, whole_number
+from llamaexport.runtime.completion import FinishReason
 from llamaexport.runtime.engine import ContextTooLong, DoneEvent, Engine, QueueFull, ShuttingDown, TextEvent, check_limits
 from llamaexport.runtime.llama_model import check_generation
 from llamaexport.runtime.sampling import SamplingConfig
@@ -309,11 +310,13 @@ class Api:
 
     @staticmethod
     def _reason(done: DoneEvent) -> str:
-        if done.finish_reason == "error":
+        """OpenAI's finish_reason: "stop" (EOS or a stop string) or "length"; an error or a cancelled
+        generation is answered with an error instead."""
+        if done.finish_reason is FinishReason.ERROR:
             raise ApiError(500, done.error or "the model failed", type_="server_error")
-        if done.finish_reason == "cancelled":
+        if done.finish_reason is FinishReason.CANCELLED:
             raise ApiError(503, CANCELLED, type_="server_error")
-        return "length" if done.finish_reason == "length" else "stop"
+        return done.finish_reason.openai
 
     async def _whole(self, request, req, events, rid, chat, timing):
         from starlette.responses import JSONResponse
@@ -374,8 +377,8 @@ class Api:
                 if ev.text:
                     yield chunk({"content": ev.text} if chat else ev.text)
                 continue
-            if ev.finish_reason in ("error", "cancelled"):
-                msg = ev.error if ev.finish_reason == "error" else CANCELLED
+            if ev.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
+                msg = ev.error if ev.finish_reason is FinishReason.ERROR else CANCELLED
                 yield json.dumps({"error": {"message": msg, "type": "server_error", "param": None, "code": None}})
                 break
             usage = self._usage(ev)

@@ -2,12 +2,13 @@
 
 Device memory is torch CUDA tensors (torch is on every TensorRT machine; tensorrt and torch are
 imported when the backend is created). The KV cache stays on the GPU between steps, in the
-manifest's kv_cache form:
-  past_present         the cache is the list of present tensors of the previous step, bound as the
-                       next step's past without a copy (the engine concatenates: a new present per step)
-  past_present_shared  one max-length buffer per tensor, bound as both past and present: the engine's
-                       KV-cache update layer writes the new entries in place (runtime.SharedSlots
-                       serves rows of it, each with its own length)
+manifest's kv_cache form (model.kv_form.KVForm):
+  CONCAT   the cache is the list of present tensors of the previous step, bound as the next step's
+           past without a copy (the engine concatenates: a new present per step; runtime.slots.ConcatSlots
+           pads and stacks per-slot caches with join_rows / split_rows)
+  INPLACE  one max-length buffer per tensor, bound as both past and present: the engine's KV-cache
+           update layer writes the new entries in place (runtime.slots.InplaceSlots serves rows of it,
+           each with its own length)
 Only the kept logits cross to the host (num_logits_to_keep = 1 unless every position is asked for),
 through a pinned buffer.
 
@@ -35,6 +36,7 @@ import numpy as np
 
 from llamaexport import LlamaExportError
 from llamaexport.model.config import LlamaConfig
+from llamaexport.model.kv_form import KVForm
 
 
 def _torch_dtypes(trt, torch) -> dict:
@@ -125,7 +127,7 @@ class TensorRTBackend:
         self.dtypes = {n: to_torch[self.engine.get_tensor_dtype(n)] for n in names}
         self.past_names = [n for n in io["inputs"] if n.startswith("past_key_values.")]
         self.present_names = ["present." + n[len("past_key_values."):] for n in self.past_names]
-        self.shared_kv = manifest["kv_cache"].get("form") == "past_present_shared"
+        self.kv_form = KVForm.of(manifest)
         self.keep_input = "num_logits_to_keep" in io["inputs"]
         self.kv_dtype = self.dtypes[self.past_names[0]] if self.past_names else torch.float32
         self.device = torch.device("cuda", torch.cuda.current_device())
@@ -164,7 +166,8 @@ class TensorRTBackend:
 
     def empty_cache(self, batch: int):
         c = self.cfg
-        length = c.max_seq_len if self.shared_kv else 0  # in place: one max-length buffer (zeros: masked, never NaN)
+        # in place: one max-length buffer (zeros: masked, never NaN); concat: an empty past
+        length = c.max_seq_len if self.kv_form is KVForm.INPLACE else 0
         with self._torch.cuda.stream(self.stream):  # zeroed on the engine's stream, so it is done before a step reads it
             return [self._torch.zeros((batch, c.n_kv_heads, length, c.head_dim), dtype=self.kv_dtype, device=self.device)
                     for _ in self.past_names]
@@ -172,13 +175,13 @@ class TensorRTBackend:
     def take_cache(self, batch: int):
         """A concat cache grows by concatenation: nothing to recycle. An in-place cache of a finished
         generation is reused as it is: positions past the new sequence are masked out."""
-        if self.shared_kv and self._spare is not None and self._spare[0] == batch:
+        if self.kv_form is KVForm.INPLACE and self._spare is not None and self._spare[0] == batch:
             cache, self._spare = self._spare[1], None
             return cache
         return self.empty_cache(batch)
 
     def give_back_cache(self, batch: int, cache):
-        if self.shared_kv:
+        if self.kv_form is KVForm.INPLACE:
             self._spare = (batch, cache)
 
     def slot_cache(self, n: int) -> dict:
@@ -190,6 +193,21 @@ class TensorRTBackend:
         k = len(ids)
         logits, _ = self._execute(ids, mask, pos, [t[lo:lo + k] for t in state["bufs"]], keep=1)
         return logits[:, -1]
+
+    def join_rows(self, caches: list[list], length: int) -> list:
+        """ConcatSlots' decode batch: per cache tensor, the slots' [1, K, n, hd] caches left-padded with zeros
+        to `length` positions and stacked into one [rows, K, length, hd] tensor on the GPU."""
+        torch = self._torch
+
+        def pad(x):
+            n = x.shape[2]
+            return x if n == length else torch.cat([x.new_zeros(x.shape[:2] + (length - n,) + x.shape[3:]), x], dim=2)
+        return [torch.cat([pad(c[i]) for c in caches], dim=0) for i in range(len(caches[0]))]
+
+    def split_rows(self, present: list, keep: list[int]) -> list[list]:
+        """A forward's presents [rows, K, T, hd] as each row's own cache: row r's last keep[r] positions,
+        [1, K, keep[r], hd] (views on the GPU, no copy)."""
+        return [[p[r:r + 1, :, p.shape[2] - k:] for p in present] for r, k in enumerate(keep)]
 
     def close(self):
         """Release the execution contexts, their activation memory, the engine and the runtime, in that order."""
@@ -209,7 +227,7 @@ class TensorRTBackend:
     def _profile_for(self, B: int, S: int, P: int) -> str:
         """P: the cached tokens before the S new ones. Concat: prefill on an empty cache, decode after;
         in place: prefill for every multi-token step (a prompt's chunk on a cache too), decode for one."""
-        name = ("decode" if S == 1 else "prefill") if self.shared_kv else ("prefill" if P == 0 else "decode")
+        name = ("decode" if S == 1 else "prefill") if self.kv_form is KVForm.INPLACE else ("prefill" if P == 0 else "decode")
         p = self.profiles.get(name)
         if p is None:
             raise LlamaExportError(f"this engine has no {name} profile; rebuild it with "
@@ -229,10 +247,11 @@ class TensorRTBackend:
             raise LlamaExportError("the cache does not come from this backend; start from backend.empty_cache(batch)")
         ids, mask, pos = (np.array(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids))  # copies
         B, S = ids.shape
-        P = mask.shape[1] - S if self.shared_kv or not cache else int(cache[0].shape[2])
+        in_place = self.kv_form is KVForm.INPLACE
+        P = mask.shape[1] - S if in_place or not cache else int(cache[0].shape[2])
         if mask.shape != (B, P + S):
             raise LlamaExportError(f"attention_mask is {mask.shape}, expected {(B, P + S)} (cached + new tokens)")
-        if S > 1 and P > 0 and not self.shared_kv:  # chunked prefill: no concat profile has both; one token at a time
+        if S > 1 and P > 0 and not in_place:  # chunked prefill: no concat profile has both; one token at a time
             rows = []
             for j in range(S):
                 last = last_only and j < S - 1
@@ -240,7 +259,7 @@ class TensorRTBackend:
                 rows.append(logits)
             return (rows[-1] if last_only else np.concatenate(rows, axis=1)), cache
         logits, present = self._execute(ids, mask, pos, cache, keep=1 if last_only else 0)
-        return logits, (cache if self.shared_kv else present)
+        return logits, (cache if in_place else present)
 
     def _execute(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list, *, keep: int):
         """One engine run. past: the cache tensors (in place: also bound as the presents, which the
@@ -248,6 +267,7 @@ class TensorRTBackend:
         Returns (host logits [B, keep or S, V] float32, the new presents (concat) or None)."""
         torch = self._torch
         B, S = ids.shape
+        in_place = self.kv_form is KVForm.INPLACE
         name = self._profile_for(B, S, mask.shape[1] - S)
         ctx = self.contexts[name]
         with torch.cuda.stream(self.stream):  # allocations, copies and the engine on one stream
@@ -264,10 +284,10 @@ class TensorRTBackend:
             if self.keep_input:  # before the output shapes: the logits' length depends on its value
                 ctx.set_tensor_address("num_logits_to_keep", self._keep_tensor(keep).data_ptr())
             outs = {}
-            if self.shared_kv:
+            if in_place:
                 for n, t in zip(self.present_names, past):
                     ctx.set_tensor_address(n, t.data_ptr())
-            for n in ["logits"] + ([] if self.shared_kv else self.present_names):
+            for n in ["logits"] + ([] if in_place else self.present_names):
                 shape = tuple(ctx.get_tensor_shape(n))  # logits [B, keep or S, V], present [B, K, P + S, hd]
                 if any(s < 0 for s in shape):
                     raise LlamaExportError(f"TensorRT could not infer the shape of {n} ({self.logger.last_error})")
@@ -277,7 +297,7 @@ class TensorRTBackend:
                 raise LlamaExportError(f"TensorRT failed to run the engine ({self.logger.last_error})")
             logits = self._to_host(outs["logits"])
         self.last_profile = name
-        return logits, (None if self.shared_kv else [outs[n] for n in self.present_names])
+        return logits, (None if in_place else [outs[n] for n in self.present_names])
 
     def _keep_tensor(self, keep: int):
         """num_logits_to_keep's value where the engine reads it: a shape tensor is read from host memory

@@ -81,16 +81,17 @@ def profile_shapes(manifest: dict, batch: int) -> list[dict]:
     the new ones), {input: (min, opt, max) shape} for every dynamic input and {shape-tensor input:
     (min, opt, max) values}."""
     from llamaexport.model.config import LlamaConfig
+    from llamaexport.model.kv_form import KVForm
 
     cfg = LlamaConfig.from_dict(manifest["model"])
     L, K, hd = cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim
     past = [n for n in manifest["io"]["inputs"] if n.startswith("past_key_values.")]
-    shared = manifest["kv_cache"].get("form") == "past_present_shared"  # one max-length buffer, written in place
+    in_place = KVForm.of(manifest) is KVForm.INPLACE  # one max-length buffer, written in place
     keep = "num_logits_to_keep" in manifest["io"]["inputs"]
     out = []
     # (min, opt, max) of seq and past per profile; attention_mask is [batch, past + seq]. In place, a chunk
     # of a prompt on a cache runs in the prefill profile (the concat form runs it one token at a time).
-    if shared:
+    if in_place:
         ranges = (("prefill", (1, min(L, 256), L), (0, 0, L - 1)), ("decode", (1, 1, 1), (0, max(1, L // 2), L - 1)))
     else:
         ranges = (("prefill", (1, min(L, 256), L), (0, 0, 0)), ("decode", (1, 1, 1), (1, max(1, L // 2), L - 1)))
@@ -99,7 +100,7 @@ def profile_shapes(manifest: dict, batch: int) -> list[dict]:
         shapes = {"input_ids": tuple((b, s) for b, s in zip(bs, seq)),
                   "attention_mask": tuple((b, min(s + p, L)) for b, s, p in zip(bs, seq, pst)),
                   "position_ids": tuple((b, s) for b, s in zip(bs, seq))}
-        shapes.update({n: tuple((b, K, L if shared else p, hd) for b, p in zip(bs, pst)) for n in past})
+        shapes.update({n: tuple((b, K, L if in_place else p, hd) for b, p in zip(bs, pst)) for n in past})
         values = {"num_logits_to_keep": ([0], [1], [seq[2]])} if keep else {}
         out.append({"name": name, "batch": [1, batch], "seq": [seq[0], seq[2]], "past": [pst[0], pst[2]],
                     "shapes": shapes, "values": values})

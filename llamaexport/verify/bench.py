@@ -8,7 +8,7 @@ Memory: peak RSS is checked against a budget of weights + KV cache + 300 MB (the
 numpy, ONNX Runtime and its arenas). weights_mb is the weight data on disk (model.onnx +
 model.onnx.data). kv_cache_mb is the cache this run makes the runtime allocate:
 2 (K and V) x layers x kv_heads x head_dim x length x batch x dtype bytes, where length is
-max_seq_len when the manifest's kv_cache form is "past_present_shared" (the runtime binds one
+max_seq_len when the manifest's kv_cache form is KVForm.INPLACE (the runtime binds one
 max-length buffer per tensor, written in place) and prompt_len + new_tokens otherwise (the cache
 grows by one position per token).
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from llamaexport import LlamaExportError, whole_number
+from llamaexport.model.kv_form import KVForm
 from llamaexport.runtime.hugepages import huge_pages_mb
 
 
@@ -70,9 +71,8 @@ def kv_cache_bytes(manifest: dict, *, batch: int, prompt_len: int, new_tokens: i
     from llamaexport.model.config import LlamaConfig
 
     cfg = LlamaConfig.from_dict(manifest["model"])
-    kv = manifest.get("kv_cache") or {}
-    length = cfg.max_seq_len if kv.get("form") == "past_present_shared" else prompt_len + new_tokens
-    itemsize = np.dtype(kv.get("dtype", "float32")).itemsize
+    length = cfg.max_seq_len if KVForm.of(manifest) is KVForm.INPLACE else prompt_len + new_tokens
+    itemsize = np.dtype(manifest["kv_cache"].get("dtype", "float32")).itemsize
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * length * batch * itemsize
 
 

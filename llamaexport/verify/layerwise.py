@@ -38,6 +38,7 @@ import numpy as np
 
 from llamaexport import LlamaExportError, log
 from llamaexport.artifact.manifest import read_manifest, require_intact
+from llamaexport.model.kv_form import KVForm
 
 STREAM = ("embedding", "residual", "logits")       # the residual stream and what it becomes; the rest are op outputs
 OP_FACTOR = 2.0                                    # an op output's budget: this times the stream's
@@ -335,7 +336,7 @@ IN_PLACE_NOT_DEBUGGABLE = ("the TensorRT debug engine does not run the in-place 
 
 
 def _backends(manifest: dict, backend: str | None) -> tuple[list[str], dict]:
-    in_place = manifest.get("backend") == "tensorrt" and manifest["kv_cache"].get("form") == "past_present_shared"
+    in_place = manifest.get("backend") == "tensorrt" and KVForm.of(manifest) is KVForm.INPLACE
     if backend == "tensorrt":  # refused before the reference is built, not after
         from llamaexport.tensorrt.api import require_tensorrt
         require_tensorrt("compare the artifact's ONNX run by ONNX Runtime with --backend onnxruntime",

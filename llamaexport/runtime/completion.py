@@ -1,0 +1,75 @@
+"""When a generation ends, and its text: the one routine for EOS ids, stop strings and max_new_tokens,
+shared by `LlamaModel.stream` (run, the Python API) and the serving engine's scheduler.
+
+Finish reasons, one vocabulary (`FinishReason`):
+  eos        the model sent an end-of-sequence id (not part of the text)
+  stop       the text reached a stop string (the text is cut before it)
+  length     max_new_tokens ids were generated (the runtime also caps it at the context)
+  cancelled  the engine only: the client went away, or the server shut down
+  error      the engine only: the backend failed (DoneEvent.error says how)
+OpenAI's API has two of them: `FinishReason.openai` maps eos and stop to "stop", length to "length"
+(the server answers cancelled and error with an error instead).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from llamaexport.model.tokenizer import TextStream
+
+
+class FinishReason(enum.StrEnum):
+    EOS = "eos"
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+    @property
+    def openai(self) -> str:
+        """The OpenAI API's finish_reason: "length", else "stop" (an EOS id or a stop string)."""
+        return "length" if self is FinishReason.LENGTH else "stop"
+
+
+def eos_set(tokenizer, eos_ids=None) -> frozenset[int]:
+    """The ids that end a generation: `eos_ids` when given ([] = none), else the tokenizer's."""
+    if eos_ids is None:
+        eos_ids = tokenizer.eos_ids if tokenizer is not None else ()
+    return frozenset(int(t) for t in eos_ids)
+
+
+class Completion:
+    """One generation's sampled ids -> its printable text and, once over, its finish reason.
+
+    push() takes each id in order: an EOS id ends it (reason eos, no text); otherwise the id is
+    detokenized (model.tokenizer.TextStream: text that could still grow into a stop string is held
+    back until it cannot) and a stop string (reason stop) or the max_new_tokens-th id (reason length)
+    ends it. finish() returns the text held back; `text` is the whole completion."""
+
+    def __init__(self, tokenizer, *, prompt_ids, stop=(), eos_ids: frozenset[int], max_new_tokens: int):
+        self.stream = TextStream(tokenizer, context=prompt_ids, stop=stop)
+        self.eos_ids = eos_ids
+        self.max_new_tokens = max_new_tokens
+        self.token_ids: list[int] = []  # every id pushed, the EOS that ended it included
+        self.reason: FinishReason | None = None
+
+    def push(self, token_id: int) -> str | None:
+        """Add one sampled id; returns the text now safe to show ("" while held back), or None for an EOS id."""
+        self.token_ids.append(token_id)
+        if token_id in self.eos_ids:
+            self.reason = FinishReason.EOS
+            return None
+        piece = self.stream.push(token_id)
+        if self.stream.stopped:
+            self.reason = FinishReason.STOP
+        elif len(self.token_ids) >= self.max_new_tokens:
+            self.reason = FinishReason.LENGTH
+        return piece
+
+    def finish(self) -> str:
+        """The text still held back (after any finish but a cancelled one)."""
+        return self.stream.finish()
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
