@@ -175,7 +175,8 @@ def serve(artifact, host, port, max_batch, max_queue, prefill_chunk, threads, ap
 def chat_cmd(artifact, system, chat_format, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
              threads, backend):
     """Chat with an artifact in the terminal (multi-turn; /help lists the commands)."""
-    from llamaexport.runtime.llama_model import LlamaModel, check_generation
+    from llamaexport.runtime.completion import check_generation
+    from llamaexport.runtime.llama_model import LlamaModel
     from llamaexport.runtime.sampling import SamplingConfig
     from llamaexport.serving import repl
 

@@ -1,5 +1,6 @@
-"""When a generation ends, and its text: the one routine for EOS ids, stop strings and max_new_tokens,
-shared by `LlamaModel.stream` (run, the Python API) and the serving engine's scheduler.
+"""What a generation may ask (`check_generation`, `ContextTooLong`) and when it ends, with its text: the
+one routine for EOS ids, stop strings and max_new_tokens, shared by `LlamaModel.stream` (run, the Python
+API) and the serving engine's scheduler.
 
 Finish reasons, one vocabulary (`FinishReason`):
   eos        the model sent an end-of-sequence id (not part of the text)
@@ -15,8 +16,47 @@ from __future__ import annotations
 
 import enum
 
+from llamaexport import LlamaExportError, whole_number
 from llamaexport.model.tokenizer import TextStream
 
+
+class ContextTooLong(LlamaExportError):
+    """The prompt, or the prompt plus max_new_tokens, does not fit the context. `param`: which of the
+    two to change ("prompt" or "max_tokens")."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def check_generation(*, max_new_tokens=None, stop=(), prompt: str | None = None, prompt_tokens: int | None = None,
+                     context: int | None = None, whole_reply: bool = False):
+    """The one validation of a generation request (sampling: SamplingConfig), for LlamaModel, the
+    serving engine, the server and the CLI; each argument given is checked: the prompt text is UTF-8, a
+    prompt of `prompt_tokens` ids is 1 .. context - 1 long, max_new_tokens is a whole number >= 1 and,
+    with whole_reply (the engine, for the API's max_tokens), fits the context after the prompt
+    (LlamaModel instead stops at the context), the stop strings are a list of non-empty strings (an empty
+    one would stop at once). A prompt or reply that does not fit raises ContextTooLong, whose
+    `param` says which to change."""
+    if prompt is not None:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LlamaExportError("the prompt is not valid UTF-8 text; pass it as UTF-8") from None
+    if prompt_tokens is not None:
+        if prompt_tokens == 0:
+            raise LlamaExportError("empty prompt: give at least one token")
+        if context is not None and prompt_tokens >= context:
+            raise ContextTooLong(f"the prompt is {prompt_tokens} tokens but the artifact's context is {context}; "
+                                 "shorten the prompt or rebuild with a larger --max-seq-len", "prompt")
+    if max_new_tokens is not None:
+        whole_number(max_new_tokens, "max_new_tokens")
+        if whole_reply and prompt_tokens is not None and context is not None and prompt_tokens + max_new_tokens > context:
+            raise ContextTooLong(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_new_tokens}) is more than "
+                                 f"the model's context ({context}); ask for at most {context - prompt_tokens} tokens",
+                                 "max_tokens")
+    if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
+        raise LlamaExportError(f"stop strings must be a list of non-empty strings, got {stop!r}")
 
 class FinishReason(enum.StrEnum):
     EOS = "eos"

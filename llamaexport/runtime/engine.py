@@ -39,23 +39,13 @@ from collections.abc import Iterator
 import numpy as np
 
 from llamaexport import LlamaExportError, whole_number
-from llamaexport.runtime.completion import Completion, FinishReason, eos_set
-from llamaexport.runtime.llama_model import check_generation
+from llamaexport.runtime.completion import Completion, ContextTooLong, FinishReason, check_generation, eos_set
 from llamaexport.runtime.sampling import SamplingConfig
 from llamaexport.runtime.scheduler import DoneEvent, Events, QueueFull, Request, Scheduler, StepPlan, TextEvent
 from llamaexport.runtime.slots import SlotCache, make_slots
 
 __all__ = ["ContextTooLong", "DoneEvent", "Engine", "Executor", "FinishReason", "QueueFull", "Request",
            "ShuttingDown", "TextEvent", "check_limits"]
-
-
-class ContextTooLong(LlamaExportError):
-    """The prompt, or the prompt plus max_new_tokens, does not fit the context. `param`: which of the
-    two to change ("prompt" or "max_tokens")."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
 
 
 class ShuttingDown(LlamaExportError):

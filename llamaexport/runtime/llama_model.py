@@ -19,11 +19,11 @@ from typing import Protocol
 
 import numpy as np
 
-from llamaexport import LlamaExportError, log, whole_number
+from llamaexport import LlamaExportError, log
 from llamaexport.artifact.manifest import read_manifest, require_intact
 from llamaexport.model.config import LlamaConfig
 from llamaexport.model.kv_form import KVForm
-from llamaexport.runtime.completion import Completion, FinishReason, eos_set
+from llamaexport.runtime.completion import Completion, FinishReason, check_generation, eos_set
 from llamaexport.runtime.sampling import Sampler, SamplingConfig
 
 
@@ -69,40 +69,6 @@ def check_threads(threads) -> int | None:
         raise LlamaExportError(f"threads {threads!r} is not possible here: give 1 to {cpus} (the CPUs this process "
                                "may use), or 0 / nothing for all of them")
     return int(threads)
-
-
-def check_generation(*, max_new_tokens=None, stop=(), prompt: str | None = None, prompt_tokens: int | None = None,
-                     context: int | None = None, whole_reply: bool = False):
-    """The one validation of a generation request (sampling: SamplingConfig), for LlamaModel, the
-    serving engine, the server and the CLI; each argument given is checked: the prompt text is UTF-8, a
-    prompt of `prompt_tokens` ids is 1 .. context - 1 long, max_new_tokens is a whole number >= 1 and,
-    with whole_reply (the engine, for the API's max_tokens), fits the context after the prompt
-    (LlamaModel instead stops at the context), the stop strings are a list of non-empty strings (an empty
-    one would stop at once). A prompt or reply that does not fit raises engine.ContextTooLong, whose
-    `param` says which to change."""
-    if prompt is not None:
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError:
-            raise LlamaExportError("the prompt is not valid UTF-8 text; pass it as UTF-8") from None
-    if prompt_tokens is not None:
-        if prompt_tokens == 0:
-            raise LlamaExportError("empty prompt: give at least one token")
-        if context is not None and prompt_tokens >= context:
-            from llamaexport.runtime.engine import ContextTooLong  # the engine's error, raised for every caller
-
-            raise ContextTooLong(f"the prompt is {prompt_tokens} tokens but the artifact's context is {context}; "
-                                 "shorten the prompt or rebuild with a larger --max-seq-len", "prompt")
-    if max_new_tokens is not None:
-        whole_number(max_new_tokens, "max_new_tokens")
-        if whole_reply and prompt_tokens is not None and context is not None and prompt_tokens + max_new_tokens > context:
-            from llamaexport.runtime.engine import ContextTooLong
-
-            raise ContextTooLong(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_new_tokens}) is more than "
-                                 f"the model's context ({context}); ask for at most {context - prompt_tokens} tokens",
-                                 "max_tokens")
-    if isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop):
-        raise LlamaExportError(f"stop strings must be a list of non-empty strings, got {stop!r}")
 
 
 def _lazy_zeros(shape, dtype) -> np.ndarray:

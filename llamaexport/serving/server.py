@@ -26,9 +26,8 @@ import time
 from numbers import Real
 
 from llamaexport import LlamaExportError, whole_number
-from llamaexport.runtime.completion import FinishReason
+from llamaexport.runtime.completion import FinishReason, check_generation
 from llamaexport.runtime.engine import ContextTooLong, DoneEvent, Engine, QueueFull, ShuttingDown, TextEvent, check_limits
-from llamaexport.runtime.llama_model import check_generation
 from llamaexport.runtime.sampling import SamplingConfig
 
 # Seconds that running generations get to finish after SIGTERM / Ctrl-C before they are cancelled.
