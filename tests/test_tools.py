@@ -265,6 +265,12 @@ def test_named_function_and_no_parallel(marker_tokenizer, fmt):
         assert len(reply.tool_calls) == 1
 
 
+def test_function_without_parameters_takes_none(smol_tokenizer):
+    g = grammar(smol_tokenizer, [{"type": "function", "function": {"name": "ping"}}], "required", "hermes")
+    reply = parse_tool_calls(generate(smol_tokenizer, g, 0), "hermes")
+    assert {(c["function"]["name"], c["function"]["arguments"]) for c in reply.tool_calls} == {("ping", "{}")}
+
+
 def test_sentencepiece_vocabulary(spm_tokenizer):
     g = grammar(spm_tokenizer, TOOLS, "required", "hermes")
     for seed in range(2):

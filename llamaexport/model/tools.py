@@ -99,7 +99,7 @@ def check_tools(tools) -> list[Function]:
         if name in seen:
             raise BadTools(f"{where}.function.name {name!r} is given twice")
         seen.add(name)
-        params = fn.get("parameters", {"type": "object", "properties": {}})
+        params = fn.get("parameters", {"type": "object", "properties": {}, "additionalProperties": False})  # no arguments
         if not isinstance(params, dict):
             raise BadTools(f"{where}.function.parameters must be a JSON Schema object")
         strict = fn.get("strict") is True
