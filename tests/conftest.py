@@ -166,3 +166,45 @@ def tiny_artifact(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-artifact")
     tok = train_tiny_spm(d)  # 400 pieces inside the model's 512-entry vocabulary
     return build(out=d / "art", size="tiny", seed=7, tokenizer=str(tok), progress=False)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smollm2_gguf):
+    """SmolLM2's tokenizer (byte-level BPE rebuilt from the GGUF, 49,152 ids), loaded once per session."""
+    from llamaexport.model.tokenizer import load_tokenizer
+
+    return load_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer(tmp_path_factory):
+    """The tiny LLaMA-style sentencepiece tokenizer (400 pieces, byte fallback), loaded."""
+    from llamaexport.model.tokenizer import load_tokenizer
+
+    return load_tokenizer(train_tiny_spm(tmp_path_factory.mktemp("spm-tokenizer")))
+
+
+def sample_constrained(constraint, rng, *, tokenizer, bias=None, max_tokens=400, scale=3.0):
+    """Generate under `constraint` from seeded random logits (plus `bias` [V], e.g. to favour closing
+    quotes so random text ends); returns (ids, finished), EOS not included. Every step checks the mask:
+    EOS allowed exactly when the grammar accepts, ids past the tokenizer never, the sample allowed."""
+    import numpy as np
+
+    V, n_tok, eos_ids = constraint.grammar.n_vocab, tokenizer.vocab_size, tokenizer.eos_ids
+    out = []
+    for _ in range(max_tokens):
+        bits = np.unpackbits(constraint.fill_mask().view(np.uint8), count=V, bitorder="little").astype(bool)
+        assert bits[list(eos_ids)].any() == constraint.accepting
+        assert not bits[n_tok:].any()
+        logits = rng.standard_normal(V).astype(np.float32) * scale + (0 if bias is None else bias)
+        constraint.apply(logits)
+        p = np.exp(logits - logits.max())
+        token = int(rng.choice(V, p=p / p.sum()))
+        assert bits[token]
+        assert constraint.consume(token), constraint.error
+        if token in eos_ids:
+            return out, True
+        out.append(token)
+        if constraint.stopped:
+            return out, True
+    return out, False

@@ -52,8 +52,7 @@ def format_chat(messages: list[dict], *, tokenizer=None, fmt: str = "auto", syst
     """
     check_format(fmt)
     messages = _normalized(messages, system)
-    if fmt == "auto":
-        fmt = _auto_format(tokenizer)
+    fmt = resolve_format(fmt, tokenizer)
     if fmt == "template":
         template = getattr(tokenizer, "chat_template", None)
         if not template:
@@ -62,9 +61,21 @@ def format_chat(messages: list[dict], *, tokenizer=None, fmt: str = "auto", syst
                                add_generation_prompt=add_generation_prompt)
     else:
         text = _BUILTIN[fmt](messages, tokenizer, add_generation_prompt)
+    return without_bos(text, tokenizer)
+
+
+def resolve_format(fmt: str, tokenizer=None) -> str:
+    """The format `format_chat` renders `fmt` with: "auto" becomes "template" when the tokenizer has a chat
+    template, else the fixed format its vocabulary's markers name; other names are checked and kept."""
+    check_format(fmt)
+    return _auto_format(tokenizer) if fmt == "auto" else fmt
+
+
+def without_bos(text: str, tokenizer) -> str:
+    """`text` without a leading BOS token when the tokenizer adds one itself on encoding (one BOS, not two)."""
     bos = getattr(tokenizer, "bos_token", "")
     if bos and getattr(tokenizer, "add_bos", False) and text.startswith(bos):
-        text = text[len(bos):]  # the tokenizer adds it when encoding
+        return text[len(bos):]
     return text
 
 
@@ -75,12 +86,13 @@ def default_stop_strings(fmt: str) -> list[str]:
 
 
 def render_template(template: str, messages: list[dict], *, tokenizer=None,
-                    add_generation_prompt: bool = True) -> str:
+                    add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
     """Render an HF chat template the way transformers' `apply_chat_template` does.
 
     Templates come from model repos, so they run in jinja2's immutable sandbox with the same
     options, filters and globals as HF (trim_blocks, lstrip_blocks, loop controls, tojson,
-    raise_exception, strftime_now).
+    raise_exception, strftime_now). `tools` (OpenAI's list of {"type": "function", "function": ...})
+    becomes the template's `tools` variable, as HF passes it; without it the variable is left undefined.
     """
     import jinja2
     from jinja2.ext import loopcontrols
@@ -103,8 +115,9 @@ def render_template(template: str, messages: list[dict], *, tokenizer=None,
         if tokenizer.pad_id is not None:
             special["pad_token"] = tokenizer.id_to_piece(tokenizer.pad_id)
     try:
+        extra = {} if tools is None else {"tools": tools}
         return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **special)
+                                                **special, **extra)
     except jinja2.TemplateError as e:
         raise LlamaExportError(f"chat template failed: {e}; fix the messages or pick another "
                                "--chat-format") from None

@@ -117,6 +117,11 @@ class SentencePieceTokenizer(Tokenizer):
                             "eos_ids": [i for i in [processor.eos_id()] if i >= 0],
                             "add_bos": True, **special})
 
+    @property
+    def processor(self):
+        """The wrapped sentencepiece.SentencePieceProcessor (read it, do not change it)."""
+        return self._sp
+
     def _encode(self, text):
         if self._special_re is None:
             return self._sp.encode(text)
@@ -176,6 +181,11 @@ class HFTokenizer(Tokenizer):
         self._post_bos = full[0] if full[1:len(plain) + 1] == plain else None
         super().__init__(**{"bos_id": self._post_bos, "eos_ids": [], "pad_id": None,
                             "add_bos": self._post_bos is not None, **special})
+
+    @property
+    def backend(self):
+        """The wrapped tokenizers.Tokenizer (read it, do not change it)."""
+        return self._hf
 
     def _encode(self, text):
         # BOS/EOS come from Tokenizer.encode, not from the tokenizer.json post-processor
