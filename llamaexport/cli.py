@@ -46,6 +46,19 @@ CHAT_FORMAT = click.option(
                           "else auto (the model's own template).")
 
 
+def _logit_bias(ctx, param, values) -> dict[int, float] | None:
+    """--logit-bias ID=BIAS (repeatable) as {id: bias}; SamplingConfig checks the ranges, the model the ids."""
+    bias = {}
+    for v in values:
+        token_id, _, value = v.partition("=")
+        try:
+            bias[int(token_id)] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{v!r}: give ID=BIAS, e.g. --logit-bias 2=-100 (a token id, a bias from -100 "
+                                     "to 100)") from None
+    return bias or None
+
+
 def SAMPLING(f):
     """The sampling options of `run` and `chat` (llamaexport.runtime.sampling.SamplingConfig's fields)."""
     for option in reversed([
@@ -53,7 +66,9 @@ def SAMPLING(f):
             click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
             click.option("--top-p", type=float, default=1.0, show_default=True),
             click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
-            click.option("--seed", type=int, default=None)]):
+            click.option("--seed", type=int, default=None),
+            click.option("--logit-bias", multiple=True, callback=_logit_bias, metavar="ID=BIAS",
+                         help="Add BIAS (-100 .. 100) to token ID's logit before sampling (repeatable; -100 bans it).")]):
         f = option(f)
     return f
 
@@ -126,14 +141,14 @@ def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, ou
 @click.option("--system", help="System prompt for --chat.")
 @click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
 @BACKEND
-def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, chat,
+def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, logit_bias, stop, chat,
         chat_format, system, threads, backend):
     """Generate text, streaming it to stdout."""
     from llamaexport.runtime.llama_model import LlamaModel
     from llamaexport.runtime.sampling import SamplingConfig
 
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, seed=seed)
+                              repetition_penalty=repetition_penalty, seed=seed, logit_bias=logit_bias)
     model = LlamaModel.load(artifact, threads=threads, backend=backend)
     for piece in model.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop),
                               chat=((chat_format or True) if chat else False), system=system):
@@ -173,7 +188,7 @@ def serve(artifact, host, port, max_batch, max_queue, prefill_chunk, threads, ap
 @click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
 @BACKEND
 def chat_cmd(artifact, system, chat_format, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-             threads, backend):
+             logit_bias, threads, backend):
     """Chat with an artifact in the terminal (multi-turn; /help lists the commands)."""
     from llamaexport.runtime.completion import check_generation
     from llamaexport.runtime.llama_model import LlamaModel
@@ -182,9 +197,10 @@ def chat_cmd(artifact, system, chat_format, max_new_tokens, temperature, top_k, 
 
     check_generation(max_new_tokens=max_new_tokens)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, seed=seed)
+                              repetition_penalty=repetition_penalty, seed=seed, logit_bias=logit_bias)
     with LlamaModel.load(artifact, threads=threads, backend=backend) as model:
         model.require_tokenizer()
+        sampling.check_vocab(model.config.vocab_size)
         repl.main(model, fmt=chat_format, system=system, sampling=sampling, max_new_tokens=max_new_tokens)
 
 

@@ -100,6 +100,54 @@ def test_sampling_config_errors():
         SamplingConfig(temperature=-1)
 
 
+def _raw_log_softmax(model, ids) -> np.ndarray:
+    """The reference: log_softmax of the logits one forward of the model's backend gives at every position of
+    `ids` [S] (a fresh cache, every position's logits): [S, V]."""
+    logits, _ = model.backend.forward(np.array([ids]), np.ones((1, len(ids)), np.int64), np.arange(len(ids))[None],
+                                      model.backend.empty_cache(1))
+    return torch.log_softmax(torch.from_numpy(logits[0]).double(), -1).numpy()
+
+
+def test_generate_reports_the_raw_logprobs(model):
+    """Generation.logprobs: each token's log-softmax under the model's own logits at its position, and the
+    k most likely ids, most likely first (greedy: the chosen one first). Raw: temperature, penalties and a
+    logit bias change what is sampled, never the logprobs reported for it."""
+    prompt = model.encode("the quick brown")
+    for sampling in (None, SamplingConfig(temperature=1.3, seed=5, repetition_penalty=1.2, logit_bias={7: 3.0, 9: -50})):
+        g = model.generate("the quick brown", max_new_tokens=10, sampling=sampling, logprobs=5)
+        ids = prompt + g.token_ids
+        ref = _raw_log_softmax(model, ids)
+        kept = [t for t in g.token_ids if t not in model.tokenizer.eos_ids]  # an EOS id is not reported
+        assert [lp.token_id for lp in g.logprobs] == kept and len(kept) >= 9
+        for j, lp in enumerate(g.logprobs):
+            row = ref[len(prompt) - 1 + j]  # the logits before token j
+            assert lp.logprob == pytest.approx(row[lp.token_id], abs=1e-4)
+            assert [i for i, _ in lp.top] == np.argsort(-row, kind="stable")[:5].tolist()
+            np.testing.assert_allclose([v for _, v in lp.top], row[[i for i, _ in lp.top]], atol=1e-4)
+            if sampling is None:
+                assert lp.top[0] == (lp.token_id, lp.logprob)
+    assert model.generate("the quick brown", max_new_tokens=4).logprobs is None  # not asked: not computed
+
+
+def test_logit_bias_bans_and_forces_tokens(model):
+    """OpenAI's logit bias, added to the logits before anything else, greedy included: -100 bans the greedy
+    token, +100 forces one; its ids must be in the model's vocabulary and its values within -100 .. 100."""
+    p = PROMPTS[0]
+    greedy = model.generate_ids([p], max_new_tokens=6, eos_ids=[])[0]
+    banned = model.generate_ids([p], max_new_tokens=6, eos_ids=[], sampling=SamplingConfig(logit_bias={greedy[0]: -100}))[0]
+    assert banned[0] != greedy[0] and greedy[0] not in banned
+    forced = model.generate_ids([p], max_new_tokens=6, eos_ids=[],
+                                sampling=SamplingConfig(temperature=1.0, seed=3, logit_bias={"7": 100}))[0]
+    assert forced == [7] * 6
+    for bias, message in (({"x": 1}, "logit_bias key 'x' is not a token id"),
+                          ({5: 101}, r"logit_bias\['5'\] must be a number from -100 to 100"),
+                          ({-1: 1}, "logit_bias key '-1'"), ([1, 2], "logit_bias must be an object")):
+        with pytest.raises(LlamaExportError, match=message):
+            SamplingConfig(logit_bias=bias)
+    with pytest.raises(LlamaExportError, match=r"logit_bias key '512' is not a token id of this model's vocabulary \(0 .. 511\)"):
+        model.generate_ids([p], max_new_tokens=2, sampling=SamplingConfig(logit_bias={512: 1}))
+
+
 def test_text_stream_equals_generate_and_stops_at_stop_string(model):
     pieces = list(model.stream("the quick brown", max_new_tokens=30))
     full = model.generate("the quick brown", max_new_tokens=30)

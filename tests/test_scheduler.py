@@ -1,14 +1,15 @@
 """The serving engine's scheduler without a model: the plans schedule() makes (admission, the slot and
 prefix a request gets, prefill chunks while others decode and when nobody does, batched prefill of
-adjacent empty slots, the decode rows) and what update_from_output() does with made-up tokens (EOS,
-stop strings, max tokens, cancellation, failure)."""
+adjacent empty slots, the decode rows, n choices that prefill once and copy, a prompt whose logprobs are
+reported) and what update_from_output() does with made-up tokens (EOS, stop strings, max tokens,
+logprobs, cancellation, failure)."""
 
 import itertools
 
 import pytest
 
 from llamaexport.runtime.completion import Completion, FinishReason
-from llamaexport.runtime.sampling import SamplingConfig
+from llamaexport.runtime.sampling import SamplingConfig, TokenLogprob
 from llamaexport.runtime.scheduler import (
     BATCH_PREFILL_TOKENS,
     MIN_REUSE,
@@ -28,9 +29,18 @@ class Letters:
         return "".join(chr(97 + i % 26) for i in ids)
 
 
-def request(prompt, *, max_new=4, stop=(), eos=(), at=0.0) -> Request:
+def request(prompt, *, max_new=4, stop=(), eos=(), at=0.0, **kw) -> Request:
     c = Completion(Letters(), prompt_ids=prompt, stop=stop, eos_ids=frozenset(eos), max_new_tokens=max_new)
-    return Request(list(prompt), SamplingConfig(), c, submitted=at)
+    return Request(list(prompt), SamplingConfig(), c, submitted=at, **kw)
+
+
+def group(prompt, n, **kw) -> Request:
+    """A request for n choices, as Engine.submit makes it: a leader and n - 1 followers."""
+    lead, *rest = (request(prompt, index=i, **kw) for i in range(n))
+    lead.followers = rest
+    for f in rest:
+        f.leader = lead
+    return lead
 
 
 def scheduler(n=3, *, max_queue=4, chunk=8, batched=True) -> Scheduler:
@@ -44,13 +54,15 @@ def prompt(n, start=100):
 
 def step(s: Scheduler, tokens=lambda r: 1):
     """One step with made-up sampling: schedule, then a token for each request whose logits the plan's
-    forwards give (a prompt's last chunk, a decode row). Returns (plan, events)."""
+    forwards give (a prompt's last chunk, a copy's follower, a decode row). Returns (plan, events)."""
     plan = s.schedule()
     sampled = {}
     for chunk in plan.prefills:
         for r, last in zip(chunk.requests, chunk.last):
             if last:
                 sampled[r] = tokens(r)
+    for c in plan.copies:  # a follower samples from its leader's logits
+        sampled[c.request] = tokens(c.request)
     for r in plan.decode:
         sampled[r] = tokens(r)
     return plan, plan.finished + s.update_from_output(plan, sampled)
@@ -204,3 +216,104 @@ def test_fail_ends_running_and_waiting_and_empties_their_slots():
     errors = [(r, e.finish_reason, e.error) for r, e in events if isinstance(e, DoneEvent)]
     assert errors == [(r, FinishReason.ERROR, "boom") for r in (a, b, c)]
     assert s.counts() == (0, 0) and all(r.done for r in (a, b, c))
+
+
+def test_n_choices_are_admitted_together_prefilled_once_and_copied():
+    """A request for 3 choices takes 3 slots at once (or waits, and so does the queue behind it); only the
+    leader's prompt is prefilled, and the step of its last chunk copies its cache into the followers' slots,
+    each of which samples its own first token there; then all three decode."""
+    s = scheduler(4, max_queue=4, chunk=8)
+    busy = request(prompt(3), max_new=20)
+    s.add(busy)
+    step(s)
+    lead = group(prompt(12, 200), 3, max_new=5, at=1.0)
+    single = request(prompt(4, 300), at=2.0)
+    s.add(lead)
+    s.add(single)
+    assert s.counts() == (1, 4)  # every choice counts
+    with pytest.raises(QueueFull):
+        s.add(group(prompt(5), 4))  # 1 running + 4 waiting + 4 > 4 slots + 4 queued
+    plan, _ = step(s)
+    assert [a.request for a in plan.admitted] == lead.group and [a.reuse for a in plan.admitted] == [0, 0, 0]
+    assert [r.slot for r in lead.group] == [1, 2, 3] and plan.decode == [busy]
+    assert shape(plan) == [(1, [8], [False])] and plan.copies == []  # the leader's first chunk, nothing to copy
+    assert single.status is RequestStatus.WAITING  # no slot left for it
+    plan, events = step(s, tokens=lambda r: 10 + r.index)
+    assert shape(plan) == [(1, [4], [True])]
+    assert [(c.src, c.dst, c.n, c.request, c.leader) for c in plan.copies] == [(1, 2, 12, lead.followers[0], lead),
+                                                                               (1, 3, 12, lead.followers[1], lead)]
+    assert all(s.slots[r.slot].tokens == lead.prompt_ids and r.computed == 12 for r in lead.group)
+    assert [(e.index, e.text) for r, e in events if r in lead.group] == [(0, "k"), (1, "l"), (2, "m")]
+    plan, _ = step(s)
+    assert plan.decode == [busy, *lead.group] and plan.prefills == [] and plan.copies == []
+    events = []
+    while not lead.all_done:
+        events += step(s)[1]
+    assert [(e.index, e.completion_tokens) for r, e in events if isinstance(e, DoneEvent)] == [(0, 5), (1, 5), (2, 5)]
+    assert [a.request for a in step(s)[0].admitted] == [single]  # the slots the group left
+
+
+def test_a_group_that_cannot_start_keeps_its_place_and_goes_whole():
+    s = scheduler(2, max_queue=4)
+    first = request(prompt(3), max_new=3)
+    s.add(first)
+    step(s)
+    lead, after = group(prompt(6, 100), 2, at=1.0), request(prompt(6, 200), at=2.0)
+    s.add(lead)
+    s.add(after)
+    assert s.schedule().admitted == []  # one slot free, the group needs two: nobody overtakes it
+    lead.cancelled = True  # a queued leader takes its group along
+    plan = s.schedule()
+    assert [(r, e.finish_reason, e.index) for r, e in plan.finished] == [(lead, FinishReason.CANCELLED, 0),
+                                                                          (lead.followers[0], FinishReason.CANCELLED, 1)]
+    assert [a.request for a in plan.admitted] == [after]
+
+    s = scheduler(3)
+    lead = group(prompt(20), 3)
+    s.add(lead)
+    s.schedule()  # admitted; its prefill (idle: the whole prompt) never ran
+    lead.cancelled = True  # before its followers got the cache: they go too (else they would wait forever)
+    plan = s.schedule()
+    assert {r for r, e in plan.finished if isinstance(e, DoneEvent)} == set(lead.group) and s.counts() == (0, 0)
+
+
+def test_a_prompt_whose_logprobs_are_reported_is_prefilled_alone_in_kept_chunks():
+    """No cached prefix is reused (every position's logits are needed), it is not batched with other new
+    prompts, and even with nobody decoding it runs in chunks of at most prefill_chunk ids, each planned
+    with where it starts."""
+    s = scheduler(3, chunk=8)
+    conv = prompt(20)
+    s.slots[0].tokens = list(conv)
+    echo = request(conv + [1, 2], logprobs=0, prompt_logprobs=True)
+    other = request(prompt(22, 500), at=1.0)
+    s.add(echo)
+    s.add(other)
+    plan = s.schedule()
+    assert [(a.request, a.reuse) for a in plan.admitted] == [(echo, 0), (other, 0)] and echo.slot == 1
+    chunks = [(c.requests, [len(i) for i in c.ids], c.starts, c.keep_logits) for c in plan.prefills]
+    assert chunks == [([echo], [8], [0], True), ([echo], [8], [8], True), ([echo], [6], [16], True),
+                      ([other], [22], [0], False)]
+
+
+def test_logprobs_go_with_the_text_and_stop_with_it():
+    """A token's logprob is delivered with the event that first shows its text: held back with it (a stop
+    string could still begin), dropped with it when a stop string cuts it away; an EOS id's is never
+    reported. The DoneEvent has all that were delivered."""
+    s = scheduler(2)
+    stop = request(prompt(4, 10), stop=("cd",), max_new=10, logprobs=0)
+    eos = request(prompt(4, 20), eos=(9,), logprobs=0, at=1.0)
+    s.add(stop)
+    s.add(eos)
+    script = {stop: iter([1, 2, 3]), eos: iter([0, 9])}
+    events = []
+    while s.has_work:
+        plan = s.schedule()
+        sampled = {r: next(script[r]) for c in plan.prefills for r, last in zip(c.requests, c.last) if last}
+        sampled.update({r: next(script[r]) for r in plan.decode})
+        lps = {r: TokenLogprob(t, -float(t), []) for r, t in sampled.items()}
+        events += s.update_from_output(plan, sampled, lps)
+    text = [(e.text, [lp.token_id for lp in e.logprobs]) for r, e in events if r is stop and isinstance(e, TextEvent)]
+    assert text == [("", []), ("b", [1]), ("", [])]  # "c" (2) and "d" (3) were cut by the stop string "cd"
+    done = {r: e for r, e in events if isinstance(e, DoneEvent)}
+    assert [lp.token_id for lp in done[stop].logprobs] == [1] and done[stop].text == "b"
+    assert [(lp.token_id, lp.offset) for lp in done[eos].logprobs] == [(0, 0)]  # not the EOS id 9

@@ -13,6 +13,7 @@ import types
 import numpy as np
 import pytest
 
+from llamaexport import LlamaExportError
 from llamaexport.runtime.engine import ContextTooLong, DoneEvent, Engine, QueueFull, TextEvent
 from llamaexport.runtime.llama_model import LlamaModel
 from llamaexport.runtime.sampling import SamplingConfig
@@ -175,6 +176,82 @@ def test_engine_limits_and_cancel(tiny_artifact):
         engine.close()
 
 
+def _by_choice(events) -> dict[int, list[int]]:
+    """An n-choice stream's token ids per choice index (each choice ends with its DoneEvent)."""
+    out, done = {}, set()
+    for e in events:
+        out.setdefault(e.index, [])
+        if isinstance(e, DoneEvent):
+            done.add(e.index)
+        elif e.token_id >= 0:
+            out[e.index].append(e.token_id)
+    assert done == set(out)
+    return out
+
+
+@pytest.mark.parametrize("graph", ["gqa", "portable"])
+def test_n_choices_prefill_the_prompt_once_and_equal_separate_requests(graph, tiny_artifact, tiny_portable):
+    """n = 3 through the engine (InplaceSlots on the CPU graph, ConcatSlots on the portable one): the prompt is
+    prefilled once and its cache copied into the two other slots; greedy gives 3 identical choices, each the
+    prompt's greedy tokens alone; seeded sampling gives choice i what one request with seed + i gives."""
+    art, backend = (tiny_artifact, None) if graph == "gqa" else (tiny_portable, "onnxruntime")
+    with LlamaModel.load(art, backend=backend) as m:
+        engine = Engine(m, max_batch=4, prefill_chunk=8)
+        slots, seen = engine.slots, {"prefilled": 0, "copies": []}
+        prefill, prefill_rows, copy_prefix = slots.prefill, slots.prefill_rows, slots.copy_prefix
+
+        def counted_prefill(slot, ids, **kw):
+            seen["prefilled"] += len(ids)
+            return prefill(slot, ids, **kw)
+
+        def counted_rows(lo, ids):
+            seen["prefilled"] += sum(map(len, ids))
+            return prefill_rows(lo, ids)
+
+        def counted_copy(src, dst, n):
+            seen["copies"].append((src, dst, n))
+            return copy_prefix(src, dst, n)
+        slots.prefill, slots.prefill_rows, slots.copy_prefix = counted_prefill, counted_rows, counted_copy
+        p = _prompts(m.config.vocab_size, (21,))[0]
+        alone = m.generate_ids([p], max_new_tokens=12, eos_ids=[])[0]
+        events = list(engine.stream(p, max_new_tokens=12, eos_ids=[], n=3))
+        assert _by_choice(events) == {0: alone, 1: alone, 2: alone}
+        assert seen == {"prefilled": len(p), "copies": [(0, 1, len(p)), (0, 2, len(p))]}
+        done = [e for e in events if isinstance(e, DoneEvent)]
+        assert sorted(e.index for e in done) == [0, 1, 2] and {e.completion_tokens for e in done} == {12}
+
+        sampled = lambda seed, n=1: engine.stream(p, max_new_tokens=12, eos_ids=[], n=n,  # noqa: E731
+                                                  sampling=SamplingConfig(temperature=1.0, seed=seed))
+        want = [_ids(sampled(11 + i)) for i in range(3)]
+        assert _by_choice(sampled(11, n=3)) == dict(enumerate(want)) and len({tuple(w) for w in want}) == 3
+        with pytest.raises(LlamaExportError, match=r"n=5 choices need 5 KV-cache slots .* --max-batch 4") as e:
+            engine.submit(p, max_new_tokens=2, n=5)
+        assert e.value.param == "n"
+        engine.close()
+
+
+def test_logprob_and_bias_rows_leave_the_others_alone(tiny_artifact):
+    """Rows that report logprobs (with alternatives) or carry a logit bias run in the same batch as plain ones:
+    every plain row's tokens equal the same request alone, and asking for logprobs changes no token."""
+    with LlamaModel.load(tiny_artifact) as m:
+        prompts = _prompts(m.config.vocab_size, (7, 13, 9, 11), seed=4)
+        alone = [m.generate_ids([p], max_new_tokens=16, eos_ids=[])[0] for p in prompts]
+        engine = Engine(m, max_batch=4)
+        done, got = {}, {i: [] for i in range(4)}
+        extra = [{}, {"logprobs": 20}, {"sampling": SamplingConfig(logit_bias={alone[2][0]: -100})}, {"logprobs": 0}]
+        for i, (p, kw) in enumerate(zip(prompts, extra)):
+            engine.submit(p, max_new_tokens=16, eos_ids=[], **kw,
+                          on_event=lambda ev, i=i: done.__setitem__(i, ev) if isinstance(ev, DoneEvent)
+                          else got[i].append(ev.token_id) if ev.token_id >= 0 else None)
+        while len(done) < 4:
+            engine.step()
+        assert [got[i] for i in (0, 1, 3)] == [alone[i] for i in (0, 1, 3)]
+        assert got[2][0] != alone[2][0]  # the banned token
+        assert done[0].logprobs is None and len(done[1].logprobs) == 16 and len(done[1].logprobs[0].top) == 20
+        assert [lp.token_id for lp in done[3].logprobs] == got[3] and done[3].logprobs[0].top == []
+        engine.close()
+
+
 # ---------------------------------------------------------------------- the HTTP server
 class Server:
     def __init__(self, artifact, *args):
@@ -288,6 +365,53 @@ def test_concurrent_streams_and_metrics(tiny_server):
     assert "llamaexport_inter_token_latency_seconds_bucket" in metrics
 
 
+def test_openai_client_n_choices_logit_bias_echo_and_logprobs(tiny_server, tiny_artifact):
+    """Through the openai package: n choices (greedy: identical; seeded: choice i is what seed + i gives
+    alone; usage counts the prompt once), streamed by index; logit_bias -100 bans the greedy token and +100
+    forces one (as LlamaModel does with the same bias); echo puts the prompt first; logprobs parse into the
+    package's types; n beyond the slots is a 400 naming the field."""
+    c = tiny_server.client()
+    kw = dict(model="tiny", prompt="the quick brown", max_tokens=8)
+    one = c.completions.create(**kw, temperature=0)
+    three = c.completions.create(**kw, temperature=0, n=3)
+    assert [(ch.index, ch.text) for ch in three.choices] == [(i, one.choices[0].text) for i in range(3)]
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    seeded = c.completions.create(**kw, temperature=1.0, seed=21, n=3)
+    alone = [c.completions.create(**kw, temperature=1.0, seed=21 + i).choices[0].text for i in range(3)]
+    assert [ch.text for ch in seeded.choices] == alone and len(set(alone)) == 3
+    msgs = [{"role": "user", "content": "hello there"}]
+    whole = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0.8, seed=5, n=2)
+    streamed = {0: "", 1: ""}
+    for ch in c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0.8, seed=5, n=2,
+                                        stream=True):
+        for choice in ch.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == {ch.index: ch.message.content for ch in whole.choices}
+
+    with LlamaModel.load(tiny_artifact) as m:
+        greedy = m.generate("the quick brown", max_new_tokens=8)
+        fox = m.tokenizer.encode("fox", add_bos=False)[-1]
+        ban, force = {greedy.token_ids[0]: -100}, {fox: 100}
+        banned = m.generate("the quick brown", max_new_tokens=8, sampling=SamplingConfig(logit_bias=ban))
+        forced = m.generate("the quick brown", max_new_tokens=3, sampling=SamplingConfig(logit_bias=force))
+    assert one.choices[0].text == greedy.text
+    r = c.completions.create(**kw, temperature=0, logit_bias={str(k): v for k, v in ban.items()})
+    assert r.choices[0].text == banned.text != greedy.text and banned.token_ids[0] != greedy.token_ids[0]
+    r = c.completions.create(**{**kw, "max_tokens": 3}, temperature=0.7, logit_bias={str(fox): 100})
+    assert r.choices[0].text == forced.text and forced.token_ids == [fox] * 3 and "fox" in forced.text
+
+    r = c.completions.create(**kw, temperature=0, echo=True, logprobs=2)
+    assert r.choices[0].text == "the quick brown" + greedy.text
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == len(lp.text_offset) == one.usage.prompt_tokens + 8
+    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    assert [len(t.top_logprobs) for t in r.choices[0].logprobs.content] == [3] * 4
+    with pytest.raises(openai.BadRequestError, match="raise --max-batch") as e:
+        c.completions.create(**kw, n=9)
+    assert e.value.param == "n"
+
+
 # ---------------------------------------------------------------------- the app in this process
 # Request validation needs no socket: the app `serve` runs (server.create_app) over an engine of the tiny
 # model, requests through httpx.ASGITransport. What needs a real server (the openai client against it,
@@ -328,8 +452,8 @@ def asgi_openai(app, call, api_key="none"):
     ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens must be a whole number >= 1"),
     ({"prompt": "hi", "model": "gpt-4"}, 400, "unknown model 'gpt-4'"),
     ({"prompt": "hi", "temperature": "hot"}, 400, "temperature must be a number"),
-    ({"prompt": "hi", "n": 2}, 400, "n must be 1"),
-    ({"prompt": "hi", "logprobs": 2}, 400, "logprobs are not supported"),
+    ({"prompt": "hi", "n": 0}, 400, "n must be a whole number >= 1"),
+    ({"prompt": "hi", "logprobs": 6}, 400, "logprobs must be a whole number from 0 to 5"),
     ({"prompt": "hi", "stop": [1]}, 400, "stop must be"),
     ({"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty must be a number from -2.0 to 2.0"),
     ({"prompt": 42}, 400, "prompt must be"),
@@ -349,6 +473,132 @@ def test_bad_completions_requests(tiny_app, body, status, fragment):
     assert fragment in err["message"] and err["type"] == "invalid_request_error"
     health = asgi(tiny_app.app, "GET", "/health")
     assert health.status_code == 200 and health.json()["active"] == 0  # still serving, nothing left running
+
+
+@pytest.mark.parametrize("endpoint,body,param,fragment", [
+    ("completions", {"logprobs": 6}, "logprobs", "logprobs must be a whole number from 0 to 5, got 6"),
+    ("completions", {"logprobs": True}, "logprobs", "logprobs must be a whole number"),
+    ("completions", {"n": 5}, "n", "n=5 choices need 5 KV-cache slots at once, and this engine has 4 (serve --max-batch 4)"),
+    ("completions", {"logit_bias": {"512": 5}}, "logit_bias",
+     "logit_bias key '512' is not a token id of this model's vocabulary (0 .. 511)"),
+    ("completions", {"logit_bias": {"the": 5}}, "logit_bias", "logit_bias key 'the' is not a token id"),
+    ("completions", {"logit_bias": {"7": -101}}, "logit_bias", "logit_bias['7'] must be a number from -100 to 100"),
+    ("completions", {"logit_bias": [7]}, "logit_bias", "logit_bias must be an object"),
+    ("completions", {"echo": "yes"}, "echo", "echo must be true or false"),
+    ("completions", {"suffix": "x"}, "suffix", "suffix (fill in the middle) is not supported"),
+    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "top_logprobs must be a whole number from 0 to 20"),
+    ("chat", {"top_logprobs": 2}, "top_logprobs", "top_logprobs needs logprobs: true"),
+    ("chat", {"logprobs": False, "top_logprobs": 0}, "top_logprobs", "top_logprobs needs logprobs: true"),
+    ("chat", {"logprobs": 1}, "logprobs", "logprobs must be true or false"),
+    ("chat", {"n": 9}, "n", "raise --max-batch"),
+    ("chat", {"logit_bias": {"-3": 1}}, "logit_bias", "logit_bias key '-3'"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format", "structured output (response_format)"),
+    ("chat", {"tool_choice": "required"}, "tool_choice", "tool calls are not supported"),
+    ("chat", {"grammar": "root ::= x"}, "grammar", "grammar-constrained output is not supported"),
+    ("chat", {"regex": "a+"}, "regex", "regex-constrained output is not supported"),
+])
+def test_bad_parameters_name_the_field(tiny_app, endpoint, body, param, fragment):
+    """What a request asks of logprobs, n, logit_bias and echo is checked before it reaches the engine, and
+    the fields still refused (structured output, tools: a grammar engine's; suffix) say so: OpenAI's error
+    JSON with `param` naming the field."""
+    base = {"prompt": "hi"} if endpoint == "completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    r = asgi(tiny_app.app, "POST", f"/v1/{'chat/' if endpoint == 'chat' else ''}completions", json={**base, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["param"] == param and err["type"] == "invalid_request_error", err
+    assert asgi(tiny_app.app, "GET", "/health").json()["active"] == 0
+
+
+def _log_softmax(m, ids) -> np.ndarray:
+    """The reference logprobs: log-softmax of the logits the model's backend computes at every position of `ids`
+    in one forward (a fresh cache) [S, V]; row j gives the logprobs of the id after position j."""
+    logits, _ = m.backend.forward(np.array([ids]), np.ones((1, len(ids)), np.int64), np.arange(len(ids))[None],
+                                  m.backend.empty_cache(1))
+    x = logits[0].astype(np.float64)
+    x -= x.max(1, keepdims=True)
+    return x - np.log(np.exp(x).sum(1, keepdims=True))
+
+
+def _data(r) -> list[dict]:
+    """A streamed answer's chunks (the SSE data before [DONE])."""
+    lines = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(d) for d in lines[:-1]]
+
+
+def _alike(a, b):
+    """Two answers' logprobs (lists, or lists in dicts, of tokens and floats) are the same tokens with the same
+    logprobs to 1e-5: a second request reuses the first's cached prompt, whose last token's forward rounds
+    differently in the last bits."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, abs=1e-5)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _alike(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _alike(x, y)
+    else:
+        assert a == b
+
+
+def test_chat_logprobs_are_the_models_and_stream_with_the_text(tiny_app, tiny_artifact):
+    """Greedy chat logprobs: each token is its bytes (and their text), its logprob the model's raw log-softmax at
+    its position, its top_logprobs the most likely ids, sorted, the chosen one first; the bytes join to the
+    message; the streamed chunks' lists concatenate to the whole answer's."""
+    with LlamaModel.load(tiny_artifact) as m:
+        want = m.generate("hello there", chat="chatml", max_new_tokens=10)
+        prompt = m.encode(m.format_prompt("hello there", chat="chatml"))
+        ids = [t for t in want.token_ids if t not in m.tokenizer.eos_ids]
+        ref, tok = _log_softmax(m, prompt + ids), m.tokenizer
+    body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 10, "temperature": 0,
+            "logprobs": True, "top_logprobs": 4}
+    answer = asgi(tiny_app.app, "POST", "/v1/chat/completions", json=body).json()["choices"][0]
+    content = answer["logprobs"]["content"]
+    assert answer["message"]["content"] == want.text and len(content) == len(ids) and answer["logprobs"]["refusal"] is None
+    for j, (entry, tid) in enumerate(zip(content, ids)):
+        row = ref[len(prompt) - 1 + j]
+        assert entry["bytes"] == list(tok.token_bytes(tid)) and entry["token"] == tok.token_bytes(tid).decode(errors="replace")
+        assert entry["logprob"] == pytest.approx(row[tid], abs=1e-4)
+        tops = entry["top_logprobs"]
+        np.testing.assert_allclose([t["logprob"] for t in tops], np.sort(row)[::-1][:4], atol=1e-4)
+        assert tops[0] == {k: entry[k] for k in ("token", "logprob", "bytes")}
+    assert b"".join(bytes(e["bytes"]) for e in content).decode(errors="replace") == want.text
+    chunks = _data(asgi(tiny_app.app, "POST", "/v1/chat/completions", json={**body, "stream": True}))
+    _alike([e for c in chunks for ch in c["choices"] if ch["logprobs"] for e in ch["logprobs"]["content"]], content)
+    plain = asgi(tiny_app.app, "POST", "/v1/chat/completions", json={**body, "logprobs": False, "top_logprobs": None})
+    assert plain.json()["choices"][0]["logprobs"] is None
+
+
+def test_completion_logprobs_and_echo(tiny_app, tiny_artifact):
+    """The completions shape: tokens, token_logprobs, top_logprobs (dicts holding the chosen token: at most
+    logprobs + 1 entries), text_offset into the text; with echo the prompt comes first, its first token's
+    logprob null and the others' the model's; streamed, the echo is the first chunk and the lists
+    concatenate to the whole answer's."""
+    with LlamaModel.load(tiny_artifact) as m:
+        want = m.generate("the quick brown", max_new_tokens=6)
+        prompt = m.encode("the quick brown")
+        ids = prompt + [t for t in want.token_ids if t not in m.tokenizer.eos_ids]
+        ref = _log_softmax(m, ids)
+    body = {"prompt": "the quick brown", "max_tokens": 6, "temperature": 0, "logprobs": 3, "echo": True}
+    choice = asgi(tiny_app.app, "POST", "/v1/completions", json=body).json()["choices"][0]
+    lp, text = choice["logprobs"], choice["text"]
+    assert text == "the quick brown" + want.text and len(lp["tokens"]) == len(ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    np.testing.assert_allclose(lp["token_logprobs"][1:], ref[np.arange(len(ids) - 1), ids[1:]], atol=1e-4)
+    for j in range(1, len(ids)):
+        top = lp["top_logprobs"][j]
+        assert lp["tokens"][j] in top and len(top) <= 4 and max(top.values()) == pytest.approx(ref[j - 1].max(), abs=1e-4)
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][len(prompt)] == len("the quick brown")
+    chunks = _data(asgi(tiny_app.app, "POST", "/v1/completions", json={**body, "stream": True}))
+    assert chunks[0]["choices"][0]["text"] == "the quick brown"
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        _alike([v for c in chunks if c["choices"][0]["logprobs"] for v in c["choices"][0]["logprobs"][key]], lp[key])
+    plain = asgi(tiny_app.app, "POST", "/v1/completions", json={**body, "logprobs": None}).json()["choices"][0]
+    assert plain["text"] == text and plain["logprobs"] is None
 
 
 def test_bad_chat_requests_and_routes(tiny_app):
@@ -535,6 +785,34 @@ def test_smollm2_chat_equals_run_and_reuses_history(smol_art, smol_server):
         want = m.tokenizer.decode(m.generate_ids([ids], max_new_tokens=24)[0])
     assert b.choices[0].message.content == want
     assert "Berlin" in b.choices[0].message.content
+
+
+def test_smollm2_logprobs_spell_the_answer_and_stop_with_it(smol_art, smol_server):
+    """Real text: the reported tokens' bytes join to the answer and their logprobs are the model's; a stop string
+    ends the reported tokens where it ends the text; n beyond --max-batch 1 is a 400 naming it."""
+    from llamaexport.model.chat import format_chat
+
+    c = smol_server.client()
+    name = c.models.list().data[0].id
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    r = c.chat.completions.create(model=name, messages=msgs, max_tokens=24, temperature=0, logprobs=True, top_logprobs=3)
+    text, lps = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert "Paris" in text and b"".join(bytes(t.bytes) for t in lps).decode() == text
+    with LlamaModel.load(smol_art) as m:
+        prompt = m.encode(format_chat(msgs, tokenizer=m.tokenizer))
+        ids = m.generate_ids([prompt], max_new_tokens=24)[0]
+        ref = _log_softmax(m, prompt + ids)
+    for j, t in enumerate(lps):
+        assert t.logprob == pytest.approx(ref[len(prompt) - 1 + j, ids[j]], abs=1e-3)
+        assert t.top_logprobs[0].token == t.token and [a.logprob for a in t.top_logprobs] == sorted(
+            (a.logprob for a in t.top_logprobs), reverse=True)
+    stop = lps[4].token + lps[5].token  # cut before the fifth token's text
+    cut = c.chat.completions.create(model=name, messages=msgs, max_tokens=24, temperature=0, logprobs=True, stop=[stop])
+    assert cut.choices[0].message.content == text[:text.find(stop)]
+    assert [t.token for t in cut.choices[0].logprobs.content] == [t.token for t in lps[:4]]
+    with pytest.raises(openai.BadRequestError, match=r"this engine has 1 \(serve --max-batch 1\)") as e:
+        c.chat.completions.create(model=name, messages=msgs, max_tokens=2, n=2)
+    assert e.value.param == "n"
 
 
 def test_queue_limit_and_disconnect(smol_server):

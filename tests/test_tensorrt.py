@@ -135,7 +135,8 @@ def test_each_form_meets_the_fp32_budget_through_onnxruntime(graph_forms):
 def test_serving_engine_on_each_form(graph_forms):
     """The engine serves the in-place graph with InplaceSlots (rows of their own lengths in one buffer,
     written where each row ends: no padding, no copies) and the concat graph with ConcatSlots; either
-    way each request gets what it gets alone, and a left-padded batch through `steps` too."""
+    way each request gets what it gets alone, and a left-padded batch through `steps` too; n choices copy
+    the prompt's cache, and an echo's prompt logprobs are the model's."""
     from llamaexport.runtime.engine import DoneEvent, Engine, TextEvent
     from llamaexport.runtime.llama_model import LlamaModel
     from llamaexport.runtime.slots import ConcatSlots, InplaceSlots
@@ -159,6 +160,18 @@ def test_serving_engine_on_each_form(graph_forms):
             while len(done) < 3:
                 engine.step()
             assert [got[i] for i in range(3)] == alone, kv
+            # two choices share the prompt's cache (SlotCache.copy_prefix), and the prompt's logprobs come from
+            # chunks whose every position's logits are kept: the model's own, as one forward gives them
+            ends = [e for e in engine.stream(prompts[2], max_new_tokens=6, eos_ids=[], n=2, logprobs=1,
+                                             prompt_logprobs=True) if isinstance(e, DoneEvent)]
+            assert [[lp.token_id for lp in e.logprobs] for e in ends] == [alone[2][:6]] * 2, kv
+            logits, _ = model.backend.forward(np.array([prompts[2]]), np.ones((1, 13), np.int64), np.arange(13)[None],
+                                              model.backend.empty_cache(1))
+            x = logits[0] - logits[0].max(1, keepdims=True)
+            ref = x - np.log(np.exp(x).sum(1, keepdims=True))  # [13, V]: row j gives the logprobs of id j + 1
+            lps = ends[1].prompt_logprobs
+            assert lps[0] is None and len(lps) == 13
+            np.testing.assert_allclose([lp.logprob for lp in lps[1:]], ref[np.arange(12), prompts[2][1:]], atol=1e-4)
             engine.close()
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import train_tiny_spm
 
 from llamaexport import LlamaExportError
-from llamaexport.model.tokenizer import StreamDecoder, load_tokenizer, tokenizer_from_gguf
+from llamaexport.model.tokenizer import SentencePieceTokenizer, StreamDecoder, load_tokenizer, tokenizer_from_gguf
 
 TEXTS = [
     "Hello world", "the quick brown fox", " leading space", "trailing  ", "multiple    spaces",
@@ -242,3 +242,18 @@ def test_stream_decoder_context_keeps_leading_space(any_tok):
     stream = StreamDecoder(any_tok, context=prompt)
     text = "".join(stream.push(i) for i in full[len(prompt):]) + stream.flush()
     assert text == " jumps 😀 over"  # decoding the new ids alone would lose sentencepiece's space
+
+
+def test_token_bytes_join_to_the_text(any_tok):
+    """A token's bytes (what logprobs report): byte-level BPE's undone character map, sentencepiece's pieces
+    with "\u2581" as a space and <0xNN> as its byte; joined over a text's ids they are its UTF-8, split
+    characters included; special tokens are their text; ids past the vocabulary are b""."""
+    ids = any_tok.encode(STREAM_TEXT, add_bos=False)
+    joined = b"".join(any_tok.token_bytes(i) for i in ids)
+    dummy_prefix = b" " if isinstance(any_tok, SentencePieceTokenizer) else b""  # sentencepiece's "\u2581" before the text
+    assert joined == dummy_prefix + STREAM_TEXT.encode()
+    assert any(len(any_tok.token_bytes(i).decode("utf-8", errors="replace")) < len(any_tok.token_bytes(i))
+               for i in ids)  # some tokens hold part of a character: not text on their own
+    eos = any_tok.eos_ids[0]
+    assert any_tok.token_bytes(eos) == any_tok.id_to_piece(eos).encode()
+    assert any_tok.token_bytes(any_tok.vocab_size) == b"" and any_tok.token_bytes(-1) == b""

@@ -29,6 +29,23 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes byte b as one printable character (`bytes_to_unicode`): the bytes that
+    are printable Latin-1 as themselves, the others as chr(256 + n) in byte order. This is the inverse map."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_level_chars()
 _GGUF_PRE = {"default": "gpt2", "gpt2": "gpt2", "gpt-2": "gpt2", "smollm": "smollm",
              "llama-bpe": "llama3", "llama3": "llama3", "llama-v3": "llama3"}
 
@@ -37,7 +54,7 @@ class Tokenizer:
     """One interface over sentencepiece (tokenizer.model) and HF tokenizers (tokenizer.json).
 
     Subclasses supply `_encode` (text -> ids, no BOS), `decode`, `id_to_piece`, `token_to_id`,
-    `_adds_bos` and `_save_vocab`; this class holds the special ids and the chat template.
+    `_token_bytes`, `_adds_bos` and `_save_vocab`; this class holds the special ids and the chat template.
     """
 
     vocab_size: int
@@ -61,6 +78,18 @@ class Tokenizer:
     @property
     def eos_token(self) -> str:
         return self.id_to_piece(self.eos_ids[0]) if self.eos_ids else ""
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id stands for in the text, on its own: a byte-level BPE token's bytes, a
+        sentencepiece piece with "\u2581" as a space (a byte-fallback piece <0xNN> is its one byte), a special
+        token's text (e.g. b"<|im_end|>"). An id past the vocabulary (a model's padded embedding rows) is
+        b"". Logprobs report a token as these bytes (and as their text, decoded with errors="replace":
+        a token holding part of a UTF-8 character is not text on its own)."""
+        cache = self.__dict__.setdefault("_bytes_cache", {})
+        token_id = int(token_id)
+        if token_id not in cache:
+            cache[token_id] = self._token_bytes(token_id) if 0 <= token_id < self.vocab_size else b""
+        return cache[token_id]
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special tokens written in it (e.g. "<|im_start|>") become their ids.
@@ -154,6 +183,14 @@ class SentencePieceTokenizer(Tokenizer):
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
 
+    def _token_bytes(self, token_id: int) -> bytes:
+        sp, piece = self._sp, self._sp.id_to_piece(token_id)
+        if sp.is_byte(token_id):  # <0x0A> -> b"\n"
+            return bytes([int(piece[3:5], 16)])
+        if sp.is_control(token_id) or sp.is_unknown(token_id) or sp.is_unused(token_id):
+            return piece.encode()
+        return piece.replace("\u2581", " ").encode()  # "\u2581" is sentencepiece's space
+
     def token_to_id(self, token: str) -> int | None:
         token_id = self._sp.piece_to_id(token)
         # piece_to_id answers unk_id for an unknown piece
@@ -202,6 +239,25 @@ class HFTokenizer(Tokenizer):
 
     def token_to_id(self, token: str) -> int | None:
         return self._hf.token_to_id(token)
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        if not hasattr(self, "_pieces"):  # once: how this vocabulary writes bytes in its pieces
+            spec = json.loads(self._hf.to_str())
+            added = self._hf.get_added_tokens_decoder()
+            self._pieces = ({i: t.content for i, t in added.items()},
+                            "ByteLevel" in json.dumps(spec.get("decoder")),
+                            bool((spec.get("model") or {}).get("byte_fallback")))
+        added, byte_level, byte_fallback = self._pieces
+        if token_id in added:  # special and added tokens are their text
+            return added[token_id].encode()
+        piece = self._hf.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if byte_level:  # GPT-2's byte-to-character map, undone
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        if byte_fallback and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()  # a sentencepiece-style vocabulary (Metaspace)
 
     def _adds_bos(self):
         return self._post_bos is not None and self._post_bos == self.bos_id

@@ -9,8 +9,9 @@ The engine owns `max_batch` KV-cache slots, and each `step()` is vLLM v1's three
   plan = scheduler.schedule()          runtime.scheduler: which requests are admitted into which slot
                                        (reusing a cached prefix), which prefill chunks run, which slots
                                        decode; pure bookkeeping, tested without a model
-  sampled = executor.execute(plan)     `Executor`: those forwards over the slot cache (runtime.slots),
-                                       and one sampled token per request whose next token they give
+  out = executor.execute(plan)         `Executor`: those forwards over the slot cache (runtime.slots),
+                                       the cache copies of n-choice requests, and one sampled token (and
+                                       its logprobs, where asked) per request whose next token they give
   scheduler.update_from_output(...)    the tokens appended, finished requests ended; the engine then
                                        delivers the events
 A decoding stream waits at most one forward of `prefill_chunk` prompt tokens between two of its tokens.
@@ -32,6 +33,7 @@ running requests; other threads submit, cancel and shut down through the queue, 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -39,12 +41,29 @@ from collections.abc import Iterator
 import numpy as np
 
 from llamaexport import LlamaExportError, whole_number
-from llamaexport.runtime.completion import Completion, ContextTooLong, FinishReason, check_generation, eos_set
-from llamaexport.runtime.sampling import SamplingConfig
-from llamaexport.runtime.scheduler import DoneEvent, Events, QueueFull, Request, Scheduler, StepPlan, TextEvent
+from llamaexport.runtime.completion import (
+    BadArgument,
+    Completion,
+    ContextTooLong,
+    FinishReason,
+    check_generation,
+    eos_set,
+)
+from llamaexport.runtime.sampling import SamplingConfig, token_logprobs
+from llamaexport.runtime.scheduler import (
+    DoneEvent,
+    Events,
+    Prefill,
+    QueueFull,
+    Request,
+    Scheduler,
+    StepOutput,
+    StepPlan,
+    TextEvent,
+)
 from llamaexport.runtime.slots import SlotCache, make_slots
 
-__all__ = ["ContextTooLong", "DoneEvent", "Engine", "Executor", "FinishReason", "QueueFull", "Request",
+__all__ = ["BadArgument", "ContextTooLong", "DoneEvent", "Engine", "Executor", "FinishReason", "QueueFull", "Request",
            "ShuttingDown", "TextEvent", "check_limits"]
 
 
@@ -64,38 +83,60 @@ def check_limits(*, max_batch, max_queue, prefill_chunk):
 
 class Executor:
     """Runs a StepPlan over a SlotCache (vLLM's model executor): cuts each admitted slot's cache to the
-    prefix its request reuses, runs the planned prefill forwards, then the one batched decode forward,
-    and samples a token for each request whose next token the logits give (a prompt's last chunk, every
-    decode row), each with its own Sampler."""
+    prefix its request reuses, runs the planned prefill forwards, copies a leader's prompt cache into its
+    followers' slots, then runs the one batched decode forward, and samples a token for each request whose
+    next token the logits give (a prompt's last chunk, a follower from its leader's, every decode row),
+    each with its own Sampler. Logprobs come from the same raw logits, for the requests that ask only."""
 
     def __init__(self, slots: SlotCache):
         self.slots = slots
 
-    def execute(self, plan: StepPlan) -> dict[Request, int]:
+    def execute(self, plan: StepPlan) -> StepOutput:
         for a in plan.admitted:
             self.slots.truncate(a.slot, a.reuse)
-        sampled: dict[Request, int] = {}
+        out = StepOutput({})
+        last_logits = {}  # a leader with followers -> the logits [V] its first token came from
         for chunk in plan.prefills:
-            if len(chunk.requests) > 1:
-                logits = self.slots.prefill_rows(chunk.slot, chunk.ids)     # [rows, V]
-            else:
-                logits = self.slots.prefill(chunk.slot, chunk.ids[0])[None]  # [1, V]
-            for req, last, row in zip(chunk.requests, chunk.last, logits):
+            for req, last, row in zip(chunk.requests, chunk.last, self._prefill(chunk, out)):
                 if last:
-                    sampled[req] = _sample(req, row)
+                    _pick(req, row, out)
+                    if req.followers:
+                        last_logits[req] = row
+        for c in plan.copies:
+            self.slots.copy_prefix(c.src, c.dst, c.n)
+            _pick(c.request, last_logits[c.leader], out)
         if plan.decode:
             logits = self.slots.decode([r.slot for r in plan.decode], [r.next_token for r in plan.decode])
             for req, row in zip(plan.decode, logits):
-                sampled[req] = _sample(req, row)
-        return sampled
+                _pick(req, row, out)
+        return out
+
+    def _prefill(self, chunk: Prefill, out: StepOutput) -> np.ndarray:
+        """One prefill forward; the last position's logits of each row [rows, V]. A chunk that keeps every
+        position's logits [n, V] adds its prompt ids' logprobs to `out` (position j's logits give id j + 1's;
+        the prompt's first id has none)."""
+        if len(chunk.requests) > 1:
+            return self.slots.prefill_rows(chunk.slot, chunk.ids)     # [rows, V]
+        if not chunk.keep_logits:
+            return self.slots.prefill(chunk.slot, chunk.ids[0])[None]  # [1, V]
+        req, start, ids = chunk.requests[0], chunk.starts[0], chunk.ids[0]
+        logits = self.slots.prefill(chunk.slot, ids, all_logits=True)  # [n, V]
+        targets = req.prompt_ids[start + 1:start + len(ids) + 1]        # the ids these positions predict
+        lps = out.prompt_logprobs.setdefault(req, [None] if start == 0 else [])
+        lps += token_logprobs(logits[:len(targets)], targets, req.logprobs or 0)
+        return logits[-1:]
 
 
-def _sample(req: Request, logits) -> int:
-    """One token from a request's logits [V], with its penalties over what it has seen."""
+def _pick(req: Request, logits: np.ndarray, out: StepOutput):
+    """Sample a request's next token from its logits [V] (with its penalties over what it has seen), and
+    its logprobs from the same raw logits when it reports them."""
     seen = None
     if req.sampling.repetition_penalty != 1.0:  # over the prompt too
         seen = [np.asarray(req.prompt_ids + req.generated, np.int64)]
-    return int(req.sampler(logits[None], seen, [req.generated])[0])
+    token = int(req.sampler(logits[None], seen, [req.generated])[0])
+    out.tokens[req] = token
+    if req.logprobs is not None:
+        out.logprobs[req] = token_logprobs(logits[None], [token], req.logprobs)[0]
 
 
 class Engine:
@@ -126,15 +167,37 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingConfig | None = None,
-               stop=(), eos_ids=None, on_event=None) -> Request:
-        """Queue a generation. Raises LlamaExportError for a request that cannot run, QueueFull when
-        --max-queue requests are already waiting."""
+               stop=(), eos_ids=None, on_event=None, n: int = 1, logprobs: int | None = None,
+               prompt_logprobs: bool = False) -> Request:
+        """Queue a generation. Raises LlamaExportError for a request that cannot run (BadArgument naming the
+        argument), QueueFull when --max-queue requests are already waiting.
+
+        n: choices, each its own continuation of the prompt, whose cache is computed once (1 .. max_batch);
+        with a seed, choice i samples with seed + i. Their events carry `index`; the request returned is
+        the first choice's, which `cancel` ends with the others. logprobs: report each generated token's
+        logprob and this many alternatives (0 .. 20; None: none); prompt_logprobs: the prompt's too."""
         check_generation(max_new_tokens=max_new_tokens, stop=stop, prompt_tokens=len(prompt_ids), context=self.ctx,
-                         whole_reply=True)
+                         whole_reply=True, n=n, slots=self.max_batch, logprobs=logprobs)
+        if prompt_logprobs and logprobs is None:
+            raise BadArgument("the prompt's logprobs need logprobs (0 .. 20 alternatives)", "logprobs")
+        sampling = sampling or SamplingConfig()
+        try:
+            sampling.check_vocab(self.model.config.vocab_size)
+        except LlamaExportError as e:
+            raise BadArgument(str(e), "logit_bias") from None
         ids = list(map(int, prompt_ids))
-        completion = Completion(self.tokenizer, prompt_ids=ids, stop=tuple(stop),
-                                eos_ids=eos_set(self.tokenizer, eos_ids), max_new_tokens=max_new_tokens)
-        req = Request(ids, sampling or SamplingConfig(), completion, on_event)
+        group = []
+        for i in range(n):
+            seeded = sampling if i == 0 or sampling.seed is None else dataclasses.replace(
+                sampling, seed=(sampling.seed + i) % 2**63)
+            completion = Completion(self.tokenizer, prompt_ids=ids, stop=tuple(stop),
+                                    eos_ids=eos_set(self.tokenizer, eos_ids), max_new_tokens=max_new_tokens)
+            group.append(Request(ids, seeded, completion, on_event, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                 index=i))
+        req = group[0]
+        req.followers = group[1:]
+        for f in req.followers:
+            f.leader = req
         with self.cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down; retry on another instance")
@@ -145,8 +208,9 @@ class Engine:
         return req
 
     def cancel(self, req: Request):
-        """Stop a request (a client went away); its slot is freed at the next step."""
-        req.cancelled = True
+        """Stop a request, with its other choices (a client went away); their slots are freed at the next step."""
+        for r in req.group:
+            r.cancelled = True
         with self.cond:
             self.cond.notify_all()
 
@@ -219,12 +283,14 @@ class Engine:
         self.slots.close()
 
     def stream(self, prompt_ids: list[int], **kw) -> Iterator[TextEvent | DoneEvent]:
-        """submit() and yield the request's events in order, ending with its DoneEvent. Drives the
-        steps itself when no thread runs them. Closing the iterator early cancels the request."""
+        """submit() and yield the request's events in order, ending with its DoneEvent (n choices: their
+        events interleaved, by `index`, until each has had its DoneEvent). Drives the steps itself when no
+        thread runs them. Closing the iterator early cancels the request."""
         import queue as q
 
         box: q.Queue = q.Queue()
         req = self.submit(prompt_ids, on_event=box.put, **kw)
+        left = len(req.group)
         try:
             while True:
                 if self._thread is None:
@@ -232,10 +298,11 @@ class Engine:
                         self._guarded_step()
                 ev = box.get()
                 yield ev
-                if isinstance(ev, DoneEvent):
+                left -= isinstance(ev, DoneEvent)
+                if not left:
                     return
         finally:
-            if not req.done:
+            if not req.all_done:
                 self.cancel(req)
                 if self._thread is None:
                     self._guarded_step()  # frees the slot now
@@ -248,9 +315,9 @@ class Engine:
                 self.scheduler.cancel_all()
             plan = self.scheduler.schedule()
         self._deliver(plan.finished)
-        sampled = self.executor.execute(plan)
+        out = self.executor.execute(plan)
         self.steps += bool(plan.decode)
-        self._deliver(self.scheduler.update_from_output(plan, sampled))
+        self._deliver(self.scheduler.update_from_output(plan, out.tokens, out.logprobs, out.prompt_logprobs))
 
     def _deliver(self, events: Events):
         """Each event to its request's on_event; a cancelled request gets its DoneEvent only."""

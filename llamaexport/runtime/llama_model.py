@@ -24,7 +24,7 @@ from llamaexport.artifact.manifest import read_manifest, require_intact
 from llamaexport.model.config import LlamaConfig
 from llamaexport.model.kv_form import KVForm
 from llamaexport.runtime.completion import Completion, FinishReason, check_generation, eos_set
-from llamaexport.runtime.sampling import Sampler, SamplingConfig
+from llamaexport.runtime.sampling import Sampler, SamplingConfig, TokenLogprob, token_logprobs
 
 
 class Backend(Protocol):
@@ -189,9 +189,11 @@ class OnnxRuntimeBackend:
         row = int(np.prod(shape[1:])) * np.dtype(self.kv_dtype).itemsize
         return {"bufs": bufs, "ptrs": ptrs, "row_bytes": row, "bindings": {}}
 
-    def run_slots(self, state: dict, lo: int, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    def run_slots(self, state: dict, lo: int, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, *,
+                  all_logits: bool = False) -> np.ndarray:
         """One forward of rows lo .. lo + len(ids) of a slot_cache, each bound as both past and present
-        (a view at its byte offset: no copy); returns the last position's logits [rows, V] float32."""
+        (a view at its byte offset: no copy); returns the last position's logits [rows, V] float32 (all_logits:
+        every position's, [rows, S, V])."""
         k = ids.shape[0]
         io = state["bindings"].get((lo, k))
         if io is None:
@@ -209,10 +211,27 @@ class OnnxRuntimeBackend:
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", mask)
         io.bind_cpu_input("position_ids", pos)
-        logits = np.empty((k, 1 if self.keep_input else ids.shape[1], self.cfg.vocab_size), self.logits_dtype)
+        every = all_logits or not self.keep_input
+        logits = np.empty((k, ids.shape[1] if every else 1, self.cfg.vocab_size), self.logits_dtype)
         io.bind_output("logits", "cpu", 0, self.logits_dtype, logits.shape, logits.ctypes.data)
-        self.sess.run_with_iobinding(io)
-        return logits[:, -1].astype(np.float32, copy=False)
+        if all_logits and self.keep_input:
+            io.bind_ortvalue_input("num_logits_to_keep", self._all)
+        try:
+            self.sess.run_with_iobinding(io)
+        finally:
+            if all_logits and self.keep_input:  # the binding is kept for the next (last-logits) forward
+                io.bind_ortvalue_input("num_logits_to_keep", self._one)
+        return (logits if all_logits else logits[:, -1]).astype(np.float32, copy=False)
+
+    def copy_slot_prefix(self, state: dict, src: int, dst: int, n: int):
+        """Row dst of every slot_cache buffer gets row src's first n positions ([kv_heads, n, head_dim] each)."""
+        for buf in state["bufs"]:
+            if isinstance(buf, np.ndarray):
+                buf[dst, :, :n] = buf[src, :, :n]
+            else:  # an OrtValue on the GPU: ORT's Python API copies whole tensors only, so through the host
+                host = buf.numpy()
+                host[dst, :, :n] = host[src, :, :n]
+                buf.update_inplace(host)
 
     def join_rows(self, caches: list[list], length: int) -> list:
         """ConcatSlots' decode batch: per cache tensor, the slots' [1, K, n, hd] caches left-padded with zeros
@@ -307,6 +326,9 @@ class Generation:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: FinishReason  # eos | stop | length (runtime.completion)
+    # generate(logprobs=k): each token of the text's, from the raw logits, with its k most likely alternatives
+    # (an EOS id, or tokens a stop string cut away, are not reported; sampling.TokenLogprob)
+    logprobs: list[TokenLogprob] | None = None
 
 
 class LlamaModel:
@@ -391,13 +413,17 @@ class LlamaModel:
     # ------------------------------------------------------------------ core loop
     def steps(self, prompts: list[list[int]], *, max_new_tokens: int = 128,
               sampling: SamplingConfig | None = None, eos_ids=None,
-              on_logits: Callable[[np.ndarray], None] | None = None) -> Iterator[np.ndarray]:
+              on_logits: Callable[[np.ndarray], None] | None = None, logprobs: int | None = None,
+              on_logprobs: Callable[[list[TokenLogprob]], None] | None = None) -> Iterator[np.ndarray]:
         """Generate for a batch of token-id prompts (left-padded together), yielding the new
         token of every row [B] after each step. Rows that reached EOS keep yielding EOS.
 
         on_logits: receives each forward's logits (`check` collects them): the prefill's for every
-        prompt position [B, S, V], then each decode step's [B, 1, V]."""
+        prompt position [B, S, V], then each decode step's [B, 1, V].
+        on_logprobs: receives, before each step's tokens are yielded, their logprobs (one per row, each with
+        `logprobs` alternatives) from the raw logits: sampling.token_logprobs, as in the serving engine."""
         sampling = sampling or SamplingConfig()
+        sampling.check_vocab(self.config.vocab_size)
         eos_ids = eos_set(self.tokenizer, eos_ids)
         eos = np.array(sorted(eos_ids) or [-1])
         B = len(prompts)
@@ -408,8 +434,8 @@ class LlamaModel:
         for n in (min(lens), max(lens)):
             check_generation(prompt_tokens=n, context=ctx)
         if len(set(lens)) > 1 and not self.manifest.get("left_padding", True):
-            if on_logits is not None:
-                raise LlamaExportError("on_logits needs prompts of one length on this graph (no left padding)")
+            if on_logits is not None or on_logprobs is not None:
+                raise LlamaExportError("on_logits and on_logprobs need prompts of one length on this graph (no left padding)")
             # this graph's fused attention (GroupQueryAttention) assumes unpadded rows: run each
             # row alone, in lockstep, so the batch API keeps its meaning
             yield from self._lockstep(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
@@ -444,6 +470,8 @@ class LlamaModel:
                 tok = sampler(logits[:, -1], seen if penalize else None, generated)
                 if done.any():
                     tok = np.where(done, eos[0], tok)
+                if on_logprobs is not None:
+                    on_logprobs(token_logprobs(logits[:, -1], tok, logprobs or 0))
                 if penalize:
                     seen = [np.append(s, t) for s, t in zip(seen, tok)]
                 if generated is not None:
@@ -497,11 +525,12 @@ class LlamaModel:
     # ------------------------------------------------------------------ text API
     def stream(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                stop: list[str] | tuple = (), chat: bool | str = False, system: str | None = None,
-               result: list | None = None) -> Iterator[str]:
+               result: list | None = None, logprobs: int | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated; stops at EOS, a stop string or the length (one
         runtime.completion.Completion decides, as in the serving engine). If `result` is a list, the
-        final `Generation` is appended to it."""
-        check_generation(max_new_tokens=max_new_tokens, stop=stop, prompt=prompt)
+        final `Generation` is appended to it (with logprobs: its tokens' logprobs, each with that many
+        alternatives, 0 .. 20)."""
+        check_generation(max_new_tokens=max_new_tokens, stop=stop, prompt=prompt, logprobs=logprobs)
         if system is not None:
             check_generation(max_new_tokens=max_new_tokens, prompt=system)
         tok = self.require_tokenizer()
@@ -512,8 +541,10 @@ class LlamaModel:
         # steps() stops at the context too: a length finish there
         limit = min(max_new_tokens, self.config.max_seq_len - len(ids))
         out = Completion(tok, prompt_ids=ids, stop=stop, eos_ids=eos_set(tok), max_new_tokens=limit)
-        for t in self.steps([ids], max_new_tokens=max_new_tokens, sampling=sampling):
-            piece = out.push(int(t[0]))
+        step_lps: list[list[TokenLogprob]] = []  # the step's, from steps()' on_logprobs
+        for t in self.steps([ids], max_new_tokens=max_new_tokens, sampling=sampling, logprobs=logprobs,
+                            on_logprobs=None if logprobs is None else step_lps.append):
+            piece = out.push(int(t[0]), step_lps.pop()[0] if step_lps else None)
             if piece:
                 yield piece
             if out.reason is not None:
@@ -523,15 +554,17 @@ class LlamaModel:
             yield piece
         if result is not None:
             result.append(Generation(text=out.text, token_ids=out.token_ids, prompt_tokens=len(ids),
-                                     finish_reason=out.reason))
+                                     finish_reason=out.reason, logprobs=None if logprobs is None else out.logprobs))
 
     def generate(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                  stop: list[str] | tuple = (), chat: bool | str = False, system: str | None = None,
-                 on_text: Callable[[str], None] | None = None) -> Generation:
-        """Generate a completion for one prompt; `on_text` receives the streamed pieces."""
+                 on_text: Callable[[str], None] | None = None, logprobs: int | None = None) -> Generation:
+        """Generate a completion for one prompt; `on_text` receives the streamed pieces. logprobs: also
+        return each token's logprob and this many alternatives (Generation.logprobs; the same routine as
+        the server's)."""
         result: list[Generation] = []
         for piece in self.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
-                                 chat=chat, system=system, result=result):
+                                 chat=chat, system=system, result=result, logprobs=logprobs):
             if on_text:
                 on_text(piece)
         return result[0]

@@ -26,8 +26,8 @@ class SlotCache(Protocol):
     length: list[int]      # per slot: the positions its cache holds
     batched_prefill: bool  # prefill_rows runs its rows in one forward (else one by one: no gain in batching)
 
-    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
-        """Append ids to one slot's cache; the last position's logits [V]."""
+    def prefill(self, slot: int, ids: list[int], *, all_logits: bool = False) -> np.ndarray:
+        """Append ids to one slot's cache; the last position's logits [V] (all_logits: every one's [n, V])."""
 
     def prefill_rows(self, lo: int, ids: list[list[int]]) -> np.ndarray:
         """The prompts (one length) of empty slots lo, lo+1, ...; the last logits of each [k, V]."""
@@ -38,6 +38,10 @@ class SlotCache(Protocol):
     def truncate(self, slot: int, n: int) -> None:
         """Keep the first n positions of one slot's cache (n = 0: empty it)."""
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Make slot dst hold the first n positions of slot src's cache (what dst held is dropped): the
+        n choices of one request share their prompt's KV, computed once."""
+
     def close(self) -> None:
         """Let the caches go."""
 
@@ -46,8 +50,8 @@ class InplaceSlots:
     """KV-cache slots for the serving engine on a graph that writes a max-length buffer in place
     (KVForm.INPLACE: the CPU graph's GroupQueryAttention, the TensorRT graph's TensorScatter): one
     [n, kv_heads, ctx, head_dim] buffer per cache tensor, each row a slot. The backend owns the
-    buffers and runs rows of them (slot_cache, run_slots); this class keeps each slot's length and
-    builds the inputs.
+    buffers and runs rows of them (slot_cache, run_slots, copy_slot_prefix); this class keeps each slot's
+    length and builds the inputs.
 
     Both graphs write the new tokens of row b after its last real column of attention_mask (whose
     1s are its length), so a decode step binds the rows from the lowest to the highest decoding slot
@@ -71,14 +75,20 @@ class InplaceSlots:
     def truncate(self, slot: int, n: int):
         self.length[slot] = min(self.length[slot], n)
 
-    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
+    def prefill(self, slot: int, ids: list[int], *, all_logits: bool = False) -> np.ndarray:
         start, n = self.length[slot], len(ids)
         if start + n > self.ctx:
             raise LlamaExportError(f"slot {slot} would hold {start + n} tokens, more than the context {self.ctx}")
         logits = self.backend.run_slots(self.state, slot, np.array([ids], np.int64), np.ones((1, start + n), np.int64),
-                                        np.arange(start, start + n, dtype=np.int64)[None])
+                                        np.arange(start, start + n, dtype=np.int64)[None], all_logits=all_logits)
         self.length[slot] = start + n
         return logits[0]
+
+    def copy_prefix(self, src: int, dst: int, n: int):
+        if n > self.length[src]:
+            raise LlamaExportError(f"slot {src} holds {self.length[src]} positions, not {n}")
+        self.backend.copy_slot_prefix(self.state, src, dst, n)  # the buffers are the backend's (numpy or torch)
+        self.length[dst] = n
 
     def prefill_rows(self, lo: int, ids: list[list[int]]) -> np.ndarray:
         """The prompts of empty slots lo, lo+1, ... (one length) in one batched forward: last logits [k, V]."""
@@ -132,14 +142,24 @@ class ConcatSlots:
             self.length[slot] = n
             self.cache[slot] = [c[:, :, :n] for c in self.cache[slot]] if n else None  # [1, K, n, hd] views
 
-    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
+    def prefill(self, slot: int, ids: list[int], *, all_logits: bool = False) -> np.ndarray:
         start = self.length[slot]
         past = self.cache[slot] if start else self.backend.empty_cache(1)
         n = len(ids)
         logits, present = self.backend.forward(np.array([ids], np.int64), np.ones((1, start + n), np.int64),
-                                               np.arange(start, start + n, dtype=np.int64)[None], past, last_only=True)
+                                               np.arange(start, start + n, dtype=np.int64)[None], past,
+                                               last_only=not all_logits)
         self.cache[slot], self.length[slot] = self.backend.split_rows(present, [start + n])[0], start + n
-        return np.asarray(logits[0, -1], np.float32)
+        return np.asarray(logits[0] if all_logits else logits[0, -1], np.float32)
+
+    def copy_prefix(self, src: int, dst: int, n: int):
+        """dst's cache: views of src's first n positions. A Concat cache is never written in place (every
+        forward makes new presents, and truncate takes views too), so sharing the tensors is a copy that
+        costs nothing."""
+        if n > self.length[src]:
+            raise LlamaExportError(f"slot {src} holds {self.length[src]} positions, not {n}")
+        self.cache[dst] = [c[:, :, :n] for c in self.cache[src]] if n else None  # [1, K, n, hd] views
+        self.length[dst] = n
 
     def prefill_rows(self, lo: int, ids: list[list[int]]) -> np.ndarray:
         """The prompts of empty slots lo, lo+1, ..., each prefilled alone: last logits [k, V]."""

@@ -28,7 +28,11 @@ from numbers import Real
 from llamaexport import LlamaExportError, whole_number
 from llamaexport.runtime.completion import FinishReason, check_generation
 from llamaexport.runtime.engine import ContextTooLong, DoneEvent, Engine, QueueFull, ShuttingDown, TextEvent, check_limits
-from llamaexport.runtime.sampling import SamplingConfig
+from llamaexport.runtime.sampling import MAX_TOP_LOGPROBS, SamplingConfig, check_logit_bias
+from llamaexport.serving.choices import Reply
+
+# The completions API's most alternatives per token (OpenAI's bound; chat's is MAX_TOP_LOGPROBS).
+MAX_COMPLETION_LOGPROBS = 5
 
 # Seconds that running generations get to finish after SIGTERM / Ctrl-C before they are cancelled.
 SHUTDOWN_GRACE = 3.0
@@ -80,14 +84,21 @@ def _number(body: dict, name: str, default, lo: float, hi: float):
     return float(v)
 
 
-def _integer(body: dict, name: str, lo: int | None = None):
+def _integer(body: dict, name: str, lo: int | None = None, hi: int | None = None):
     v = body.get(name)
     if v is None:
         return None
     try:
-        return whole_number(v, name, at_least=lo)
+        return whole_number(v, name, at_least=lo, at_most=hi)
     except LlamaExportError as e:
         raise _bad(str(e), name) from None
+
+
+def _flag(body: dict, name: str) -> bool:
+    v = body.get(name)
+    if v is not None and not isinstance(v, bool):
+        raise _bad(f"{name} must be true or false", name)
+    return bool(v)
 
 
 def _stop(body: dict) -> list[str]:
@@ -135,8 +146,12 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-UNSUPPORTED = {"tools": "tool calls", "functions": "function calls", "logprobs": "logprobs",
-               "top_logprobs": "logprobs", "echo": "echo", "suffix": "suffix", "logit_bias": "logit_bias"}
+# Refused with a 400 naming the field rather than ignored: structured output and tool calls need a grammar
+# engine (not in this server yet), suffix a fill-in-the-middle model.
+UNSUPPORTED = {"tools": "tool calls are", "tool_choice": "tool calls are", "functions": "function calls are",
+               "function_call": "function calls are", "response_format": "structured output (response_format) is",
+               "grammar": "grammar-constrained output is", "regex": "regex-constrained output is",
+               "suffix": "suffix (fill in the middle) is"}
 
 
 class Api:
@@ -178,10 +193,9 @@ class Api:
             raise ApiError(400, f"unknown model {model!r}; this server runs {self.name!r} (GET /v1/models)",
                            param="model", code="model_not_found")
         for key, what in UNSUPPORTED.items():
-            if body.get(key) not in (None, False, [], {}):
-                raise _bad(f"{what} are not supported by this server; remove {key!r}", key)
-        if body.get("n") not in (None, 1):
-            raise _bad(f"n must be 1 (one choice per request), got {body.get('n')!r}", "n")
+            v = body.get(key)
+            if v not in (None, False, [], {}, "none") and not (key == "response_format" and v == {"type": "text"}):
+                raise _bad(f"{what} not supported by this server; remove {key!r}", key)
         if body.get("best_of") not in (None, 1):
             raise _bad("best_of must be 1", "best_of")
         if not isinstance(body.get("stream", False), bool):
@@ -191,8 +205,10 @@ class Api:
             raise _bad('stream_options must be an object like {"include_usage": true}', "stream_options")
         return body
 
-    def _generation(self, body: dict, prompt_ids: list[int], stop: list[str], default_max: int | None) -> dict:
-        """The engine's arguments from the request's fields (whether they fit the context: Engine.submit)."""
+    def _generation(self, body: dict, prompt_ids: list[int], stop: list[str], default_max: int | None, *,
+                    chat: bool, echo: bool = False) -> dict:
+        """The engine's arguments from the request's fields (whether they fit the context, n the slots:
+        Engine.submit)."""
         ctx = self.engine.ctx
         max_tokens = _integer(body, "max_completion_tokens", 1)
         if max_tokens is None:
@@ -206,13 +222,33 @@ class Api:
                                       repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10.0),
                                       seed=_integer(body, "seed"),
                                       presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-                                      frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0))
+                                      frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+                                      logit_bias=self._logit_bias(body))
         except LlamaExportError as e:
             raise _bad(str(e)) from None
-        ignore_eos = body.get("ignore_eos", False)
-        if not isinstance(ignore_eos, bool):
-            raise _bad("ignore_eos must be true or false", "ignore_eos")
-        return dict(max_new_tokens=max_tokens, sampling=sampling, stop=stop, eos_ids=[] if ignore_eos else None)
+        logprobs = self._logprobs(body, chat)
+        return dict(max_new_tokens=max_tokens, sampling=sampling, stop=stop,
+                    eos_ids=[] if _flag(body, "ignore_eos") else None, n=_integer(body, "n", 1) or 1,
+                    logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+
+    def _logit_bias(self, body: dict) -> dict[int, float] | None:
+        """{token id: bias}: JSON's string keys, each an id of the model's vocabulary, biases -100 .. 100."""
+        try:
+            return check_logit_bias(body.get("logit_bias"), self.model.config.vocab_size) or None
+        except LlamaExportError as e:
+            raise _bad(str(e), "logit_bias") from None
+
+    @staticmethod
+    def _logprobs(body: dict, chat: bool) -> int | None:
+        """The alternatives per token to report (None: no logprobs). Chat: logprobs true and top_logprobs
+        0 .. 20 (top_logprobs needs logprobs, as OpenAI's); completions: logprobs 0 .. 5."""
+        if not chat:
+            return _integer(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
+        on = _flag(body, "logprobs")
+        top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if top is not None and not on:
+            raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
+        return (top or 0) if on else None
 
     def _encode_checked(self, text: str) -> list[int]:
         """The prompt's ids, once check_generation found the text encodable (the rest of the request is
@@ -235,8 +271,9 @@ class Api:
             raise _bad(str(e), "messages") from None
         stop = list(dict.fromkeys(default_stop_strings(self.chat_format) + _stop(body)))
         ids = self._encode_checked(text)
-        gen = self._generation(body, ids, stop, None)
-        return await self._respond(request, body, ids, gen, chat=True)
+        gen = self._generation(body, ids, stop, None, chat=True)
+        reply = Reply(self.model.tokenizer, chat=True, n=gen["n"], logprobs=gen["logprobs"] is not None)
+        return await self._respond(request, body, ids, gen, reply)
 
     async def completions(self, request):
         body = await self._body(request)
@@ -254,10 +291,14 @@ class Api:
             raise _bad("prompt must be a non-empty string or a list of token ids (one prompt per request)", "prompt")
         if not ids:
             raise _bad("the prompt is empty", "prompt")
-        gen = self._generation(body, ids, _stop(body), 16)
-        return await self._respond(request, body, ids, gen, chat=False)
+        echo = _flag(body, "echo")
+        gen = self._generation(body, ids, _stop(body), 16, chat=False, echo=echo)
+        text = prompt if isinstance(prompt, str) else self.model.tokenizer.decode(ids)
+        reply = Reply(self.model.tokenizer, chat=False, n=gen["n"], logprobs=gen["logprobs"] is not None,
+                      echo=text if echo else None, prompt_ids=ids)
+        return await self._respond(request, body, ids, gen, reply)
 
-    async def _respond(self, request, body, ids, gen, *, chat: bool):
+    async def _respond(self, request, body, ids, gen, reply: Reply):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -276,17 +317,17 @@ class Api:
         except ShuttingDown as e:
             raise ApiError(503, str(e), type_="server_error", headers={"Retry-After": "5"}) from None
         except ContextTooLong as e:
-            param = "messages" if chat and e.param == "prompt" else e.param
+            param = "messages" if reply.chat and e.param == "prompt" else e.param
             raise _bad(str(e), param, "context_length_exceeded") from None
         except LlamaExportError as e:
-            raise _bad(str(e)) from None
+            raise _bad(str(e), getattr(e, "param", None)) from None
         try:
-            rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+            rid = ("chatcmpl-" if reply.chat else "cmpl-") + secrets.token_hex(12)
             timing = {"t0": t0, "last": None}
             if body.get("stream"):
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                return self._sse(self._chunks(events, rid, chat, include_usage, timing), req)
-            return await self._whole(request, req, events, rid, chat, timing)
+                return self._sse(self._chunks(events, rid, reply, include_usage, timing), req)
+            return await self._whole(request, req, events, rid, reply, timing)
         except BaseException:
             self.engine.cancel(req)  # whatever went wrong, the generation must not run on unread
             raise
@@ -299,13 +340,16 @@ class Api:
             self.m_itl.observe(now - timing["last"])
         timing["last"] = now
 
-    def _usage(self, done: DoneEvent) -> dict:
-        self.m_prompt.inc(done.prompt_tokens)
-        self.m_cached.inc(done.cached_tokens)
-        self.m_generated.inc(done.completion_tokens)
-        return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                "total_tokens": done.prompt_tokens + done.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
+    def _usage(self, dones: list[DoneEvent]) -> dict:
+        """The prompt once (its KV is computed once for every choice: the first's cached tokens), and every
+        choice's completion tokens."""
+        first, generated = dones[0], sum(d.completion_tokens for d in dones)
+        self.m_prompt.inc(first.prompt_tokens)
+        self.m_cached.inc(first.cached_tokens)
+        self.m_generated.inc(generated)
+        return {"prompt_tokens": first.prompt_tokens, "completion_tokens": generated,
+                "total_tokens": first.prompt_tokens + generated,
+                "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
 
     @staticmethod
     def _reason(done: DoneEvent) -> str:
@@ -317,12 +361,14 @@ class Api:
             raise ApiError(503, CANCELLED, type_="server_error")
         return done.finish_reason.openai
 
-    async def _whole(self, request, req, events, rid, chat, timing):
+    async def _whole(self, request, req, events, rid, reply: Reply, timing):
+        """Wait for every choice's DoneEvent (a client that goes away cancels them), then the answer."""
         from starlette.responses import JSONResponse
 
+        dones: dict[int, DoneEvent] = {}
         try:
             next_look = time.monotonic() + 0.5
-            while True:
+            while len(dones) < reply.n:
                 if time.monotonic() >= next_look:  # tokens may flow without a pause: look on the clock
                     next_look = time.monotonic() + 0.5
                     if await request.is_disconnected():  # (the finally below cancels)
@@ -331,60 +377,60 @@ class Api:
                     ev = await asyncio.wait_for(events.get(), timeout=0.5)
                 except TimeoutError:
                     continue
-                if isinstance(ev, TextEvent):
-                    if ev.token_id >= 0:
-                        self._timed(timing)
-                    continue
-                break
+                if isinstance(ev, DoneEvent):
+                    dones[ev.index] = ev
+                elif ev.token_id >= 0 and ev.index == 0:  # the first choice's pace: TTFT and ITL
+                    self._timed(timing)
         finally:
-            if not req.done:
+            if not req.all_done:
                 self.engine.cancel(req)
-        reason = self._reason(ev)
-        base = {"id": rid, "created": int(time.time()), "model": self.name, "system_fingerprint": None}
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": ev.text}, "logprobs": None,
-                      "finish_reason": reason}
-            return JSONResponse({**base, "object": "chat.completion", "choices": [choice], "usage": self._usage(ev)})
-        choice = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": reason}
-        return JSONResponse({**base, "object": "text_completion", "choices": [choice], "usage": self._usage(ev)})
+        done = [dones[i] for i in range(reply.n)]
+        choices = [reply.choice(d, self._reason(d)) for d in done]
+        obj = "chat.completion" if reply.chat else "text_completion"
+        return JSONResponse({"id": rid, "object": obj, "created": int(time.time()), "model": self.name,
+                             "system_fingerprint": None, "choices": choices, "usage": self._usage(done)})
 
-    async def _chunks(self, events, rid, chat, include_usage, timing):
+    async def _chunks(self, events, rid, reply: Reply, include_usage, timing):
+        """The SSE data of a streamed answer: chunks of each choice's text as it comes (with its `index`),
+        each choice's finish_reason chunk, the usage chunk when asked, [DONE]; an error chunk instead if
+        the generation failed or was cancelled."""
         created = int(time.time())
-        obj = "chat.completion.chunk" if chat else "text_completion"
+        obj = "chat.completion.chunk" if reply.chat else "text_completion"
 
-        def chunk(delta_or_text, reason=None, usage=None, choices=True):
-            c = {"id": rid, "object": obj, "created": created, "model": self.name, "system_fingerprint": None}
-            if choices:
-                if chat:
-                    c["choices"] = [{"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": reason}]
-                else:
-                    c["choices"] = [{"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": reason}]
-            else:
-                c["choices"] = []
+        def chunk(choices, usage=None):
+            c = {"id": rid, "object": obj, "created": created, "model": self.name, "system_fingerprint": None,
+                 "choices": choices}
             if usage is not None:
                 c["usage"] = usage
             return json.dumps(c, ensure_ascii=False)
 
         # a client that goes away is cancelled by the response itself (_sse), even before this starts
-        if chat:
-            yield chunk({"role": "assistant", "content": ""})
-        while True:
+        for opening in reply.opening():  # chat: each choice's assistant role, as OpenAI's stream opens
+            yield chunk([opening])
+        dones: dict[int, DoneEvent] = {}
+        started: set[int] = set()  # choices whose first event came (a completion's echo goes before it)
+        while len(dones) < reply.n:
             ev = await events.get()
+            failed = isinstance(ev, DoneEvent) and ev.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED)
+            if ev.index not in started and not failed and (echo := reply.first(ev)) is not None:
+                yield chunk([echo])
+            started.add(ev.index)
             if isinstance(ev, TextEvent):
-                if ev.token_id >= 0:
+                if ev.token_id >= 0 and ev.index == 0:
                     self._timed(timing)
-                if ev.text:
-                    yield chunk({"content": ev.text} if chat else ev.text)
+                if ev.text or ev.logprobs:
+                    yield chunk([reply.piece(ev)])
                 continue
-            if ev.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
+            if failed:
                 msg = ev.error if ev.finish_reason is FinishReason.ERROR else CANCELLED
                 yield json.dumps({"error": {"message": msg, "type": "server_error", "param": None, "code": None}})
-                break
-            usage = self._usage(ev)
-            yield chunk({} if chat else "", self._reason(ev))
-            if include_usage:
-                yield chunk(None, usage=usage, choices=False)
-            break
+                yield "[DONE]"
+                return
+            dones[ev.index] = ev
+            yield chunk([reply.last(ev.index, self._reason(ev))])
+        usage = self._usage([dones[i] for i in range(reply.n)])
+        if include_usage:
+            yield chunk([], usage=usage)
         yield "[DONE]"
 
     def _sse(self, gen, req):
@@ -401,7 +447,7 @@ class Api:
                 try:
                     await super().__call__(scope, receive, send)
                 finally:
-                    if not req.done:
+                    if not req.all_done:
                         engine.cancel(req)
 
         async def data():

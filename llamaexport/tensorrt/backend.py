@@ -187,12 +187,20 @@ class TensorRTBackend:
     def slot_cache(self, n: int) -> dict:
         return {"bufs": self.empty_cache(n)}
 
-    def run_slots(self, state: dict, lo: int, ids, mask, pos) -> np.ndarray:
+    def run_slots(self, state: dict, lo: int, ids, mask, pos, *, all_logits: bool = False) -> np.ndarray:
         """Rows lo .. lo + len(ids) of a slot_cache (views: the batch is the outermost dimension, so a row
-        range is contiguous) as past and present; the last position's logits [rows, V]."""
+        range is contiguous) as past and present; the last position's logits [rows, V] (all_logits: every
+        position's, [rows, S, V])."""
         k = len(ids)
-        logits, _ = self._execute(ids, mask, pos, [t[lo:lo + k] for t in state["bufs"]], keep=1)
-        return logits[:, -1]
+        logits, _ = self._execute(ids, mask, pos, [t[lo:lo + k] for t in state["bufs"]], keep=0 if all_logits else 1)
+        return logits if all_logits else logits[:, -1]
+
+    def copy_slot_prefix(self, state: dict, src: int, dst: int, n: int):
+        """Row dst of every slot_cache buffer gets row src's first n positions, on the GPU, on the engine's
+        stream (ordered before the next forward)."""
+        with self._torch.cuda.stream(self.stream):
+            for t in state["bufs"]:
+                t[dst, :, :n].copy_(t[src, :, :n])  # [K, n, hd]
 
     def join_rows(self, caches: list[list], length: int) -> list:
         """ConcatSlots' decode batch: per cache tensor, the slots' [1, K, n, hd] caches left-padded with zeros
