@@ -252,6 +252,46 @@ def test_logprob_and_bias_rows_leave_the_others_alone(tiny_artifact):
         engine.close()
 
 
+def test_constrained_rows_leave_the_others_alone(tiny_artifact):
+    """Rows under a grammar (their masks filled during the forward) decode in the same batch as plain
+    ones: every plain row's tokens equal the same request alone; each constrained row's text matches its
+    grammar and ends with "stop" as soon as the grammar is complete (no EOS forward), or with "length"
+    when max_new_tokens comes first; n > 1 forks the grammar per choice."""
+    import re
+
+    from llamaexport.runtime.completion import FinishReason
+    from llamaexport.runtime.constraint import compile_constraint
+
+    with LlamaModel.load(tiny_artifact) as m:
+        tok, V = m.tokenizer, m.config.vocab_size
+        regex = compile_constraint({"type": "regex", "regex": "(yes|no) [0-9]{2}"}, tok, n_vocab=V)
+        obj = compile_constraint({"type": "json_object"}, tok, n_vocab=V)
+        prompts = _prompts(V, (7, 13, 9, 11), seed=5)
+        alone = [m.generate_ids([p], max_new_tokens=12, eos_ids=[])[0] for p in prompts]
+        engine = Engine(m, max_batch=5)
+        done, got = {}, {i: {} for i in range(4)}
+        extra = [{}, {"grammar": regex, "sampling": SamplingConfig(temperature=1.0, seed=3)}, {},
+                 {"grammar": regex, "n": 2, "sampling": SamplingConfig(temperature=1.0, seed=1)}]
+        for i, (p, kw) in enumerate(zip(prompts, extra)):
+            engine.submit(p, max_new_tokens=12, eos_ids=[], **kw,
+                          on_event=lambda ev, i=i: done.__setitem__((i, ev.index), ev) if isinstance(ev, DoneEvent)
+                          else got[i].setdefault(ev.index, []).append(ev.token_id) if ev.token_id >= 0 else None)
+        while len(done) < 5:
+            engine.step()
+        assert [got[0][0], got[2][0]] == [alone[0], alone[2]]
+        for key in ((1, 0), (3, 0), (3, 1)):
+            assert re.fullmatch("(yes|no) [0-9]{2}", done[key].text), done[key].text
+            assert done[key].finish_reason is FinishReason.STOP
+        # a grammar that cannot complete in 3 tokens: "length", the JSON left unfinished
+        ev = list(engine.stream(prompts[0], max_new_tokens=3, grammar=obj))[-1]
+        assert ev.finish_reason is FinishReason.LENGTH and ev.text.startswith("{")
+        engine.close()
+        # the same path in LlamaModel.stream / generate
+        g = m.generate("hi", max_new_tokens=12, constraint={"type": "regex", "regex": "(yes|no) [0-9]{2}"},
+                       sampling=SamplingConfig(temperature=1.0, seed=2))
+        assert re.fullmatch("(yes|no) [0-9]{2}", g.text) and g.finish_reason is FinishReason.STOP
+
+
 # ---------------------------------------------------------------------- the HTTP server
 class Server:
     def __init__(self, artifact, *args):

@@ -506,8 +506,8 @@ class TextStream:
     """Generated ids -> printable text, cut at the first stop string. Text that could still grow
     into a stop string is held back until it cannot."""
 
-    def __init__(self, tokenizer, *, context=(), stop=()):
-        self.dec = StreamDecoder(tokenizer, context=context)
+    def __init__(self, tokenizer, *, context=(), stop=(), skip_special: bool = True):
+        self.dec = StreamDecoder(tokenizer, context=context, skip_special=skip_special)
         self.stop = tuple(stop)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.text, self.emitted, self.stopped = "", 0, False

@@ -7,7 +7,11 @@ Finish reasons, one vocabulary (`FinishReason`):
   stop       the text reached a stop string (the text is cut before it)
   length     max_new_tokens ids were generated (the runtime also caps it at the context)
   cancelled  the engine only: the client went away, or the server shut down
-  error      the engine only: the backend failed (DoneEvent.error says how)
+  error      the engine: the backend failed (DoneEvent.error says how); both: a grammar refused the token
+             sampled under its own mask (cannot happen unless llguidance errs; Completion.error says why)
+A constrained generation (a runtime.constraint.Constraint given to Completion) ends with stop as soon
+as its grammar allows nothing but EOS (no forward spent on the EOS), and with length when max_new_tokens
+comes first: text cut mid-JSON is never reported as complete.
 OpenAI's API has two of them: `FinishReason.openai` maps eos and stop to "stop", length to "length"
 (the server answers cancelled and error with an error instead).
 """
@@ -111,8 +115,14 @@ class Completion:
     away (its text starting where the final text ends) is never reported. An EOS id is no text: its
     logprob is not reported either. `logprobs`: every one released, in order."""
 
-    def __init__(self, tokenizer, *, prompt_ids, stop=(), eos_ids: frozenset[int], max_new_tokens: int):
-        self.stream = TextStream(tokenizer, context=prompt_ids, stop=stop)
+    def __init__(self, tokenizer, *, prompt_ids, stop=(), eos_ids: frozenset[int], max_new_tokens: int,
+                 constraint=None, skip_special: bool = True):
+        """constraint: the row's runtime.constraint.Constraint; push() consumes each id into it (the one
+        place that advances a grammar, for LlamaModel.stream and the engine). skip_special=False keeps
+        special tokens' text (a tool-call format's markers, for its parser); EOS ids are never text."""
+        self.stream = TextStream(tokenizer, context=prompt_ids, stop=stop, skip_special=skip_special)
+        self.constraint = constraint
+        self.error: str | None = None
         self.eos_ids = eos_ids
         self.max_new_tokens = max_new_tokens
         self.token_ids: list[int] = []  # every id pushed, the EOS that ended it included
@@ -125,6 +135,10 @@ class Completion:
         """Add one sampled id (and its logprob, to report); returns the text now safe to show ("" while held
         back), or None for an EOS id."""
         self.token_ids.append(token_id)
+        c = self.constraint
+        if c is not None and token_id not in self.eos_ids and not c.consume(token_id):
+            self.reason, self.error = FinishReason.ERROR, f"the grammar refused token {token_id}: {c.error}"
+            return None
         if token_id in self.eos_ids:
             self.reason = FinishReason.EOS
             return None
@@ -132,7 +146,7 @@ class Completion:
             logprob.offset = len(self.stream.text)  # its text starts where the text so far ends
             self._held.append(logprob)
         piece = self.stream.push(token_id)
-        if self.stream.stopped:
+        if self.stream.stopped or (c is not None and c.stopped):
             self.reason = FinishReason.STOP
         elif len(self.token_ids) >= self.max_new_tokens:
             self.reason = FinishReason.LENGTH

@@ -90,26 +90,50 @@ class Executor:
 
     def __init__(self, slots: SlotCache):
         self.slots = slots
+        self.masks = None  # runtime.constraint.MaskWorker, made for the first constrained request
 
     def execute(self, plan: StepPlan) -> StepOutput:
         for a in plan.admitted:
             self.slots.truncate(a.slot, a.reuse)
         out = StepOutput({})
+        # the next-token masks of the constrained rows this step samples, filled on the mask worker's
+        # thread while the forwards run (each grammar has consumed its row's last token already)
+        masks = self._fill_masks([*(r for c in plan.prefills for r, last in zip(c.requests, c.last) if last),
+                                  *(c.request for c in plan.copies), *plan.decode])
         last_logits = {}  # a leader with followers -> the logits [V] its first token came from
         for chunk in plan.prefills:
-            for req, last, row in zip(chunk.requests, chunk.last, self._prefill(chunk, out)):
+            rows = self._prefill(chunk, out)
+            for req, last, row in zip(chunk.requests, chunk.last, rows):
                 if last:
+                    masks = _wait(masks)
                     _pick(req, row, out)
                     if req.followers:
                         last_logits[req] = row
         for c in plan.copies:
             self.slots.copy_prefix(c.src, c.dst, c.n)
+            masks = _wait(masks)
             _pick(c.request, last_logits[c.leader], out)
         if plan.decode:
             logits = self.slots.decode([r.slot for r in plan.decode], [r.next_token for r in plan.decode])
+            masks = _wait(masks)
             for req, row in zip(plan.decode, logits):
                 _pick(req, row, out)
         return out
+
+    def _fill_masks(self, reqs):
+        """Start filling the masks of the constrained requests among `reqs`; a future, or None when none is."""
+        rows = [r.constraint for r in reqs if r.constraint is not None]
+        if not rows:
+            return None  # unconstrained steps never touch the mask worker
+        if self.masks is None:
+            from llamaexport.runtime.constraint import MaskWorker
+            self.masks = MaskWorker()
+        return self.masks.submit(rows)
+
+    def close(self):
+        if self.masks is not None:
+            self.masks.close()
+
 
     def _prefill(self, chunk: Prefill, out: StepOutput) -> np.ndarray:
         """One prefill forward; the last position's logits of each row [rows, V]. A chunk that keeps every
@@ -127,13 +151,19 @@ class Executor:
         return logits[-1:]
 
 
+def _wait(future):
+    """Wait for a mask future (None: nothing to wait for); returns None, so it is waited for once."""
+    if future is not None:
+        future.result()
+
+
 def _pick(req: Request, logits: np.ndarray, out: StepOutput):
     """Sample a request's next token from its logits [V] (with its penalties over what it has seen), and
     its logprobs from the same raw logits when it reports them."""
     seen = None
     if req.sampling.repetition_penalty != 1.0:  # over the prompt too
         seen = [np.asarray(req.prompt_ids + req.generated, np.int64)]
-    token = int(req.sampler(logits[None], seen, [req.generated])[0])
+    token = int(req.sampler(logits[None], seen, [req.generated], [req.constraint])[0])
     out.tokens[req] = token
     if req.logprobs is not None:
         out.logprobs[req] = token_logprobs(logits[None], [token], req.logprobs)[0]
@@ -168,14 +198,16 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def submit(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingConfig | None = None,
                stop=(), eos_ids=None, on_event=None, n: int = 1, logprobs: int | None = None,
-               prompt_logprobs: bool = False) -> Request:
+               prompt_logprobs: bool = False, grammar=None, skip_special: bool = True) -> Request:
         """Queue a generation. Raises LlamaExportError for a request that cannot run (BadArgument naming the
         argument), QueueFull when --max-queue requests are already waiting.
 
         n: choices, each its own continuation of the prompt, whose cache is computed once (1 .. max_batch);
         with a seed, choice i samples with seed + i. Their events carry `index`; the request returned is
         the first choice's, which `cancel` ends with the others. logprobs: report each generated token's
-        logprob and this many alternatives (0 .. 20; None: none); prompt_logprobs: the prompt's too."""
+        logprob and this many alternatives (0 .. 20; None: none); prompt_logprobs: the prompt's too.
+        grammar: a compiled runtime.constraint.Grammar the reply must follow (each choice its own
+        Constraint); skip_special=False keeps special tokens' text (tool-call markers, for the parser)."""
         check_generation(max_new_tokens=max_new_tokens, stop=stop, prompt_tokens=len(prompt_ids), context=self.ctx,
                          whole_reply=True, n=n, slots=self.max_batch, logprobs=logprobs)
         if prompt_logprobs and logprobs is None:
@@ -187,11 +219,20 @@ class Engine:
             raise BadArgument(str(e), "logit_bias") from None
         ids = list(map(int, prompt_ids))
         group = []
+        first = None
+        if grammar is not None:
+            from llamaexport.runtime.constraint import Constraint
+            if grammar.n_vocab > self.model.config.vocab_size:
+                raise BadArgument(f"the grammar was compiled for {grammar.n_vocab} tokens; this model has "
+                                  f"{self.model.config.vocab_size}", "response_format")
+            first = Constraint(grammar)
         for i in range(n):
             seeded = sampling if i == 0 or sampling.seed is None else dataclasses.replace(
                 sampling, seed=(sampling.seed + i) % 2**63)
             completion = Completion(self.tokenizer, prompt_ids=ids, stop=tuple(stop),
-                                    eos_ids=eos_set(self.tokenizer, eos_ids), max_new_tokens=max_new_tokens)
+                                    eos_ids=eos_set(self.tokenizer, eos_ids), max_new_tokens=max_new_tokens,
+                                    constraint=None if first is None else first if i == 0 else first.fork(),
+                                    skip_special=skip_special)
             group.append(Request(ids, seeded, completion, on_event, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                  index=i))
         req = group[0]
@@ -280,6 +321,7 @@ class Engine:
 
     def close(self):
         self.shutdown(grace=0)
+        self.executor.close()
         self.slots.close()
 
     def stream(self, prompt_ids: list[int], **kw) -> Iterator[TextEvent | DoneEvent]:

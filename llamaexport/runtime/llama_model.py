@@ -403,6 +403,16 @@ class LlamaModel:
         return format_chat([{"role": "user", "content": prompt}], tokenizer=self.require_tokenizer(),
                            fmt=fmt, system=system)
 
+    def constraint(self, spec):
+        """A fresh runtime.constraint.Constraint for one generation: `spec` is a compiled Grammar or a spec
+        dict for compile_constraint (validated: BadConstraint names the part at fault); None -> None."""
+        if spec is None:
+            return None
+        from llamaexport.runtime.constraint import Constraint, Grammar, compile_constraint
+        grammar = spec if isinstance(spec, Grammar) else compile_constraint(
+            spec, self.require_tokenizer(), n_vocab=self.config.vocab_size)
+        return None if grammar is None else Constraint(grammar)
+
     def encode(self, text: str) -> list[int]:
         tok = self.require_tokenizer()
         # a chat template that already starts with the BOS text must not get a second BOS
@@ -414,14 +424,19 @@ class LlamaModel:
     def steps(self, prompts: list[list[int]], *, max_new_tokens: int = 128,
               sampling: SamplingConfig | None = None, eos_ids=None,
               on_logits: Callable[[np.ndarray], None] | None = None, logprobs: int | None = None,
-              on_logprobs: Callable[[list[TokenLogprob]], None] | None = None) -> Iterator[np.ndarray]:
+              on_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
+              constraints: list | None = None) -> Iterator[np.ndarray]:
         """Generate for a batch of token-id prompts (left-padded together), yielding the new
         token of every row [B] after each step. Rows that reached EOS keep yielding EOS.
 
         on_logits: receives each forward's logits (`check` collects them): the prefill's for every
         prompt position [B, S, V], then each decode step's [B, 1, V].
         on_logprobs: receives, before each step's tokens are yielded, their logprobs (one per row, each with
-        `logprobs` alternatives) from the raw logits: sampling.token_logprobs, as in the serving engine."""
+        `logprobs` alternatives) from the raw logits: sampling.token_logprobs, as in the serving engine.
+        constraints: per row, a runtime.constraint.Constraint or None; each row's next-token mask is filled
+        on a worker thread during the forward and applied by the Sampler (as in the serving engine). The
+        caller advances them: consume each yielded token (runtime.completion.Completion does) before
+        asking for the next."""
         sampling = sampling or SamplingConfig()
         sampling.check_vocab(self.config.vocab_size)
         eos_ids = eos_set(self.tokenizer, eos_ids)
@@ -439,8 +454,14 @@ class LlamaModel:
             # this graph's fused attention (GroupQueryAttention) assumes unpadded rows: run each
             # row alone, in lockstep, so the batch API keeps its meaning
             yield from self._lockstep(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                                      eos_ids=eos_ids, fill=int(eos[0]))
+                                      eos_ids=eos_ids, fill=int(eos[0]), constraints=constraints)
             return
+        if constraints is not None and len(constraints) != B:
+            raise LlamaExportError(f"{len(constraints)} constraints for {B} prompts")
+        masks = None
+        if constraints is not None and any(c is not None for c in constraints):
+            from llamaexport.runtime.constraint import MaskWorker
+            masks = MaskWorker()
         S = max(lens)
         max_new_tokens = max(0, min(max_new_tokens, ctx - S))
         pad = self.tokenizer.pad_id if self.tokenizer and self.tokenizer.pad_id is not None else 0
@@ -457,6 +478,7 @@ class LlamaModel:
         done = np.zeros(B, bool)
         cache = self.backend.take_cache(B)
         try:
+            pending = masks.submit(constraints) if masks else None  # filled while the forward runs
             logits, cache = self.backend.forward(ids, mask, pos, cache, last_only=on_logits is None)
             if on_logits is not None:
                 on_logits(logits)
@@ -467,7 +489,10 @@ class LlamaModel:
             cur = np.empty((B, 1), np.int64)
             next_pos = pos[:, -1:] + 1
             for step in range(max_new_tokens):
-                tok = sampler(logits[:, -1], seen if penalize else None, generated)
+                if pending is not None:
+                    pending.result()
+                live = None if masks is None else [None if d else c for c, d in zip(constraints, done)]
+                tok = sampler(logits[:, -1], seen if penalize else None, generated, live)
                 if done.any():
                     tok = np.where(done, eos[0], tok)
                 if on_logprobs is not None:
@@ -482,18 +507,23 @@ class LlamaModel:
                 if done.all() or step == max_new_tokens - 1:
                     return
                 cur[:, 0] = tok
+                if masks is not None:  # the caller consumed the tokens (a finished row's grammar is left alone)
+                    pending = masks.submit([None if d else c for c, d in zip(constraints, done)])
                 logits, cache = self.backend.forward(cur, full_mask[:, :S + step + 1], next_pos, cache, last_only=True)
                 if on_logits is not None:
                     on_logits(logits)
                 next_pos += 1
         finally:  # the generation is over (or abandoned): its cache may serve the next one
             self.backend.give_back_cache(B, cache)
+            if masks is not None:
+                masks.close()
 
-    def _lockstep(self, prompts, *, max_new_tokens, sampling, eos_ids, fill) -> Iterator[np.ndarray]:
+    def _lockstep(self, prompts, *, max_new_tokens, sampling, eos_ids, fill, constraints=None) -> Iterator[np.ndarray]:
         """Rows generated one by one but yielded together; a finished row yields `fill` (EOS).
         Each row samples from its own seeded stream."""
-        gens = [self.steps([p], max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids)
-                for p in prompts]
+        gens = [self.steps([p], max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
+                           constraints=None if constraints is None else [constraints[b]])
+                for b, p in enumerate(prompts)]
         live = [True] * len(gens)
         while True:
             out = np.full(len(gens), fill, np.int64)
@@ -525,11 +555,14 @@ class LlamaModel:
     # ------------------------------------------------------------------ text API
     def stream(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                stop: list[str] | tuple = (), chat: bool | str = False, system: str | None = None,
-               result: list | None = None, logprobs: int | None = None) -> Iterator[str]:
+               result: list | None = None, logprobs: int | None = None, constraint=None) -> Iterator[str]:
         """Yield text pieces as they are generated; stops at EOS, a stop string or the length (one
         runtime.completion.Completion decides, as in the serving engine). If `result` is a list, the
         final `Generation` is appended to it (with logprobs: its tokens' logprobs, each with that many
-        alternatives, 0 .. 20)."""
+        alternatives, 0 .. 20). constraint: the reply follows a grammar, given as a compiled
+        runtime.constraint.Grammar or a spec for `compile_constraint` (OpenAI's response_format:
+        {"type": "json_schema", "json_schema": {"schema": ...}}, {"type": "json_object"}; or
+        {"type": "regex" | "gbnf" | "lark", ...}); it ends with "stop" once the grammar is complete."""
         check_generation(max_new_tokens=max_new_tokens, stop=stop, prompt=prompt, logprobs=logprobs)
         if system is not None:
             check_generation(max_new_tokens=max_new_tokens, prompt=system)
@@ -537,18 +570,22 @@ class LlamaModel:
         if chat and not stop:
             from llamaexport.model.chat import default_stop_strings
             stop = default_stop_strings(chat if isinstance(chat, str) else self.chat_format)
+        row = self.constraint(constraint)
         ids = self.encode(self.format_prompt(prompt, chat=chat, system=system))
         # steps() stops at the context too: a length finish there
         limit = min(max_new_tokens, self.config.max_seq_len - len(ids))
-        out = Completion(tok, prompt_ids=ids, stop=stop, eos_ids=eos_set(tok), max_new_tokens=limit)
+        out = Completion(tok, prompt_ids=ids, stop=stop, eos_ids=eos_set(tok), max_new_tokens=limit, constraint=row)
         step_lps: list[list[TokenLogprob]] = []  # the step's, from steps()' on_logprobs
         for t in self.steps([ids], max_new_tokens=max_new_tokens, sampling=sampling, logprobs=logprobs,
-                            on_logprobs=None if logprobs is None else step_lps.append):
+                            on_logprobs=None if logprobs is None else step_lps.append,
+                            constraints=None if row is None else [row]):
             piece = out.push(int(t[0]), step_lps.pop()[0] if step_lps else None)
             if piece:
                 yield piece
             if out.reason is not None:
                 break
+        if out.reason is FinishReason.ERROR:
+            raise LlamaExportError(out.error)
         piece = out.finish()
         if piece:
             yield piece
@@ -558,13 +595,14 @@ class LlamaModel:
 
     def generate(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                  stop: list[str] | tuple = (), chat: bool | str = False, system: str | None = None,
-                 on_text: Callable[[str], None] | None = None, logprobs: int | None = None) -> Generation:
+                 on_text: Callable[[str], None] | None = None, logprobs: int | None = None,
+                 constraint=None) -> Generation:
         """Generate a completion for one prompt; `on_text` receives the streamed pieces. logprobs: also
         return each token's logprob and this many alternatives (Generation.logprobs; the same routine as
         the server's)."""
         result: list[Generation] = []
         for piece in self.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
-                                 chat=chat, system=system, result=result, logprobs=logprobs):
+                                 chat=chat, system=system, result=result, logprobs=logprobs, constraint=constraint):
             if on_text:
                 on_text(piece)
         return result[0]

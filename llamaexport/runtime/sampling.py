@@ -11,6 +11,10 @@ included), so -100 in effect bans a token and +100 forces it.
 
 Logprobs are vLLM's default: the log-softmax of the RAW logits, before the bias, penalties, temperature
 and any mask, i.e. the model's own distribution whatever the sampling settings.
+
+A row may carry a grammar (runtime.constraint.Constraint, its mask filled): the order is logit bias,
+penalties, then the grammar's mask (-inf on the refused ids, on a copy: the backend's logits are never
+written), then temperature, top-k and top-p (or argmax). Rows without one are not touched.
 """
 
 from __future__ import annotations
@@ -123,12 +127,14 @@ class Sampler:
         self.bias_ids = np.fromiter(bias, np.int64, len(bias))                 # [n]
         self.bias = np.fromiter(bias.values(), np.float32, len(bias))         # [n]
 
-    def _penalized(self, logits: np.ndarray, seen, generated=None) -> np.ndarray:
-        """The logits [B, V] after the logit bias and the penalties (a copy when any applies)."""
+    def _penalized(self, logits: np.ndarray, seen, generated=None, constraints=None) -> np.ndarray:
+        """The logits [B, V] after the logit bias, the penalties and the masks of the rows' constraints
+        (constraints[b]: a runtime.constraint.Constraint or None), in that order (a copy when any applies)."""
         c = self.cfg
         rp, openai = c.repetition_penalty != 1.0 and seen is not None, c.presence_penalty or c.frequency_penalty
         openai = openai and generated is not None
-        if not rp and not openai and not self.bias.size:
+        masked = constraints is not None and any(k is not None for k in constraints)
+        if not rp and not openai and not self.bias.size and not masked:
             return logits.astype(np.float32, copy=False)  # callers do not write to it
         x = logits.astype(np.float32, copy=True)
         x[:, self.bias_ids] += self.bias
@@ -139,13 +145,17 @@ class Sampler:
             ids = np.unique(ids)
             v = x[b, ids]
             x[b, ids] = np.where(v > 0, v / c.repetition_penalty, v * c.repetition_penalty)
+        for b, k in enumerate(constraints if masked else ()):
+            if k is not None:
+                k.apply(x[b])  # after the penalties: they never bring a -inf back
         return x
 
-    def distribution(self, logits: np.ndarray, seen: list[np.ndarray] | None = None, generated=None) -> np.ndarray:
-        """The probabilities [B, V] that sampling draws from, after the penalties, temperature, top-k
-        and top-p (temperature must be > 0)."""
+    def distribution(self, logits: np.ndarray, seen: list[np.ndarray] | None = None, generated=None,
+                     constraints=None) -> np.ndarray:
+        """The probabilities [B, V] that sampling draws from, after the penalties, the constraints' masks,
+        temperature, top-k and top-p (temperature must be > 0)."""
         c = self.cfg
-        x = self._penalized(logits, seen, generated) / c.temperature
+        x = self._penalized(logits, seen, generated, constraints) / c.temperature
         if c.top_k and c.top_k < x.shape[-1]:
             kth = np.partition(x, -c.top_k, axis=-1)[:, -c.top_k][:, None]
             x = np.where(x < kth, -np.inf, x)
@@ -162,11 +172,13 @@ class Sampler:
             p /= p.sum(-1, keepdims=True)
         return p
 
-    def __call__(self, logits: np.ndarray, seen: list[np.ndarray] | None = None, generated=None) -> np.ndarray:
+    def __call__(self, logits: np.ndarray, seen: list[np.ndarray] | None = None, generated=None,
+                 constraints=None) -> np.ndarray:
         """logits [B, V] -> token ids [B]; seen[b]: ids already in row b, prompt included (the
-        repetition penalty); generated[b]: the ids row b generated (presence/frequency penalties)."""
+        repetition penalty); generated[b]: the ids row b generated (presence/frequency penalties);
+        constraints[b]: row b's Constraint, its mask filled for this position, or None (unconstrained)."""
         if self.cfg.temperature == 0:
-            return self._penalized(logits, seen, generated).argmax(-1)
-        p = self.distribution(logits, seen, generated)
+            return self._penalized(logits, seen, generated, constraints).argmax(-1)
+        p = self.distribution(logits, seen, generated, constraints)
         u = self.rng.random((p.shape[0], 1))
         return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)

@@ -110,6 +110,12 @@ class Request:
     prompt_lps: PromptLogprobs = dataclasses.field(default_factory=list)  # a leader's, as its prefill computes them
     sampler: Sampler = dataclasses.field(init=False)
 
+    @property
+    def constraint(self):
+        """Its grammar's state (runtime.constraint.Constraint; None: unconstrained), which its Completion
+        advances; the executor fills its mask and the sampler applies it."""
+        return self.completion.constraint
+
     def __post_init__(self):
         self.sampler = Sampler(self.sampling)  # its own random stream (seeded by sampling.seed)
 
@@ -305,7 +311,7 @@ class Scheduler:
         if req.completion.reason is None:
             req.next_token = token
             return events
-        return events + self._finish(req, req.completion.reason)
+        return events + self._finish(req, req.completion.reason, req.completion.error)
 
     @staticmethod
     def _prompt_lps(req: Request) -> PromptLogprobs | None:
