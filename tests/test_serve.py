@@ -532,15 +532,23 @@ def test_bad_completions_requests(tiny_app, body, status, fragment):
     ("chat", {"logprobs": 1}, "logprobs", "logprobs must be true or false"),
     ("chat", {"n": 9}, "n", "raise --max-batch"),
     ("chat", {"logit_bias": {"-3": 1}}, "logit_bias", "logit_bias key '-3'"),
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format", "structured output (response_format)"),
-    ("chat", {"tool_choice": "required"}, "tool_choice", "tool calls are not supported"),
-    ("chat", {"grammar": "root ::= x"}, "grammar", "grammar-constrained output is not supported"),
-    ("chat", {"regex": "a+"}, "regex", "regex-constrained output is not supported"),
+    ("chat", {"response_format": {"type": "xml"}}, "response_format", "response_format must be"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "integr"}}}},
+     "response_format", "response_format.json_schema.schema at /: "),
+    ("chat", {"tool_choice": "required"}, "tool_choice", "tool_choice 'required' needs tools"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "strin"}}}}}]}, "tools", "tools[0].function.parameters at /properties/x"),
+    ("chat", {"grammar": "root ::= x"}, "grammar", "grammar is a /v1/completions parameter"),
+    ("chat", {"regex": "a+"}, "regex", "regex is a /v1/completions parameter"),
+    ("chat", {"functions": [{"name": "f"}]}, "functions", "use 'tools'"),
+    ("chat", {"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos", "ignore_eos cannot"),
+    ("completions", {"tools": []}, "tools", "tools is a /v1/chat/completions parameter"),
+    ("completions", {"regex": "(a"}, "regex", "regex: "),
 ])
 def test_bad_parameters_name_the_field(tiny_app, endpoint, body, param, fragment):
-    """What a request asks of logprobs, n, logit_bias and echo is checked before it reaches the engine, and
-    the fields still refused (structured output, tools: a grammar engine's; suffix) say so: OpenAI's error
-    JSON with `param` naming the field."""
+    """What a request asks of logprobs, n, logit_bias, echo, structured output and tools is checked (and its
+    grammar compiled) before it reaches the engine, and the fields still refused (the legacy functions,
+    suffix) say so: OpenAI's error JSON with `param` naming the field."""
     base = {"prompt": "hi"} if endpoint == "completions" else {"messages": [{"role": "user", "content": "hi"}]}
     r = asgi(tiny_app.app, "POST", f"/v1/{'chat/' if endpoint == 'chat' else ''}completions", json={**base, **body})
     assert r.status_code == 400, r.text
@@ -647,7 +655,10 @@ def test_bad_chat_requests_and_routes(tiny_app):
                            ({"messages": [{"role": "wizard", "content": "x"}]}, "role must be one of"),
                            ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text"),
                            ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-                            "tool calls are not supported")]:
+                            "tools[0] must be {'type': 'function'"),
+                           ({"messages": [{"role": "user", "content": "x"},
+                                          {"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]},
+                            "messages[1].tool_calls[0] must be")]:
         r = asgi(app, "POST", "/v1/chat/completions", json=body)
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
     r = asgi(app, "GET", "/v1/nothing")
@@ -656,6 +667,136 @@ def test_bad_chat_requests_and_routes(tiny_app):
     assert r.status_code == 405 and "not allowed" in r.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="unknown model"):
         asgi_openai(app, lambda c: c.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}]))
+
+
+# ---------------------------------------------------------------------- structured output and tool calls
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def _forecast_model():
+    import typing
+
+    import pydantic
+
+    class Forecast(pydantic.BaseModel):
+        city: typing.Literal["Paris", "Rome"]
+        sunny: bool
+        celsius: int = pydantic.Field(ge=-20, le=40)
+    return Forecast
+
+
+def test_structured_output_on_the_tiny_model(tiny_app):
+    """response_format through the openai client: beta...parse(response_format=PydanticModel) gives the parsed
+    object (random weights, yet valid by construction); max_tokens hit mid-JSON says "length"; a bad schema
+    is a 400 naming its part; completions take a regex and a GBNF grammar."""
+    import re
+
+    Forecast = _forecast_model()
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+
+    async def parse(c):
+        return await c.beta.chat.completions.parse(model="tiny", messages=msgs, response_format=Forecast,
+                                                   max_tokens=60, temperature=0.7, seed=1)
+    r = asgi_openai(tiny_app.app, parse)
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(r.choices[0].message.parsed, Forecast), r.choices[0].message.content
+
+    async def cut(c):
+        return await c.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, temperature=0,
+                                               response_format={"type": "json_object"})
+    r = asgi_openai(tiny_app.app, cut)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.content.startswith("{")
+
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"n": {"type": "integr"}}}}}
+    resp = asgi(tiny_app.app, "POST", "/v1/chat/completions", json={"messages": msgs, "response_format": bad})
+    err = resp.json()["error"]
+    assert resp.status_code == 400 and err["param"] == "response_format" and "/properties/n" in err["message"], err
+    for body, param in (({"prompt": "x", "regex": "(a"}, "regex"), ({"prompt": "x", "grammar": "root ::= ("}, "grammar"),
+                        ({"prompt": "x", "regex": "a", "grammar": 'root ::= "a"'}, "regex"),
+                        ({"messages": msgs, "regex": "a"}, "regex"),
+                        ({"messages": msgs, "tools": [WEATHER], "response_format": {"type": "json_object"}},
+                         "response_format")):
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        resp = asgi(tiny_app.app, "POST", path, json=body)
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.json()
+
+    for body, pattern in (({"regex": "(yes|no) [0-9]{2}"}, "(yes|no) [0-9]{2}"),
+                          ({"grammar": 'root ::= ("a" | "b") [0-9] [0-9]?'}, "[ab][0-9][0-9]?")):
+        resp = asgi(tiny_app.app, "POST", "/v1/completions",
+                    json={"prompt": "Answer:", "max_tokens": 20, "temperature": 1.0, "seed": 3, **body})
+        text = resp.json()["choices"][0]["text"]
+        assert re.fullmatch(pattern, text) and resp.json()["choices"][0]["finish_reason"] == "stop", resp.json()
+
+
+def _reassemble(chunks) -> tuple[str | None, list[dict], str]:
+    """Streamed chat chunks -> (content, tool calls, finish_reason)."""
+    content, calls, reason = "", {}, None
+    for ch in chunks:
+        if not ch.choices:
+            continue
+        d = ch.choices[0].delta
+        content += d.content or ""
+        for tc in d.tool_calls or []:
+            call = calls.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
+            call["id"] = tc.id or call["id"]
+            call["name"] = (tc.function.name if tc.function else None) or call["name"]
+            call["arguments"] += (tc.function.arguments or "") if tc.function else ""
+        reason = ch.choices[0].finish_reason or reason
+    return content or None, [calls[i] for i in sorted(calls)], reason
+
+
+@pytest.fixture(scope="module")
+def tiny_long_app(tmp_path_factory, tiny_artifact):
+    """The app over the tiny model built with a 1024-token context (a tool list's prompt outgrows 256)."""
+    from llamaexport.build.pipeline import build
+    from llamaexport.serving.server import create_app
+
+    art = build(out=tmp_path_factory.mktemp("long") / "art", size="tiny", seed=7, max_seq_len=1024,
+                tokenizer=str(tiny_artifact / "tokenizer.model"), progress=False)
+    with LlamaModel.load(art) as m:
+        engine = Engine(m, max_batch=2)
+        engine.start()
+        yield create_app(engine, model_name="tiny", chat_format="chatml")
+        engine.close()
+
+
+def test_tool_round_trip_on_the_tiny_model(tiny_long_app):
+    """tool_choice "required" through the openai client: the reply is parsed into tool_calls (content null,
+    finish_reason "tool_calls"), its streamed deltas reassemble to the same call, and the call and its
+    result go back as history (an assistant message with tool_calls, a tool message) for the next answer."""
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    kw = dict(model="tiny", tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, max_tokens=200,
+              temperature=0)
+
+    async def call(c):
+        whole = await c.chat.completions.create(messages=msgs, **kw)
+        chunks = [ch async for ch in await c.chat.completions.create(messages=msgs, stream=True, **kw)]
+        return whole, chunks
+    whole, chunks = asgi_openai(tiny_long_app, call)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (tc,) = choice.message.tool_calls
+    args = json.loads(tc.function.arguments)
+    assert tc.function.name == "get_weather" and args["city"] in ("Paris", "Rome") and tc.id.startswith("call_")
+    content, calls, reason = _reassemble(chunks)
+    assert (content, reason) == (None, "tool_calls")
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", args)]
+
+    history = msgs + [{"role": "assistant", "content": None, "tool_calls": [tc.model_dump()]},
+                      {"role": "tool", "tool_call_id": tc.id, "content": '{"celsius": 21}'}]
+
+    async def answer(c):
+        return await c.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], max_tokens=8,
+                                               temperature=0)  # tool_choice "auto": free text or a call
+    a = asgi_openai(tiny_long_app, answer)
+    assert a.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # the tools, the call and its result were rendered: the prompt outgrew the first turn's by them
+    assert a.usage.prompt_tokens > whole.usage.prompt_tokens + 20
 
 
 def test_api_key(tiny_app):

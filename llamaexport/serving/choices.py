@@ -8,6 +8,11 @@ OpenAI's two shapes:
     completions   choices[].logprobs = {"tokens": [str], "token_logprobs": [float],
                                         "top_logprobs": [{token: logprob}], "text_offset": [int]}
 
+A chat reply in a tool-call format (`tool_format`: the request had tools) is parsed into `message.tool_calls`
+(model.tool_parse: content null when the reply is only calls) with finish_reason "tool_calls"; streamed, a
+ToolCallStream per choice turns its text into content and tool-call deltas (id and name first, then
+argument fragments), so the deltas reassemble to the whole answer's calls.
+
 A token is written as its own bytes (Tokenizer.token_bytes) decoded with errors="replace": a token holding
 part of a UTF-8 character shows U+FFFD, and `bytes` (chat) has the raw bytes to join. A completion's
 top_logprobs dict always holds the chosen token (OpenAI's "up to logprobs + 1" entries); with echo the
@@ -47,6 +52,14 @@ class Reply:
     logprobs: bool = False         # report them (the engine computes them: Engine.submit(logprobs=...))
     echo: str | None = None        # completions: the prompt text each choice's text starts with
     prompt_ids: list[int] = dataclasses.field(default_factory=list)  # whose logprobs echo reports
+    tool_format: str | None = None  # chat with tools: the call format the reply is parsed in (model.tools)
+    _calls: dict = dataclasses.field(default_factory=dict)  # streamed: choice index -> its ToolCallStream
+
+    def _stream(self, index: int):
+        from llamaexport.model.tool_parse import ToolCallStream
+        if index not in self._calls:
+            self._calls[index] = ToolCallStream(self.tool_format)
+        return self._calls[index]
 
     def token(self, token_id: int) -> tuple[str, list[int]]:
         raw = self.tokenizer.token_bytes(token_id)
@@ -94,6 +107,14 @@ class Reply:
     def choice(self, done, reason: str) -> dict:
         """A non-streamed answer's choice from its DoneEvent."""
         lps = self.logprobs_of(done.logprobs, done.prompt_logprobs, echo=True)
+        if self.chat and self.tool_format is not None:
+            from llamaexport.model.tool_parse import parse_tool_calls
+            parsed = parse_tool_calls(done.text, self.tool_format)
+            message = {"role": "assistant", "content": parsed.content}
+            if parsed.tool_calls:
+                message["tool_calls"] = parsed.tool_calls
+                reason = "tool_calls" if reason == "stop" else reason
+            return {"index": done.index, "message": message, "logprobs": lps, "finish_reason": reason}
         if self.chat:
             return {"index": done.index, "message": {"role": "assistant", "content": done.text}, "logprobs": lps,
                     "finish_reason": reason}
@@ -114,6 +135,27 @@ class Reply:
         return {"index": ev.index, "text": self.echo, "finish_reason": None,
                 "logprobs": self.logprobs_of([], ev.prompt_logprobs, echo=True)}
 
+    def pieces(self, ev) -> list[dict]:
+        """A TextEvent's chunks: its piece (nothing when it brings neither text nor logprobs); a tool reply's
+        content and tool-call deltas as the parser decides them (logprobs with the first)."""
+        if self.tool_format is None or not self.chat:
+            return [self.piece(ev)] if ev.text or ev.logprobs else []
+        lps = self.logprobs_of(ev.logprobs)
+        out = [{"index": ev.index, "delta": d, "logprobs": None, "finish_reason": None}
+               for d in self._stream(ev.index).push(ev.text)] if ev.text else []
+        if lps is not None and ev.logprobs:
+            if not out:
+                out.append({"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": None})
+            out[0]["logprobs"] = lps
+        return out
+
+    def closing(self, index: int) -> list[dict]:
+        """A tool reply's last deltas (text held back until the reply ended), before its finish_reason."""
+        if self.tool_format is None or not self.chat:
+            return []
+        return [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
+                for d in self._stream(index).finish()]
+
     def piece(self, ev) -> dict:
         """A TextEvent's text and the logprobs that came with it."""
         lps = self.logprobs_of(ev.logprobs)
@@ -122,7 +164,9 @@ class Reply:
         return {"index": ev.index, "text": ev.text, "logprobs": lps, "finish_reason": None}
 
     def last(self, index: int, reason: str) -> dict:
-        """A choice's closing chunk: its finish_reason."""
+        """A choice's closing chunk: its finish_reason ("tool_calls" for a tool reply that made calls)."""
+        if self.tool_format is not None and self.chat and reason == "stop" and self._stream(index).calls:
+            reason = "tool_calls"
         if self.chat:
             return {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
         return {"index": index, "text": "", "logprobs": None, "finish_reason": reason}

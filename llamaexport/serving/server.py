@@ -129,10 +129,12 @@ def _text_content(content, where: str) -> str:
     raise _bad(f"{where}: content must be a string or a list of text parts", "messages")
 
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def _messages(body: dict) -> list[dict]:
+    """The chat's messages; an assistant turn's `tool_calls` and a tool result's `tool_call_id` are kept
+    (model.tools.render_chat checks and renders them)."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise _bad("messages must be a non-empty list of {role, content} objects", "messages")
@@ -142,16 +144,48 @@ def _messages(body: dict) -> list[dict]:
             got = m.get("role") if isinstance(m, dict) else m
             raise _bad(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {got!r}", "messages")
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": _text_content(m.get("content"), f"messages[{i}]")})
+        msg = {"role": role, "content": _text_content(m.get("content"), f"messages[{i}]")}
+        if role == "assistant" and m.get("tool_calls"):
+            msg["tool_calls"] = m["tool_calls"]
+        if role == "tool":
+            msg["tool_call_id"] = m.get("tool_call_id")
+            if m.get("name") is not None:
+                msg["name"] = m["name"]
+        out.append(msg)
     return out
 
 
-# Refused with a 400 naming the field rather than ignored: structured output and tool calls need a grammar
-# engine (not in this server yet), suffix a fill-in-the-middle model.
-UNSUPPORTED = {"tools": "tool calls are", "tool_choice": "tool calls are", "functions": "function calls are",
-               "function_call": "function calls are", "response_format": "structured output (response_format) is",
-               "grammar": "grammar-constrained output is", "regex": "regex-constrained output is",
+# Refused with a 400 naming the field rather than ignored: the legacy function-calling fields (use tools),
+# suffix a fill-in-the-middle model.
+UNSUPPORTED = {"functions": "function calls (the legacy 'functions') are; use 'tools'",
+               "function_call": "function calls (the legacy 'function_call') are; use 'tool_choice'",
                "suffix": "suffix (fill in the middle) is"}
+# Compiled grammars kept, by spec (a request that repeats a schema skips the compile): most recent last.
+GRAMMAR_CACHE = 32
+
+
+def _constraint_spec(body: dict, chat: bool) -> dict | None:
+    """The constraint a request asks for, as a runtime.constraint spec: response_format (json_object,
+    json_schema; "text" is none), and on /v1/completions also `grammar` (GBNF or Lark) or `regex`. At most
+    one of them."""
+    asked = [k for k in ("response_format", "grammar", "regex") if body.get(k) is not None]
+    if chat and any(k != "response_format" for k in asked):
+        k = next(k for k in asked if k != "response_format")
+        raise _bad(f"{k} is a /v1/completions parameter; on chat use response_format", k)
+    if len(asked) > 1:
+        raise _bad(f"give at most one of response_format, grammar and regex (got {', '.join(asked)})", asked[1])
+    if not asked:
+        return None
+    key = asked[0]
+    v = body[key]
+    if key == "response_format":
+        if not isinstance(v, dict) or v.get("type") not in ("text", "json_object", "json_schema"):
+            raise _bad("response_format must be {\"type\": \"text\" | \"json_object\" | \"json_schema\", ...}",
+                       "response_format")
+        return None if v["type"] == "text" else v
+    if not isinstance(v, str) or not v:
+        raise _bad(f"{key} must be a non-empty string", key)
+    return {"type": "gbnf", "gbnf": v} if key == "grammar" else {"type": "regex", "regex": v}
 
 
 class Api:
@@ -163,6 +197,8 @@ class Api:
         self.engine, self.model = engine, engine.model
         self.name, self.chat_format, self.api_key = model_name, chat_format, api_key
         self.created = int(time.time())
+        self._grammars: dict = {}  # (kind, spec JSON) -> compiled runtime.constraint.Grammar, LRU order
+        self._grammars_lock = threading.Lock()
         r = self.registry = CollectorRegistry()
         self.m_requests = Counter("llamaexport_requests", "HTTP requests by endpoint and status",
                                   ["endpoint", "status"], registry=r)
@@ -250,6 +286,38 @@ class Api:
             raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
         return (top or 0) if on else None
 
+    async def _grammar(self, key: tuple, compile_):
+        """The compiled grammar for `key`, from the cache or compiled on a worker thread (a large schema
+        takes up to a second; llguidance releases the GIL); BadConstraint / BadTools -> 400 naming the part."""
+        from llamaexport.runtime.constraint import BadConstraint
+
+        with self._grammars_lock:
+            if key in self._grammars:
+                self._grammars[key] = self._grammars.pop(key)  # most recently used
+                return self._grammars[key]
+        try:
+            grammar = await asyncio.to_thread(compile_)
+        except BadConstraint as e:
+            raise _bad(str(e), e.param, "invalid_grammar") from None
+        except LlamaExportError as e:  # llguidance missing, malformed tools
+            raise _bad(str(e), getattr(e, "param", None)) from None
+        with self._grammars_lock:
+            self._grammars[key] = grammar
+            while len(self._grammars) > GRAMMAR_CACHE:
+                self._grammars.pop(next(iter(self._grammars)))
+        return grammar
+
+    async def _constraint(self, body: dict, chat: bool):
+        """The compiled grammar of a request's response_format / grammar / regex, or None."""
+        from llamaexport.runtime.constraint import compile_constraint
+
+        spec = _constraint_spec(body, chat)
+        if spec is None:
+            return None
+        key = ("spec", json.dumps(spec, sort_keys=True))
+        return await self._grammar(key, lambda: compile_constraint(spec, self.model.tokenizer,
+                                                                   n_vocab=self.model.config.vocab_size))
+
     def _encode_checked(self, text: str) -> list[int]:
         """The prompt's ids, once check_generation found the text encodable (the rest of the request is
         checked by Engine.submit, which calls it too)."""
@@ -262,18 +330,58 @@ class Api:
     # ------------------------------------------------------------------ endpoints
     async def chat(self, request):
         from llamaexport.model.chat import default_stop_strings, format_chat
+        from llamaexport.model.tools import BadTools, check_tool_choice, check_tools, render_chat, tool_format
 
         body = await self._body(request)
         messages = _messages(body)
+        tok = self.model.tokenizer
+        tools, choice = body.get("tools"), body.get("tool_choice")
         try:
-            text = format_chat(messages, tokenizer=self.model.tokenizer, fmt=self.chat_format)
+            functions = check_tools(tools)
+            choice = check_tool_choice(choice, functions)
+        except BadTools as e:
+            raise _bad(str(e), e.param) from None
+        calling = choice != "none"  # a reply that may hold tool calls
+        history = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        try:
+            if functions or history:
+                text = render_chat(messages, tools=tools, tool_choice=choice if functions else None, tokenizer=tok,
+                                   fmt=self.chat_format)
+            else:
+                text = format_chat(messages, tokenizer=tok, fmt=self.chat_format)
+        except BadTools as e:
+            raise _bad(str(e), e.param) from None
         except LlamaExportError as e:
             raise _bad(str(e), "messages") from None
         stop = list(dict.fromkeys(default_stop_strings(self.chat_format) + _stop(body)))
         ids = self._encode_checked(text)
         gen = self._generation(body, ids, stop, None, chat=True)
-        reply = Reply(self.model.tokenizer, chat=True, n=gen["n"], logprobs=gen["logprobs"] is not None)
+        fmt = None
+        if calling:
+            if body.get("response_format") not in (None, {"type": "text"}):
+                raise _bad("response_format and tools together are not supported: the reply follows either a "
+                           "schema or the tool-call format (use tool_choice 'none' to answer with the schema)",
+                           "response_format")
+            fmt = tool_format(tok, self.chat_format)
+            parallel = body.get("parallel_tool_calls", True)
+            if not isinstance(parallel, bool):
+                raise _bad("parallel_tool_calls must be true or false", "parallel_tool_calls")
+            gen["grammar"] = await self._tools_grammar(tools, choice, fmt, parallel)
+            gen["skip_special"] = False  # the format's markers may be special tokens: the parser needs them
+        else:
+            gen["grammar"] = await self._constraint(body, chat=True)
+        if gen["grammar"] is not None and gen["eos_ids"] == []:
+            raise _bad("ignore_eos cannot be used with response_format or tools: the grammar ends the reply",
+                       "ignore_eos")
+        reply = Reply(tok, chat=True, n=gen["n"], logprobs=gen["logprobs"] is not None, tool_format=fmt)
         return await self._respond(request, body, ids, gen, reply)
+
+    async def _tools_grammar(self, tools, choice, fmt, parallel):
+        from llamaexport.runtime.constraint import compile_tools
+
+        key = ("tools", fmt, choice, parallel, json.dumps(tools, sort_keys=True))
+        return await self._grammar(key, lambda: compile_tools(tools, choice, self.model.tokenizer, fmt=fmt,
+                                                              n_vocab=self.model.config.vocab_size, parallel=parallel))
 
     async def completions(self, request):
         body = await self._body(request)
@@ -291,8 +399,14 @@ class Api:
             raise _bad("prompt must be a non-empty string or a list of token ids (one prompt per request)", "prompt")
         if not ids:
             raise _bad("the prompt is empty", "prompt")
+        for key in ("tools", "tool_choice", "parallel_tool_calls"):
+            if body.get(key) is not None:
+                raise _bad(f"{key} is a /v1/chat/completions parameter", key)
         echo = _flag(body, "echo")
         gen = self._generation(body, ids, _stop(body), 16, chat=False, echo=echo)
+        gen["grammar"] = await self._constraint(body, chat=False)
+        if gen["grammar"] is not None and gen["eos_ids"] == []:
+            raise _bad("ignore_eos cannot be used with a grammar: the grammar ends the reply", "ignore_eos")
         text = prompt if isinstance(prompt, str) else self.model.tokenizer.decode(ids)
         reply = Reply(self.model.tokenizer, chat=False, n=gen["n"], logprobs=gen["logprobs"] is not None,
                       echo=text if echo else None, prompt_ids=ids)
@@ -418,8 +532,8 @@ class Api:
             if isinstance(ev, TextEvent):
                 if ev.token_id >= 0 and ev.index == 0:
                     self._timed(timing)
-                if ev.text or ev.logprobs:
-                    yield chunk([reply.piece(ev)])
+                for piece in reply.pieces(ev):
+                    yield chunk([piece])
                 continue
             if failed:
                 msg = ev.error if ev.finish_reason is FinishReason.ERROR else CANCELLED
@@ -427,7 +541,10 @@ class Api:
                 yield "[DONE]"
                 return
             dones[ev.index] = ev
-            yield chunk([reply.last(ev.index, self._reason(ev))])
+            reason = self._reason(ev)
+            for piece in reply.closing(ev.index):  # a tool reply's held-back text and arguments
+                yield chunk([piece])
+            yield chunk([reply.last(ev.index, reason)])
         usage = self._usage([dones[i] for i in range(reply.n)])
         if include_usage:
             yield chunk([], usage=usage)
