@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -130,6 +131,25 @@ def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, ou
         _check(path, None, False)
 
 
+def _constraint_spec(json_schema, grammar, regex) -> dict | None:
+    """run's --json-schema FILE / --grammar FILE / --regex RE as a runtime.constraint spec (at most one),
+    with "param" naming the option for the error of a bad one."""
+    given = [name for name, v in (("--json-schema", json_schema), ("--grammar", grammar), ("--regex", regex)) if v]
+    if len(given) > 1:
+        raise LlamaExportError(f"give at most one of --json-schema, --grammar and --regex (got {', '.join(given)})")
+    if json_schema:
+        try:
+            schema = json.loads(Path(json_schema).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise LlamaExportError(f"--json-schema {json_schema}: not a JSON file ({e})") from None
+        return {"type": "json_schema", "json_schema": {"schema": schema, "strict": True}, "param": "--json-schema"}
+    if grammar:
+        return {"type": "gbnf", "gbnf": Path(grammar).read_text(encoding="utf-8"), "param": "--grammar"}
+    if regex:
+        return {"type": "regex", "regex": regex, "param": "--regex"}
+    return None
+
+
 @main.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--prompt", required=True, help="The prompt text.")
@@ -139,19 +159,34 @@ def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, ou
 @click.option("--chat", is_flag=True, help="Format the prompt as a chat turn.")
 @CHAT_FORMAT
 @click.option("--system", help="System prompt for --chat.")
+@click.option("--json-schema", "json_schema", type=click.Path(exists=True, dir_okay=False),
+              help="Answer with JSON that follows this JSON Schema file (strict: undeclared keys refused; needs the "
+                   "structured extra).")
+@click.option("--grammar", type=click.Path(exists=True, dir_okay=False),
+              help="Answer in the language of this grammar file (GBNF, or Lark; needs the structured extra).")
+@click.option("--regex", help="Answer with text matching this regular expression (needs the structured extra).")
 @click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
 @BACKEND
 def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, logit_bias, stop, chat,
-        chat_format, system, threads, backend):
+        chat_format, system, json_schema, grammar, regex, threads, backend):
     """Generate text, streaming it to stdout."""
     from llamaexport.runtime.llama_model import LlamaModel
     from llamaexport.runtime.sampling import SamplingConfig
 
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed, logit_bias=logit_bias)
+    spec = _constraint_spec(json_schema, grammar, regex)
     model = LlamaModel.load(artifact, threads=threads, backend=backend)
+    constraint = None
+    if spec is not None:
+        from llamaexport.runtime.constraint import BadConstraint, compile_constraint
+        param = spec.pop("param")
+        try:
+            constraint = compile_constraint(spec, model.require_tokenizer(), n_vocab=model.config.vocab_size, param=param)
+        except BadConstraint as e:  # "--json-schema.json_schema.schema at /x: ..." -> "--json-schema FILE at /x: ..."
+            raise LlamaExportError(str(e).replace(f"{param}.json_schema.schema", f"--json-schema {json_schema}")) from None
     for piece in model.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop),
-                              chat=((chat_format or True) if chat else False), system=system):
+                              chat=((chat_format or True) if chat else False), system=system, constraint=constraint):
         click.echo(piece, nl=False)
     click.echo()
 

@@ -1091,3 +1091,32 @@ def test_chat_repl_ctrl_c_stops_the_answer_not_the_program(smol_art):
     out, err = p.communicate("/stats\n", timeout=120)
     assert p.returncode == 0, err
     assert "(stopped)" in out and "interrupted" in out, out
+
+
+FORECAST_SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "sunny": {"type": "boolean"},
+                                                    "celsius": {"type": "integer", "minimum": -20, "maximum": 40}},
+                   "required": ["city", "sunny", "celsius"]}
+
+
+def test_run_follows_a_schema_a_regex_or_a_grammar(tiny_artifact, tmp_path):
+    """`run --json-schema FILE | --grammar FILE | --regex RE`: the same constrained path as the server."""
+    import re
+
+    import jsonschema
+    from conftest import assert_clean_error, run_cli
+
+    schema = tmp_path / "forecast.json"
+    schema.write_text(json.dumps(FORECAST_SCHEMA))
+    base = ["run", tiny_artifact, "--prompt", "Weather?", "--max-new-tokens", "80", "--temperature", "0.7", "--seed", "1"]
+    r = run_cli(*base, "--json-schema", schema)
+    assert r.returncode == 0, r.stderr
+    jsonschema.validate(json.loads(r.stdout), FORECAST_SCHEMA)
+    r = run_cli(*base, "--regex", "(yes|no) [0-9]{2}")
+    assert r.returncode == 0 and re.fullmatch("(yes|no) [0-9]{2}\n", r.stdout), (r.stdout, r.stderr)
+    gbnf = tmp_path / "g.gbnf"
+    gbnf.write_text('root ::= ("a" | "b") [0-9]\n')
+    r = run_cli(*base, "--grammar", gbnf)
+    assert r.returncode == 0 and re.fullmatch("[ab][0-9]\n", r.stdout), (r.stdout, r.stderr)
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integr"}}}))
+    assert_clean_error(run_cli(*base, "--json-schema", schema), f"--json-schema {schema} at /properties/n: ")
+    assert_clean_error(run_cli(*base, "--regex", "a", "--grammar", gbnf), "at most one of")

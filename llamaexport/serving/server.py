@@ -702,6 +702,11 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
         format_chat([{"role": "user", "content": "hi"}], tokenizer=model.tokenizer, fmt=fmt)
     except LlamaExportError as e:
         print(f"warning: /v1/chat/completions will answer 400 ({e})", file=sys.stderr)
+    try:  # llguidance's view of the vocabulary (0.1-0.8 s), built now so no request pays for it
+        from llamaexport.runtime.constraint import constraint_tokenizer
+        constraint_tokenizer(model.tokenizer, model.config.vocab_size)
+    except LlamaExportError:
+        pass  # without the structured extra, a request that asks for a grammar is told what to install
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
     if engine.max_batch < max_batch:
         print(f"warning: the engine takes at most {engine.max_batch} sequences at once (its profiles' batch); "
