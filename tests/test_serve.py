@@ -1120,3 +1120,43 @@ def test_run_follows_a_schema_a_regex_or_a_grammar(tiny_artifact, tmp_path):
     schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integr"}}}))
     assert_clean_error(run_cli(*base, "--json-schema", schema), f"--json-schema {schema} at /properties/n: ")
     assert_clean_error(run_cli(*base, "--regex", "a", "--grammar", gbnf), "at most one of")
+
+
+def test_smollm2_structured_output_and_tool_round_trip(smol_art, smol_server, tmp_path):
+    """A real model through the openai client: parse(response_format=PydanticModel) gives the object;
+    json_object answers parse; tool_choice "required" makes it call the tool, whose result goes back as a
+    `tool` message, and it answers in text; `run --json-schema` gives JSON that validates."""
+    import jsonschema
+
+    c = smol_server.client()
+    name = c.models.list().data[0].id
+    Forecast = _forecast_model()
+    q = [{"role": "user", "content": "What is the weather like in Paris? Answer in JSON."}]
+    r = c.beta.chat.completions.parse(model=name, messages=q, response_format=Forecast, max_tokens=60, temperature=0)
+    assert r.choices[0].finish_reason == "stop" and isinstance(r.choices[0].message.parsed, Forecast)
+    r = c.chat.completions.create(model=name, messages=q, response_format={"type": "json_object"}, max_tokens=120,
+                                  temperature=0)
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    else:  # cut at max_tokens: said so, never passed off as complete
+        assert r.choices[0].finish_reason == "length" and r.choices[0].message.content.startswith("{")
+
+    first = c.chat.completions.create(model=name, messages=q, tools=[WEATHER], tool_choice="required", max_tokens=80,
+                                      temperature=0)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
+    tc = choice.message.tool_calls[0]
+    assert tc.function.name == "get_weather" and json.loads(tc.function.arguments)["city"] in ("Paris", "Rome")
+    history = q + [{"role": "assistant", "content": choice.message.content, "tool_calls": [tc.model_dump()]},
+                   {"role": "tool", "tool_call_id": tc.id, "content": '{"sky": "sunny", "celsius": 21}'}]
+    answer = c.chat.completions.create(model=name, messages=history, tools=[WEATHER], tool_choice="none", max_tokens=40,
+                                       temperature=0)
+    assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
+
+    schema = tmp_path / "forecast.json"
+    schema.write_text(json.dumps(FORECAST_SCHEMA))
+    r = subprocess.run([sys.executable, "-m", "llamaexport.cli", "run", str(smol_art), "--prompt", q[0]["content"],
+                        "--chat", "--json-schema", str(schema), "--max-new-tokens", "60"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    jsonschema.validate(json.loads(r.stdout), FORECAST_SCHEMA)
