@@ -131,6 +131,31 @@ def build(size, checkpoint, profile, precision, tokenizer, max_seq_len, seed, ou
         _check(path, None, False)
 
 
+def CONSTRAINT(f):
+    """run's and chat's --json-schema / --grammar / --regex."""
+    for opt in reversed([
+            click.option("--json-schema", "json_schema", type=click.Path(exists=True, dir_okay=False),
+                         help="Answer with JSON that follows this JSON Schema file (strict: undeclared keys refused; "
+                              "needs the structured extra)."),
+            click.option("--grammar", type=click.Path(exists=True, dir_okay=False),
+                         help="Answer in the language of this grammar file (GBNF, or Lark; needs the structured extra)."),
+            click.option("--regex", help="Answer with text matching this regular expression (needs the structured extra).")]):
+        f = opt(f)
+    return f
+
+
+def _compile(spec, model, json_schema):
+    """The compiled grammar of a _constraint_spec for this model (None for None); errors name the option."""
+    if spec is None:
+        return None
+    from llamaexport.runtime.constraint import BadConstraint, compile_constraint
+    param = spec.pop("param")
+    try:
+        return compile_constraint(spec, model.require_tokenizer(), n_vocab=model.config.vocab_size, param=param)
+    except BadConstraint as e:  # "--json-schema.json_schema.schema at /x: ..." -> "--json-schema FILE at /x: ..."
+        raise LlamaExportError(str(e).replace(f"{param}.json_schema.schema", f"--json-schema {json_schema}")) from None
+
+
 def _constraint_spec(json_schema, grammar, regex) -> dict | None:
     """run's --json-schema FILE / --grammar FILE / --regex RE as a runtime.constraint spec (at most one),
     with "param" naming the option for the error of a bad one."""
@@ -159,12 +184,7 @@ def _constraint_spec(json_schema, grammar, regex) -> dict | None:
 @click.option("--chat", is_flag=True, help="Format the prompt as a chat turn.")
 @CHAT_FORMAT
 @click.option("--system", help="System prompt for --chat.")
-@click.option("--json-schema", "json_schema", type=click.Path(exists=True, dir_okay=False),
-              help="Answer with JSON that follows this JSON Schema file (strict: undeclared keys refused; needs the "
-                   "structured extra).")
-@click.option("--grammar", type=click.Path(exists=True, dir_okay=False),
-              help="Answer in the language of this grammar file (GBNF, or Lark; needs the structured extra).")
-@click.option("--regex", help="Answer with text matching this regular expression (needs the structured extra).")
+@CONSTRAINT
 @click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
 @BACKEND
 def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, logit_bias, stop, chat,
@@ -177,14 +197,7 @@ def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_
                               repetition_penalty=repetition_penalty, seed=seed, logit_bias=logit_bias)
     spec = _constraint_spec(json_schema, grammar, regex)
     model = LlamaModel.load(artifact, threads=threads, backend=backend)
-    constraint = None
-    if spec is not None:
-        from llamaexport.runtime.constraint import BadConstraint, compile_constraint
-        param = spec.pop("param")
-        try:
-            constraint = compile_constraint(spec, model.require_tokenizer(), n_vocab=model.config.vocab_size, param=param)
-        except BadConstraint as e:  # "--json-schema.json_schema.schema at /x: ..." -> "--json-schema FILE at /x: ..."
-            raise LlamaExportError(str(e).replace(f"{param}.json_schema.schema", f"--json-schema {json_schema}")) from None
+    constraint = _compile(spec, model, json_schema)
     for piece in model.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop),
                               chat=((chat_format or True) if chat else False), system=system, constraint=constraint):
         click.echo(piece, nl=False)
@@ -220,10 +233,11 @@ def serve(artifact, host, port, max_batch, max_queue, prefill_chunk, threads, ap
 @CHAT_FORMAT
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Longest answer.")
 @SAMPLING
+@CONSTRAINT
 @click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
 @BACKEND
 def chat_cmd(artifact, system, chat_format, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-             logit_bias, threads, backend):
+             logit_bias, json_schema, grammar, regex, threads, backend):
     """Chat with an artifact in the terminal (multi-turn; /help lists the commands)."""
     from llamaexport.runtime.completion import check_generation
     from llamaexport.runtime.llama_model import LlamaModel
@@ -233,10 +247,12 @@ def chat_cmd(artifact, system, chat_format, max_new_tokens, temperature, top_k, 
     check_generation(max_new_tokens=max_new_tokens)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed, logit_bias=logit_bias)
+    spec = _constraint_spec(json_schema, grammar, regex)
     with LlamaModel.load(artifact, threads=threads, backend=backend) as model:
         model.require_tokenizer()
         sampling.check_vocab(model.config.vocab_size)
-        repl.main(model, fmt=chat_format, system=system, sampling=sampling, max_new_tokens=max_new_tokens)
+        repl.main(model, fmt=chat_format, system=system, sampling=sampling, max_new_tokens=max_new_tokens,
+                  grammar=_compile(spec, model, json_schema))
 
 
 def _check(artifact, reference, as_json, backend=None, layerwise=False):

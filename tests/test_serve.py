@@ -1099,7 +1099,7 @@ FORECAST_SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "
 
 
 def test_run_follows_a_schema_a_regex_or_a_grammar(tiny_artifact, tmp_path):
-    """`run --json-schema FILE | --grammar FILE | --regex RE`: the same constrained path as the server."""
+    """`run --json-schema FILE | --grammar FILE | --regex RE` (and chat's): the same constrained path as the server."""
     import re
 
     import jsonschema
@@ -1120,6 +1120,9 @@ def test_run_follows_a_schema_a_regex_or_a_grammar(tiny_artifact, tmp_path):
     schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integr"}}}))
     assert_clean_error(run_cli(*base, "--json-schema", schema), f"--json-schema {schema} at /properties/n: ")
     assert_clean_error(run_cli(*base, "--regex", "a", "--grammar", gbnf), "at most one of")
+    r = run_cli("chat", tiny_artifact, "--chat-format", "chatml", "--regex", "(yes|no) [0-9]{2}", "--temperature", "0.7",
+                "--max-new-tokens", "12", input="Sunny?\nAnd tomorrow?\n")
+    assert r.returncode == 0 and len(re.findall(r">>> (yes|no) [0-9]{2}\n", r.stdout)) == 2, (r.stdout, r.stderr)
 
 
 def test_smollm2_structured_output_and_tool_round_trip(smol_art, smol_server, tmp_path):

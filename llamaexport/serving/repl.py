@@ -30,11 +30,13 @@ class Chat:
     """The conversation state and one turn at a time; `main` wires it to a terminal."""
 
     def __init__(self, model, *, fmt: str | None = None, system: str | None = None,
-                 sampling: SamplingConfig | None = None, max_new_tokens: int = 512):
+                 sampling: SamplingConfig | None = None, max_new_tokens: int = 512, grammar=None):
+        """grammar: a compiled runtime.constraint.Grammar every answer follows (chat --json-schema ...)."""
         fmt = fmt or model.chat_format  # None: the one recorded at build, else auto
         self.model, self.fmt, self.system = model, fmt, system
         self.sampling = sampling or SamplingConfig()
         self.max_new_tokens = max_new_tokens
+        self.grammar = grammar
         self.engine = Engine(model, max_batch=1, max_queue=0)
         self.stop = default_stop_strings(fmt)
         format_chat([{"role": "user", "content": "x"}], tokenizer=model.tokenizer, fmt=fmt)  # the format works here
@@ -71,7 +73,7 @@ class Chat:
         done = None
         pieces = []
         stream = self.engine.stream(ids, max_new_tokens=min(self.max_new_tokens, ctx - len(ids)),
-                                    sampling=self.sampling, stop=self.stop)
+                                    sampling=self.sampling, stop=self.stop, grammar=self.grammar)
         try:
             for ev in stream:
                 if isinstance(ev, DoneEvent):
@@ -121,10 +123,10 @@ class Chat:
         self.engine.close()
 
 
-def main(model, *, fmt=None, system=None, sampling=None, max_new_tokens=512, stdin=None, stdout=None):
+def main(model, *, fmt=None, system=None, sampling=None, max_new_tokens=512, stdin=None, stdout=None, grammar=None):
     """The REPL on a terminal (or any text streams)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    chat = Chat(model, fmt=fmt, system=system, sampling=sampling, max_new_tokens=max_new_tokens)
+    chat = Chat(model, fmt=fmt, system=system, sampling=sampling, max_new_tokens=max_new_tokens, grammar=grammar)
     tty = stdin.isatty()
     out = stdout.write
 
