@@ -286,10 +286,18 @@ def test_constrained_rows_leave_the_others_alone(tiny_artifact):
         ev = list(engine.stream(prompts[0], max_new_tokens=3, grammar=obj))[-1]
         assert ev.finish_reason is FinishReason.LENGTH and ev.text.startswith("{")
         engine.close()
-        # the same path in LlamaModel.stream / generate
-        g = m.generate("hi", max_new_tokens=12, constraint={"type": "regex", "regex": "(yes|no) [0-9]{2}"},
-                       sampling=SamplingConfig(temperature=1.0, seed=2))
+        # the same path in LlamaModel.stream / generate; the mask comes after the logit bias (a +100 bias on an
+        # id the grammar refuses does not bring it back) and the logprobs stay raw (the forced ids' own)
+        banned = tok.encode("zzz", add_bos=False)[0]
+        g = m.generate("hi", max_new_tokens=12, constraint={"type": "regex", "regex": "(yes|no) [0-9]{2}"}, logprobs=0,
+                       sampling=SamplingConfig(temperature=1.0, seed=2, logit_bias={banned: 100}))
         assert re.fullmatch("(yes|no) [0-9]{2}", g.text) and g.finish_reason is FinishReason.STOP
+        seen = []
+        list(m.steps([m.encode("hi")], max_new_tokens=1, on_logits=seen.append))
+        raw = seen[0][0, -1].astype(np.float64)  # the first position's logits, unmasked
+        first = g.logprobs[0]
+        want = raw[first.token_id] - np.log(np.exp(raw - raw.max()).sum()) - raw.max()
+        assert first.token_id != banned and abs(first.logprob - want) < 1e-4
 
 
 # ---------------------------------------------------------------------- the HTTP server
@@ -1152,6 +1160,12 @@ def test_smollm2_structured_output_and_tool_round_trip(smol_art, smol_server, tm
     assert tc.function.name == "get_weather" and json.loads(tc.function.arguments)["city"] in ("Paris", "Rome")
     history = q + [{"role": "assistant", "content": choice.message.content, "tool_calls": [tc.model_dump()]},
                    {"role": "tool", "tool_call_id": tc.id, "content": '{"sky": "sunny", "celsius": 21}'}]
+    chunks = list(c.chat.completions.create(model=name, messages=q, tools=[WEATHER], tool_choice="required",
+                                            max_tokens=80, temperature=0, stream=True))
+    content, calls, reason = _reassemble(chunks)
+    assert reason == "tool_calls" and content == choice.message.content
+    assert [(x["name"], x["arguments"]) for x in calls] == [(t.function.name, t.function.arguments)
+                                                           for t in choice.message.tool_calls]
     answer = c.chat.completions.create(model=name, messages=history, tools=[WEATHER], tool_choice="none", max_tokens=40,
                                        temperature=0)
     assert answer.choices[0].message.content and answer.choices[0].message.tool_calls is None
