@@ -11,7 +11,9 @@ The engine owns `max_batch` KV-cache slots, and each `step()` is vLLM v1's three
                                        decode; pure bookkeeping, tested without a model
   out = executor.execute(plan)         `Executor`: those forwards over the slot cache (runtime.slots),
                                        the cache copies of n-choice requests, and one sampled token (and
-                                       its logprobs, where asked) per request whose next token they give
+                                       its logprobs, where asked) per request whose next token they give;
+                                       the grammar masks of constrained requests (submit(grammar=...)) are
+                                       filled on a MaskWorker thread while the forwards run
   scheduler.update_from_output(...)    the tokens appended, finished requests ended; the engine then
                                        delivers the events
 A decoding stream waits at most one forward of `prefill_chunk` prompt tokens between two of its tokens.
@@ -86,7 +88,10 @@ class Executor:
     prefix its request reuses, runs the planned prefill forwards, copies a leader's prompt cache into its
     followers' slots, then runs the one batched decode forward, and samples a token for each request whose
     next token the logits give (a prompt's last chunk, a follower from its leader's, every decode row),
-    each with its own Sampler. Logprobs come from the same raw logits, for the requests that ask only."""
+    each with its own Sampler. Logprobs come from the same raw logits, for the requests that ask only.
+    A request with a grammar (Request.constraint) has its next-token mask filled by a MaskWorker thread from
+    the start of the step, waited for once the first logits it needs are there, and applied by its Sampler
+    after the bias and penalties; a step without constrained rows never touches the worker."""
 
     def __init__(self, slots: SlotCache):
         self.slots = slots
