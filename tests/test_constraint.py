@@ -276,3 +276,27 @@ def test_missing_llguidance_names_the_extra(smol_tokenizer, monkeypatch):
     monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance -> ImportError
     with pytest.raises(LlamaExportError, match=r"pip install 'llamaexport\[structured\]'"):
         compile_constraint({"type": "json_object"}, smol_tokenizer, n_vocab=smol_tokenizer.vocab_size + 1)
+
+
+def test_completion_advances_the_grammar_and_finishes(vocab):
+    """runtime.completion.Completion consumes each pushed id into its row's grammar (the one place, for the
+    engine and LlamaModel.stream): a grammar that can only take EOS next ends it with "stop" before any EOS;
+    max_new_tokens first ends it with "length" (the JSON unfinished); a refused id with "error", saying why."""
+    from llamaexport.runtime.completion import Completion, FinishReason
+
+    tok = vocab[0]
+
+    def completion(spec, max_new_tokens=50):
+        return Completion(tok, prompt_ids=[], eos_ids=frozenset(tok.eos_ids), max_new_tokens=max_new_tokens,
+                          constraint=Constraint(compile_(spec, vocab)))
+    c = completion({"type": "regex", "regex": "ab"})
+    for t in ids(tok, "ab"):
+        c.push(t)
+    assert c.reason is FinishReason.STOP and c.text == "ab"
+    c = completion({"type": "json_object"}, max_new_tokens=2)
+    for t in ids(tok, '{"a": 1}')[:2]:
+        c.push(t)
+    assert c.reason is FinishReason.LENGTH and not c.constraint.accepting
+    c = completion({"type": "regex", "regex": "ab"})
+    assert c.push(ids(tok, "b")[0]) is None
+    assert c.reason is FinishReason.ERROR and "the grammar refused token" in c.error
