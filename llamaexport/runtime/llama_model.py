@@ -441,13 +441,7 @@ class LlamaModel:
         sampling.check_vocab(self.config.vocab_size)
         eos_ids = eos_set(self.tokenizer, eos_ids)
         eos = np.array(sorted(eos_ids) or [-1])
-        B = len(prompts)
-        lens = [len(p) for p in prompts]
-        if B == 0:
-            raise LlamaExportError("empty prompt: give at least one token")
-        ctx = self.config.max_seq_len
-        for n in (min(lens), max(lens)):
-            check_generation(prompt_tokens=n, context=ctx)
+        B, lens, ctx = len(prompts), self._checked_lengths(prompts), self.config.max_seq_len
         if len(set(lens)) > 1 and not self.manifest.get("left_padding", True):
             if on_logits is not None or on_logprobs is not None:
                 raise LlamaExportError("on_logits and on_logprobs need prompts of one length on this graph (no left padding)")
@@ -456,21 +450,10 @@ class LlamaModel:
             yield from self._lockstep(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                                       eos_ids=eos_ids, fill=int(eos[0]), constraints=constraints)
             return
-        if constraints is not None and len(constraints) != B:
-            raise LlamaExportError(f"{len(constraints)} constraints for {B} prompts")
-        masks = None
-        if constraints is not None and any(c is not None for c in constraints):
-            from llamaexport.runtime.constraint import MaskWorker
-            masks = MaskWorker()
+        masks = _mask_worker(constraints, B)
         S = max(lens)
         max_new_tokens = max(0, min(max_new_tokens, ctx - S))
-        pad = self.tokenizer.pad_id if self.tokenizer and self.tokenizer.pad_id is not None else 0
-        ids = np.full((B, S), pad, np.int64)
-        mask = np.zeros((B, S), np.int64)
-        for b, p in enumerate(prompts):
-            ids[b, S - len(p):] = p
-            mask[b, S - len(p):] = 1
-        pos = np.maximum(mask.cumsum(1) - 1, 0)
+        ids, mask, pos = self._left_padded(prompts, S)
         sampler = Sampler(sampling)
         penalize = sampling.repetition_penalty != 1.0
         seen = [np.asarray(p, np.int64) for p in prompts]
@@ -517,6 +500,25 @@ class LlamaModel:
             self.backend.give_back_cache(B, cache)
             if masks is not None:
                 masks.close()
+
+    def _checked_lengths(self, prompts: list[list[int]]) -> list[int]:
+        """The prompts' lengths, each checked against the context (check_generation)."""
+        lens = [len(p) for p in prompts]
+        if not lens:
+            raise LlamaExportError("empty prompt: give at least one token")
+        for n in (min(lens), max(lens)):
+            check_generation(prompt_tokens=n, context=self.config.max_seq_len)
+        return lens
+
+    def _left_padded(self, prompts: list[list[int]], S: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """input_ids, attention_mask and position_ids [B, S] of prompts left-padded to S ids."""
+        pad = self.tokenizer.pad_id if self.tokenizer and self.tokenizer.pad_id is not None else 0
+        ids = np.full((len(prompts), S), pad, np.int64)
+        mask = np.zeros((len(prompts), S), np.int64)
+        for b, p in enumerate(prompts):
+            ids[b, S - len(p):] = p
+            mask[b, S - len(p):] = 1
+        return ids, mask, np.maximum(mask.cumsum(1) - 1, 0)
 
     def _lockstep(self, prompts, *, max_new_tokens, sampling, eos_ids, fill, constraints=None) -> Iterator[np.ndarray]:
         """Rows generated one by one but yielded together; a finished row yields `fill` (EOS).
@@ -606,3 +608,16 @@ class LlamaModel:
             if on_text:
                 on_text(piece)
         return result[0]
+
+
+def _mask_worker(constraints: list | None, rows: int):
+    """A MaskWorker when some row is constrained (it fills their masks during the forward), else None."""
+    if constraints is None:
+        return None
+    if len(constraints) != rows:
+        raise LlamaExportError(f"{len(constraints)} constraints for {rows} prompts")
+    if all(c is None for c in constraints):
+        return None
+    from llamaexport.runtime.constraint import MaskWorker
+
+    return MaskWorker()
