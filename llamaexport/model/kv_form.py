@@ -43,3 +43,21 @@ class KVForm(enum.StrEnum):
         if word not in by_word:
             raise LlamaExportError(f"unknown --kv-cache {word!r}; choose one of {', '.join(by_word)}")
         return by_word[word]
+
+
+class SpareCache:
+    """take_cache / give_back_cache of the Backend protocol, for a backend with `kv_form`, `empty_cache(batch)`
+    and a `_spare` attribute (None at first): a finished generation's in-place cache is reused as it is by
+    the next generation of its batch size (its buffers are already allocated and mapped; positions past the
+    new sequence are masked out, so stale entries are never read). One spare in all: a cache of another
+    batch size is let go. A concat cache grows by concatenation: nothing to recycle."""
+
+    def take_cache(self, batch: int):
+        if self.kv_form is KVForm.INPLACE and self._spare is not None and self._spare[0] == batch:
+            cache, self._spare = self._spare[1], None
+            return cache
+        return self.empty_cache(batch)
+
+    def give_back_cache(self, batch: int, cache):
+        if self.kv_form is KVForm.INPLACE:
+            self._spare = (batch, cache)

@@ -22,7 +22,7 @@ import numpy as np
 from llamaexport import LlamaExportError, log
 from llamaexport.artifact.manifest import read_manifest, require_intact
 from llamaexport.model.config import LlamaConfig
-from llamaexport.model.kv_form import KVForm
+from llamaexport.model.kv_form import KVForm, SpareCache
 from llamaexport.runtime.completion import Completion, FinishReason, check_generation, eos_set
 from llamaexport.runtime.sampling import Sampler, SamplingConfig, TokenLogprob, token_logprobs
 
@@ -102,7 +102,7 @@ def providers_for(device: str, available) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(SpareCache):
     """Runs `model.onnx` with ONNX Runtime (a Backend): on the CPU, or on ONNX Runtime's CUDA provider
     (device "cuda"), where the KV cache stays on the GPU: presents are bound to device memory and
     bound back as the next step's past, and only the logits are copied to the host."""
@@ -141,7 +141,10 @@ class OnnxRuntimeBackend:
         self._all = ort.OrtValue.ortvalue_from_numpy(np.array(0, np.int64))  # 0 = logits of every position
         self._io = self._io_cache = None  # the binding of the shared cache in use (see _binding)
         self._bound = {}
-        self._spare = None  # (batch, cache) of a finished generation (take_cache / give_back_cache)
+        # (batch, cache) of a finished generation (SpareCache): its pages are already mapped (a fresh max-length
+        # cache costs two maps per layer and a page fault per page written) and its IOBinding is kept unless
+        # another cache was bound since; GroupQueryAttention reads only each row's seqlens_k + 1 positions
+        self._spare = None
         self._ort = ort
 
     def _ortvalue(self, a: np.ndarray):
@@ -158,22 +161,6 @@ class OnnxRuntimeBackend:
             return [self._ortvalue(_lazy_zeros(shape, self.kv_dtype)) for _ in self.past_names]
         z = np.zeros((batch, c.n_kv_heads, 0, c.head_dim), self.kv_dtype)
         return [self._ort.OrtValue.ortvalue_from_numpy(z) for _ in self.past_names]  # empty: no device copy
-
-    def take_cache(self, batch: int):
-        """A cache for a new generation, reusing a finished one's buffers (give_back_cache) when
-        they have this batch size: their pages are already mapped (a fresh max-length cache costs
-        two maps per layer and a page fault per page written), and their binding is kept unless
-        another cache was bound since. Stale entries past the new sequence are never
-        read: GroupQueryAttention attends to each row's seqlens_k + 1 positions only. Only one
-        generation holds the spare; others get a fresh cache."""
-        if self.kv_form is KVForm.INPLACE and self._spare is not None and self._spare[0] == batch:
-            cache, self._spare = self._spare[1], None
-            return cache
-        return self.empty_cache(batch)
-
-    def give_back_cache(self, batch: int, cache):
-        if self.kv_form is KVForm.INPLACE:
-            self._spare = (batch, cache)  # one spare in all: a cache of another batch size is let go
 
     def slot_cache(self, n: int) -> dict:
         """InplaceSlots' buffers: one [n, kv_heads, ctx, head_dim] per cache tensor (host memory, or an

@@ -36,7 +36,7 @@ import numpy as np
 
 from llamaexport import LlamaExportError
 from llamaexport.model.config import LlamaConfig
-from llamaexport.model.kv_form import KVForm
+from llamaexport.model.kv_form import KVForm, SpareCache
 
 
 def _torch_dtypes(trt, torch) -> dict:
@@ -61,7 +61,7 @@ def _set_device_memory(ctx, ptr: int, size: int):
         ctx.device_memory = ptr
 
 
-class TensorRTBackend:
+class TensorRTBackend(SpareCache):
     """Runs `engine.plan` on the GPU (a runtime.Backend); `forward` returns host logits and a GPU cache."""
 
     threads = None
@@ -171,18 +171,6 @@ class TensorRTBackend:
         with self._torch.cuda.stream(self.stream):  # zeroed on the engine's stream, so it is done before a step reads it
             return [self._torch.zeros((batch, c.n_kv_heads, length, c.head_dim), dtype=self.kv_dtype, device=self.device)
                     for _ in self.past_names]
-
-    def take_cache(self, batch: int):
-        """A concat cache grows by concatenation: nothing to recycle. An in-place cache of a finished
-        generation is reused as it is: positions past the new sequence are masked out."""
-        if self.kv_form is KVForm.INPLACE and self._spare is not None and self._spare[0] == batch:
-            cache, self._spare = self._spare[1], None
-            return cache
-        return self.empty_cache(batch)
-
-    def give_back_cache(self, batch: int, cache):
-        if self.kv_form is KVForm.INPLACE:
-            self._spare = (batch, cache)
 
     def slot_cache(self, n: int) -> dict:
         return {"bufs": self.empty_cache(n)}
