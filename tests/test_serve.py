@@ -759,24 +759,29 @@ def _reassemble(chunks) -> tuple[str | None, list[dict], str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_long_app(tmp_path_factory, tiny_artifact):
-    """The app over the tiny model built with a 1024-token context (a tool list's prompt outgrows 256)."""
+def tiny_long_engine(tmp_path_factory, tiny_artifact):
+    """An engine over the tiny model built with a 2048-token context (a tool list's prompt outgrows 256; the
+    llama3 format's, spelled by the tiny byte-level vocabulary, 1024)."""
     from llamaexport.build.pipeline import build
-    from llamaexport.serving.server import create_app
 
-    art = build(out=tmp_path_factory.mktemp("long") / "art", size="tiny", seed=7, max_seq_len=1024,
+    art = build(out=tmp_path_factory.mktemp("long") / "art", size="tiny", seed=7, max_seq_len=2048,
                 tokenizer=str(tiny_artifact / "tokenizer.model"), progress=False)
     with LlamaModel.load(art) as m:
-        engine = Engine(m, max_batch=2)
+        engine = Engine(m, max_batch=4)
         engine.start()
-        yield create_app(engine, model_name="tiny", chat_format="chatml")
+        yield engine
         engine.close()
 
 
-def test_tool_round_trip_on_the_tiny_model(tiny_long_app):
+# each chat format's tool-call format: chatml -> hermes <tool_call>, llama3 -> JSON, llama2 -> mistral [TOOL_CALLS]
+@pytest.mark.parametrize("chat_format", ["chatml", "llama3", "llama2"])
+def test_tool_round_trip_on_the_tiny_model(tiny_long_engine, chat_format):
     """tool_choice "required" through the openai client: the reply is parsed into tool_calls (content null,
     finish_reason "tool_calls"), its streamed deltas reassemble to the same call, and the call and its
     result go back as history (an assistant message with tool_calls, a tool message) for the next answer."""
+    from llamaexport.serving.server import create_app
+
+    app = create_app(tiny_long_engine, model_name="tiny", chat_format=chat_format)
     msgs = [{"role": "user", "content": "Weather in Paris?"}]
     kw = dict(model="tiny", tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, max_tokens=200,
               temperature=0)
@@ -785,12 +790,12 @@ def test_tool_round_trip_on_the_tiny_model(tiny_long_app):
         whole = await c.chat.completions.create(messages=msgs, **kw)
         chunks = [ch async for ch in await c.chat.completions.create(messages=msgs, stream=True, **kw)]
         return whole, chunks
-    whole, chunks = asgi_openai(tiny_long_app, call)
+    whole, chunks = asgi_openai(app, call)
     choice = whole.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (tc,) = choice.message.tool_calls
     args = json.loads(tc.function.arguments)
-    assert tc.function.name == "get_weather" and args["city"] in ("Paris", "Rome") and tc.id.startswith("call_")
+    assert tc.function.name == "get_weather" and args["city"] in ("Paris", "Rome") and tc.id
     content, calls, reason = _reassemble(chunks)
     assert (content, reason) == (None, "tool_calls")
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", args)]
@@ -801,10 +806,69 @@ def test_tool_round_trip_on_the_tiny_model(tiny_long_app):
     async def answer(c):
         return await c.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], max_tokens=8,
                                                temperature=0)  # tool_choice "auto": free text or a call
-    a = asgi_openai(tiny_long_app, answer)
+    a = asgi_openai(app, answer)
     assert a.choices[0].finish_reason in ("stop", "length", "tool_calls")
     # the tools, the call and its result were rendered: the prompt outgrew the first turn's by them
     assert a.usage.prompt_tokens > whole.usage.prompt_tokens + 20
+
+
+@pytest.mark.parametrize("chat_format", ["chatml", "llama2"])
+def test_n_choices_of_parallel_tool_calls(tiny_long_engine, chat_format):
+    """n=3 sampled choices under tool_choice "required" with parallel calls allowed (the prompt's KV shared):
+    each choice is its own list of calls (one or more, each with its own id), every call's arguments valid for
+    its function, and
+    the streamed deltas of each choice (told apart by index) reassemble to the same calls."""
+    import jsonschema
+
+    from llamaexport.serving.server import create_app
+
+    app = create_app(tiny_long_engine, model_name="tiny", chat_format=chat_format)
+    add = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                         "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["a", "b"], "additionalProperties": False}}}
+    tools = [WEATHER, add]
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Weather in Rome, and 2+2?"}], tools=tools,
+              tool_choice="required", n=3, max_tokens=600, temperature=1.0, seed=11)
+
+    async def go(c):
+        whole = await c.chat.completions.create(**kw)
+        chunks = [ch async for ch in await c.chat.completions.create(stream=True, **kw)]
+        return whole, chunks
+    whole, chunks = asgi_openai(app, go)
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    assert sorted(c.index for c in whole.choices) == [0, 1, 2]
+    for choice in whole.choices:
+        # random weights may go on calling until max_tokens ("length"); the calls completed by then are parsed
+        assert choice.finish_reason in ("tool_calls", "length") and choice.message.tool_calls, choice
+        ids = [tc.id for tc in choice.message.tool_calls]
+        assert len(set(ids)) == len(ids)
+        for tc in choice.message.tool_calls:
+            jsonschema.validate(json.loads(tc.function.arguments), params[tc.function.name])
+    for i, choice in enumerate(whole.choices):
+        mine = [ch for ch in chunks if ch.choices and ch.choices[0].index == i]
+        _, calls, reason = _reassemble(mine)
+        assert reason == choice.finish_reason
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+            (tc.function.name, json.loads(tc.function.arguments)) for tc in choice.message.tool_calls]
+
+
+def test_without_llguidance_constraints_are_a_400_naming_the_extra(tiny_long_engine, monkeypatch):
+    """A server installed without the structured extra: response_format, grammar and tools are each a 400
+    that says what to install; plain requests are still served."""
+    from llamaexport.serving.server import create_app
+
+    app = create_app(tiny_long_engine, model_name="tiny", chat_format="chatml")  # its own, empty grammar cache
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance -> ImportError
+    msgs = [{"role": "user", "content": "Hi"}]
+    for path, body in (("/v1/chat/completions", {"messages": msgs, "response_format": {"type": "json_object"}}),
+                       ("/v1/chat/completions", {"messages": msgs, "tools": [WEATHER], "tool_choice": "required"}),
+                       ("/v1/completions", {"prompt": "x", "regex": "[0-9]+"})):
+        r = asgi(app, "POST", path, json={**body, "max_tokens": 4})
+        assert r.status_code == 400, r.text
+        assert "pip install 'llamaexport[structured]'" in r.json()["error"]["message"], r.json()
+    r = asgi(app, "POST", "/v1/chat/completions", json={"messages": msgs, "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
 
 
 def test_api_key(tiny_app):
