@@ -73,6 +73,8 @@ class ShuttingDown(LlamaExportError):
     """The engine takes no new requests (shutdown() was called)."""
 
 
+DEFAULT = object()  # submit(speculative=DEFAULT): the engine's
+
 # An idle engine waits this long after a request for others to join its first (batched) prefill.
 GATHER_S = 0.005
 
@@ -93,9 +95,12 @@ class Executor:
     the start of the step, waited for once the first logits it needs are there, and applied by its Sampler
     after the bias and penalties; a step without constrained rows never touches the worker."""
 
-    def __init__(self, slots: SlotCache):
+    def __init__(self, slots: SlotCache, model=None):
         self.slots = slots
+        self.model = model  # the target LlamaModel: a draft artifact is checked against it (speculation)
         self.masks = None  # runtime.constraint.MaskWorker, made for the first constrained request
+        self.drafts = {}  # id(draft LlamaModel) -> its runtime.speculative.DraftProposer, shared by requests
+        self.spec_stats = None  # runtime.speculative.SpecStats over every speculative step (made at the first)
 
     def execute(self, plan: StepPlan) -> StepOutput:
         for a in plan.admitted:
@@ -118,12 +123,80 @@ class Executor:
             self.slots.copy_prefix(c.src, c.dst, c.n)
             masks = _wait(masks)
             _pick(c.request, last_logits[c.leader], out)
-        if plan.decode:
+        if len(plan.decode) == 1 and plan.decode[0].speculative is not None:
+            self._speculate(plan.decode[0], masks, out)  # one stream decodes: several tokens per forward
+        elif plan.decode:
             logits = self.slots.decode([r.slot for r in plan.decode], [r.next_token for r in plan.decode])
             masks = _wait(masks)
             for req, row in zip(plan.decode, logits):
                 _pick(req, row, out)
         return out
+
+    def _speculate(self, req: Request, masks, out: StepOutput):
+        """A decode step of one request that drafts tokens (runtime.speculative) and verifies them in one
+        forward over its slot: out gets the verified tokens (accepted drafts, then the model's own), their
+        logprobs, and the accepted drafts, whose KV stays in the slot (the rejected ones are cut off). The
+        grammar consumes each verified token to mask the next position, then is rolled back: the scheduler's
+        Completion consumes them again, in order."""
+        from llamaexport.runtime.speculative import SpecStats, pick
+
+        spec, c, slot = req.speculative, req.constraint, req.slot
+        history = req.prompt_ids + req.generated  # the last is next_token, not in the cache yet
+        start = self.slots.length[slot]
+        room = min(req.completion.max_new_tokens - len(req.generated) - 1, self.model.config.max_seq_len - len(history))
+        k = max(0, min(spec.k, room))
+        masks = _wait(masks)  # the grammar is used from this thread from here on
+        drafts, qs = self._proposer(req).propose(history, k, req.sampler) if k else ([], None)
+        if c is not None and drafts:
+            drafts = drafts[:c.valid_prefix(drafts)]
+        logits = self.slots.prefill(slot, [req.next_token, *drafts], all_logits=True)  # [len(drafts) + 1, V]
+        tokens, lps, gen = [], [], list(req.generated)
+        eos = req.completion.eos_ids
+        penalize = req.sampling.repetition_penalty != 1.0
+        openai = bool(req.sampling.presence_penalty or req.sampling.frequency_penalty)
+        accepted = consumed = 0
+        try:
+            for i in range(len(drafts) + 1):
+                if c is not None and i:
+                    c.fill_mask()
+                d = drafts[i] if i < len(drafts) else None
+                t = pick(req.sampler, logits[i], [np.asarray(req.prompt_ids + gen, np.int64)] if penalize else None,
+                         [gen] if openai else None, c, d, None if qs is None or d is None else qs[i])
+                tokens.append(t)
+                gen.append(t)
+                if req.logprobs is not None:
+                    lps.append(token_logprobs(logits[i:i + 1], [t], req.logprobs)[0])
+                accepted += t == d
+                if t != d or t in eos or len(gen) >= req.completion.max_new_tokens:
+                    break
+                if c is not None:
+                    if not c.consume(t):
+                        break
+                    consumed += 1
+        finally:
+            if consumed:
+                c.rollback(consumed)
+        self.slots.truncate(slot, start + 1 + accepted)  # next_token and the accepted drafts stay cached
+        out.tokens[req] = tokens
+        out.accepted[req] = drafts[:accepted]
+        if req.logprobs is not None:
+            out.logprobs[req] = lps
+        self.spec_stats = self.spec_stats or SpecStats()
+        self.spec_stats.add(len(drafts), accepted, len(tokens))
+
+    def _proposer(self, req: Request):
+        """The request's prompt-lookup state, or the engine's shared draft proposer for its draft artifact."""
+        from llamaexport.runtime.speculative import NgramProposer, make_proposer
+
+        spec = req.speculative
+        if spec.method == "ngram":
+            if not isinstance(req.proposer, NgramProposer):
+                req.proposer = NgramProposer(spec)
+            return req.proposer
+        key = id(spec.draft)
+        if key not in self.drafts:
+            self.drafts[key] = make_proposer(spec, self.model)
+        return self.drafts[key]
 
     def _fill_masks(self, reqs):
         """Start filling the masks of the constrained requests among `reqs`; a future, or None when none is."""
@@ -138,6 +211,8 @@ class Executor:
     def close(self):
         if self.masks is not None:
             self.masks.close()
+        for d in self.drafts.values():
+            d.close()
 
 
     def _prefill(self, chunk: Prefill, out: StepOutput) -> np.ndarray:
@@ -177,15 +252,22 @@ def _pick(req: Request, logits: np.ndarray, out: StepOutput):
 class Engine:
     """Continuous batching over `max_batch` slots of one LlamaModel (see the module docstring)."""
 
-    def __init__(self, model, *, max_batch: int = 4, max_queue: int = 16, prefill_chunk: int = 128):
+    def __init__(self, model, *, max_batch: int = 4, max_queue: int = 16, prefill_chunk: int = 128,
+                 speculative=None):
+        """speculative: the requests' default runtime.speculative.Speculation (None: off); a request decoding
+        alone drafts and verifies several tokens per forward (a draft artifact is loaded here, once)."""
         check_limits(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+        if speculative is not None and speculative.method == "draft":
+            from llamaexport.runtime.speculative import load_draft
+            speculative.draft = load_draft(speculative.draft, model)
+        self.speculative = speculative
         self.model = model
         self.tokenizer = model.require_tokenizer()
         self.ctx = model.config.max_seq_len
         limit = model.backend.max_batch  # a TensorRT engine's profiles bound its batch
         max_batch = min(max_batch, limit) if limit else max_batch
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.executor = Executor(make_slots(model.backend, max_batch))
+        self.executor = Executor(make_slots(model.backend, max_batch), model)
         self.scheduler = Scheduler(max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
                                    batched_prefill=self.executor.slots.batched_prefill)
         self.cond = threading.Condition()
@@ -203,7 +285,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def submit(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingConfig | None = None,
                stop=(), eos_ids=None, on_event=None, n: int = 1, logprobs: int | None = None,
-               prompt_logprobs: bool = False, grammar=None, skip_special: bool = True) -> Request:
+               prompt_logprobs: bool = False, grammar=None, skip_special: bool = True, speculative=DEFAULT) -> Request:
         """Queue a generation. Raises LlamaExportError for a request that cannot run (BadArgument naming the
         argument), QueueFull when --max-queue requests are already waiting.
 
@@ -212,7 +294,8 @@ class Engine:
         the first choice's, which `cancel` ends with the others. logprobs: report each generated token's
         logprob and this many alternatives (0 .. 20; None: none); prompt_logprobs: the prompt's too.
         grammar: a compiled runtime.constraint.Grammar the reply must follow (each choice its own
-        Constraint); skip_special=False keeps special tokens' text (tool-call markers, for the parser)."""
+        Constraint); skip_special=False keeps special tokens' text (tool-call markers, for the parser).
+        speculative: a runtime.speculative.Speculation, None (off), or the engine's default."""
         check_generation(max_new_tokens=max_new_tokens, stop=stop, prompt_tokens=len(prompt_ids), context=self.ctx,
                          whole_reply=True, n=n, slots=self.max_batch, logprobs=logprobs)
         if prompt_logprobs and logprobs is None:
@@ -239,7 +322,7 @@ class Engine:
                                     constraint=None if first is None else first if i == 0 else first.fork(),
                                     skip_special=skip_special)
             group.append(Request(ids, seeded, completion, on_event, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                                 index=i))
+                                 index=i, speculative=self.speculative if speculative is DEFAULT else speculative))
         req = group[0]
         req.followers = group[1:]
         for f in req.followers:
@@ -328,6 +411,9 @@ class Engine:
         self.shutdown(grace=0)
         self.executor.close()
         self.slots.close()
+        draft = getattr(self.speculative, "draft", None)
+        if draft is not None and hasattr(draft, "close"):
+            draft.close()
 
     def stream(self, prompt_ids: list[int], **kw) -> Iterator[TextEvent | DoneEvent]:
         """submit() and yield the request's events in order, ending with its DoneEvent (n choices: their
@@ -364,7 +450,8 @@ class Engine:
         self._deliver(plan.finished)
         out = self.executor.execute(plan)
         self.steps += bool(plan.decode)
-        self._deliver(self.scheduler.update_from_output(plan, out.tokens, out.logprobs, out.prompt_logprobs))
+        self._deliver(self.scheduler.update_from_output(plan, out.tokens, out.logprobs, out.prompt_logprobs,
+                                                        out.accepted))
 
     def _deliver(self, events: Events):
         """Each event to its request's on_event; a cancelled request gets its DoneEvent only."""

@@ -316,6 +316,8 @@ class Generation:
     # generate(logprobs=k): each token of the text's, from the raw logits, with its k most likely alternatives
     # (an EOS id, or tokens a stop string cut away, are not reported; sampling.TokenLogprob)
     logprobs: list[TokenLogprob] | None = None
+    # generate(speculative=...): runtime.speculative.SpecStats of the generation (forwards, drafted, accepted)
+    speculation: object = None
 
 
 class LlamaModel:
@@ -412,7 +414,7 @@ class LlamaModel:
               sampling: SamplingConfig | None = None, eos_ids=None,
               on_logits: Callable[[np.ndarray], None] | None = None, logprobs: int | None = None,
               on_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
-              constraints: list | None = None) -> Iterator[np.ndarray]:
+              constraints: list | None = None, speculative=None, spec_stats=None) -> Iterator[np.ndarray]:
         """Generate for a batch of token-id prompts (left-padded together), yielding the new
         token of every row [B] after each step. Rows that reached EOS keep yielding EOS.
 
@@ -423,12 +425,24 @@ class LlamaModel:
         constraints: per row, a runtime.constraint.Constraint or None; each row's next-token mask is filled
         on a worker thread during the forward and applied by the Sampler (as in the serving engine). The
         caller advances them: consume each yielded token (runtime.completion.Completion does) before
-        asking for the next."""
+        asking for the next.
+        speculative: a runtime.speculative.Speculation; with one prompt, tokens are drafted and verified
+        several per forward (identical greedy output; the same distribution when sampling), yielded one by
+        one; spec_stats (a SpecStats) counts the forwards and accepted drafts. A batch decodes as usual."""
         sampling = sampling or SamplingConfig()
         sampling.check_vocab(self.config.vocab_size)
         eos_ids = eos_set(self.tokenizer, eos_ids)
         eos = np.array(sorted(eos_ids) or [-1])
         B, lens, ctx = len(prompts), self._checked_lengths(prompts), self.config.max_seq_len
+        if speculative is not None and B == 1:
+            if on_logits is not None:
+                raise LlamaExportError("on_logits (check) runs without speculation: its forwards are one token each")
+            _mask_worker(constraints, 1)  # the count check
+            yield from self._speculative_steps(prompts[0], max_new_tokens=max_new_tokens, sampling=sampling,
+                                               eos_ids=eos_ids, logprobs=logprobs, on_logprobs=on_logprobs,
+                                               constraint=constraints[0] if constraints else None,
+                                               spec=speculative, stats=spec_stats)
+            return
         if len(set(lens)) > 1 and not self.manifest.get("left_padding", True):
             if on_logits is not None or on_logprobs is not None:
                 raise LlamaExportError("on_logits and on_logprobs need prompts of one length on this graph (no left padding)")
@@ -488,6 +502,62 @@ class LlamaModel:
             if masks is not None:
                 masks.close()
 
+    def _speculative_steps(self, prompt: list[int], *, max_new_tokens, sampling, eos_ids, logprobs, on_logprobs,
+                           constraint, spec, stats) -> Iterator[np.ndarray]:
+        """steps() for one prompt with speculation (runtime.speculative): each forward feeds the last token and
+        the drafts over a one-slot cache, the verified tokens are yielded one by one (the caller consumes each
+        into the constraint before the next is picked), and the cache is cut back past the rejected drafts."""
+        from llamaexport.runtime.slots import make_slots
+        from llamaexport.runtime.speculative import SpecStats, make_proposer, pick
+
+        stats = stats if stats is not None else SpecStats()
+        proposer = make_proposer(spec, self)
+        slots = make_slots(self.backend, 1)
+        masks = _mask_worker(None if constraint is None else [constraint], 1)
+        sampler = Sampler(sampling)
+        penalize = sampling.repetition_penalty != 1.0
+        openai = bool(sampling.presence_penalty or sampling.frequency_penalty)
+        ctx = self.config.max_seq_len
+        limit = max(0, min(max_new_tokens, ctx - len(prompt)))
+        ids, gen = list(prompt), []
+        drafts, qs = [], None
+        try:
+            if limit == 0:
+                return
+            pending = masks.submit([constraint]) if masks else None
+            logits = slots.prefill(0, ids)[None]  # [1, V]
+            while True:
+                for i in range(len(drafts) + 1):  # logits [len(drafts) + 1, V]: row i picks the (i + 1)-th token
+                    if constraint is not None and i == 0:
+                        pending.result()  # filled during the forward
+                    elif constraint is not None:
+                        constraint.fill_mask()  # after the previous row's token was consumed
+                    d = drafts[i] if i < len(drafts) else None
+                    t = pick(sampler, logits[i], [np.asarray(ids, np.int64)] if penalize else None,
+                             [gen] if openai else None, constraint, d, None if qs is None or d is None else qs[i])
+                    if on_logprobs is not None:
+                        on_logprobs(token_logprobs(logits[i:i + 1], [t], logprobs or 0))
+                    ids.append(t)
+                    gen.append(t)
+                    if t != d or t in eos_ids or len(gen) == limit:
+                        break
+                    yield np.array([t])
+                stats.add(len(drafts), i if t != d else i + 1, i + 1)
+                yield np.array([t])
+                if t in eos_ids or len(gen) == limit:
+                    return
+                slots.truncate(0, len(ids) - 1)  # the fed ids the model agreed with; t is fed next
+                k = min(spec.k, limit - len(gen) - 1, ctx - len(ids))
+                drafts, qs = proposer.propose(ids, k, sampler) if k > 0 else ([], None)
+                if constraint is not None and drafts:  # only drafts the grammar accepts are worth a position
+                    drafts = drafts[:constraint.valid_prefix(drafts)]
+                pending = masks.submit([constraint]) if masks else None
+                logits = slots.prefill(0, [t, *drafts], all_logits=True) if drafts else slots.prefill(0, [t])[None]
+        finally:
+            slots.close()
+            if masks is not None:
+                masks.close()
+
     def _checked_lengths(self, prompts: list[list[int]]) -> list[int]:
         """The prompts' lengths, each checked against the context (check_generation)."""
         lens = [len(p) for p in prompts]
@@ -544,14 +614,17 @@ class LlamaModel:
     # ------------------------------------------------------------------ text API
     def stream(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                stop: list[str] | tuple = (), chat: bool | str = False, system: str | None = None,
-               result: list | None = None, logprobs: int | None = None, constraint=None) -> Iterator[str]:
+               result: list | None = None, logprobs: int | None = None, constraint=None,
+               speculative=None) -> Iterator[str]:
         """Yield text pieces as they are generated; stops at EOS, a stop string or the length (one
         runtime.completion.Completion decides, as in the serving engine). If `result` is a list, the
         final `Generation` is appended to it (with logprobs: its tokens' logprobs, each with that many
         alternatives, 0 .. 20). constraint: the reply follows a grammar, given as a compiled
         runtime.constraint.Grammar or a spec for `compile_constraint` (OpenAI's response_format:
         {"type": "json_schema", "json_schema": {"schema": ...}}, {"type": "json_object"}; or
-        {"type": "regex" | "gbnf" | "lark", ...}); it ends with "stop" once the grammar is complete."""
+        {"type": "regex" | "gbnf" | "lark", ...}); it ends with "stop" once the grammar is complete.
+        speculative: a runtime.speculative.Speculation (prompt lookup or a draft artifact): the same text
+        (greedy) in fewer forwards; Generation.speculation counts them."""
         check_generation(max_new_tokens=max_new_tokens, stop=stop, prompt=prompt, logprobs=logprobs)
         if system is not None:
             check_generation(max_new_tokens=max_new_tokens, prompt=system)
@@ -565,9 +638,14 @@ class LlamaModel:
         limit = min(max_new_tokens, self.config.max_seq_len - len(ids))
         out = Completion(tok, prompt_ids=ids, stop=stop, eos_ids=eos_set(tok), max_new_tokens=limit, constraint=row)
         step_lps: list[list[TokenLogprob]] = []  # the step's, from steps()' on_logprobs
+        stats = None
+        if speculative is not None:
+            from llamaexport.runtime.speculative import SpecStats
+            stats = SpecStats()
         for t in self.steps([ids], max_new_tokens=max_new_tokens, sampling=sampling, logprobs=logprobs,
                             on_logprobs=None if logprobs is None else step_lps.append,
-                            constraints=None if row is None else [row]):
+                            constraints=None if row is None else [row], speculative=speculative,
+                            spec_stats=stats):
             piece = out.push(int(t[0]), step_lps.pop()[0] if step_lps else None)
             if piece:
                 yield piece
@@ -580,18 +658,20 @@ class LlamaModel:
             yield piece
         if result is not None:
             result.append(Generation(text=out.text, token_ids=out.token_ids, prompt_tokens=len(ids),
-                                     finish_reason=out.reason, logprobs=None if logprobs is None else out.logprobs))
+                                     finish_reason=out.reason, logprobs=None if logprobs is None else out.logprobs,
+                                     speculation=stats))
 
     def generate(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                  stop: list[str] | tuple = (), chat: bool | str = False, system: str | None = None,
                  on_text: Callable[[str], None] | None = None, logprobs: int | None = None,
-                 constraint=None) -> Generation:
+                 constraint=None, speculative=None) -> Generation:
         """Generate a completion for one prompt; `on_text` receives the streamed pieces. logprobs: also
         return each token's logprob and this many alternatives (Generation.logprobs; the same routine as
         the server's)."""
         result: list[Generation] = []
         for piece in self.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
-                                 chat=chat, system=system, result=result, logprobs=logprobs, constraint=constraint):
+                                 chat=chat, system=system, result=result, logprobs=logprobs, constraint=constraint,
+                                 speculative=speculative):
             if on_text:
                 on_text(piece)
         return result[0]

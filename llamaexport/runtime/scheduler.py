@@ -108,6 +108,8 @@ class Request:
     computed: int = 0              # prompt ids whose KV the slot holds (the cached ones included)
     next_token: int | None = None  # sampled and emitted, not in the cache yet: the next decode feeds it
     prompt_lps: PromptLogprobs = dataclasses.field(default_factory=list)  # a leader's, as its prefill computes them
+    speculative: object = None     # runtime.speculative.Speculation: draft and verify when it decodes alone
+    proposer: object = None        # its prompt-lookup state (the executor's, made at its first speculative step)
     sampler: Sampler = dataclasses.field(init=False)
 
     @property
@@ -203,9 +205,14 @@ class StepPlan:
 class StepOutput:
     """What a plan's forwards gave (vLLM's ModelRunnerOutput)."""
 
-    tokens: dict[Request, int]  # a prompt's last chunk, a copy's follower, a decode row -> its sampled token
-    logprobs: dict[Request, TokenLogprob] = dataclasses.field(default_factory=dict)  # of those that ask
+    # a prompt's last chunk, a copy's follower, a decode row -> its sampled token; a speculative decode row ->
+    # its verified tokens, in order (the accepted drafts, then the model's own)
+    tokens: dict[Request, int | list[int]]
+    # of those that ask (a list where tokens is one)
+    logprobs: dict[Request, TokenLogprob | list[TokenLogprob]] = dataclasses.field(default_factory=dict)
     prompt_logprobs: dict[Request, PromptLogprobs] = dataclasses.field(default_factory=dict)  # this step's
+    # a speculative decode row -> the drafts its forward fed after next_token and kept in the cache
+    accepted: dict[Request, list[int]] = dataclasses.field(default_factory=dict)
 
 
 class Scheduler:
@@ -277,13 +284,16 @@ class Scheduler:
                   for f in lead.followers if f.status is RequestStatus.RUNNING]
         return StepPlan(admitted, prefills, decode, finished, copies)
 
-    def update_from_output(self, plan: StepPlan, sampled: dict[Request, int],
-                           logprobs: dict[Request, TokenLogprob] | None = None,
-                           prompt_logprobs: dict[Request, PromptLogprobs] | None = None) -> Events:
+    def update_from_output(self, plan: StepPlan, sampled: dict[Request, int | list[int]],
+                           logprobs: dict[Request, TokenLogprob | list[TokenLogprob]] | None = None,
+                           prompt_logprobs: dict[Request, PromptLogprobs] | None = None,
+                           accepted: dict[Request, list[int]] | None = None) -> Events:
         """Record what the plan's forwards put in the caches, then give each request its sampled token
-        (`sampled`: a prompt's last chunk, a copy's follower, or a decode row -> its token; `logprobs`:
-        those tokens' for the requests that report them; `prompt_logprobs`: prompt tokens' computed this
-        step). Returns the events to deliver, in order."""
+        (`sampled`: a prompt's last chunk, a copy's follower, or a decode row -> its token, or a speculative
+        row's tokens in order, given one by one until its Completion ends it; `logprobs`: those tokens' for
+        the requests that report them; `prompt_logprobs`: prompt tokens' computed this step; `accepted`: a
+        speculative row's drafts its forward kept in the cache after next_token). Returns the events to
+        deliver, in order."""
         for chunk in plan.prefills:
             for req, ids in zip(chunk.requests, chunk.ids):
                 self.slots[req.slot].tokens += ids
@@ -292,13 +302,19 @@ class Scheduler:
             self.slots[c.dst].tokens = self.slots[c.src].tokens[:c.n]
             c.request.computed = c.n
         for req in plan.decode:
-            self.slots[req.slot].tokens.append(req.next_token)
+            self.slots[req.slot].tokens += [req.next_token, *(accepted or {}).get(req, ())]
             req.next_token = None
         for req, lps in (prompt_logprobs or {}).items():
             req.prompt_lps += lps
         events = []
-        for req, token in sampled.items():
-            events += self._append(req, token, (logprobs or {}).get(req))
+        for req, tokens in sampled.items():
+            lps = (logprobs or {}).get(req)
+            if isinstance(tokens, int):
+                tokens, lps = [tokens], [lps]
+            for token, lp in zip(tokens, lps or [None] * len(tokens)):
+                events += self._append(req, token, lp)
+                if req.done:  # a stop string, EOS or the length within the verified tokens: the rest are dropped
+                    break
         return events
 
     def _append(self, req: Request, token: int, logprob: TokenLogprob | None) -> Events:
