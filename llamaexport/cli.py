@@ -74,6 +74,36 @@ def SAMPLING(f):
     return f
 
 
+def SPECULATIVE(f):
+    """The speculative decoding options of `run`, `chat`, `serve` and `bench` (runtime.speculative)."""
+    for option in reversed([
+            click.option("--speculative", type=click.Choice(["ngram", "draft", "off"]), default="off",
+                         show_default=True, help="Draft several tokens per forward and verify them (lossless): "
+                         "ngram = prompt lookup (pays when the answer copies its input), draft = --draft DIR."),
+            click.option("--draft", type=click.Path(), help="A smaller artifact with the same tokenizer that drafts "
+                         "for this one (implies --speculative draft)."),
+            click.option("--spec-k", type=int, help="Most tokens drafted per forward (default: 8 ngram, 4 draft)."),
+            click.option("--spec-ngram", type=int, default=3, show_default=True,
+                         help="Longest suffix prompt lookup matches (down to 2 tokens).")]):
+        f = option(f)
+    return f
+
+
+def _speculation(speculative, draft, spec_k, spec_ngram):
+    """The Speculation the options ask for, or None (off)."""
+    from llamaexport.runtime.speculative import DEFAULT_NGRAM_MIN, Speculation
+
+    if draft and speculative == "off":
+        speculative = "draft"
+    if speculative == "off":
+        if spec_k is not None:
+            raise LlamaExportError("--spec-k needs --speculative ngram or draft")
+        return None
+    if speculative == "ngram" and draft:
+        raise LlamaExportError("--draft goes with --speculative draft, not ngram")
+    return Speculation(speculative, spec_k, spec_ngram, min(DEFAULT_NGRAM_MIN, spec_ngram), draft)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llamaexport")
 def main():
@@ -185,10 +215,11 @@ def _constraint_spec(json_schema, grammar, regex) -> dict | None:
 @CHAT_FORMAT
 @click.option("--system", help="System prompt for --chat.")
 @CONSTRAINT
+@SPECULATIVE
 @click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
 @BACKEND
 def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, logit_bias, stop, chat,
-        chat_format, system, json_schema, grammar, regex, threads, backend):
+        chat_format, system, json_schema, grammar, regex, speculative, draft, spec_k, spec_ngram, threads, backend):
     """Generate text, streaming it to stdout."""
     from llamaexport.runtime.llama_model import LlamaModel
     from llamaexport.runtime.sampling import SamplingConfig
@@ -196,10 +227,15 @@ def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed, logit_bias=logit_bias)
     spec = _constraint_spec(json_schema, grammar, regex)
+    speculation = _speculation(speculative, draft, spec_k, spec_ngram)
     model = LlamaModel.load(artifact, threads=threads, backend=backend)
     constraint = _compile(spec, model, json_schema)
+    if speculation is not None and speculation.method == "draft":
+        from llamaexport.runtime.speculative import load_draft
+        speculation.draft = load_draft(speculation.draft, model)
     for piece in model.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop),
-                              chat=((chat_format or True) if chat else False), system=system, constraint=constraint):
+                              chat=((chat_format or True) if chat else False), system=system, constraint=constraint,
+                              speculative=speculation):
         click.echo(piece, nl=False)
     click.echo()
 
@@ -217,14 +253,17 @@ def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, repetition_
 @click.option("--api-key", envvar="LLAMAEXPORT_API_KEY", help="Require 'Authorization: Bearer KEY' (env LLAMAEXPORT_API_KEY).")
 @CHAT_FORMAT
 @click.option("--model-name", help="The model id clients send (default: the artifact directory's name).")
+@SPECULATIVE
 @BACKEND
-def serve(artifact, host, port, max_batch, max_queue, prefill_chunk, threads, api_key, chat_format, model_name, backend):
-    """Serve an artifact over the OpenAI API (continuous batching; needs the serve extra)."""
+def serve(artifact, host, port, max_batch, max_queue, prefill_chunk, threads, api_key, chat_format, model_name,
+          speculative, draft, spec_k, spec_ngram, backend):
+    """Serve an artifact over the OpenAI API (continuous batching; needs the serve extra). --speculative is the
+    requests' default (a request's "speculative" field overrides it); it runs while one request decodes."""
     from llamaexport.serving.server import serve as run_server
 
     run_server(artifact, host=host, port=port, max_batch=max_batch, max_queue=max_queue, threads=threads,
                api_key=api_key, prefill_chunk=prefill_chunk, chat_format=chat_format, model_name=model_name,
-               backend=backend)
+               backend=backend, speculative=_speculation(speculative, draft, spec_k, spec_ngram))
 
 
 @main.command("chat")
@@ -234,10 +273,11 @@ def serve(artifact, host, port, max_batch, max_queue, prefill_chunk, threads, ap
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Longest answer.")
 @SAMPLING
 @CONSTRAINT
+@SPECULATIVE
 @click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
 @BACKEND
 def chat_cmd(artifact, system, chat_format, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-             logit_bias, json_schema, grammar, regex, threads, backend):
+             logit_bias, json_schema, grammar, regex, speculative, draft, spec_k, spec_ngram, threads, backend):
     """Chat with an artifact in the terminal (multi-turn; /help lists the commands)."""
     from llamaexport.runtime.completion import check_generation
     from llamaexport.runtime.llama_model import LlamaModel
@@ -248,11 +288,12 @@ def chat_cmd(artifact, system, chat_format, max_new_tokens, temperature, top_k, 
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed, logit_bias=logit_bias)
     spec = _constraint_spec(json_schema, grammar, regex)
+    speculation = _speculation(speculative, draft, spec_k, spec_ngram)
     with LlamaModel.load(artifact, threads=threads, backend=backend) as model:
         model.require_tokenizer()
         sampling.check_vocab(model.config.vocab_size)
         repl.main(model, fmt=chat_format, system=system, sampling=sampling, max_new_tokens=max_new_tokens,
-                  grammar=_compile(spec, model, json_schema))
+                  grammar=_compile(spec, model, json_schema), speculative=speculation)
 
 
 def _check(artifact, reference, as_json, backend=None, layerwise=False):
@@ -289,13 +330,19 @@ def check_cmd(artifact, reference, as_json, layerwise, backend):
 @click.option("--threads", type=int, help="CPU threads (default: the profile's, recorded at build; all available).")
 @click.option("--repeat", type=int, default=3, show_default=True, help="Runs; the median is reported.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False),
+              help="A UTF-8 text sent as one chat turn (raw without a chat format) instead of --prompt-len random ids "
+                   "(speculation needs real text).")
+@SPECULATIVE
 @BACKEND
-def bench(artifact, prompt_len, new_tokens, batch, threads, repeat, as_json, backend):
-    """Prefill and decode tokens/s and peak memory."""
+def bench(artifact, prompt_len, new_tokens, batch, threads, repeat, as_json, prompt_file, speculative, draft, spec_k,
+          spec_ngram, backend):
+    """Prefill and decode tokens/s and peak memory (with --speculative: acceptance and tokens per forward)."""
     from llamaexport.verify.bench import format_bench, run_bench
 
     r = run_bench(artifact, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, threads=threads,
-                  repeat=repeat, backend=backend)
+                  repeat=repeat, backend=backend, prompt_file=prompt_file,
+                  speculative=_speculation(speculative, draft, spec_k, spec_ngram))
     click.echo(json.dumps(r) if as_json else format_bench(r))
 
 

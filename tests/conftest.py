@@ -169,6 +169,16 @@ def tiny_artifact(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_portable(tmp_path_factory, tiny_artifact):
+    """The tiny model's portable graph (a TensorRT profile's ONNX, Concat KV cache), run by ONNX Runtime."""
+    from llamaexport.build.pipeline import build
+
+    d = tmp_path_factory.mktemp("portable")
+    return build(out=d / "art", size="tiny", seed=7, profile="rtx4090", precision="fp16", export_only=True,
+                 tokenizer=str(tiny_artifact / "tokenizer.model"), progress=False)
+
+
+@pytest.fixture(scope="session")
 def smol_tokenizer(smollm2_gguf):
     """SmolLM2's tokenizer (byte-level BPE rebuilt from the GGUF, 49,152 ids), loaded once per session."""
     from llamaexport.model.tokenizer import load_tokenizer

@@ -50,16 +50,6 @@ def _run_all(engine, prompts, **kw):
     return {i: (got[i], done[i]) for i in got}
 
 
-@pytest.fixture(scope="module")
-def tiny_portable(tmp_path_factory, tiny_artifact):
-    """The tiny model's portable graph (a TensorRT profile's ONNX, Concat KV cache), run by ONNX Runtime."""
-    from llamaexport.build.pipeline import build
-
-    d = tmp_path_factory.mktemp("portable")
-    return build(out=d / "art", size="tiny", seed=7, profile="rtx4090", precision="fp16", export_only=True,
-                 tokenizer=str(tiny_artifact / "tokenizer.model"), progress=False)
-
-
 @pytest.mark.parametrize("graph", ["gqa", "portable"])
 def test_batched_equals_alone(graph, tiny_artifact, tiny_portable):
     """Five requests through three slots, prompts longer than the prefill chunk: each request's

@@ -30,14 +30,15 @@ class Chat:
     """The conversation state and one turn at a time; `main` wires it to a terminal."""
 
     def __init__(self, model, *, fmt: str | None = None, system: str | None = None,
-                 sampling: SamplingConfig | None = None, max_new_tokens: int = 512, grammar=None):
-        """grammar: a compiled runtime.constraint.Grammar every answer follows (chat --json-schema ...)."""
+                 sampling: SamplingConfig | None = None, max_new_tokens: int = 512, grammar=None, speculative=None):
+        """grammar: a compiled runtime.constraint.Grammar every answer follows (chat --json-schema ...);
+        speculative: a runtime.speculative.Speculation for every answer (chat --speculative)."""
         fmt = fmt or model.chat_format  # None: the one recorded at build, else auto
         self.model, self.fmt, self.system = model, fmt, system
         self.sampling = sampling or SamplingConfig()
         self.max_new_tokens = max_new_tokens
         self.grammar = grammar
-        self.engine = Engine(model, max_batch=1, max_queue=0)
+        self.engine = Engine(model, max_batch=1, max_queue=0, speculative=speculative)
         self.stop = default_stop_strings(fmt)
         format_chat([{"role": "user", "content": "x"}], tokenizer=model.tokenizer, fmt=fmt)  # the format works here
         self.history: list[dict] = []
@@ -123,10 +124,12 @@ class Chat:
         self.engine.close()
 
 
-def main(model, *, fmt=None, system=None, sampling=None, max_new_tokens=512, stdin=None, stdout=None, grammar=None):
+def main(model, *, fmt=None, system=None, sampling=None, max_new_tokens=512, stdin=None, stdout=None, grammar=None,
+         speculative=None):
     """The REPL on a terminal (or any text streams)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    chat = Chat(model, fmt=fmt, system=system, sampling=sampling, max_new_tokens=max_new_tokens, grammar=grammar)
+    chat = Chat(model, fmt=fmt, system=system, sampling=sampling, max_new_tokens=max_new_tokens, grammar=grammar,
+                speculative=speculative)
     tty = stdin.isatty()
     out = stdout.write
 

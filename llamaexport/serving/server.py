@@ -265,7 +265,18 @@ class Api:
         logprobs = self._logprobs(body, chat)
         return dict(max_new_tokens=max_tokens, sampling=sampling, stop=stop,
                     eos_ids=[] if _flag(body, "ignore_eos") else None, n=_integer(body, "n", 1) or 1,
-                    logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+                    logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
+                    speculative=self._speculative(body))
+
+    def _speculative(self, body: dict):
+        """The request's runtime.speculative.Speculation: its "speculative" field (false, true, "ngram",
+        {"method", "k", "ngram", "ngram_min"}) over the server's --speculative default."""
+        from llamaexport.runtime.speculative import Speculation
+
+        try:
+            return Speculation.parse(body.get("speculative"), default=self.engine.speculative)
+        except LlamaExportError as e:
+            raise _bad(str(e), "speculative") from None
 
     def _logit_bias(self, body: dict) -> dict[int, float] | None:
         """{token id: bias}: JSON's string keys, each an id of the model's vocabulary, biases -100 .. 100."""
@@ -681,8 +692,10 @@ def _check_listen(host: str, port: int):
 
 def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 4, max_queue: int = 16,
           threads: int | None = None, api_key: str | None = None, prefill_chunk: int = 128,
-          chat_format: str | None = None, model_name: str | None = None, backend: str | None = None):
-    """Load the artifact and serve it until SIGTERM / Ctrl-C (then exit 0)."""
+          chat_format: str | None = None, model_name: str | None = None, backend: str | None = None,
+          speculative=None):
+    """Load the artifact and serve it until SIGTERM / Ctrl-C (then exit 0). speculative: the requests' default
+    runtime.speculative.Speculation (None: off)."""
     _require_serve_deps()
     import uvicorn
 
@@ -707,7 +720,8 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
         constraint_tokenizer(model.tokenizer, model.config.vocab_size)
     except LlamaExportError:
         pass  # without the structured extra, a request that asks for a grammar is told what to install
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                    speculative=speculative)
     if engine.max_batch < max_batch:
         print(f"warning: the engine takes at most {engine.max_batch} sequences at once (its profiles' batch); "
               f"--max-batch {max_batch} lowered to {engine.max_batch}", file=sys.stderr)

@@ -86,40 +86,66 @@ def memory_budget(artifact, manifest: dict, *, batch: int, prompt_len: int, new_
 
 
 def load_for_bench(artifact, *, prompt_len: int, new_tokens: int, batch: int = 1, threads: int | None = None,
-                   backend: str | None = None):
+                   backend: str | None = None, prompt_file=None, speculative=None, stats=None):
     """(model, once): the loaded artifact and a function that runs one timed generation and returns
-    (prefill tok/s, decode tok/s). scripts/bench_peers.py interleaves calls of `once` with other systems'."""
+    (prefill tok/s, decode tok/s). scripts/bench_peers.py interleaves calls of `once` with other systems'.
+    prompt_file: a text sent as one chat turn (as it is without a chat format; its length replaces prompt_len); speculative: a
+    runtime.speculative.Speculation (batch 1), whose forwards and accepted drafts `stats` (a SpecStats) counts."""
     from llamaexport.runtime.llama_model import LlamaModel
 
     for name, v in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens), ("--batch", batch)):
         whole_number(v, name)
+    if speculative is not None and batch != 1:
+        raise LlamaExportError("speculative decoding runs one stream: use --batch 1")
     model = LlamaModel.load(artifact, threads=threads, backend=backend)
     cfg = model.config
+    if speculative is not None and speculative.method == "draft":
+        from llamaexport.runtime.speculative import load_draft
+        speculative.draft = load_draft(speculative.draft, model)
+    if prompt_file is not None:
+        text = Path(prompt_file).read_text(encoding="utf-8")
+        try:
+            text = model.format_prompt(text, chat=True)
+        except LlamaExportError:  # no chat format (a base model): the text as it is
+            pass
+        prompts = [model.encode(text)] * batch
+        prompt_len = len(prompts[0])
+    else:
+        prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
     if prompt_len + new_tokens >= cfg.max_seq_len:
         raise LlamaExportError(f"prompt {prompt_len} + new tokens {new_tokens} must stay below the context "
                                f"{cfg.max_seq_len}; lower --prompt-len or --new-tokens")
-    prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len)).tolist()
 
     def once():
         # the generation loop users run (LlamaModel.steps, greedy), EOS ignored: the first token comes
-        # after the prompt's forward, each of the next new_tokens after one single-token forward
+        # after the prompt's forward, each of the next new_tokens after one single-token forward (or, with
+        # speculation, several per verify forward)
         t0 = time.perf_counter()
         t1, n = None, 0
-        for _ in model.steps(prompts, max_new_tokens=new_tokens + 1, eos_ids=[]):
+        for _ in model.steps(prompts, max_new_tokens=new_tokens + 1, eos_ids=[], speculative=speculative,
+                             spec_stats=stats):
             t1, n = t1 or time.perf_counter(), n + 1
         t2 = time.perf_counter()
         return batch * prompt_len / (t1 - t0), batch * (n - 1) / (t2 - t1)
 
+    once.prompt_len = prompt_len
     return model, once
 
 
 def run_bench(artifact, *, prompt_len: int = 64, new_tokens: int = 128, batch: int = 1,
-              threads: int | None = None, repeat: int = 3, backend: str | None = None) -> dict:
+              threads: int | None = None, repeat: int = 3, backend: str | None = None, prompt_file=None,
+              speculative=None) -> dict:
+    from llamaexport.runtime.speculative import SpecStats
+
     whole_number(repeat, "--repeat")
+    stats = SpecStats()
     model, once = load_for_bench(artifact, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch,
-                                 threads=threads, backend=backend)
+                                 threads=threads, backend=backend, prompt_file=prompt_file, speculative=speculative,
+                                 stats=stats)
     once()  # warm-up: first-run allocations and kernel selection
+    stats.__init__()  # the timed runs' only
     runs = [once() for _ in range(repeat)]
+    prompt_len = once.prompt_len  # a prompt file's own
     peak = peak_rss_mb()
     return {
         "artifact": str(artifact),
@@ -133,6 +159,7 @@ def run_bench(artifact, *, prompt_len: int = 64, new_tokens: int = 128, batch: i
         "batch": batch,
         "threads": getattr(model.backend, "threads", None),
         "repeat": repeat,
+        **({"speculative": speculative.method, "spec_k": speculative.k, **stats.as_dict()} if speculative else {}),
         "huge_pages_mb": huge_pages_mb(),   # memory in transparent huge pages (see hugepages.py)
         # TensorRT: the engine's activation memory, per execution context (the KV cache and weights apart)
         **({"device_memory_mb": round(model.backend.device_memory_bytes / MB, 1)}
@@ -149,5 +176,7 @@ def format_bench(r: dict) -> str:
             f"  peak RSS {r['peak_rss_mb']:10.1f} MB   (budget {r['rss_budget_mb']:.1f} MB = weights "
             f"{r['weights_mb']:.1f} + KV cache {r['kv_cache_mb']:.1f} + {RSS_OVERHEAD_MB}: "
             f"{'within' if r['rss_within_budget'] else 'OVER'})"
+            + (f"\n  speculative {r['speculative']} (k {r['spec_k']}): acceptance {r['acceptance']:.1%}, "
+               f"{r['tokens_per_forward']:.2f} tokens per forward" if r.get("speculative") else "")
             + (f"\n  huge pages {r['huge_pages_mb']:8.1f} MB" if r.get("huge_pages_mb") is not None else "")
             + (f"\n  engine device memory {r['device_memory_mb']:.1f} MB" if r.get("device_memory_mb") is not None else ""))
