@@ -82,9 +82,9 @@ def SPECULATIVE(f):
                          "ngram = prompt lookup (pays when the answer copies its input), draft = --draft DIR."),
             click.option("--draft", type=click.Path(), help="A smaller artifact with the same tokenizer that drafts "
                          "for this one (implies --speculative draft)."),
-            click.option("--spec-k", type=int, help="Most tokens drafted per forward (default: 8 ngram, 4 draft)."),
+            click.option("--spec-k", type=int, help="Most tokens drafted per forward (default 4)."),
             click.option("--spec-ngram", type=int, default=3, show_default=True,
-                         help="Longest suffix prompt lookup matches (down to 2 tokens).")]):
+                         help="Longest suffix prompt lookup matches (down to 1 token).")]):
         f = option(f)
     return f
 

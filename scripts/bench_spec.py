@@ -3,7 +3,7 @@
 llama-cpp-python's LlamaPromptLookupDecoding on the same weights, over scripts/data/spec_prompts.json.
 
     python scripts/bench_spec.py [--precisions fp32,int8] [--new-tokens 192] [--threads 2] [--rounds 2]
-                                 [--systems ours,llamacpp] [--draft] [--workdir DIR] [--json OUT]
+                                 [--systems ours,llamacpp] [--draft] [--batch-study] [--workdir DIR] [--json OUT]
 
 Prompts: the 20 grounded prompts (summarise / answer from / rewrite a given text, written for the project) and
 the 10 open-ended ones, each one user turn in SmolLM2's chat template (our tokenizer's ids, given to both
@@ -13,7 +13,7 @@ llama.cpp's own requantization of the same GGUF (F32 for fp32, Q8_0 for int8; be
 Modes (one process per system and precision, all modes of it in turns; --rounds rounds, the order rotating;
 a figure is the median over rounds):
   ours plain      LlamaModel.steps, one token per forward
-  ours ngram      steps(speculative=Speculation("ngram")): the defaults (k 8, n-grams 3 down to 2)
+  ours ngram      steps(speculative=Speculation("ngram")): the defaults (k 4, n-grams 3 down to 1)
   llamacpp plain  Llama.generate(temp=0, repeat_penalty=1), no draft (llama.cpp's own default sampler chain
                   reduced to greedy)
   llamacpp lookup the same with draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10) (its defaults: n-gram
@@ -96,8 +96,10 @@ def llamacpp_worker(args: dict):
     out = {}
     for mode in args["modes"]:
         draft = LlamaPromptLookupDecoding(num_pred_tokens=10) if mode == "lookup" else None
+        # logits_all with a draft: llama-cpp-python sizes its scores buffer from this argument (n_batch rows
+        # without it), while a draft turns logits_all on inside; a prompt + drafts past n_batch then overflows it
         llm = Llama(args["gguf"], n_ctx=2048, n_threads=args["threads"], n_threads_batch=args["threads"], n_batch=512,
-                    verbose=False, draft_model=draft)
+                    verbose=False, draft_model=draft, logits_all=draft is not None)
         eog = {llm.token_eos()} | set(args["eos"])
         list(zip(range(4), llm.generate(args["ids"][0], temp=0.0, repeat_penalty=1.0)))  # warm-up
         out[mode] = []
@@ -209,6 +211,44 @@ def draft_study(target: Path, draft: Path, prompts, a) -> dict:
     return out
 
 
+def batch_study(artifact: Path, a, k: int = 8) -> dict:
+    """Under a batch of two decoding streams: one batched decode forward (2 tokens) against verifying each row
+    alone (a forward of k + 1 tokens per row: GroupQueryAttention takes several new tokens over a past only at
+    batch 1). Two rows verified one by one give 2 * E tokens (E: tokens per forward) in two_verify seconds, the
+    batched decode 2 tokens in decode_b2 seconds: speculating under a batch pays when E > two_verify / decode_b2,
+    the break-even tokens per forward reported."""
+    import numpy as np
+
+    from llamaexport.runtime.llama_model import LlamaModel
+    from llamaexport.runtime.slots import make_slots
+
+    model = LlamaModel.load(artifact, threads=a.threads)
+    slots = make_slots(model.backend, 2)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, 20000, 300).tolist()
+    for s in (0, 1):
+        slots.prefill(s, prompt)
+    base = slots.length[0]
+
+    def timed(fn, n=20):
+        ts = []
+        for _ in range(n):
+            for s in (0, 1):
+                slots.truncate(s, base)
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    decode = timed(lambda: slots.decode([0, 1], [5, 6]))
+    alone1 = timed(lambda: [slots.prefill(s, [5]) for s in (0, 1)])
+    verify = timed(lambda: [slots.prefill(s, [5] * (k + 1), all_logits=True) for s in (0, 1)])
+    model.close()
+    # two rows speculated one by one give 2 * E tokens in `verify` seconds; batched decode 2 tokens in `decode`
+    return dict(decode_b2_ms=decode * 1e3, two_single_ms=alone1 * 1e3, two_verify_ms=verify * 1e3, k=k,
+                break_even_tokens_per_forward=verify / decode)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--precisions", default="fp32,int8")
@@ -217,6 +257,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--draft", action="store_true", help="Also the int4-compact draft for fp32 (k 2 and 4).")
+    ap.add_argument("--sweep", action="store_true",
+                    help="Only: prompt lookup's k (4, 8, 16) x shortest n-gram (1, 2) on the first precision, ours.")
+    ap.add_argument("--batch-study", action="store_true",
+                    help="Also: batched decode of 2 rows against verifying each alone (per precision).")
     ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/llamaexport-bench"))
     ap.add_argument("--json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -234,6 +278,13 @@ def main():
     wd.mkdir(parents=True, exist_ok=True)
     prompts = prompt_set()
     rows, extra = [], {}
+    if a.sweep:
+        modes = {"plain": None, **{f"ngram k{k} n3..{n}": Speculation("ngram", k=k, ngram_min=n)
+                                   for k in (4, 8, 16) for n in (1, 2)}}
+        art = bs.prepare_ours("smollm2", a.precisions.split(",")[0], wd)
+        rows += figures("ours", a.precisions.split(",")[0], ours_runs(art, prompts, a, modes), "plain")
+        print(table(rows))
+        return
     for precision in a.precisions.split(","):
         art = bs.prepare_ours("smollm2", precision, wd)
         if "ours" in a.systems:
@@ -249,6 +300,8 @@ def main():
             gguf = bp.ensure_gguf("smollm2", bp.GGUF_TYPES[precision], py, wd)
             runs = llamacpp_runs(gguf, py, prompts, ids, load_tokenizer(art).eos_ids, a, wd)
             rows += figures("llama.cpp", bp.GGUF_TYPES[precision], runs, "plain")
+    if a.batch_study:
+        extra["batch"] = {p: batch_study(bs.prepare_ours("smollm2", p, wd), a) for p in a.precisions.split(",")}
     if a.draft:
         target = bs.prepare_ours("smollm2", "fp32", wd)
         draft = wd / "spec-draft-smollm2-int4-compact"
@@ -270,6 +323,10 @@ def main():
             be = f"{m['break_even_acceptance']:.1%}" if m["break_even_acceptance"] is not None else "n/a"
             print(f"  {mode}: median speedup grounded {m['grounded_speedup']:.2f}x, open {m['open_speedup']:.2f}x, "
                   f"same text {m['same_text']}/{len(m['points'])}, break-even acceptance {be}")
+    for p, b in extra.get("batch", {}).items():
+        print(f"\nunder a batch ({p}): batched decode of 2 rows {b['decode_b2_ms']:.1f} ms, the 2 rows alone "
+              f"{b['two_single_ms']:.1f} ms, each verifying {b['k'] + 1} tokens alone {b['two_verify_ms']:.1f} ms: "
+              f"speculating them one by one pays above {b['break_even_tokens_per_forward']:.2f} tokens per forward")
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows, **extra}, indent=1))
 

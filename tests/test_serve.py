@@ -282,6 +282,9 @@ def test_constrained_rows_leave_the_others_alone(tiny_artifact):
         g = m.generate("hi", max_new_tokens=12, constraint={"type": "regex", "regex": "(yes|no) [0-9]{2}"}, logprobs=0,
                        sampling=SamplingConfig(temperature=1.0, seed=2, logit_bias={banned: 100}))
         assert re.fullmatch("(yes|no) [0-9]{2}", g.text) and g.finish_reason is FinishReason.STOP
+        same = m.generate("hi", max_new_tokens=12, response_format={"type": "regex", "regex": "(yes|no) [0-9]{2}"},
+                          logprobs=0, sampling=SamplingConfig(temperature=1.0, seed=2, logit_bias={banned: 100}))
+        assert same.text == g.text  # OpenAI's name for the same setting
         seen = []
         list(m.steps([m.encode("hi")], max_new_tokens=1, on_logits=seen.append))
         raw = seen[0][0, -1].astype(np.float64)  # the first position's logits, unmasked

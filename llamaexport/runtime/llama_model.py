@@ -615,7 +615,7 @@ class LlamaModel:
     def stream(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                stop: list[str] | tuple = (), chat: bool | str = False, system: str | None = None,
                result: list | None = None, logprobs: int | None = None, constraint=None,
-               speculative=None) -> Iterator[str]:
+               speculative=None, response_format=None) -> Iterator[str]:
         """Yield text pieces as they are generated; stops at EOS, a stop string or the length (one
         runtime.completion.Completion decides, as in the serving engine). If `result` is a list, the
         final `Generation` is appended to it (with logprobs: its tokens' logprobs, each with that many
@@ -623,9 +623,14 @@ class LlamaModel:
         runtime.constraint.Grammar or a spec for `compile_constraint` (OpenAI's response_format:
         {"type": "json_schema", "json_schema": {"schema": ...}}, {"type": "json_object"}; or
         {"type": "regex" | "gbnf" | "lark", ...}); it ends with "stop" once the grammar is complete.
+        response_format: the same, under OpenAI's name (give one of the two).
         speculative: a runtime.speculative.Speculation (prompt lookup or a draft artifact): the same text
         (greedy) in fewer forwards; Generation.speculation counts them."""
         check_generation(max_new_tokens=max_new_tokens, stop=stop, prompt=prompt, logprobs=logprobs)
+        if response_format is not None:
+            if constraint is not None:
+                raise LlamaExportError("give constraint or response_format, not both (they are one setting)")
+            constraint = response_format
         if system is not None:
             check_generation(max_new_tokens=max_new_tokens, prompt=system)
         tok = self.require_tokenizer()
@@ -664,14 +669,14 @@ class LlamaModel:
     def generate(self, prompt: str, *, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                  stop: list[str] | tuple = (), chat: bool | str = False, system: str | None = None,
                  on_text: Callable[[str], None] | None = None, logprobs: int | None = None,
-                 constraint=None, speculative=None) -> Generation:
+                 constraint=None, speculative=None, response_format=None) -> Generation:
         """Generate a completion for one prompt; `on_text` receives the streamed pieces. logprobs: also
         return each token's logprob and this many alternatives (Generation.logprobs; the same routine as
         the server's)."""
         result: list[Generation] = []
         for piece in self.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
                                  chat=chat, system=system, result=result, logprobs=logprobs, constraint=constraint,
-                                 speculative=speculative):
+                                 speculative=speculative, response_format=response_format):
             if on_text:
                 on_text(piece)
         return result[0]

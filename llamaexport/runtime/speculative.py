@@ -39,17 +39,18 @@ import numpy as np
 from llamaexport import LlamaExportError, whole_number
 
 METHODS = ("ngram", "draft")
-# Measured defaults (docs/performance.md, "Speculative decoding"): drafts of up to 8 tokens, n-grams of 3 down
-# to 2 tokens (a one-token match proposes too often on open text, where rejections cost a wider forward).
-DEFAULT_K = {"ngram": 8, "draft": 4}
+# Measured defaults (docs/performance.md, "Speculative decoding"): drafts of up to 4 tokens from n-grams of 3 down
+# to 1 token. Longer drafts are accepted less often and each verified position costs compute; a one-token
+# match proposes more often, and its rejections cost less than its acceptances gain.
+DEFAULT_K = {"ngram": 4, "draft": 4}
 DEFAULT_NGRAM = 3
-DEFAULT_NGRAM_MIN = 2
+DEFAULT_NGRAM_MIN = 1
 
 
 @dataclasses.dataclass
 class Speculation:
     """How to speculate. method "ngram" (prompt lookup) or "draft" (`draft`: an artifact directory or a loaded
-    LlamaModel with the target's tokenizer); k: the most tokens drafted per forward (default 8 ngram, 4 draft);
+    LlamaModel with the target's tokenizer); k: the most tokens drafted per forward (default 4);
     ngram / ngram_min: the longest and shortest suffix looked up."""
 
     method: str = "ngram"
