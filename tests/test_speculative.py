@@ -158,6 +158,50 @@ def test_pick_accepts_with_p_over_q_and_draws_the_residual():
         assert chi2 < critical and counts[~support].sum() == 0, (q, chi2, df)
 
 
+def test_a_sampled_draft_cut_by_the_grammar_still_draws_the_residual():
+    """fit_to_grammar keeps the drafts the grammar accepts; a sampled draft cut there leaves its first refused
+    draft and q for the next position, where pick() rejects it (p = 0 there) and draws max(0, p - q): the
+    kept token is still distributed as p (plain sampling from p there would skew it towards what q avoided)."""
+    from llamaexport.runtime.speculative import fit_to_grammar, pick, position
+
+    class CutAfterOne:
+        def valid_prefix(self, drafts):
+            return 1
+    q = [np.full(4, 0.25)] * 3
+    drafts, qs, tail = fit_to_grammar(CutAfterOne(), [3, 2, 1], q)
+    assert drafts == [3] and len(qs) == 1 and tail[0] == 2
+    assert position(drafts, qs, tail, 0) == (3, q[0]) and position(drafts, qs, tail, 1) == (2, q[1])
+    assert fit_to_grammar(CutAfterOne(), [3, 2], None) == ([3], None, None)  # a deterministic draft: no tail
+    assert position([3], None, None, 1) == (None, None)
+    # at the tail's position the grammar refuses id 2 (p = 0), which q favours
+    logits = np.log(np.array([0.5, 0.5, 1e-30, 1e-30], np.float32))
+    sampler = Sampler(SamplingConfig(temperature=1.0, top_k=2, seed=3))
+    qd = np.array([0.1, 0.0, 0.9, 0.0])
+    counts = np.zeros(4)
+    rng = np.random.default_rng(1)
+    for _ in range(4000):
+        counts[pick(sampler, logits, None, None, None, int(rng.choice(4, p=qd)), qd)] += 1
+    chi2, df, critical = _chi2_fits(counts[:2], [2000, 2000], CHI2_0005)
+    assert counts[2:].sum() == 0 and chi2 < critical, counts
+
+
+def test_engine_refuses_a_speculation_it_cannot_run(tiny_artifact, tiny_draft):
+    from llamaexport.runtime.completion import BadArgument
+
+    with LlamaModel.load(tiny_artifact) as m:
+        engine = Engine(m, max_batch=1)
+        try:
+            with pytest.raises(BadArgument, match="Speculation or None"):
+                engine.submit([5, 6, 7], max_new_tokens=4, speculative="ngram")
+            with pytest.raises(BadArgument, match="engine's own"):
+                engine.submit([5, 6, 7], max_new_tokens=4, speculative=Speculation("draft", draft=str(tiny_draft)))
+        finally:
+            engine.close()
+    default = Speculation("ngram", k=6, ngram=4, ngram_min=2)
+    assert Speculation.parse({"ngram": 3}, default=default) == Speculation("ngram", 6, 3, 2)  # the rest: the server's
+    assert Speculation.parse(None, default=default) is default and Speculation.parse(False, default=default) is None
+
+
 def test_sampling_keeps_the_models_distribution(tiny_artifact, tiny_draft):
     """temperature 1, top-k 3: the first three tokens of 1,500 sampled generations per proposer (a sampled draft
     from another model, whose top 3 the target refuses: every draft rejected, each token from the residual;

@@ -138,17 +138,16 @@ class Executor:
         logprobs, and the accepted drafts, whose KV stays in the slot (the rejected ones are cut off). The
         grammar consumes each verified token to mask the next position, then is rolled back: the scheduler's
         Completion consumes them again, in order."""
-        from llamaexport.runtime.speculative import SpecStats, pick
+        from llamaexport.runtime.speculative import SpecStats, fit_to_grammar, pick, position
 
         spec, c, slot = req.speculative, req.constraint, req.slot
         history = req.prompt_ids + req.generated  # the last is next_token, not in the cache yet
         start = self.slots.length[slot]
         room = min(req.completion.max_new_tokens - len(req.generated) - 1, self.model.config.max_seq_len - len(history))
         k = max(0, min(spec.k, room))
-        masks = _wait(masks)  # the grammar is used from this thread from here on
         drafts, qs = self._proposer(req).propose(history, k, req.sampler) if k else ([], None)
-        if c is not None and drafts:
-            drafts = drafts[:c.valid_prefix(drafts)]
+        masks = _wait(masks)  # filled while the drafts were made; the grammar is used from this thread from here on
+        drafts, qs, tail = fit_to_grammar(c, drafts, qs)
         logits = self.slots.prefill(slot, [req.next_token, *drafts], all_logits=True)  # [len(drafts) + 1, V]
         tokens, lps, gen = [], [], list(req.generated)
         eos = req.completion.eos_ids
@@ -159,15 +158,17 @@ class Executor:
             for i in range(len(drafts) + 1):
                 if c is not None and i:
                     c.fill_mask()
-                d = drafts[i] if i < len(drafts) else None
+                d, q = position(drafts, qs, tail, i)
                 t = pick(req.sampler, logits[i], [np.asarray(req.prompt_ids + gen, np.int64)] if penalize else None,
-                         [gen] if openai else None, c, d, None if qs is None or d is None else qs[i])
+                         [gen] if openai else None, c, d, q)
                 tokens.append(t)
                 gen.append(t)
                 if req.logprobs is not None:
                     lps.append(token_logprobs(logits[i:i + 1], [t], req.logprobs)[0])
-                accepted += t == d
-                if t != d or t in eos or len(gen) >= req.completion.max_new_tokens:
+                if i == len(drafts) or t != d:
+                    break
+                accepted += 1
+                if t in eos or len(gen) >= req.completion.max_new_tokens:
                     break
                 if c is not None:
                     if not c.consume(t):
@@ -257,9 +258,12 @@ class Engine:
         """speculative: the requests' default runtime.speculative.Speculation (None: off); a request decoding
         alone drafts and verifies several tokens per forward (a draft artifact is loaded here, once)."""
         check_limits(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+        self._own_draft = None  # a draft this engine loaded (a directory), which close() closes
         if speculative is not None and speculative.method == "draft":
             from llamaexport.runtime.speculative import load_draft
-            speculative.draft = load_draft(speculative.draft, model)
+            loaded = load_draft(speculative.draft, model)
+            self._own_draft = loaded if loaded is not speculative.draft else None
+            speculative.draft = loaded
         self.speculative = speculative
         self.model = model
         self.tokenizer = model.require_tokenizer()
@@ -305,6 +309,7 @@ class Engine:
             sampling.check_vocab(self.model.config.vocab_size)
         except LlamaExportError as e:
             raise BadArgument(str(e), "logit_bias") from None
+        speculative = self._check_speculative(speculative)
         ids = list(map(int, prompt_ids))
         group = []
         first = None
@@ -322,7 +327,7 @@ class Engine:
                                     constraint=None if first is None else first if i == 0 else first.fork(),
                                     skip_special=skip_special)
             group.append(Request(ids, seeded, completion, on_event, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                                 index=i, speculative=self.speculative if speculative is DEFAULT else speculative))
+                                 index=i, speculative=speculative))
         req = group[0]
         req.followers = group[1:]
         for f in req.followers:
@@ -335,6 +340,21 @@ class Engine:
             self.scheduler.add(req)
             self.cond.notify_all()
         return req
+
+    def _check_speculative(self, speculative):
+        """submit's speculative: DEFAULT (the engine's), None, or a Speculation; a draft must be the engine's
+        own (loaded once, at construction), so no request loads a model on the engine's thread."""
+        from llamaexport.runtime.speculative import Speculation
+
+        if speculative is DEFAULT:
+            return self.speculative
+        if speculative is not None and not isinstance(speculative, Speculation):
+            raise BadArgument("speculative must be a runtime.speculative.Speculation or None", "speculative")
+        if speculative is not None and speculative.method == "draft" and (
+                self.speculative is None or speculative.draft is not self.speculative.draft):
+            raise BadArgument("a request's draft must be the engine's own (Engine(speculative=Speculation('draft', "
+                              "draft=DIR)), serve --draft DIR)", "speculative")
+        return speculative
 
     def cancel(self, req: Request):
         """Stop a request, with its other choices (a client went away); their slots are freed at the next step."""
@@ -411,9 +431,8 @@ class Engine:
         self.shutdown(grace=0)
         self.executor.close()
         self.slots.close()
-        draft = getattr(self.speculative, "draft", None)
-        if draft is not None and hasattr(draft, "close"):
-            draft.close()
+        if self._own_draft is not None:
+            self._own_draft.close()
 
     def stream(self, prompt_ids: list[int], **kw) -> Iterator[TextEvent | DoneEvent]:
         """submit() and yield the request's events in order, ending with its DoneEvent (n choices: their

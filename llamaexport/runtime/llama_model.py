@@ -437,7 +437,8 @@ class LlamaModel:
         if speculative is not None and B == 1:
             if on_logits is not None:
                 raise LlamaExportError("on_logits (check) runs without speculation: its forwards are one token each")
-            _mask_worker(constraints, 1)  # the count check
+            if constraints is not None and len(constraints) != 1:
+                raise LlamaExportError(f"{len(constraints)} constraints for 1 prompt")
             yield from self._speculative_steps(prompts[0], max_new_tokens=max_new_tokens, sampling=sampling,
                                                eos_ids=eos_ids, logprobs=logprobs, on_logprobs=on_logprobs,
                                                constraint=constraints[0] if constraints else None,
@@ -508,7 +509,7 @@ class LlamaModel:
         the drafts over a one-slot cache, the verified tokens are yielded one by one (the caller consumes each
         into the constraint before the next is picked), and the cache is cut back past the rejected drafts."""
         from llamaexport.runtime.slots import make_slots
-        from llamaexport.runtime.speculative import SpecStats, make_proposer, pick
+        from llamaexport.runtime.speculative import SpecStats, fit_to_grammar, make_proposer, pick, position
 
         stats = stats if stats is not None else SpecStats()
         proposer = make_proposer(spec, self)
@@ -520,7 +521,7 @@ class LlamaModel:
         ctx = self.config.max_seq_len
         limit = max(0, min(max_new_tokens, ctx - len(prompt)))
         ids, gen = list(prompt), []
-        drafts, qs = [], None
+        drafts, qs, tail = [], None, None
         try:
             if limit == 0:
                 return
@@ -532,29 +533,31 @@ class LlamaModel:
                         pending.result()  # filled during the forward
                     elif constraint is not None:
                         constraint.fill_mask()  # after the previous row's token was consumed
-                    d = drafts[i] if i < len(drafts) else None
+                    d, q = position(drafts, qs, tail, i)
                     t = pick(sampler, logits[i], [np.asarray(ids, np.int64)] if penalize else None,
-                             [gen] if openai else None, constraint, d, None if qs is None or d is None else qs[i])
+                             [gen] if openai else None, constraint, d, q)
                     if on_logprobs is not None:
                         on_logprobs(token_logprobs(logits[i:i + 1], [t], logprobs or 0))
                     ids.append(t)
                     gen.append(t)
-                    if t != d or t in eos_ids or len(gen) == limit:
+                    if i == len(drafts) or t != d or t in eos_ids or len(gen) == limit:
                         break
                     yield np.array([t])
-                stats.add(len(drafts), i if t != d else i + 1, i + 1)
+                if len(gen) > 1:  # a verify forward (the first token came from the prompt's)
+                    stats.add(len(drafts), i + (i < len(drafts) and t == drafts[i]), i + 1)
                 yield np.array([t])
                 if t in eos_ids or len(gen) == limit:
                     return
                 slots.truncate(0, len(ids) - 1)  # the fed ids the model agreed with; t is fed next
                 k = min(spec.k, limit - len(gen) - 1, ctx - len(ids))
                 drafts, qs = proposer.propose(ids, k, sampler) if k > 0 else ([], None)
-                if constraint is not None and drafts:  # only drafts the grammar accepts are worth a position
-                    drafts = drafts[:constraint.valid_prefix(drafts)]
+                drafts, qs, tail = fit_to_grammar(constraint, drafts, qs)
                 pending = masks.submit([constraint]) if masks else None
                 logits = slots.prefill(0, [t, *drafts], all_logits=True) if drafts else slots.prefill(0, [t])[None]
         finally:
             slots.close()
+            if hasattr(proposer, "close"):
+                proposer.close()
             if masks is not None:
                 masks.close()
 

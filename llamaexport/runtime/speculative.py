@@ -95,8 +95,11 @@ class Speculation:
             if default is None or default.draft is None:
                 raise LlamaExportError("speculative method 'draft' needs the server started with --draft DIR")
             draft = default.draft
-        return cls(method, value.get("k"), value.get("ngram", DEFAULT_NGRAM),
-                   value.get("ngram_min", DEFAULT_NGRAM_MIN), draft)
+        base = default if default is not None and default.method == method else None  # the server's settings
+        ngram = value.get("ngram", base.ngram if base else DEFAULT_NGRAM)
+        ngram_min = value.get("ngram_min", min(base.ngram_min if base else DEFAULT_NGRAM_MIN,
+                                               ngram if isinstance(ngram, int) else DEFAULT_NGRAM))
+        return cls(method, value.get("k", base.k if base else None), ngram, ngram_min, draft)
 
 
 @dataclasses.dataclass
@@ -174,7 +177,7 @@ class DraftProposer:
     def propose(self, ids: Sequence[int], k: int | None = None, sampler=None) -> tuple[list[int], list | None]:
         """(drafts, their q distributions [V] each, or None when greedy)."""
         k = self.k if k is None else k
-        k = min(k, self.ctx - len(ids))  # the draft's cache must hold the text and all but the last draft
+        k = min(k, self.ctx - len(ids) + 1)  # the draft's cache holds the text and all but the last draft
         if k <= 0:
             return [], None
         common = 0
@@ -189,6 +192,8 @@ class DraftProposer:
         drafts, qs = [], [] if sampler is not None and sampler.cfg.temperature > 0 else None
         for j in range(k):
             row = logits[:self.vocab]
+            if row.shape[0] < self.vocab:  # a draft with a narrower (less padded) head: its extra ids never drafted
+                row = np.concatenate([row, np.full(self.vocab - row.shape[0], -np.inf, row.dtype)])
             if qs is None:
                 t = int(np.argmax(row))
             else:  # q: the draft's distribution under the target's temperature / top-k / top-p
@@ -239,6 +244,25 @@ def make_proposer(spec: Speculation, target):
 # --- verification ---------------------------------------------------------------------------------
 
 
+def fit_to_grammar(constraint, drafts: list[int], qs: list | None):
+    """(drafts, qs, tail): the drafts the row's grammar accepts in a row (only they are worth a position in the
+    forward), and, for a sampled draft cut there, its first refused draft and q as `tail`, which the position
+    after the kept drafts must still verify (always rejected, p(d) = 0: the token then comes from the residual
+    max(0, p - q), which plain sampling from p would not give). tail is None for a deterministic draft."""
+    if constraint is None or not drafts:
+        return drafts, qs, None
+    cut = constraint.valid_prefix(drafts)
+    tail = (drafts[cut], qs[cut]) if qs is not None and cut < len(drafts) else None
+    return drafts[:cut], (qs[:cut] if qs is not None else None), tail
+
+
+def position(drafts: list[int], qs: list | None, tail, i: int) -> tuple[int | None, object]:
+    """(the draft, its q) that verified position i checks: a kept draft, the tail past them, or nothing."""
+    if i < len(drafts):
+        return drafts[i], None if qs is None else qs[i]
+    return tail if tail is not None else (None, None)
+
+
 def pick(sampler, row: np.ndarray, seen, generated, constraint, draft: int | None, q: np.ndarray | None) -> int:
     """The target's token at one verified position: row [V] its logits; draft the token proposed there (None:
     past the drafts, the model's bonus token); q the draft's distribution when the draft was sampled.
@@ -257,5 +281,5 @@ def pick(sampler, row: np.ndarray, seen, generated, constraint, draft: int | Non
     return int(sampler.rng.choice(residual.shape[0], p=residual / total))
 
 
-__all__ = ["DraftProposer", "METHODS", "NgramProposer", "SpecStats", "Speculation", "load_draft", "make_proposer",
-           "pick"]
+__all__ = ["DraftProposer", "METHODS", "NgramProposer", "SpecStats", "Speculation", "fit_to_grammar", "load_draft",
+           "make_proposer", "pick", "position"]
