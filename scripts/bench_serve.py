@@ -297,11 +297,12 @@ def measure_model(model: str, precision: str, Ns: list[int], a, wd: Path) -> lis
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(doc: str, *, systems: str, concurrency: str):
+    """(args, workdir, [N]) of a serving benchmark (this one, bench_structured.py): the same options."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--models", default="smollm2:int8,1.1b-bpe:int4")
-    ap.add_argument("--systems", default="ours,genai,llamacpp")
-    ap.add_argument("--concurrency", default="1,2,4,8")
+    ap.add_argument("--systems", default=systems)
+    ap.add_argument("--concurrency", default=concurrency)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -312,7 +313,11 @@ def main():
     a = ap.parse_args()
     wd = Path(a.workdir)
     wd.mkdir(parents=True, exist_ok=True)
-    Ns = [int(n) for n in a.concurrency.split(",")]
+    return a, wd, [int(n) for n in a.concurrency.split(",")]
+
+
+def main():
+    a, wd, Ns = parse_args(__doc__, systems="ours,genai,llamacpp", concurrency="1,2,4,8")
     rows = []
     for spec in a.models.split(","):
         model, precision = spec.split(":")

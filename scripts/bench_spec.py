@@ -103,7 +103,7 @@ def llamacpp_worker(args: dict):
         eog = {llm.token_eos()} | set(args["eos"])
         list(zip(range(4), llm.generate(args["ids"][0], temp=0.0, repeat_penalty=1.0)))  # warm-up
         out[mode] = []
-        for r in range(args["rounds"]):
+        for _ in range(args["rounds"]):
             rows = []
             for x in args["ids"]:
                 llm.reset()

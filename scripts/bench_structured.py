@@ -27,7 +27,6 @@ path), median and p99 in microseconds; every reply must be a prefix the schema a
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -220,21 +219,7 @@ def table(rows) -> str:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="smollm2:int8,1.1b-bpe:int4")
-    ap.add_argument("--systems", default="ours,llamacpp")
-    ap.add_argument("--concurrency", default="1,4")
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3, help="Rounds per N; each figure is the median.")
-    ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/llamaexport-bench"))
-    ap.add_argument("--json")
-    a = ap.parse_args()
-    wd = Path(a.workdir)
-    wd.mkdir(parents=True, exist_ok=True)
-    Ns = [int(n) for n in a.concurrency.split(",")]
+    a, wd, Ns = bs.parse_args(__doc__, systems="ours,llamacpp", concurrency="1,4")
     rows, costs = [], {}
     for spec in a.models.split(","):
         model, precision = spec.split(":")

@@ -14,7 +14,7 @@ from llamaexport import LlamaExportError
 from llamaexport.runtime.engine import DoneEvent, Engine
 from llamaexport.runtime.llama_model import LlamaModel
 from llamaexport.runtime.sampling import Sampler, SamplingConfig
-from llamaexport.runtime.speculative import NgramProposer, Speculation, SpecStats
+from llamaexport.runtime.speculative import NgramProposer, SpecStats, Speculation
 
 
 def _prompts(vocab: int, n: int = 12, seed: int = 0) -> list[list[int]]:
