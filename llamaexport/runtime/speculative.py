@@ -214,9 +214,8 @@ class DraftProposer:
 def load_draft(draft, target) -> object:
     """The draft LlamaModel (loading a directory), checked to share the target's tokenizer: the same vocabulary
     size, EOS ids, and ids for a probe text."""
-    from llamaexport.runtime.llama_model import LlamaModel
-
-    model = draft if isinstance(draft, LlamaModel) else LlamaModel.load(Path(draft), threads=target.backend.threads)
+    # the target's own class loads a directory (this module is below llama_model, which imports it)
+    model = draft if _is_model(draft) else type(target).load(Path(draft), threads=target.backend.threads)
     tok, dtok = target.require_tokenizer(), model.tokenizer
     probe = "The draft's tokenizer must match: 12 apples, naive café, def f(x):\n    return x * 2"
     if dtok is None or dtok.vocab_size != tok.vocab_size or sorted(dtok.eos_ids) != sorted(tok.eos_ids) or \
@@ -230,13 +229,16 @@ def load_draft(draft, target) -> object:
     return model
 
 
+def _is_model(draft) -> bool:
+    """A loaded LlamaModel (what a draft directory becomes), told apart from a path without importing it."""
+    return hasattr(draft, "backend") and hasattr(draft, "tokenizer") and hasattr(draft, "config")
+
+
 def make_proposer(spec: Speculation, target):
     """The proposer of a Speculation for a target LlamaModel (a draft directory is loaded once, into spec)."""
     if spec.method == "ngram":
         return NgramProposer(spec)
-    from llamaexport.runtime.llama_model import LlamaModel
-
-    if not isinstance(spec.draft, LlamaModel):
+    if not _is_model(spec.draft):
         spec.draft = load_draft(spec.draft, target)
     return DraftProposer(spec.draft, spec, target.config.vocab_size)
 
