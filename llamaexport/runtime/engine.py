@@ -138,7 +138,7 @@ class Executor:
         logprobs, and the accepted drafts, whose KV stays in the slot (the rejected ones are cut off). The
         grammar consumes each verified token to mask the next position, then is rolled back: the scheduler's
         Completion consumes them again, in order."""
-        from llamaexport.runtime.speculative import SpecStats, fit_to_grammar, pick, position
+        from llamaexport.runtime.speculative import SpecStats, fit_to_grammar, verified
 
         spec, c, slot = req.speculative, req.constraint, req.slot
         history = req.prompt_ids + req.generated  # the last is next_token, not in the cache yet
@@ -150,27 +150,18 @@ class Executor:
         drafts, qs, tail = fit_to_grammar(c, drafts, qs)
         logits = self.slots.prefill(slot, [req.next_token, *drafts], all_logits=True)  # [len(drafts) + 1, V]
         tokens, lps, gen = [], [], list(req.generated)
-        eos = req.completion.eos_ids
-        penalize = req.sampling.repetition_penalty != 1.0
-        openai = bool(req.sampling.presence_penalty or req.sampling.frequency_penalty)
+        eos, limit = req.completion.eos_ids, req.completion.max_new_tokens
         accepted = consumed = 0
         try:
-            for i in range(len(drafts) + 1):
-                if c is not None and i:
-                    c.fill_mask()
-                d, q = position(drafts, qs, tail, i)
-                t = pick(req.sampler, logits[i], [np.asarray(req.prompt_ids + gen, np.int64)] if penalize else None,
-                         [gen] if openai else None, c, d, q)
+            for i, t, hit, more in verified(req.sampler, logits, drafts, qs, tail, c, seen=req.prompt_ids + gen,
+                                            generated=gen, penalize=req.sampling.repetition_penalty != 1.0,
+                                            openai=bool(req.sampling.presence_penalty or req.sampling.frequency_penalty),
+                                            done=lambda t: t in eos or len(gen) >= limit):
                 tokens.append(t)
-                gen.append(t)
                 if req.logprobs is not None:
                     lps.append(token_logprobs(logits[i:i + 1], [t], req.logprobs)[0])
-                if i == len(drafts) or t != d:
-                    break
-                accepted += 1
-                if t in eos or len(gen) >= req.completion.max_new_tokens:
-                    break
-                if c is not None:
+                accepted += hit
+                if more and c is not None:  # the next position's mask needs it consumed (undone below)
                     if not c.consume(t):
                         break
                     consumed += 1

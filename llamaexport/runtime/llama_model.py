@@ -433,7 +433,7 @@ class LlamaModel:
         sampling.check_vocab(self.config.vocab_size)
         eos_ids = eos_set(self.tokenizer, eos_ids)
         eos = np.array(sorted(eos_ids) or [-1])
-        B, lens, ctx = len(prompts), self._checked_lengths(prompts), self.config.max_seq_len
+        B, lens = len(prompts), self._checked_lengths(prompts)
         if speculative is not None and B == 1:
             if on_logits is not None:
                 raise LlamaExportError("on_logits (check) runs without speculation: its forwards are one token each")
@@ -452,6 +452,14 @@ class LlamaModel:
             yield from self._lockstep(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                                       eos_ids=eos_ids, fill=int(eos[0]), constraints=constraints)
             return
+        yield from self._batched_steps(prompts, lens, max_new_tokens=max_new_tokens, sampling=sampling, eos=eos,
+                                       on_logits=on_logits, logprobs=logprobs, on_logprobs=on_logprobs,
+                                       constraints=constraints)
+
+    def _batched_steps(self, prompts, lens, *, max_new_tokens, sampling, eos, on_logits, logprobs, on_logprobs,
+                       constraints) -> Iterator[np.ndarray]:
+        """steps() for left-padded rows decoded together, one token per row per forward."""
+        B, ctx = len(prompts), self.config.max_seq_len
         masks = _mask_worker(constraints, B)
         S = max(lens)
         max_new_tokens = max(0, min(max_new_tokens, ctx - S))
@@ -509,7 +517,7 @@ class LlamaModel:
         the drafts over a one-slot cache, the verified tokens are yielded one by one (the caller consumes each
         into the constraint before the next is picked), and the cache is cut back past the rejected drafts."""
         from llamaexport.runtime.slots import make_slots
-        from llamaexport.runtime.speculative import SpecStats, fit_to_grammar, make_proposer, pick, position
+        from llamaexport.runtime.speculative import SpecStats, fit_to_grammar, make_proposer, verified
 
         stats = stats if stats is not None else SpecStats()
         proposer = make_proposer(spec, self)
@@ -528,23 +536,20 @@ class LlamaModel:
             pending = masks.submit([constraint]) if masks else None
             logits = slots.prefill(0, ids)[None]  # [1, V]
             while True:
-                for i in range(len(drafts) + 1):  # logits [len(drafts) + 1, V]: row i picks the (i + 1)-th token
-                    if constraint is not None and i == 0:
-                        pending.result()  # filled during the forward
-                    elif constraint is not None:
-                        constraint.fill_mask()  # after the previous row's token was consumed
-                    d, q = position(drafts, qs, tail, i)
-                    t = pick(sampler, logits[i], [np.asarray(ids, np.int64)] if penalize else None,
-                             [gen] if openai else None, constraint, d, q)
+                if pending is not None:
+                    pending.result()  # position 0's mask, filled during the forward
+                # logits [len(drafts) + 1, V]: row i picks the (i + 1)-th token
+                accepted = 0
+                for i, t, hit, more in verified(sampler, logits, drafts, qs, tail, constraint, seen=ids,
+                                                generated=gen, penalize=penalize, openai=openai,
+                                                done=lambda t: t in eos_ids or len(gen) == limit):
                     if on_logprobs is not None:
                         on_logprobs(token_logprobs(logits[i:i + 1], [t], logprobs or 0))
-                    ids.append(t)
-                    gen.append(t)
-                    if i == len(drafts) or t != d or t in eos_ids or len(gen) == limit:
-                        break
-                    yield np.array([t])
+                    accepted += hit
+                    if more:
+                        yield np.array([t])  # the caller consumes it before the next position is picked
                 if len(gen) > 1:  # a verify forward (the first token came from the prompt's)
-                    stats.add(len(drafts), i + (i < len(drafts) and t == drafts[i]), i + 1)
+                    stats.add(len(drafts), accepted, i + 1)
                 yield np.array([t])
                 if t in eos_ids or len(gen) == limit:
                     return

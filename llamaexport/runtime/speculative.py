@@ -265,6 +265,30 @@ def position(drafts: list[int], qs: list | None, tail, i: int) -> tuple[int | No
     return tail if tail is not None else (None, None)
 
 
+def verified(sampler, logits: np.ndarray, drafts: list[int], qs, tail, constraint, *, seen: list[int],
+             generated: list[int], penalize: bool, openai: bool, done):
+    """The verify loop of one row: for positions i = 0, 1, ... of logits [len(drafts) + 1, V], pick the target's
+    token (the draft's, tail's, of fit_to_grammar) and yield (i, token, hit, more): hit, the token is the
+    draft there; more, the next position is verified too (hit, and done(token) is false). Each token is
+    appended to `seen` (prompt + output: the repetition penalty) and `generated` (the presence and frequency
+    penalties) before done() sees it. With a constraint, position 0's mask must be filled; the caller consumes
+    each token before asking for the next (steps() through its own caller; the engine itself), and the mask
+    of the next position is filled here."""
+    for i in range(len(drafts) + 1):
+        if constraint is not None and i:
+            constraint.fill_mask()
+        d, q = position(drafts, qs, tail, i)
+        t = pick(sampler, logits[i], [np.asarray(seen, np.int64)] if penalize else None,
+                 [generated] if openai else None, constraint, d, q)
+        seen.append(t)
+        generated.append(t)
+        hit = i < len(drafts) and t == d
+        more = hit and not done(t)
+        yield i, t, hit, more
+        if not more:
+            return
+
+
 def pick(sampler, row: np.ndarray, seen, generated, constraint, draft: int | None, q: np.ndarray | None) -> int:
     """The target's token at one verified position: row [V] its logits; draft the token proposed there (None:
     past the drafts, the model's bonus token); q the draft's distribution when the draft was sampled.
@@ -284,4 +308,4 @@ def pick(sampler, row: np.ndarray, seen, generated, constraint, draft: int | Non
 
 
 __all__ = ["DraftProposer", "METHODS", "NgramProposer", "SpecStats", "Speculation", "fit_to_grammar", "load_draft",
-           "make_proposer", "pick", "position"]
+           "make_proposer", "pick", "position", "verified"]
