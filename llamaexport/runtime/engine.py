@@ -141,7 +141,7 @@ class Executor:
         from llamaexport.runtime.speculative import SpecStats, fit_to_grammar, verified
 
         spec, c, slot = req.speculative, req.constraint, req.slot
-        history = req.prompt_ids + req.generated  # the last is next_token, not in the cache yet
+        history = req.prompt_ids + req.generated  # the last is next_token, not in the cache yet; verified extends it
         start = self.slots.length[slot]
         room = min(req.completion.max_new_tokens - len(req.generated) - 1, self.model.config.max_seq_len - len(history))
         k = max(0, min(spec.k, room))
@@ -153,7 +153,7 @@ class Executor:
         eos, limit = req.completion.eos_ids, req.completion.max_new_tokens
         accepted = consumed = 0
         try:
-            for i, t, hit, more in verified(req.sampler, logits, drafts, qs, tail, c, seen=req.prompt_ids + gen,
+            for i, t, hit, more in verified(req.sampler, logits, drafts, qs, tail, c, seen=history,
                                             generated=gen, penalize=req.sampling.repetition_penalty != 1.0,
                                             openai=bool(req.sampling.presence_penalty or req.sampling.frequency_penalty),
                                             done=lambda t: t in eos or len(gen) >= limit):
